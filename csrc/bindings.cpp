@@ -1,0 +1,63 @@
+// The Python module emu_fast._C: EmuDecoder. (The ops are reached through torch.ops.emu_fast.)
+// The only file that includes pybind11.
+#include <torch/python.h>
+
+#include "decoder.h"
+
+namespace py = pybind11;
+using emu_fast::EmuDecoder;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "emu_fast C++ extension: EmuDecoder and the emu_fast::* custom ops";
+
+  // c10 errors become the Python exceptions torch raises for them (TORCH_CHECK_VALUE ->
+  // ValueError, ...), without the C++ backtrace.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::IndexError& e) {
+      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+    } catch (const c10::OutOfMemoryError& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
+
+  py::class_<EmuDecoder>(m, "EmuDecoder", R"doc(
+A LLaMA decoder with a preallocated KV cache for Emu's causal image-embedding loop.
+
+EmuDecoder(layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads,
+           rms_eps, rope_theta, max_batch, max_seq_len)
+
+layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] (qkv = q,k,v projections
+stacked on dim 0, gate_up = gate,up stacked). The weights are used in place, not copied.
+)doc")
+      .def(py::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor,
+                    c10::optional<at::Tensor>, int64_t, int64_t, double, double, int64_t, int64_t>(),
+           py::arg("layers"), py::arg("final_norm"), py::arg("head_weight"), py::arg("up_weight") = py::none(),
+           py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("rms_eps"),
+           py::arg("rope_theta"), py::arg("max_batch"), py::arg("max_seq_len"))
+      .def("prefill", &EmuDecoder::prefill, py::arg("inputs_embeds"), py::arg("attention_mask"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Prompts [B,T,H] with a [B,T] 0/1 mask (left or right padding) -> output 0 [B, out].")
+      .def("step", &EmuDecoder::step, py::arg("prev_output"), py::call_guard<py::gil_scoped_release>(),
+           "Previous output [B, out] -> next output [B, out]: one whole decoder step.")
+      .def("reset", &EmuDecoder::reset, "Forget the active batch; keeps the KV cache allocation.")
+      .def_property_readonly("batch_size", &EmuDecoder::batch_size)
+      .def_property_readonly("lengths", &EmuDecoder::lengths, "Tokens cached per active sequence.")
+      .def_property_readonly("max_batch", &EmuDecoder::max_batch)
+      .def_property_readonly("max_seq_len", &EmuDecoder::max_seq_len)
+      .def_property_readonly("num_layers", &EmuDecoder::num_layers)
+      .def_property_readonly("hidden_size", &EmuDecoder::hidden_size)
+      .def_property_readonly("output_size", &EmuDecoder::output_size)
+      .def_property_readonly("num_heads", &EmuDecoder::num_heads)
+      .def_property_readonly("num_kv_heads", &EmuDecoder::num_kv_heads)
+      .def_property_readonly("head_dim", &EmuDecoder::head_dim)
+      .def_property_readonly("kv_cache", &EmuDecoder::kv_cache,
+                             "The KV cache [layers, 2, max_batch, kv_heads, max_seq_len, head_dim].");
+}

@@ -1,0 +1,178 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace emu_fast {
+
+void check_float_dtype(const char* op, const char* name, const at::Tensor& t, bool allow_half) {
+  const auto s = t.scalar_type();
+  const bool ok = s == at::kFloat || s == at::kBFloat16 || (allow_half && s == at::kHalf);
+  TORCH_CHECK_TYPE(ok, "emu_fast.", op, ": ", name, " must be float32 or bfloat16",
+                   allow_half ? " or float16" : " on this device", ", got ", s);
+}
+
+void check_same_device(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "emu_fast.", op, ": ", name, " is on ", t.device(),
+                    " but the other inputs are on ", ref.device());
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "emu_fast.", op, ": ", name, " must be ", dim,
+                    "-D, got shape ", t.sizes());
+}
+
+static void check_same_dtype(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "emu_fast.", op, ": ", name, " is ",
+                   t.scalar_type(), " but must match the other inputs' ", ref.scalar_type());
+}
+
+static void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), "emu_fast.", op, ": ", name, " must be contiguous");
+}
+
+void check_splice(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& values,
+                  bool allow_half) {
+  const char* op = "splice_embeddings";
+  check_dim(op, "input_ids", ids, 2);
+  check_dim(op, "embed_table", table, 2);
+  check_dim(op, "slot_values", values, 2);
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "emu_fast.", op, ": input_ids must be int64, got ",
+                   ids.scalar_type());
+  check_float_dtype(op, "embed_table", table, allow_half);
+  check_same_dtype(op, table, "slot_values", values);
+  check_same_device(op, table, "input_ids", ids);
+  check_same_device(op, table, "slot_values", values);
+  TORCH_CHECK_VALUE(values.size(1) == table.size(1), "emu_fast.", op, ": slot_values have width ",
+                    values.size(1), " but the embedding table has hidden size ", table.size(1));
+  check_contiguous(op, "embed_table", table);
+}
+
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& cache_lens, const at::Tensor& positions,
+                            const at::Tensor& rope_cos, const at::Tensor& rope_sin, bool allow_half) {
+  const char* op = "decode_attention";
+  check_dim(op, "q", q, 3);
+  check_dim(op, "k", k, 3);
+  check_dim(op, "v", v, 3);
+  check_dim(op, "k_cache", k_cache, 4);
+  check_dim(op, "v_cache", v_cache, 4);
+  check_dim(op, "cache_lens", cache_lens, 1);
+  check_dim(op, "positions", positions, 1);
+  check_dim(op, "rope_cos", rope_cos, 2);
+  check_dim(op, "rope_sin", rope_sin, 2);
+  check_float_dtype(op, "q", q, allow_half);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v},
+                         {"k_cache", k_cache}, {"v_cache", v_cache}})
+    check_same_dtype(op, q, name, t);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v},
+                         {"k_cache", k_cache}, {"v_cache", v_cache}, {"cache_lens", cache_lens},
+                         {"positions", positions}, {"rope_cos", rope_cos}, {"rope_sin", rope_sin}})
+    check_same_device(op, q, name, t);
+  TORCH_CHECK_TYPE(cache_lens.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+                   "emu_fast.", op, ": cache_lens and positions must be int64");
+  TORCH_CHECK_TYPE(rope_cos.scalar_type() == at::kFloat && rope_sin.scalar_type() == at::kFloat,
+                   "emu_fast.", op, ": rope_cos and rope_sin must be float32");
+
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Bmax = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2);
+  TORCH_CHECK_VALUE(D % 2 == 0 && D > 0, "emu_fast.", op, ": head_dim must be even, got ", D);
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k.size(0) == B && k.size(2) == D, "emu_fast.", op,
+                    ": k and v must be [", B, ", Hkv, ", D, "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(1) == Hkv && v_cache.sizes() == k_cache.sizes() && k_cache.size(3) == D,
+                    "emu_fast.", op, ": caches must be [Bmax, ", k.size(1), ", S, ", D, "], got ",
+                    k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK_VALUE(Hq % Hkv == 0, "emu_fast.", op, ": ", Hq, " query heads is not a multiple of ",
+                    Hkv, " KV heads");
+  TORCH_CHECK_VALUE(B <= Bmax, "emu_fast.", op, ": batch ", B, " exceeds the cache's ", Bmax, " slots");
+  TORCH_CHECK_VALUE(S > 0, "emu_fast.", op, ": the cache has no room (capacity 0)");
+  TORCH_CHECK_VALUE(cache_lens.size(0) == B && positions.size(0) == B, "emu_fast.", op,
+                    ": cache_lens and positions must have one entry per sequence (", B, "), got ",
+                    cache_lens.size(0), " and ", positions.size(0));
+  TORCH_CHECK_VALUE(rope_cos.sizes() == rope_sin.sizes() && rope_cos.size(1) == D / 2, "emu_fast.", op,
+                    ": rope_cos/rope_sin must be [P, ", D / 2, "], got ", rope_cos.sizes(), " and ",
+                    rope_sin.sizes());
+  // Row-major heads with contiguous head_dim; the batch stride is free, so q/k/v may be
+  // slices of one fused QKV projection.
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}})
+    TORCH_CHECK_VALUE(t.stride(2) == 1 && t.stride(1) == D, "emu_fast.", op, ": ", name,
+                      " must have contiguous heads (strides [*, ", D, ", 1]), got ", t.strides());
+  check_contiguous(op, "k_cache", k_cache);
+  check_contiguous(op, "v_cache", v_cache);
+  check_contiguous(op, "rope_cos", rope_cos);
+  check_contiguous(op, "rope_sin", rope_sin);
+  check_contiguous(op, "cache_lens", cache_lens);
+  check_contiguous(op, "positions", positions);
+}
+
+void check_regression_head(const at::Tensor& hidden, const at::Tensor& norm_weight,
+                           const at::Tensor& head_weight, const c10::optional<at::Tensor>& up_weight,
+                           bool allow_half) {
+  const char* op = "regression_head";
+  check_dim(op, "hidden", hidden, 2);
+  check_dim(op, "norm_weight", norm_weight, 1);
+  check_dim(op, "head_weight", head_weight, 2);
+  check_float_dtype(op, "hidden", hidden, allow_half);
+  check_same_dtype(op, hidden, "norm_weight", norm_weight);
+  check_same_dtype(op, hidden, "head_weight", head_weight);
+  check_same_device(op, hidden, "norm_weight", norm_weight);
+  check_same_device(op, hidden, "head_weight", head_weight);
+  const int64_t H = hidden.size(1);
+  TORCH_CHECK_VALUE(norm_weight.size(0) == H && head_weight.size(1) == H, "emu_fast.", op,
+                    ": hidden size ", H, " does not match norm_weight ", norm_weight.sizes(),
+                    " and head_weight ", head_weight.sizes());
+  check_contiguous(op, "head_weight", head_weight);
+  check_contiguous(op, "norm_weight", norm_weight);
+  if (up_weight.has_value()) {
+    const auto& up = *up_weight;
+    check_dim(op, "up_weight", up, 2);
+    check_same_dtype(op, hidden, "up_weight", up);
+    check_same_device(op, hidden, "up_weight", up);
+    TORCH_CHECK_VALUE(up.size(1) == head_weight.size(0), "emu_fast.", op, ": up_weight ", up.sizes(),
+                      " does not take the head's output size ", head_weight.size(0));
+    check_contiguous(op, "up_weight", up);
+  }
+}
+
+void check_gemv(const at::Tensor& x, const at::Tensor& weight, bool allow_half) {
+  const char* op = "gemv";
+  check_dim(op, "x", x, 2);
+  check_dim(op, "weight", weight, 2);
+  check_float_dtype(op, "x", x, allow_half);
+  check_same_dtype(op, x, "weight", weight);
+  check_same_device(op, x, "weight", weight);
+  TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "emu_fast.", op, ": x ", x.sizes(),
+                    " does not match weight ", weight.sizes(), " (inner sizes differ)");
+  check_contiguous(op, "weight", weight);
+}
+
+void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weight, bool allow_half) {
+  check_dim(op, "x", x, 2);
+  check_dim(op, "weight", weight, 1);
+  check_float_dtype(op, "x", x, allow_half);
+  check_same_dtype(op, x, "weight", weight);
+  check_same_device(op, x, "weight", weight);
+  TORCH_CHECK_VALUE(weight.size(0) == x.size(1), "emu_fast.", op, ": weight ", weight.sizes(),
+                    " does not match x ", x.sizes());
+  check_contiguous(op, "weight", weight);
+}
+
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                        bool allow_half) {
+  const char* op = "add_rms_norm";
+  check_rms_norm(op, x, weight, allow_half);
+  check_same_dtype(op, x, "residual", residual);
+  check_same_device(op, x, "residual", residual);
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "emu_fast.", op, ": residual ", residual.sizes(),
+                    " does not match x ", x.sizes());
+}
+
+void check_silu_mul(const at::Tensor& gate_up, bool allow_half) {
+  const char* op = "silu_mul";
+  check_dim(op, "gate_up", gate_up, 2);
+  check_float_dtype(op, "gate_up", gate_up, allow_half);
+  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, "emu_fast.", op, ": gate_up width ", gate_up.size(1),
+                    " is odd; it must be [gate | up]");
+}
+
+}  // namespace emu_fast

@@ -1,0 +1,30 @@
+// Argument checks shared by every backend of the emu_fast ops. They raise Python
+// ValueError/TypeError (TORCH_CHECK_VALUE/TYPE) naming the op and what is wrong; they only
+// read metadata, never tensor data, so they cost no device sync.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace emu_fast {
+
+// Float dtypes a backend supports, for the message.
+void check_float_dtype(const char* op, const char* name, const at::Tensor& t, bool allow_half);
+void check_same_device(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t);
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim);
+
+void check_splice(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& values,
+                  bool allow_half);
+void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& cache_lens, const at::Tensor& positions,
+                            const at::Tensor& rope_cos, const at::Tensor& rope_sin, bool allow_half);
+void check_regression_head(const at::Tensor& hidden, const at::Tensor& norm_weight,
+                           const at::Tensor& head_weight, const c10::optional<at::Tensor>& up_weight,
+                           bool allow_half);
+void check_gemv(const at::Tensor& x, const at::Tensor& weight, bool allow_half);
+void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weight, bool allow_half);
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                        bool allow_half);
+void check_silu_mul(const at::Tensor& gate_up, bool allow_half);
+
+}  // namespace emu_fast

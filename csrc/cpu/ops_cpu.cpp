@@ -1,0 +1,221 @@
+// CPU implementations of the emu_fast ops: argument checks, then the torch-free kernels in
+// csrc/kernels/ run under at::parallel_for. float32 and bfloat16, float32 accumulation.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "kernels/decode_attention.h"
+#include "kernels/gemv.h"
+#include "kernels/norm.h"
+
+namespace emu_fast {
+namespace {
+
+using kernels::bf16;
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// Calls f(T{}) with T the kernel scalar type of s.
+template <typename F>
+void dispatch_float(at::ScalarType s, F&& f) {
+  if (s == at::kFloat) {
+    f(float{});
+  } else if (s == at::kBFloat16) {
+    f(bf16{});
+  } else {
+    TORCH_CHECK_TYPE(false, "emu_fast: unsupported dtype ", s, " on the CPU");
+  }
+}
+
+// Rows per parallel chunk so that each chunk has at least ~16k multiply-adds of work.
+int64_t grain_rows(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row)); }
+
+// x [B,K] of T -> float32 copy with contiguous rows (a few KB: activations, not weights).
+template <typename T>
+std::vector<float> widen_rows(const at::Tensor& x) {
+  const int64_t B = x.size(0), K = x.size(1);
+  std::vector<float> out(B * K);
+  const T* base = ptr<T>(x);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) out[b * K + k] = kernels::to_float(base[b * x.stride(0) + k * x.stride(1)]);
+  return out;
+}
+
+at::Tensor splice_embeddings_cpu(const at::Tensor& ids, const at::Tensor& table,
+                                 const at::Tensor& values, int64_t slot_id) {
+  check_splice(ids, table, values, /*allow_half=*/true);
+  const int64_t B = ids.size(0), T = ids.size(1), V = table.size(0), H = table.size(1);
+  const int64_t S = values.size(0);
+  const at::Tensor ids_c = ids.contiguous();
+  const at::Tensor values_c = values.contiguous();
+  const int64_t* id = ids_c.data_ptr<int64_t>();
+
+  // Pass 1 over the ids only: validate, and give each slot its row-major index.
+  std::vector<int64_t> slot_index(B * T, -1);
+  int64_t n_slots = 0;
+  for (int64_t p = 0; p < B * T; ++p) {
+    TORCH_CHECK_INDEX(id[p] >= 0 && id[p] < V, "emu_fast.splice_embeddings: token id ", id[p],
+                      " at (row ", p / T, ", position ", p % T, ") is outside the embedding table of ",
+                      V, " rows");
+    if (slot_id >= 0 && id[p] == slot_id) slot_index[p] = n_slots++;
+  }
+  TORCH_CHECK_VALUE(n_slots == S, "emu_fast.splice_embeddings: the input has ", n_slots,
+                    " slots (token id ", slot_id, ") but ", S, " slot vectors were given");
+
+  // Pass 2: one row copy per position, straight into the output.
+  at::Tensor out = at::empty({B, T, H}, table.options());
+  const size_t row_bytes = H * table.element_size();
+  const char* src_table = static_cast<const char*>(table.data_ptr());
+  const char* src_values = static_cast<const char*>(values_c.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, B * T, grain_rows(H), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const char* src = slot_index[p] >= 0 ? src_values + slot_index[p] * row_bytes
+                                           : src_table + id[p] * row_bytes;
+      std::memcpy(dst + p * row_bytes, src, row_bytes);
+    }
+  });
+  return out;
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
+                                const at::Tensor& positions, const at::Tensor& rope_cos,
+                                const at::Tensor& rope_sin, double scale) {
+  check_decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, false);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), P = rope_cos.size(0);
+  const int64_t* lens = cache_lens.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  // Validate every row before writing any: a rejected call leaves the caches untouched.
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] < S, "emu_fast.decode_attention: sequence ", b, " has ",
+                      lens[b], " cached entries; the cache holds ", S, " so there is no room for one more");
+    TORCH_CHECK_VALUE(pos[b] >= 0 && pos[b] < P, "emu_fast.decode_attention: position ", pos[b],
+                      " of sequence ", b, " is outside the RoPE table of ", P, " positions");
+  }
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  const int64_t group = Hq / Hkv;
+  dispatch_float(q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scratch;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hkv, h = t % Hkv;
+        scratch.resize(lens[b] + 1 + D);
+        kernels::DecodeHeadArgs a{D, group, lens[b], static_cast<float>(scale),
+                                  ptr<float>(rope_cos) + pos[b] * (D / 2),
+                                  ptr<float>(rope_sin) + pos[b] * (D / 2)};
+        const int64_t cache_off = (b * Hkv + h) * S * D;
+        kernels::decode_attention_head<T>(
+            a, ptr<T>(q) + b * q.stride(0) + h * group * D, D, ptr<T>(k) + b * k.stride(0) + h * D,
+            ptr<T>(v) + b * v.stride(0) + h * D, ptr<T>(k_cache) + cache_off,
+            ptr<T>(v_cache) + cache_off, scratch.data(), ptr<T>(out) + (b * Hq + h * group) * D, D);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
+  check_gemv(x, weight, false);
+  const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor out = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return out;
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<float> xf = widen_rows<T>(x);
+    std::vector<float> y(std::is_same_v<T, float> ? 0 : B * N);
+    float* yp = std::is_same_v<T, float> ? ptr<float>(out) : y.data();
+    at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
+      kernels::gemv_rows(ptr<T>(weight), xf.data(), yp, B, K, N, n0, n1);
+    });
+    if constexpr (!std::is_same_v<T, float>) {
+      T* o = ptr<T>(out);
+      for (int64_t i = 0; i < B * N; ++i) o[i] = kernels::from_float<T>(y[i]);
+    }
+  });
+  return out;
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
+  check_rms_norm("rms_norm", x_in, weight, false);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), H = x.size(1);
+  at::Tensor out = at::empty({B, H}, x.options());
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        kernels::rms_norm_row(ptr<T>(x) + b * H, ptr<T>(weight), static_cast<float>(eps), H,
+                              ptr<T>(out) + b * H);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& residual_in,
+                                                    const at::Tensor& weight, double eps) {
+  check_add_rms_norm(x_in, residual_in, weight, false);
+  const at::Tensor x = x_in.contiguous(), residual = residual_in.contiguous();
+  const int64_t B = x.size(0), H = x.size(1);
+  at::Tensor normed = at::empty({B, H}, x.options());
+  at::Tensor sum = at::empty({B, H}, x.options());
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        kernels::add_rms_norm_row(ptr<T>(x) + b * H, ptr<T>(residual) + b * H, ptr<T>(weight),
+                                  static_cast<float>(eps), H, ptr<T>(sum) + b * H, ptr<T>(normed) + b * H);
+    });
+  });
+  return {normed, sum};
+}
+
+at::Tensor silu_mul_cpu(const at::Tensor& gate_up_in) {
+  check_silu_mul(gate_up_in, false);
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const int64_t B = gate_up.size(0), I = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({B, I}, gate_up.options());
+  dispatch_float(gate_up.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, B, grain_rows(I), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        kernels::silu_mul_row(ptr<T>(gate_up) + b * 2 * I, I, ptr<T>(out) + b * I);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> regression_head_cpu(const at::Tensor& hidden, const at::Tensor& norm_weight,
+                                                       double eps, const at::Tensor& head_weight,
+                                                       const c10::optional<at::Tensor>& up_weight) {
+  check_regression_head(hidden, norm_weight, head_weight, up_weight, false);
+  at::Tensor out = gemv_cpu(rms_norm_cpu(hidden, norm_weight, eps), head_weight);
+  at::Tensor next = up_weight.has_value() ? gemv_cpu(out, *up_weight)
+                                          : at::empty({hidden.size(0), 0}, hidden.options());
+  return {out, next};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
+  m.impl("splice_embeddings", &splice_embeddings_cpu);
+  m.impl("decode_attention", &decode_attention_cpu);
+  m.impl("regression_head", &regression_head_cpu);
+  m.impl("gemv", &gemv_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("add_rms_norm", &add_rms_norm_cpu);
+  m.impl("silu_mul", &silu_mul_cpu);
+}
+
+}  // namespace emu_fast

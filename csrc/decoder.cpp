@@ -1,0 +1,267 @@
+#include "decoder.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+#include "ops_api.h"
+
+namespace emu_fast {
+namespace {
+
+constexpr const char* kWho = "emu_fast.EmuDecoder";
+
+void check_weight(const at::Tensor& t, const char* name, int64_t layer, at::IntArrayRef shape,
+                  const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.defined(), kWho, ": layer ", layer, " ", name, " is missing");
+  TORCH_CHECK_VALUE(t.sizes() == shape, kWho, ": layer ", layer, " ", name, " has shape ", t.sizes(),
+                    ", expected ", shape);
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), kWho, ": layer ", layer, " ", name, " is ",
+                   t.scalar_type(), " but the decoder's weights are ", ref.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), kWho, ": layer ", layer, " ", name, " is on ", t.device(),
+                    " but the decoder's weights are on ", ref.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), kWho, ": layer ", layer, " ", name, " must be contiguous");
+}
+
+}  // namespace
+
+EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
+                       at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
+                       int64_t num_kv_heads, double rms_eps, double rope_theta, int64_t max_batch,
+                       int64_t max_seq_len)
+    : final_norm_(std::move(final_norm)),
+      head_(std::move(head_weight)),
+      up_(std::move(up_weight)),
+      num_heads_(num_heads),
+      num_kv_heads_(num_kv_heads),
+      eps_(rms_eps),
+      max_batch_(max_batch),
+      max_seq_len_(max_seq_len) {
+  TORCH_CHECK_VALUE(!layers.empty(), kWho, ": needs at least one layer");
+  TORCH_CHECK_VALUE(final_norm_.defined() && final_norm_.dim() == 1, kWho, ": final_norm must be 1-D");
+  hidden_ = final_norm_.size(0);
+  TORCH_CHECK_VALUE(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0, kWho,
+                    ": num_heads (", num_heads, ") must be a positive multiple of num_kv_heads (",
+                    num_kv_heads, ")");
+  TORCH_CHECK_VALUE(hidden_ % num_heads == 0 && (hidden_ / num_heads) % 2 == 0, kWho, ": hidden size ",
+                    hidden_, " must split into ", num_heads, " heads of even size");
+  TORCH_CHECK_VALUE(max_batch > 0 && max_seq_len > 0, kWho, ": max_batch and max_seq_len must be positive, got ",
+                    max_batch, " and ", max_seq_len);
+  TORCH_CHECK_VALUE(rms_eps > 0 && rope_theta > 0, kWho, ": rms_eps and rope_theta must be positive");
+  head_dim_ = hidden_ / num_heads;
+  const at::Tensor& ref = final_norm_;
+  const auto st = ref.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kWho,
+                   ": weights must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK_TYPE(st != at::kHalf || !ref.device().is_cpu(), kWho,
+                   ": float16 weights are supported on CUDA only; use float32 or bfloat16 on the CPU");
+
+  const int64_t H = hidden_, D = head_dim_;
+  const int64_t qkv_rows = (num_heads + 2 * num_kv_heads) * D;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& w = layers[l];
+    const int64_t li = static_cast<int64_t>(l);
+    TORCH_CHECK_VALUE(w.size() == 6, kWho, ": layer ", l,
+                      " needs 6 tensors [input_norm, qkv, o, post_norm, gate_up, down], got ", w.size());
+    TORCH_CHECK_VALUE(w[4].defined() && w[4].dim() == 2 && w[4].size(0) % 2 == 0, kWho, ": layer ", l,
+                      " gate_up must be [2*intermediate, hidden]");
+    const int64_t I = w[4].size(0) / 2;
+    check_weight(w[0], "input_norm", li, {H}, ref);
+    check_weight(w[1], "qkv", li, {qkv_rows, H}, ref);
+    check_weight(w[2], "o", li, {H, num_heads * D}, ref);
+    check_weight(w[3], "post_norm", li, {H}, ref);
+    check_weight(w[4], "gate_up", li, {2 * I, H}, ref);
+    check_weight(w[5], "down", li, {H, I}, ref);
+    layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+  }
+  TORCH_CHECK_VALUE(head_.defined() && head_.dim() == 2, kWho, ": head_weight must be [out, hidden]");
+  check_weight(head_, "head_weight", -1, {head_.size(0), H}, ref);
+  if (up_.has_value()) check_weight(*up_, "up_weight", -1, {H, head_.size(0)}, ref);
+
+  kv_ = at::empty({num_layers(), 2, max_batch, num_kv_heads, max_seq_len, D}, ref.options());
+
+  // RoPE tables computed as Hugging Face LLaMA does (float32 inverse frequencies, one float32
+  // product per entry). Positions go up to a prompt's padded length plus max_seq_len.
+  const auto f32 = ref.options().dtype(at::kFloat);
+  at::Tensor inv_freq =
+      1.0 / at::pow(rope_theta, at::arange(0, D, 2, ref.options().dtype(at::kLong)).to(at::kFloat) / D);
+  at::Tensor freqs = at::outer(at::arange(2 * max_seq_len, f32), inv_freq);
+  rope_cos_ = freqs.cos().contiguous();
+  rope_sin_ = freqs.sin().contiguous();
+  lengths_.assign(max_batch, 0);
+  starts_.assign(max_batch, 0);
+}
+
+std::vector<int64_t> EmuDecoder::lengths() const {
+  return std::vector<int64_t>(lengths_.begin(), lengths_.begin() + batch_);
+}
+
+void EmuDecoder::reset() {
+  batch_ = 0;
+  std::fill(lengths_.begin(), lengths_.end(), 0);
+  std::fill(starts_.begin(), starts_.end(), 0);
+  last_out_ = at::Tensor();
+  next_in_ = at::Tensor();
+  last_out_version_ = -1;
+}
+
+// x [B, T, heads, D] rotated by cos/sin [B, T, 1, D/2], in float32, back to x's dtype.
+at::Tensor EmuDecoder::rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor x1 = xf.narrow(-1, 0, head_dim_ / 2), x2 = xf.narrow(-1, head_dim_ / 2, head_dim_ / 2);
+  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
+}
+
+at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& attention_mask) {
+  // --- Validate everything before touching any state.
+  TORCH_CHECK_VALUE(embeds.dim() == 3 && embeds.size(2) == hidden_, kWho,
+                    ".prefill: inputs_embeds must be [batch, tokens, ", hidden_, "], got ", embeds.sizes());
+  TORCH_CHECK_TYPE(embeds.scalar_type() == final_norm_.scalar_type(), kWho, ".prefill: inputs_embeds are ",
+                   embeds.scalar_type(), " but the decoder's weights are ", final_norm_.scalar_type());
+  TORCH_CHECK_VALUE(embeds.device() == final_norm_.device(), kWho, ".prefill: inputs_embeds are on ",
+                    embeds.device(), " but the decoder is on ", final_norm_.device());
+  const int64_t B = embeds.size(0), T = embeds.size(1), H = hidden_, D = head_dim_;
+  TORCH_CHECK_VALUE(B >= 1, kWho, ".prefill: empty batch");
+  TORCH_CHECK_VALUE(B <= max_batch_, kWho, ".prefill: batch of ", B, " prompts exceeds the decoder's max_batch of ",
+                    max_batch_);
+  TORCH_CHECK_VALUE(T >= 1 && T <= max_seq_len_, kWho, ".prefill: prompts of ", T,
+                    " tokens (padded) do not fit the decoder's max_seq_len of ", max_seq_len_);
+  TORCH_CHECK_VALUE(attention_mask.dim() == 2 && attention_mask.size(0) == B && attention_mask.size(1) == T,
+                    kWho, ".prefill: attention_mask must be [", B, ", ", T, "], got ", attention_mask.sizes());
+  TORCH_CHECK_TYPE(!at::isFloatingType(attention_mask.scalar_type()) && !at::isComplexType(attention_mask.scalar_type()),
+                   kWho, ".prefill: attention_mask must be integer or bool, got ", attention_mask.scalar_type());
+  const at::Tensor mask = attention_mask.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* m = mask.data_ptr<int64_t>();
+  std::vector<int64_t> starts(B), lens(B);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t first = -1, count = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t v = m[b * T + t];
+      TORCH_CHECK_VALUE(v == 0 || v == 1, kWho, ".prefill: attention_mask holds ", v, " at (", b, ", ", t,
+                        "); only 0 and 1 are allowed");
+      if (v == 1) {
+        if (first < 0) first = t;
+        count++;
+      }
+    }
+    TORCH_CHECK_VALUE(count > 0, kWho, ".prefill: prompt ", b, " has no tokens (attention_mask row is all 0)");
+    for (int64_t t = first; t < first + count; ++t)
+      TORCH_CHECK_VALUE(m[b * T + t] == 1, kWho, ".prefill: attention_mask row ", b,
+                        " is not one run of ones (padding must be on the left or on the right only)");
+    starts[b] = first;
+    lens[b] = count;
+  }
+  reset();
+
+  // --- Lay each prompt's valid tokens out from index 0 (the cache's layout), RoPE positions
+  // starting at its left padding so the arithmetic is upstream's.
+  const int64_t L = *std::max_element(lens.begin(), lens.end());
+  const auto dev = embeds.device();
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor starts_t = at::tensor(starts, i64).to(dev), lens_t = at::tensor(lens, i64).to(dev);
+  const at::Tensor offs = at::arange(L, i64.device(dev));
+  // Rows past a prompt's end repeat its last token; the key mask hides them.
+  const at::Tensor src = starts_t.unsqueeze(1) + at::minimum(offs.unsqueeze(0), lens_t.unsqueeze(1) - 1);
+  at::Tensor h = embeds.gather(1, src.unsqueeze(-1).expand({B, L, H})).reshape({B * L, H});
+  const at::Tensor cos = rope_cos_.index_select(0, src.reshape(-1)).view({B, L, 1, D / 2});
+  const at::Tensor sin = rope_sin_.index_select(0, src.reshape(-1)).view({B, L, 1, D / 2});
+  const at::Tensor key_valid = offs.unsqueeze(0) < lens_t.unsqueeze(1);                       // [B, L]
+  const at::Tensor causal = at::ones({L, L}, i64.device(dev).dtype(at::kBool)).tril();        // [L, L]
+  const at::Tensor attn_mask = causal.unsqueeze(0).unsqueeze(0) & key_valid.view({B, 1, 1, L});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t Hq = num_heads_, Hkv = num_kv_heads_;
+
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const auto& w = layers_[l];
+    const at::Tensor x = ops::rms_norm(h, w.input_norm, eps_);
+    const at::Tensor qkv = at::linear(x, w.qkv).view({B, L, Hq + 2 * Hkv, D});
+    const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
+    const at::Tensor k = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
+    const at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2);
+    k_cache(l).narrow(0, 0, B).narrow(2, 0, L).copy_(k);
+    v_cache(l).narrow(0, 0, B).narrow(2, 0, L).copy_(v);
+    const at::Tensor kx = Hq == Hkv ? k : k.repeat_interleave(Hq / Hkv, 1);
+    const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
+    const at::Tensor o = at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
+    h = h + at::linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o);
+    const at::Tensor y = ops::rms_norm(h, w.post_norm, eps_);
+    h = h + at::linear(ops::silu_mul(at::linear(y, w.gate_up)), w.down);
+  }
+  const at::Tensor last = h.view({B, L, H}).index({at::arange(B, i64.device(dev)), lens_t - 1});
+  auto [out, next] = ops::regression_head(last, final_norm_, eps_, head_, up_);
+
+  batch_ = B;
+  for (int64_t b = 0; b < B; ++b) {
+    lengths_[b] = lens[b];
+    starts_[b] = starts[b];
+  }
+  last_out_ = out;
+  next_in_ = next;
+  last_out_version_ = out._version();
+  return out;
+}
+
+at::Tensor EmuDecoder::step(const at::Tensor& prev) {
+  TORCH_CHECK_VALUE(batch_ > 0, kWho, ".step: no active batch; call prefill() first");
+  const int64_t B = batch_, Dout = output_size();
+  TORCH_CHECK_VALUE(prev.dim() == 2 && prev.size(0) == B && prev.size(1) == Dout, kWho,
+                    ".step: the previous output must be [", B, ", ", Dout, "], got ", prev.sizes());
+  TORCH_CHECK_TYPE(prev.scalar_type() == final_norm_.scalar_type(), kWho, ".step: the previous output is ",
+                   prev.scalar_type(), " but the decoder's weights are ", final_norm_.scalar_type());
+  TORCH_CHECK_VALUE(prev.device() == final_norm_.device(), kWho, ".step: the previous output is on ",
+                    prev.device(), " but the decoder is on ", final_norm_.device());
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(lengths_[b] < max_seq_len_, kWho, ".step: sequence ", b, " already holds ", lengths_[b],
+                      " tokens, the decoder's max_seq_len; no room for another step");
+
+  // The next input: the previous output itself (Emu1) or its project_up (Emu2), reused when
+  // prev is the unmodified tensor the last call returned.
+  at::Tensor x;
+  if (!up_.has_value()) {
+    x = prev.contiguous();
+  } else if (prev.is_same(last_out_) && prev._version() == last_out_version_) {
+    x = next_in_;
+  } else {
+    x = ops::gemv(prev.contiguous(), *up_);
+  }
+
+  const auto dev = prev.device();
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  std::vector<int64_t> positions(B);
+  for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
+  const at::Tensor lens_t = at::tensor(at::IntArrayRef(lengths_.data(), B), i64).to(dev);
+  const at::Tensor pos_t = at::tensor(positions, i64).to(dev);
+  const int64_t Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+
+  at::Tensor h = x, branch;  // residual stream and the last sub-layer's output not yet added
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const auto& w = layers_[l];
+    at::Tensor xn;
+    if (branch.defined()) {
+      std::tie(xn, h) = ops::add_rms_norm(branch, h, w.input_norm, eps_);
+    } else {
+      xn = ops::rms_norm(h, w.input_norm, eps_);
+    }
+    const at::Tensor qkv = ops::gemv(xn, w.qkv);  // [B, (Hq + 2 Hkv) D]
+    const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
+    const at::Tensor k = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
+    const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
+    at::Tensor kc = k_cache(l), vc = v_cache(l);
+    const at::Tensor attn = ops::decode_attention(q, k, v, kc, vc, lens_t, pos_t, rope_cos_, rope_sin_, scale);
+    const at::Tensor o = ops::gemv(attn.view({B, Hq * D}), w.o);
+    std::tie(xn, h) = ops::add_rms_norm(o, h, w.post_norm, eps_);
+    branch = ops::gemv(ops::silu_mul(ops::gemv(xn, w.gate_up)), w.down);
+  }
+  h = h + branch;
+  auto [out, next] = ops::regression_head(h, final_norm_, eps_, head_, up_);
+
+  for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
+  last_out_ = out;
+  next_in_ = next;
+  last_out_version_ = out._version();
+  return out;
+}
+
+}  // namespace emu_fast

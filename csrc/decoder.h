@@ -1,0 +1,83 @@
+// EmuDecoder: a LLaMA decoder with a preallocated KV cache that runs Emu's causal
+// image-embedding loop, one whole decoder step per call, with no Python per layer.
+//
+// It borrows the weights it is given (no copy): pass packed tensors (fused QKV, fused
+// gate/up) that the caller's model already points at. It owns only its KV cache, sized
+// max_batch x max_seq_len once, and the RoPE tables. No global state: several decoders may
+// live side by side; reset() forgets the batch without reallocating.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
+
+namespace emu_fast {
+
+struct DecoderLayerWeights {
+  at::Tensor input_norm;  // [H]
+  at::Tensor qkv;         // [(Hq + 2 Hkv) * D, H]: q_proj, k_proj, v_proj stacked
+  at::Tensor o;           // [H, Hq * D]
+  at::Tensor post_norm;   // [H]
+  at::Tensor gate_up;     // [2 I, H]: gate_proj, up_proj stacked
+  at::Tensor down;        // [H, I]
+};
+
+class EmuDecoder {
+ public:
+  // layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] as above.
+  // head_weight [Dout, H] is the regression head (Emu1 stu_regress_head, Emu2 project_down);
+  // up_weight [H, Dout] maps an output back to the next input (Emu2 project_up), or none (Emu1).
+  EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
+             at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
+             int64_t num_kv_heads, double rms_eps, double rope_theta, int64_t max_batch,
+             int64_t max_seq_len);
+
+  // Runs the prompts ([B,T,H] embeddings, [B,T] 0/1 attention mask: each row one run of
+  // ones, left or right padded) through the decoder, fills the KV cache, and returns the
+  // regression head's output at each row's last valid token: output 0, [B, Dout].
+  // Positions are the raw indices 0..T-1 of the padded rows, as upstream Emu uses them.
+  at::Tensor prefill(const at::Tensor& inputs_embeds, const at::Tensor& attention_mask);
+
+  // One decode step for the whole batch: the previous output [B, Dout] in (Emu2: through
+  // up_weight), the next output [B, Dout] out.
+  at::Tensor step(const at::Tensor& prev_output);
+
+  void reset();
+
+  int64_t batch_size() const { return batch_; }
+  std::vector<int64_t> lengths() const;
+  int64_t max_batch() const { return max_batch_; }
+  int64_t max_seq_len() const { return max_seq_len_; }
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  int64_t hidden_size() const { return hidden_; }
+  int64_t output_size() const { return head_.size(0); }
+  int64_t num_heads() const { return num_heads_; }
+  int64_t num_kv_heads() const { return num_kv_heads_; }
+  int64_t head_dim() const { return head_dim_; }
+  at::Tensor kv_cache() const { return kv_; }  // [L, 2, max_batch, Hkv, max_seq_len, D]
+
+ private:
+  at::Tensor k_cache(size_t layer) const { return kv_[layer][0]; }
+  at::Tensor v_cache(size_t layer) const { return kv_[layer][1]; }
+  at::Tensor rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
+
+  std::vector<DecoderLayerWeights> layers_;
+  at::Tensor final_norm_, head_;
+  c10::optional<at::Tensor> up_;
+  int64_t num_heads_, num_kv_heads_, head_dim_, hidden_;
+  double eps_;
+  int64_t max_batch_, max_seq_len_;
+  at::Tensor kv_;                  // the whole KV cache, one allocation
+  at::Tensor rope_cos_, rope_sin_;  // float32 [2 * max_seq_len, D/2] on the weights' device
+
+  // The active batch: 0 before prefill. Row b's cache holds lengths_[b] entries, the first at
+  // RoPE position starts_[b] (its left padding in the prompt).
+  int64_t batch_ = 0;
+  std::vector<int64_t> lengths_, starts_;
+  // The last output and its project_up, so step() need not recompute project_up when it is
+  // handed back the very tensor it returned.
+  at::Tensor last_out_, next_in_;
+  int64_t last_out_version_ = -1;
+};
+
+}  // namespace emu_fast

@@ -1,0 +1,30 @@
+// The emu_fast operator schemas. Backends register implementations with TORCH_LIBRARY_IMPL
+// (cpu/ops_cpu.cpp, cuda/*.cu); fake (meta) implementations live in emu_fast/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(emu_fast, m) {
+  // Token embeddings with image vectors written into the slots whose id is slot_token_id, in
+  // row-major order: input_ids [B,T] int64, embed_table [V,H], slot_values [S,H] -> [B,T,H].
+  // S must equal the number of slots; slot_token_id < 0 means no slots (S must be 0).
+  m.def("splice_embeddings(Tensor input_ids, Tensor embed_table, Tensor slot_values, int slot_token_id) -> Tensor");
+
+  // One decode step of attention for B sequences (row b uses cache slot b): rotates q and k at
+  // positions[b], appends k and v at index cache_lens[b] of k_cache/v_cache [Bmax,Hkv,S,D],
+  // and attends over entries [0, cache_lens[b]]. q [B,Hq,D], k/v [B,Hkv,D], cache_lens and
+  // positions int64 [B], rope_cos/rope_sin float32 [P, D/2]. Returns [B,Hq,D].
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_lens, Tensor positions, Tensor rope_cos, Tensor rope_sin, float scale) -> Tensor");
+
+  // The regression head: out = rms_norm(hidden) @ head_weight^T, and, when up_weight is given,
+  // next_input = out @ up_weight^T (Emu2's project_up); otherwise next_input is [B,0] and the
+  // output itself is the next input (Emu1). Each weight is read once for the whole batch.
+  m.def("regression_head(Tensor hidden, Tensor norm_weight, float eps, Tensor head_weight, Tensor? up_weight) -> (Tensor, Tensor)");
+
+  // Per-step glue. gemv: x [B,K] @ weight[N,K]^T with float32 accumulation, for small B.
+  m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // Returns (rms_norm(x + residual), x + residual).
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // gate_up [B, 2I] = [gate | up] -> silu(gate) * up [B, I].
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}

@@ -1,0 +1,17 @@
+"""emu_fast: KV-cached, fused-kernel generation of Emu's image embeddings.
+
+    import emu_fast
+    emu_fast.accelerate(model)           # an Emu1- or Emu2-style model
+    embeds = model.generate_image(["a photo of a cat"])   # same tensor, many times faster
+
+For embedding in other services: emu_fast.EmuDecoder (prefill / step / reset) and the
+torch.ops.emu_fast.* custom ops (emu_fast.ops).
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C, ops, reference  # noqa: F401
+from .accelerate import accelerate
+from .decoder import EmuDecoder
+
+__all__ = ["accelerate", "EmuDecoder", "ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""EmuDecoder: the C++ decoder (emu_fast._C.EmuDecoder) plus a constructor from a Hugging Face
+LLaMA, and the thin causal loop that drives it."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+from .packing import _body, pack_llama_layers
+from .reference import LlamaShape
+
+
+class EmuDecoder(_C.EmuDecoder):
+    __doc__ = _C.EmuDecoder.__doc__
+
+    @classmethod
+    def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
+                   max_batch: int, max_seq_len: int) -> "EmuDecoder":
+        """A decoder over a Hugging Face LlamaForCausalLM's body, with the given regression head
+        (and Emu2's project_up). Packs QKV and gate/up in place (the model keeps working); no
+        weight is copied. Allocates the KV cache for max_batch x max_seq_len."""
+        shape = LlamaShape.from_hf(lm.config)
+        return cls(
+            pack_llama_layers(lm),
+            _body(lm).norm.weight.detach(),
+            head_weight.detach(),
+            None if up_weight is None else up_weight.detach(),
+            num_heads=shape.heads,
+            num_kv_heads=shape.kv_heads,
+            rms_eps=shape.eps,
+            rope_theta=shape.rope_theta,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv_cache.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_cache.device
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """The causal loop: prefill, then n-1 steps, each fed the previous output. [B, n, out]."""
+        if n < 1:
+            raise ValueError(f"emu_fast: n must be at least 1, got {n}")
+        lens = attention_mask.sum(1) if attention_mask.dim() == 2 else None
+        if lens is not None and int(lens.max()) + n - 1 > self.max_seq_len:
+            raise ValueError(
+                f"emu_fast: a prompt of {int(lens.max())} tokens plus {n - 1} generated embeddings "
+                f"exceeds the decoder's max_seq_len of {self.max_seq_len}")
+        out = self.prefill(inputs_embeds, attention_mask)
+        outs = [out]
+        for _ in range(n - 1):
+            out = self.step(out)
+            outs.append(out)
+        return torch.stack(outs, dim=1)
