@@ -4,11 +4,27 @@
 
 namespace emu_fast {
 
+std::string py_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(s);
+  }
+}
+
 void check_float_dtype(const char* op, const char* name, const at::Tensor& t, bool allow_half) {
   const auto s = t.scalar_type();
   const bool ok = s == at::kFloat || s == at::kBFloat16 || (allow_half && s == at::kHalf);
   TORCH_CHECK_TYPE(ok, "emu_fast.", op, ": ", name, " must be float32 or bfloat16",
-                   allow_half ? " or float16" : " on this device", ", got ", s);
+                   allow_half ? " or float16" : " on this device", ", got ", py_dtype(s));
 }
 
 void check_same_device(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t) {
@@ -23,7 +39,7 @@ void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t di
 
 static void check_same_dtype(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "emu_fast.", op, ": ", name, " is ",
-                   t.scalar_type(), " but must match the other inputs' ", ref.scalar_type());
+                   py_dtype(t.scalar_type()), " but must match the other inputs' ", py_dtype(ref.scalar_type()));
 }
 
 static void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
@@ -37,7 +53,7 @@ void check_splice(const at::Tensor& ids, const at::Tensor& table, const at::Tens
   check_dim(op, "embed_table", table, 2);
   check_dim(op, "slot_values", values, 2);
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "emu_fast.", op, ": input_ids must be int64, got ",
-                   ids.scalar_type());
+                   py_dtype(ids.scalar_type()));
   check_float_dtype(op, "embed_table", table, allow_half);
   check_same_dtype(op, table, "slot_values", values);
   check_same_device(op, table, "input_ids", ids);

@@ -5,7 +5,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+
 namespace emu_fast {
+
+// A dtype as Python users write it: "torch.bfloat16", not "BFloat16".
+std::string py_dtype(at::ScalarType s);
 
 // Float dtypes a backend supports, for the message.
 void check_float_dtype(const char* op, const char* name, const at::Tensor& t, bool allow_half);

@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "checks.h"
 #include "ops_api.h"
 
 namespace emu_fast {
@@ -18,7 +19,7 @@ void check_weight(const at::Tensor& t, const char* name, int64_t layer, at::IntA
   TORCH_CHECK_VALUE(t.sizes() == shape, kWho, ": layer ", layer, " ", name, " has shape ", t.sizes(),
                     ", expected ", shape);
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), kWho, ": layer ", layer, " ", name, " is ",
-                   t.scalar_type(), " but the decoder's weights are ", ref.scalar_type());
+                   py_dtype(t.scalar_type()), " but the decoder's weights are ", py_dtype(ref.scalar_type()));
   TORCH_CHECK_VALUE(t.device() == ref.device(), kWho, ": layer ", layer, " ", name, " is on ", t.device(),
                     " but the decoder's weights are on ", ref.device());
   TORCH_CHECK_VALUE(t.is_contiguous(), kWho, ": layer ", layer, " ", name, " must be contiguous");
@@ -53,7 +54,7 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   const at::Tensor& ref = final_norm_;
   const auto st = ref.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kWho,
-                   ": weights must be float32, bfloat16 or float16, got ", st);
+                   ": weights must be float32, bfloat16 or float16, got ", py_dtype(st));
   TORCH_CHECK_TYPE(st != at::kHalf || !ref.device().is_cpu(), kWho,
                    ": float16 weights are supported on CUDA only; use float32 or bfloat16 on the CPU");
 
@@ -118,7 +119,7 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
   TORCH_CHECK_VALUE(embeds.dim() == 3 && embeds.size(2) == hidden_, kWho,
                     ".prefill: inputs_embeds must be [batch, tokens, ", hidden_, "], got ", embeds.sizes());
   TORCH_CHECK_TYPE(embeds.scalar_type() == final_norm_.scalar_type(), kWho, ".prefill: inputs_embeds are ",
-                   embeds.scalar_type(), " but the decoder's weights are ", final_norm_.scalar_type());
+                   py_dtype(embeds.scalar_type()), " but the decoder's weights are ", py_dtype(final_norm_.scalar_type()));
   TORCH_CHECK_VALUE(embeds.device() == final_norm_.device(), kWho, ".prefill: inputs_embeds are on ",
                     embeds.device(), " but the decoder is on ", final_norm_.device());
   const int64_t B = embeds.size(0), T = embeds.size(1), H = hidden_, D = head_dim_;
@@ -130,7 +131,7 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
   TORCH_CHECK_VALUE(attention_mask.dim() == 2 && attention_mask.size(0) == B && attention_mask.size(1) == T,
                     kWho, ".prefill: attention_mask must be [", B, ", ", T, "], got ", attention_mask.sizes());
   TORCH_CHECK_TYPE(!at::isFloatingType(attention_mask.scalar_type()) && !at::isComplexType(attention_mask.scalar_type()),
-                   kWho, ".prefill: attention_mask must be integer or bool, got ", attention_mask.scalar_type());
+                   kWho, ".prefill: attention_mask must be integer or bool, got ", py_dtype(attention_mask.scalar_type()));
   const at::Tensor mask = attention_mask.to(at::kCPU, at::kLong).contiguous();
   const int64_t* m = mask.data_ptr<int64_t>();
   std::vector<int64_t> starts(B), lens(B);
@@ -208,7 +209,7 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
   TORCH_CHECK_VALUE(prev.dim() == 2 && prev.size(0) == B && prev.size(1) == Dout, kWho,
                     ".step: the previous output must be [", B, ", ", Dout, "], got ", prev.sizes());
   TORCH_CHECK_TYPE(prev.scalar_type() == final_norm_.scalar_type(), kWho, ".step: the previous output is ",
-                   prev.scalar_type(), " but the decoder's weights are ", final_norm_.scalar_type());
+                   py_dtype(prev.scalar_type()), " but the decoder's weights are ", py_dtype(final_norm_.scalar_type()));
   TORCH_CHECK_VALUE(prev.device() == final_norm_.device(), kWho, ".step: the previous output is on ",
                     prev.device(), " but the decoder is on ", final_norm_.device());
   for (int64_t b = 0; b < B; ++b)

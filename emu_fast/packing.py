@@ -7,6 +7,9 @@ no-op: the second call finds the views and returns the packed tensor they share.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
 from typing import List, Sequence
 
 import torch
@@ -70,7 +73,28 @@ def pack_llama_layers(lm) -> List[List[torch.Tensor]]:
             pack_linears([mlp.gate_proj, mlp.up_proj]),
             mlp.down_proj.weight.detach(),
         ])
+        # Per layer, so the peak stays at the weights plus one layer's packed buffers.
+        _release_freed_host_memory()
     return layers
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_host_memory() -> None:
+    """glibc keeps freed heap blocks mapped; the unpacked weights we just dropped would stay in
+    the process's resident memory (tens of GB for Emu on the CPU). Hand them back to the OS."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _body(lm):

@@ -32,7 +32,7 @@ void dispatch_float(at::ScalarType s, F&& f) {
   } else if (s == at::kBFloat16) {
     f(bf16{});
   } else {
-    TORCH_CHECK_TYPE(false, "emu_fast: unsupported dtype ", s, " on the CPU");
+    TORCH_CHECK_TYPE(false, "emu_fast: unsupported dtype ", py_dtype(s), " on the CPU");
   }
 }
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what emu_fast needs to build and test, then builds it in place (editable).
+# Installs only what is missing, so it also runs on machines without network that already
+# have a (CUDA) torch. Torch 2.13.0 is the CPU build this project's machines keep on disk.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+
+missing=()
+have() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
+have torch || missing+=("torch==2.13.0")
+for mod in pybind11 numpy pytest transformers safetensors ninja cmake; do
+  have "$mod" || missing+=("$mod")
+done
+# transformers' tokenizer for LLaMA needs sentencepiece-free tokenizers; it comes with transformers.
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  "$PYTHON" -m pip install -q "${missing[@]}"
+fi
+# ninja/cmake from pip put their binaries next to the interpreter.
+export PATH="$("$PYTHON" -c 'import sys, os; print(os.path.dirname(sys.executable))'):$PATH"
+"$PYTHON" -m pip install -q --no-build-isolation -e .
+"$PYTHON" -c "import emu_fast, torch; print('emu_fast built against torch', torch.__version__, '| CUDA:', torch.cuda.is_available())"

@@ -1,0 +1,236 @@
+"""EmuDecoder (C++ prefill + step with a KV cache) against the reference upstream recompute loop
+run on the pure-PyTorch LLaMA body: Emu1 and Emu2 shapes, right and left padding, with and
+without prompt images, batch 1 and ragged batches; reuse, side-by-side decoders, bad input."""
+import pytest
+import torch
+
+from emu_fast import EmuDecoder, ops, reference
+from emu_fast.testing import rel_err, tiny_llama
+
+FP32_TOL = 1e-4  # the issue's bound: relative error per output vector in float32
+BF16_TOL = 6e-2
+
+PROMPTS = {
+    1: ["a photo of a cat"],
+    3: ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle at dawn", "hi"],
+}
+
+
+class Setup:
+    """A tiny LLaMA with an Emu1 (H->H head) or Emu2 (H->out head + project_up) regression head."""
+
+    def __init__(self, kind, tokenizer, kv_heads=4, n=5, dtype=torch.float32, hidden=64, out_dim=24):
+        self.kind, self.n, self.tok = kind, n, tokenizer
+        tokenizer.padding_side = "right" if kind == "emu1" else "left"
+        self.lm = tiny_llama(hidden=hidden, kv_heads=kv_heads, seed=3)
+        g = torch.Generator().manual_seed(4)
+        d = hidden if kind == "emu1" else out_dim
+        self.head = torch.randn(d, hidden, generator=g) * hidden ** -0.5
+        self.up = torch.randn(hidden, d, generator=g) * d ** -0.5 if kind == "emu2" else None
+        # The oracle runs in float32 on the same (possibly bf16-rounded) weights.
+        self.lm, self.head = self.lm.to(dtype), self.head.to(dtype)
+        self.up = None if self.up is None else self.up.to(dtype)
+        self.shape = reference.LlamaShape.from_hf(self.lm.config)
+        self.w32 = {k: v.float() for k, v in reference.body_weights(self.lm).items()}
+        self.placeholder = "[IMG]" + "<image>" * n + "[/IMG]"
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def decoder(self, max_batch=4, max_seq_len=128):
+        return EmuDecoder.from_llama(self.lm, self.head, self.up, max_batch=max_batch, max_seq_len=max_seq_len)
+
+    def inputs(self, texts, images=None):
+        texts = [t.replace("[<IMG_PLH>]", self.placeholder) + "[IMG]" for t in texts]
+        tok = self.tok(texts, padding="longest", return_tensors="pt")
+        table = self.lm.model.embed_tokens.weight.detach()
+        if images is None:
+            embeds = ops.splice_embeddings(tok.input_ids, table, table.new_empty(0, table.shape[1]), -1)
+        else:
+            embeds = ops.splice_embeddings(tok.input_ids, table, images.to(table.dtype), self.image_id)
+        return embeds, tok.attention_mask
+
+    def expected(self, texts, images=None):
+        head32 = self.head.float()
+        up32 = None if self.up is None else self.up.float()
+        return reference.upstream_generate_image(
+            body=lambda e, m: reference.llama_body(self.w32, self.shape, e, m),
+            embed_tokens=lambda ids: self.w32["embed_tokens.weight"][ids],
+            tokenizer=self.tok, texts=texts, n=self.n, image_placeholder=self.placeholder,
+            regress=lambda h: h @ head32.t(), project_up=None if up32 is None else (lambda o: o @ up32.t()),
+            prompt_image_embeds=None if images is None else images.float())
+
+
+def _images(texts, n, hidden, seed=5):
+    count = sum(t.count("[<IMG_PLH>]") for t in texts) * n
+    return torch.randn(count, hidden, generator=torch.Generator().manual_seed(seed)) if count else None
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("with_images", [False, True])
+def test_decoder_matches_upstream_loop(emu_tokenizer, kind, kv_heads, batch, with_images):
+    s = Setup(kind, emu_tokenizer, kv_heads=kv_heads)
+    texts = PROMPTS[batch]
+    if with_images and batch == 1:
+        texts = ["look [<IMG_PLH>] and [<IMG_PLH>] then draw"]
+    images = _images(texts, s.n, 64) if with_images else None
+    out = s.decoder().generate(*s.inputs(texts, images), s.n)
+    expected = s.expected(texts, images)
+    assert out.shape == expected.shape == (len(texts), s.n, s.head.shape[0])
+    assert rel_err(out, expected) < FP32_TOL
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+def test_decoder_bfloat16(emu_tokenizer, kind):
+    s = Setup(kind, emu_tokenizer, kv_heads=2, dtype=torch.bfloat16)
+    texts = PROMPTS[3]
+    images = _images(texts, s.n, 64)
+    out = s.decoder().generate(*s.inputs(texts, images), s.n)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, s.expected(texts, images)) < BF16_TOL
+
+
+def test_prefill_then_steps_by_hand(emu_tokenizer):
+    """prefill/step, the service API, give what generate gives, and lengths grow by one a step."""
+    s = Setup("emu2", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    dec = s.decoder()
+    out = dec.prefill(embeds, mask)
+    assert dec.batch_size == 3 and dec.lengths == mask.sum(1).tolist()
+    outs = [out]
+    for _ in range(s.n - 1):
+        outs.append(dec.step(outs[-1]))
+    assert dec.lengths == (mask.sum(1) + s.n - 1).tolist()
+    assert rel_err(torch.stack(outs, 1), s.expected(PROMPTS[3])) < FP32_TOL
+
+
+def test_step_takes_any_previous_output(emu_tokenizer):
+    """Emu2's project_up of the last output is reused only when step gets that very tensor,
+    unmodified; a copy or an in-place edit is projected afresh."""
+    s = Setup("emu2", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    a, b = s.decoder(), s.decoder()
+    out_a, out_b = a.prefill(embeds, mask), b.prefill(embeds, mask)
+    torch.testing.assert_close(a.step(out_a), b.step(out_b.clone()), rtol=0, atol=0)
+    out_a, out_b = a.step(out_a), b.step(out_b)
+    out_a.mul_(0.5)
+    torch.testing.assert_close(a.step(out_a), b.step(out_b.clone() * 0.5), rtol=1e-6, atol=1e-6)
+
+
+def test_reset_and_reuse_without_reallocating(emu_tokenizer):
+    s = Setup("emu1", emu_tokenizer)
+    dec = s.decoder()
+    cache_ptr = dec.kv_cache.data_ptr()
+    first = dec.generate(*s.inputs(PROMPTS[3]), s.n)
+    other = dec.generate(*s.inputs(PROMPTS[1]), s.n)
+    again = dec.generate(*s.inputs(PROMPTS[3]), s.n)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert rel_err(other, s.expected(PROMPTS[1])) < FP32_TOL
+    dec.reset()
+    assert dec.batch_size == 0 and dec.kv_cache.data_ptr() == cache_ptr
+    with pytest.raises(ValueError, match="call prefill"):
+        dec.step(first[:, 0])
+
+
+def test_decoders_side_by_side(emu_tokenizer):
+    """Two decoders over the same weights, stepped alternately, do not disturb each other."""
+    s = Setup("emu2", emu_tokenizer)
+    a, b = s.decoder(), s.decoder(max_batch=2, max_seq_len=64)
+    ia, ib = s.inputs(PROMPTS[3]), s.inputs(PROMPTS[1])
+    oa, ob = [a.prefill(*ia)], [b.prefill(*ib)]
+    for _ in range(s.n - 1):
+        oa.append(a.step(oa[-1]))
+        ob.append(b.step(ob[-1]))
+    assert rel_err(torch.stack(oa, 1), s.expected(PROMPTS[3])) < FP32_TOL
+    assert rel_err(torch.stack(ob, 1), s.expected(PROMPTS[1])) < FP32_TOL
+
+
+def test_capacity_errors_leave_decoder_usable(emu_tokenizer):
+    s = Setup("emu1", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    T = embeds.shape[1]
+    dec = s.decoder(max_batch=2, max_seq_len=T + s.n - 1)
+    with pytest.raises(ValueError, match="batch of 3 prompts exceeds the decoder's max_batch of 2"):
+        dec.prefill(embeds, mask)
+    small = s.decoder(max_batch=4, max_seq_len=T - 1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        small.prefill(embeds, mask)
+    with pytest.raises(ValueError, match="exceeds the decoder's max_seq_len"):
+        dec.generate(embeds[:2], mask[:2], n=10)
+    # Fill a sequence to the brim by hand, then one step more.
+    e1, m1 = s.inputs(PROMPTS[1])
+    tight = s.decoder(max_batch=1, max_seq_len=e1.shape[1] + 1)
+    out = tight.step(tight.prefill(e1, m1))
+    with pytest.raises(ValueError, match="no room for another step"):
+        tight.step(out)
+    # Still usable: a fresh batch runs and is right.
+    ref = s.expected(PROMPTS[1])
+    assert rel_err(tight.generate(e1, m1, 2), ref[:, :2]) < FP32_TOL
+    assert rel_err(dec.generate(*s.inputs(PROMPTS[3][:2]), s.n), s.expected(PROMPTS[3][:2])) < FP32_TOL
+
+
+def test_bad_step_and_prefill_input_leave_decoder_usable(emu_tokenizer):
+    s = Setup("emu2", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    dec = s.decoder()
+    out = dec.prefill(embeds, mask)
+    lengths = dec.lengths
+    with pytest.raises(ValueError, match=r"must be \[3, 24\]"):
+        dec.step(out[:2])
+    with pytest.raises(TypeError, match="torch.float64"):
+        dec.step(out.double())
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        dec.prefill(embeds[..., :10], mask)
+    with pytest.raises(TypeError, match="torch.float64"):
+        dec.prefill(embeds.double(), mask)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        dec.prefill(embeds, mask[:, 1:])
+    with pytest.raises(TypeError, match="integer or bool"):
+        dec.prefill(embeds, mask.float())
+    bad = mask.clone()
+    bad[0] = 0
+    with pytest.raises(ValueError, match="prompt 0 has no tokens"):
+        dec.prefill(embeds, bad)
+    bad = torch.ones_like(mask)
+    bad[1, 3] = 0
+    with pytest.raises(ValueError, match="not one run of ones"):
+        dec.prefill(embeds, bad)
+    bad = mask.clone()
+    bad[0, -1] = 2
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        dec.prefill(embeds, bad)
+    assert dec.lengths == lengths  # rejected calls changed nothing
+    outs = [out]
+    for _ in range(s.n - 1):
+        outs.append(dec.step(outs[-1]))
+    assert rel_err(torch.stack(outs, 1), s.expected(PROMPTS[3])) < FP32_TOL
+
+
+def test_constructor_rejects_inconsistent_weights(emu_tokenizer):
+    s = Setup("emu2", emu_tokenizer)
+    dec = s.decoder()
+    layers = [[t for t in layer] for layer in _layers(s)]
+    kw = dict(num_heads=4, num_kv_heads=4, rms_eps=1e-6, rope_theta=1e4, max_batch=2, max_seq_len=16)
+    norm = s.lm.model.norm.weight.detach()
+    with pytest.raises(ValueError, match="layer 1 qkv has shape"):
+        bad = [list(layer) for layer in layers]
+        bad[1][1] = bad[1][1][:-1]
+        EmuDecoder(bad, norm, s.head, s.up, **kw)
+    with pytest.raises(TypeError, match="layer 0 o is torch.bfloat16"):
+        bad = [list(layer) for layer in layers]
+        bad[0][2] = bad[0][2].bfloat16()
+        EmuDecoder(bad, norm, s.head, s.up, **kw)
+    with pytest.raises(ValueError, match="up_weight has shape"):
+        EmuDecoder(layers, norm, s.head, s.up.t(), **kw)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        EmuDecoder(layers, norm, s.head, s.up, **{**kw, "num_kv_heads": 3})
+    with pytest.raises(ValueError, match="max_batch and max_seq_len must be positive"):
+        EmuDecoder(layers, norm, s.head, s.up, **{**kw, "max_batch": 0})
+    with pytest.raises(ValueError, match="needs 6 tensors"):
+        EmuDecoder([layers[0][:5]], norm, s.head, s.up, **kw)
+    assert dec.num_layers == 2 and dec.hidden_size == 64 and dec.output_size == 24
+
+
+def _layers(s):
+    from emu_fast.packing import pack_llama_layers
+    return pack_llama_layers(s.lm)
