@@ -81,6 +81,10 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   if (up_.has_value()) check_weight(*up_, "up_weight", -1, {H, head_.size(0)}, ref);
 
   kv_ = at::empty({num_layers(), 2, max_batch, num_kv_heads, max_seq_len, D}, ref.options());
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    k_cache_.push_back(kv_[l][0]);
+    v_cache_.push_back(kv_[l][1]);
+  }
 
   // RoPE tables computed as Hugging Face LLaMA does (float32 inverse frequencies, one float32
   // product per entry). Positions go up to a prompt's padded length plus max_seq_len.
@@ -180,8 +184,8 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
     const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
     const at::Tensor k = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
     const at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2);
-    k_cache(l).narrow(0, 0, B).narrow(2, 0, L).copy_(k);
-    v_cache(l).narrow(0, 0, B).narrow(2, 0, L).copy_(v);
+    k_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(k);
+    v_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(v);
     const at::Tensor kx = Hq == Hkv ? k : k.repeat_interleave(Hq / Hkv, 1);
     const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
     const at::Tensor o = at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
@@ -249,8 +253,7 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
     const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
     const at::Tensor k = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
     const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
-    at::Tensor kc = k_cache(l), vc = v_cache(l);
-    const at::Tensor attn = ops::decode_attention(q, k, v, kc, vc, lens_t, pos_t, rope_cos_, rope_sin_, scale);
+        const at::Tensor attn = ops::decode_attention(q, k, v, k_cache_[l], v_cache_[l], lens_t, pos_t, rope_cos_, rope_sin_, scale);
     const at::Tensor o = ops::gemv(attn.view({B, Hq * D}), w.o);
     std::tie(xn, h) = ops::add_rms_norm(o, h, w.post_norm, eps_);
     branch = ops::gemv(ops::silu_mul(ops::gemv(xn, w.gate_up)), w.down);

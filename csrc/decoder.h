@@ -57,8 +57,6 @@ class EmuDecoder {
   at::Tensor kv_cache() const { return kv_; }  // [L, 2, max_batch, Hkv, max_seq_len, D]
 
  private:
-  at::Tensor k_cache(size_t layer) const { return kv_[layer][0]; }
-  at::Tensor v_cache(size_t layer) const { return kv_[layer][1]; }
   at::Tensor rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
 
   std::vector<DecoderLayerWeights> layers_;
@@ -68,6 +66,7 @@ class EmuDecoder {
   double eps_;
   int64_t max_batch_, max_seq_len_;
   at::Tensor kv_;                  // the whole KV cache, one allocation
+  std::vector<at::Tensor> k_cache_, v_cache_;  // per-layer views of kv_ [max_batch, Hkv, S, D]
   at::Tensor rope_cos_, rope_sin_;  // float32 [2 * max_seq_len, D/2] on the weights' device
 
   // The active batch: 0 before prefill. Row b's cache holds lengths_[b] entries, the first at

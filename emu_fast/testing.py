@@ -6,6 +6,8 @@ loop (emu_fast.reference.upstream_generate_image) on Hugging Face modules, as up
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -16,12 +18,12 @@ VOCAB = 32004  # LLaMA's 32000 + [PAD], [IMG], [/IMG], <image>
 
 
 def tiny_llama(hidden=64, layers=2, heads=4, kv_heads=None, intermediate=96, vocab=VOCAB, seed=0,
-               dtype=torch.float32) -> LlamaForCausalLM:
+               dtype=torch.float32, init_std=0.05) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads or heads, rms_norm_eps=1e-6,
-                      initializer_range=0.05, pad_token_id=0)
+                      initializer_range=init_std, pad_token_id=0)
     lm = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # random norm weights, so a wrong or missing norm shows
         for name, p in lm.named_parameters():
@@ -140,3 +142,47 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest relative error of a against b over output vectors (last dim)."""
     a, b = a.float(), b.float()
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max())
+
+
+def _kind(model) -> str:
+    return "emu1" if hasattr(model, "n_causal") else "emu2"
+
+
+@torch.no_grad()
+def hf_kv_cache_generate_image(model, text, image=None, placeholder="[<IMG_PLH>]"):
+    """The baseline a Hugging Face user would write: tokenize once, prefill with use_cache, then
+    n-1 single-token steps through the model's own DynamicCache, in eager PyTorch. Positions are
+    passed explicitly so right-padded rows continue from their own last token, as upstream does."""
+    lm, tok = model.decoder.lm, model.decoder.tokenizer
+    emu1 = _kind(model) == "emu1"
+    n = model.n_causal if emu1 else model.n_query
+    head = lm.stu_regress_head if emu1 else lm.project_down
+    texts = [t.replace(placeholder, model.image_placeholder) + "[IMG]" for t in text]
+    enc = tok(texts, padding="longest", return_tensors="pt")
+    device = lm.model.embed_tokens.weight.device
+    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    embeds = lm.model.embed_tokens(ids)
+    if image is not None:
+        if emu1:
+            vec = model.cformer(model.ln_visual(model.visual.forward_features(image)))
+        else:
+            vec = model.encode_image(image)
+            vec = lm.project_up(vec.reshape(-1, vec.shape[-1]))
+        embeds[ids == tok.convert_tokens_to_ids("<image>")] = vec.reshape(-1, vec.shape[-1]).to(embeds.dtype)
+    B, T = ids.shape
+    last = T - 1 - mask.flip(1).argmax(1)  # index of each row's last real token
+    # transformers >= 5.2x names the cache argument `cache`; older releases `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+    out = lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+    cache = out[cache_arg]
+    y = head(out.last_hidden_state[torch.arange(B, device=device), last])
+    outs = [y]
+    for k in range(1, n):
+        x = y if emu1 else lm.project_up(y)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        out = lm.model(inputs_embeds=x[:, None], attention_mask=mask, position_ids=(last + k)[:, None],
+                       use_cache=True, **{cache_arg: cache})
+        cache = out[cache_arg]
+        y = head(out.last_hidden_state[:, -1])
+        outs.append(y)
+    return torch.stack(outs, dim=1)

@@ -137,3 +137,14 @@ def test_bad_requests_raise_and_model_stays_usable(emu_tokenizer):
     with pytest.raises(ValueError, match="exceeds the decoder's max_seq_len of 64"):
         model.generate_image(["word " * 60])
     assert rel_err(model.generate_image(TEXTS[:2]), expected) < 1e-4
+
+
+@pytest.mark.parametrize("build", [emu1, emu2], ids=["emu1", "emu2"])
+def test_hf_kv_cache_baseline_matches_original(emu_tokenizer, build):
+    """The benchmark's Hugging Face KV-cache baseline computes the same thing (so its timing
+    is a fair comparison)."""
+    from emu_fast.testing import hf_kv_cache_generate_image
+
+    model = build(emu_tokenizer, kv_heads=2)
+    expected = model.generate_image(TEXTS, image(2))
+    assert rel_err(hf_kv_cache_generate_image(model, TEXTS, image(2)), expected) < 1e-4

@@ -116,7 +116,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                   ptr<float>(rope_cos) + pos[b] * (D / 2),
                                   ptr<float>(rope_sin) + pos[b] * (D / 2)};
         const int64_t cache_off = (b * Hkv + h) * S * D;
-        kernels::decode_attention_head<T>(
+        kernels::decode_attention_head_cpu(
             a, ptr<T>(q) + b * q.stride(0) + h * group * D, D, ptr<T>(k) + b * k.stride(0) + h * D,
             ptr<T>(v) + b * v.stride(0) + h * D, ptr<T>(k_cache) + cache_off,
             ptr<T>(v_cache) + cache_off, scratch.data(), ptr<T>(out) + (b * Hq + h * group) * D, D);

@@ -7,20 +7,58 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
+#include "kernels/multiversion.h"
 #include "kernels/scalar.h"
 
 namespace emu_fast::kernels {
 
 // out[i] = x1*c - x2*s, out[i+h] = x2*c + x1*s with (x1, x2) the two halves of x, h = dim/2.
 template <typename T>
-inline void rope_rotate(const T* x, const float* cos, const float* sin, int64_t dim, float* out) {
+EMU_ALWAYS_INLINE void rope_rotate(const T* x, const float* cos, const float* sin, int64_t dim, float* out) {
   const int64_t half = dim / 2;
   for (int64_t i = 0; i < half; ++i) {
     const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
     out[i] = x1 * cos[i] - x2 * sin[i];
     out[i + half] = x2 * cos[i] + x1 * sin[i];
   }
+}
+
+// sum_i a[i] * b[i] with 16 independent float lanes, so it vectorizes without -ffast-math.
+template <typename T>
+EMU_ALWAYS_INLINE float dot_lanes(const float* a, const T* b, int64_t n) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * to_float(b[i + j]);
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * to_float(b[i]);
+  // Pairwise: four vectorizable halvings instead of a 16-long dependent chain.
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return s + acc[0];
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), to about 2 ulp, written so the loop
+// around it vectorizes (std::exp does not without -ffast-math): x = n ln2 + r with |r| <= ln2/2,
+// exp(r) by its degree-6 Taylor-like minimax polynomial, 2^n put into the exponent bits.
+EMU_ALWAYS_INLINE float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // below this exp underflows float's normal range; the weight is 0 anyway
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for accuracy
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return er * scale;
 }
 
 struct DecodeHeadArgs {
@@ -36,7 +74,7 @@ struct DecodeHeadArgs {
 // k_cache, v_cache: this (sequence, KV head)'s [capacity, head_dim] rows.
 // scratch: float32 of at least len + 1 + head_dim; out: group rows at out + g * out_head_stride.
 template <typename T>
-inline void decode_attention_head(const DecodeHeadArgs& a, const T* q, int64_t q_head_stride,
+EMU_ALWAYS_INLINE void decode_attention_head(const DecodeHeadArgs& a, const T* q, int64_t q_head_stride,
                                   const T* k, const T* v, T* k_cache, T* v_cache, float* scratch,
                                   T* out, int64_t out_head_stride) {
   const int64_t d = a.head_dim, n = a.len + 1;
@@ -54,30 +92,42 @@ inline void decode_attention_head(const DecodeHeadArgs& a, const T* q, int64_t q
     rope_rotate(q + g * q_head_stride, a.cos, a.sin, d, q_rot);
     float max_score = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
-      const T* kr = k_cache + j * d;
-      float s = 0.f;
-      for (int64_t i = 0; i < d; ++i) s += q_rot[i] * to_float(kr[i]);
-      s *= a.scale;
+      const float s = dot_lanes(q_rot, k_cache + j * d, d) * a.scale;
       scores[j] = s;
       max_score = std::max(max_score, s);
     }
+    for (int64_t j = 0; j < n; ++j) scores[j] = exp_nonpositive(scores[j] - max_score);
     float denom = 0.f;
-    for (int64_t j = 0; j < n; ++j) {
-      scores[j] = std::exp(scores[j] - max_score);
-      denom += scores[j];
-    }
-    // Reuse q_rot as the float32 accumulator for the output row.
-    float* acc = q_rot;
-    std::fill(acc, acc + d, 0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const float p = scores[j];
-      const T* vr = v_cache + j * d;
-      for (int64_t i = 0; i < d; ++i) acc[i] += p * to_float(vr[i]);
-    }
+    for (int64_t j = 0; j < n; ++j) denom += scores[j];
+    // out = sum_j p_j v_j, in chunks of 32 dims so the accumulator lives in registers and
+    // each value row is read once per chunk.
     const float inv = 1.f / denom;
     T* o = out + g * out_head_stride;
-    for (int64_t i = 0; i < d; ++i) o[i] = from_float<T>(acc[i] * inv);
+    constexpr int64_t kChunk = 32;
+    int64_t i0 = 0;
+    for (; i0 + kChunk <= d; i0 += kChunk) {
+      float acc[kChunk] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = scores[j];
+        const T* vr = v_cache + j * d + i0;
+        for (int64_t t = 0; t < kChunk; ++t) acc[t] += p * to_float(vr[t]);
+      }
+      for (int64_t t = 0; t < kChunk; ++t) o[i0 + t] = from_float<T>(acc[t] * inv);
+    }
+    for (; i0 < d; ++i0) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < n; ++j) acc += scores[j] * to_float(v_cache[j * d + i0]);
+      o[i0] = from_float<T>(acc * inv);
+    }
   }
 }
+
+// The two CPU instantiations, compiled per instruction set (decode_attention_cpu.cpp).
+void decode_attention_head_cpu(const DecodeHeadArgs& a, const float* q, int64_t q_head_stride,
+                               const float* k, const float* v, float* k_cache, float* v_cache,
+                               float* scratch, float* out, int64_t out_head_stride);
+void decode_attention_head_cpu(const DecodeHeadArgs& a, const bf16* q, int64_t q_head_stride,
+                               const bf16* k, const bf16* v, bf16* k_cache, bf16* v_cache,
+                               float* scratch, bf16* out, int64_t out_head_stride);
 
 }  // namespace emu_fast::kernels
