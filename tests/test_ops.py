@@ -6,7 +6,7 @@ import torch
 import emu_fast  # noqa: F401
 from emu_fast import ops, reference
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 DTYPES = [torch.float32, torch.bfloat16]
 # (rtol, atol) against a float32 reference computed from the same (rounded) inputs.
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
