@@ -1,5 +1,6 @@
-# Fresh machine:  make test   (install, build, run the test suite)
-#                 make bench  (install, build, run the latency benchmark)
+# Fresh machine:  make test        (install, build, run the test suite)
+#                 make bench       (install, build, run the latency benchmark)
+#                 make cuda-check  (compile every CUDA source with nvcc for sm_80/sm_90a; no GPU needed)
 PYTHON ?= python3
 
 .PHONY: setup build test bench cuda-check clean
@@ -14,6 +15,9 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/latency.py
+
+cuda-check: setup
+	PYTHON=$(PYTHON) bash scripts/cuda_check.sh
 
 clean:
 	rm -rf build emu_fast/_C*.so *.egg-info

@@ -47,6 +47,12 @@ stacked on dim 0, gate_up = gate,up stacked). The weights are used in place, not
            "Prompts [B,T,H] with a [B,T] 0/1 mask (left or right padding) -> output 0 [B, out].")
       .def("step", &EmuDecoder::step, py::arg("prev_output"), py::call_guard<py::gil_scoped_release>(),
            "Previous output [B, out] -> next output [B, out]: one whole decoder step.")
+      .def("decode", &EmuDecoder::decode, py::arg("prev_output"), py::arg("steps"),
+           py::call_guard<py::gil_scoped_release>(),
+           "`steps` decode steps from the previous output [B, out] -> [B, steps, out]; on CUDA, "
+           "replays a CUDA graph of the step.")
+      .def_property("use_cuda_graphs", &EmuDecoder::use_cuda_graphs, &EmuDecoder::set_use_cuda_graphs,
+                    "Whether decode() replays a captured CUDA graph on the GPU (default True).")
       .def("reset", &EmuDecoder::reset, "Forget the active batch; keeps the KV cache allocation.")
       .def_property_readonly("batch_size", &EmuDecoder::batch_size)
       .def_property_readonly("lengths", &EmuDecoder::lengths, "Tokens cached per active sequence.")

@@ -96,6 +96,8 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   rope_sin_ = freqs.sin().contiguous();
   lengths_.assign(max_batch, 0);
   starts_.assign(max_batch, 0);
+  lengths_dev_ = at::zeros({max_batch}, ref.options().dtype(at::kLong));
+  starts_dev_ = at::zeros({max_batch}, ref.options().dtype(at::kLong));
 }
 
 std::vector<int64_t> EmuDecoder::lengths() const {
@@ -109,6 +111,8 @@ void EmuDecoder::reset() {
   last_out_ = at::Tensor();
   next_in_ = at::Tensor();
   last_out_version_ = -1;
+  lengths_dev_.zero_();
+  starts_dev_.zero_();
 }
 
 // x [B, T, heads, D] rotated by cos/sin [B, T, 1, D/2], in float32, back to x's dtype.
@@ -201,44 +205,47 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
     lengths_[b] = lens[b];
     starts_[b] = starts[b];
   }
-  last_out_ = out;
-  next_in_ = next;
-  last_out_version_ = out._version();
+  lengths_dev_.narrow(0, 0, B).copy_(lens_t);
+  starts_dev_.narrow(0, 0, B).copy_(starts_t);
+  remember(out, next);
   return out;
 }
 
-at::Tensor EmuDecoder::step(const at::Tensor& prev) {
-  TORCH_CHECK_VALUE(batch_ > 0, kWho, ".step: no active batch; call prefill() first");
+void EmuDecoder::remember(const at::Tensor& out, const at::Tensor& next) {
+  last_out_ = out;
+  next_in_ = next;
+  last_out_version_ = out._version();
+}
+
+void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64_t steps) const {
+  TORCH_CHECK_VALUE(batch_ > 0, kWho, ".", who, ": no active batch; call prefill() first");
   const int64_t B = batch_, Dout = output_size();
-  TORCH_CHECK_VALUE(prev.dim() == 2 && prev.size(0) == B && prev.size(1) == Dout, kWho,
-                    ".step: the previous output must be [", B, ", ", Dout, "], got ", prev.sizes());
-  TORCH_CHECK_TYPE(prev.scalar_type() == final_norm_.scalar_type(), kWho, ".step: the previous output is ",
+  TORCH_CHECK_VALUE(prev.dim() == 2 && prev.size(0) == B && prev.size(1) == Dout, kWho, ".", who,
+                    ": the previous output must be [", B, ", ", Dout, "], got ", prev.sizes());
+  TORCH_CHECK_TYPE(prev.scalar_type() == final_norm_.scalar_type(), kWho, ".", who, ": the previous output is ",
                    py_dtype(prev.scalar_type()), " but the decoder's weights are ", py_dtype(final_norm_.scalar_type()));
-  TORCH_CHECK_VALUE(prev.device() == final_norm_.device(), kWho, ".step: the previous output is on ",
+  TORCH_CHECK_VALUE(prev.device() == final_norm_.device(), kWho, ".", who, ": the previous output is on ",
                     prev.device(), " but the decoder is on ", final_norm_.device());
+  TORCH_CHECK_VALUE(steps >= 0, kWho, ".", who, ": steps must be >= 0, got ", steps);
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(lengths_[b] < max_seq_len_, kWho, ".step: sequence ", b, " already holds ", lengths_[b],
-                      " tokens, the decoder's max_seq_len; no room for another step");
+    TORCH_CHECK_VALUE(lengths_[b] + steps <= max_seq_len_, kWho, ".", who, ": sequence ", b, " holds ", lengths_[b],
+                      " tokens; ", steps, " more step(s) would pass the decoder's max_seq_len of ", max_seq_len_,
+                      steps == 1 ? " (no room for another step)" : "");
+}
 
-  // The next input: the previous output itself (Emu1) or its project_up (Emu2), reused when
-  // prev is the unmodified tensor the last call returned.
-  at::Tensor x;
-  if (!up_.has_value()) {
-    x = prev.contiguous();
-  } else if (prev.is_same(last_out_) && prev._version() == last_out_version_) {
-    x = next_in_;
-  } else {
-    x = ops::gemv(prev.contiguous(), *up_);
-  }
+// The next step's input: the previous output itself (Emu1) or its project_up (Emu2), reused
+// when prev is the unmodified tensor the last call returned.
+at::Tensor EmuDecoder::next_input(const at::Tensor& prev) {
+  if (!up_.has_value()) return prev.contiguous();
+  if (prev.is_same(last_out_) && prev._version() == last_out_version_) return next_in_;
+  return ops::gemv(prev.contiguous(), *up_);
+}
 
-  const auto dev = prev.device();
-  const auto i64 = at::TensorOptions().dtype(at::kLong);
-  std::vector<int64_t> positions(B);
-  for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
-  const at::Tensor lens_t = at::tensor(at::IntArrayRef(lengths_.data(), B), i64).to(dev);
-  const at::Tensor pos_t = at::tensor(positions, i64).to(dev);
-  const int64_t Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
+  const int64_t B = x.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const at::Tensor lens = lengths_dev_.narrow(0, 0, B);
+  const at::Tensor positions = starts_dev_.narrow(0, 0, B) + lens;
 
   at::Tensor h = x, branch;  // residual stream and the last sub-layer's output not yet added
   for (size_t l = 0; l < layers_.size(); ++l) {
@@ -253,19 +260,43 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
     const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
     const at::Tensor k = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
     const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
-        const at::Tensor attn = ops::decode_attention(q, k, v, k_cache_[l], v_cache_[l], lens_t, pos_t, rope_cos_, rope_sin_, scale);
+    const at::Tensor attn =
+        ops::decode_attention(q, k, v, k_cache_[l], v_cache_[l], lens, positions, rope_cos_, rope_sin_, scale);
     const at::Tensor o = ops::gemv(attn.view({B, Hq * D}), w.o);
     std::tie(xn, h) = ops::add_rms_norm(o, h, w.post_norm, eps_);
     branch = ops::gemv(ops::silu_mul(ops::gemv(xn, w.gate_up)), w.down);
   }
   h = h + branch;
-  auto [out, next] = ops::regression_head(h, final_norm_, eps_, head_, up_);
+  auto result = ops::regression_head(h, final_norm_, eps_, head_, up_);
+  lengths_dev_.narrow(0, 0, B).add_(1);
+  return result;
+}
 
-  for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
-  last_out_ = out;
-  next_in_ = next;
-  last_out_version_ = out._version();
+at::Tensor EmuDecoder::step(const at::Tensor& prev) {
+  check_step_input(prev, "step", 1);
+  auto [out, next] = run_step(next_input(prev));
+  for (int64_t b = 0; b < batch_; ++b) lengths_[b] += 1;
+  remember(out, next);
   return out;
+}
+
+at::Tensor EmuDecoder::decode(const at::Tensor& prev, int64_t steps) {
+  check_step_input(prev, "decode", steps);
+  const int64_t B = batch_;
+  if (steps == 0) return at::empty({B, 0, output_size()}, prev.options());
+  at::Tensor x = next_input(prev);
+#ifdef EMU_FAST_WITH_CUDA
+  if (prev.is_cuda() && use_cuda_graphs_ && steps > 1) return decode_with_graph(x, steps);
+#endif
+  at::Tensor result = at::empty({B, steps, output_size()}, prev.options());
+  for (int64_t i = 0; i < steps; ++i) {
+    auto [out, next] = run_step(x);
+    for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
+    result.select(1, i).copy_(out);
+    remember(out, next);
+    x = up_.has_value() ? next : out;
+  }
+  return result;
 }
 
 }  // namespace emu_fast

@@ -9,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <memory>
+#include <tuple>
 #include <vector>
 
 namespace emu_fast {
@@ -42,6 +44,11 @@ class EmuDecoder {
   // up_weight), the next output [B, Dout] out.
   at::Tensor step(const at::Tensor& prev_output);
 
+  // `steps` decode steps in a row from the previous output, each fed the one before:
+  // [B, steps, Dout]. On CUDA the step is captured once per batch size into a CUDA graph and
+  // replayed (no host sync, no per-layer launches from the host) unless use_cuda_graphs is off.
+  at::Tensor decode(const at::Tensor& prev_output, int64_t steps);
+
   void reset();
 
   int64_t batch_size() const { return batch_; }
@@ -55,9 +62,18 @@ class EmuDecoder {
   int64_t num_kv_heads() const { return num_kv_heads_; }
   int64_t head_dim() const { return head_dim_; }
   at::Tensor kv_cache() const { return kv_; }  // [L, 2, max_batch, Hkv, max_seq_len, D]
+  bool use_cuda_graphs() const { return use_cuda_graphs_; }
+  void set_use_cuda_graphs(bool on) { use_cuda_graphs_ = on; }
 
  private:
   at::Tensor rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
+  void check_step_input(const at::Tensor& prev, const char* who, int64_t steps) const;
+  at::Tensor next_input(const at::Tensor& prev);
+  // The body of a step from its input x [B, H]: every layer, the head; advances the device-side
+  // lengths. Only device work (capturable); returns (output, next input or [B,0]).
+  std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
+  void remember(const at::Tensor& out, const at::Tensor& next);
+  at::Tensor decode_with_graph(at::Tensor x, int64_t steps);
 
   std::vector<DecoderLayerWeights> layers_;
   at::Tensor final_norm_, head_;
@@ -72,11 +88,16 @@ class EmuDecoder {
   // The active batch: 0 before prefill. Row b's cache holds lengths_[b] entries, the first at
   // RoPE position starts_[b] (its left padding in the prompt).
   int64_t batch_ = 0;
-  std::vector<int64_t> lengths_, starts_;
+  std::vector<int64_t> lengths_, starts_;       // host copies, for checks without a device sync
+  at::Tensor lengths_dev_, starts_dev_;         // int64 [max_batch] on the weights' device
   // The last output and its project_up, so step() need not recompute project_up when it is
   // handed back the very tensor it returned.
   at::Tensor last_out_, next_in_;
   int64_t last_out_version_ = -1;
+
+  bool use_cuda_graphs_ = true;
+  struct Graph;                                    // defined in decoder_cuda_graph.cpp
+  std::vector<std::shared_ptr<Graph>> graphs_;     // one per batch size, captured on first use
 };
 
 }  // namespace emu_fast

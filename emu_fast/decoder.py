@@ -48,7 +48,8 @@ class EmuDecoder(_C.EmuDecoder):
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-        """The causal loop: prefill, then n-1 steps, each fed the previous output. [B, n, out]."""
+        """The causal loop: prefill, then n-1 steps (in C++; a CUDA graph on the GPU), each fed
+        the previous output. Returns [B, n, out]."""
         if n < 1:
             raise ValueError(f"emu_fast: n must be at least 1, got {n}")
         lens = attention_mask.sum(1) if attention_mask.dim() == 2 else None
@@ -56,9 +57,5 @@ class EmuDecoder(_C.EmuDecoder):
             raise ValueError(
                 f"emu_fast: a prompt of {int(lens.max())} tokens plus {n - 1} generated embeddings "
                 f"exceeds the decoder's max_seq_len of {self.max_seq_len}")
-        out = self.prefill(inputs_embeds, attention_mask)
-        outs = [out]
-        for _ in range(n - 1):
-            out = self.step(out)
-            outs.append(out)
-        return torch.stack(outs, dim=1)
+        first = self.prefill(inputs_embeds, attention_mask)
+        return torch.cat([first.unsqueeze(1), self.decode(first, n - 1)], dim=1)

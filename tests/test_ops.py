@@ -93,6 +93,8 @@ def _attention_case(B, Hq, Hkv, D, S, lens, dtype, device, seed=0):
     (4, 3, 3, 10, 9, [1, 2, 8, 4]),        # odd head count, small even head dim
 ])
 def test_decode_attention(device, dtype, B, Hq, Hkv, D, S, lens):
+    if device == "cuda" and D not in (64, 128):
+        pytest.skip("the CUDA kernel takes head_dim 64 or 128 (test_cuda.py covers it)")
     args = _attention_case(B, Hq, Hkv, D, S, lens, dtype, device)
     q, k, v, kc, vc, cl, pos, cos, sin = args
     kc_ref, vc_ref = kc.clone(), vc.clone()

@@ -1,0 +1,226 @@
+// Decode attention over a preallocated KV cache, one step for B sequences, with RoPE and the
+// K/V append fused in and a split-KV (flash-decoding) path. No torch includes.
+//
+// Grid: (B * Hkv, splits). A block of 4 warps handles one sequence, one KV head and its whole
+// group of query heads (GQA: each K/V row is loaded once for the group), over the cache slice
+// [split * chunk, min((split + 1) * chunk, len)). The new token (index len) belongs to split
+// len / chunk: that block rotates and appends it (no other block reads index len) and attends
+// to it from registers. Each warp keeps an online softmax; the warps are merged in shared
+// memory; with several splits each block writes (out, max, sum) and combine_kernel merges them.
+// Lane l holds head dims [l*E, (l+1)*E), E = D/32; rotate-half pairs lane l with lane l^16.
+#pragma once
+#include "common.cuh"
+
+namespace emu_fast::cuda {
+
+constexpr int kAttnWarps = 4;
+constexpr int kMaxGroup = 8;  // query heads per KV head
+
+struct DecodeAttentionParams {
+  const void* q;  // [B, Hq, D], batch stride q_stride
+  const void* k;  // [B, Hkv, D]
+  const void* v;
+  int64_t q_stride, k_stride, v_stride;
+  void* k_cache;  // [Bmax, Hkv, capacity, D]
+  void* v_cache;
+  const int64_t* cache_lens;  // [B]
+  const int64_t* positions;   // [B]
+  const float* rope_cos;      // [P, D/2]
+  const float* rope_sin;
+  void* out;                  // [B, Hq, D]
+  float* part_out;            // [B, Hq, splits, D]   (splits > 1)
+  float* part_max;            // [B, Hq, splits]
+  float* part_sum;            // [B, Hq, splits]
+  int64_t max_position;       // P
+  int num_heads, num_kv_heads, capacity, splits, chunk;
+  float scale;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(DecodeAttentionParams p) {
+  constexpr int E = D / 32;
+  constexpr int kHalf = D / 2;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.x / p.num_kv_heads, h = blockIdx.x % p.num_kv_heads, split = blockIdx.y;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int64_t len = p.cache_lens[b], pos = p.positions[b];
+  // Lengths live on the device, so the host cannot check them without a sync: a full cache or
+  // a position outside the RoPE table gives NaN outputs and leaves the cache untouched.
+  if (len < 0 || len >= p.capacity || pos < 0 || pos >= p.max_position) {
+    if (p.splits == 1 && split == 0)
+      for (int t = threadIdx.x; t < group * D; t += blockDim.x)
+        static_cast<T*>(p.out)[(static_cast<int64_t>(b) * p.num_heads + h * group) * D + t] = from_f<T>(NAN);
+    return;
+  }
+  const int64_t start = static_cast<int64_t>(split) * p.chunk;
+  const int64_t end = min(start + p.chunk, len);
+  const bool has_new = len / p.chunk == split;
+
+  // This lane's RoPE coefficients at the new token's position.
+  float c[E], s[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int f = (lane * E + e) % kHalf;
+    c[e] = p.rope_cos[pos * kHalf + f];
+    s[e] = p.rope_sin[pos * kHalf + f];
+  }
+  const bool first_half = lane < 16;
+  auto rope = [&](float (&x)[E]) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);
+      x[e] = first_half ? x[e] * c[e] - other * s[e] : x[e] * c[e] + other * s[e];
+    }
+  };
+
+  float qf[kMaxGroup][E];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g < group) {
+      const T* qr = static_cast<const T*>(p.q) + b * p.q_stride + static_cast<int64_t>(h * group + g) * D;
+#pragma unroll
+      for (int e = 0; e < E; ++e) qf[g][e] = to_f(qr[lane * E + e]);
+      rope(qf[g]);
+#pragma unroll
+      for (int e = 0; e < E; ++e) qf[g][e] *= p.scale;
+    }
+  }
+
+  T* kc = static_cast<T*>(p.k_cache) + (static_cast<int64_t>(b) * p.num_kv_heads + h) * p.capacity * D;
+  T* vc = static_cast<T*>(p.v_cache) + (static_cast<int64_t>(b) * p.num_kv_heads + h) * p.capacity * D;
+
+  // The new token: rotate k, append k and v, and keep them (as stored) for the softmax.
+  float kn[E], vn[E];
+  if (has_new) {
+    const T* kr = static_cast<const T*>(p.k) + b * p.k_stride + static_cast<int64_t>(h) * D;
+    const T* vr = static_cast<const T*>(p.v) + b * p.v_stride + static_cast<int64_t>(h) * D;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      kn[e] = to_f(kr[lane * E + e]);
+      vn[e] = to_f(vr[lane * E + e]);
+    }
+    rope(kn);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      kn[e] = round_to<T>(kn[e]);
+      if (warp == 0) {
+        kc[len * D + lane * E + e] = from_f<T>(kn[e]);
+        vc[len * D + lane * E + e] = from_f<T>(vn[e]);
+      }
+    }
+  }
+
+  float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][E];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
+  }
+  auto attend = [&](const float (&kr)[E], const float (&vr)[E]) {
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g < group) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot += qf[g][e] * kr[e];
+        const float score = warp_sum(dot);
+        const float m_new = fmaxf(m[g], score);
+        const float corr = __expf(m[g] - m_new);
+        const float w = __expf(score - m_new);
+        l[g] = l[g] * corr + w;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[g][e] = acc[g][e] * corr + w * vr[e];
+        m[g] = m_new;
+      }
+    }
+  };
+  for (int64_t j = start + warp; j < end; j += kAttnWarps) {
+    float kr[E], vr[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      kr[e] = to_f(kc[j * D + lane * E + e]);
+      vr[e] = to_f(vc[j * D + lane * E + e]);
+    }
+    attend(kr, vr);
+  }
+  if (has_new && warp == kAttnWarps - 1) attend(kn, vn);
+
+  // Merge the warps' softmax states.
+  __shared__ float sm_max[kAttnWarps][kMaxGroup], sm_sum[kAttnWarps][kMaxGroup];
+  __shared__ float sm_acc[kAttnWarps][kMaxGroup][D];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g < group) {
+      if (lane == 0) {
+        sm_max[warp][g] = m[g];
+        sm_sum[warp][g] = l[g];
+      }
+#pragma unroll
+      for (int e = 0; e < E; ++e) sm_acc[warp][g][lane * E + e] = acc[g][e];
+    }
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < group * D; t += blockDim.x) {
+    const int g = t / D, d = t % D;
+    float mx = -INFINITY;
+    for (int w = 0; w < kAttnWarps; ++w) mx = fmaxf(mx, sm_max[w][g]);
+    float sum = 0.f, a = 0.f;
+    if (mx != -INFINITY) {  // an empty split has no keys at all
+      for (int w = 0; w < kAttnWarps; ++w) {
+        if (sm_sum[w][g] > 0.f) {
+          const float f = __expf(sm_max[w][g] - mx);
+          sum += sm_sum[w][g] * f;
+          a += sm_acc[w][g][d] * f;
+        }
+      }
+    }
+    const int64_t hq = static_cast<int64_t>(b) * p.num_heads + h * group + g;
+    if (p.splits == 1) {
+      static_cast<T*>(p.out)[hq * D + d] = from_f<T>(a / sum);
+    } else {
+      const int64_t slot = hq * p.splits + split;
+      p.part_out[slot * D + d] = sum > 0.f ? a / sum : 0.f;
+      if (d == 0) {
+        p.part_max[slot] = mx;
+        p.part_sum[slot] = sum;
+      }
+    }
+  }
+}
+
+// Merges the splits of one (sequence, query head) per block; blockDim.x >= D.
+template <typename T, int D>
+__global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
+  const int64_t hq = blockIdx.x;
+  const int d = threadIdx.x;
+  if (d >= D) return;
+  const int64_t b = hq / p.num_heads, len = p.cache_lens[b], pos = p.positions[b];
+  if (len < 0 || len >= p.capacity || pos < 0 || pos >= p.max_position) {
+    static_cast<T*>(p.out)[hq * D + d] = from_f<T>(NAN);
+    return;
+  }
+  float mx = -INFINITY;
+  for (int i = 0; i < p.splits; ++i) mx = fmaxf(mx, p.part_max[hq * p.splits + i]);
+  float sum = 0.f, a = 0.f;
+  for (int i = 0; i < p.splits; ++i) {
+    const float l = p.part_sum[hq * p.splits + i];
+    if (l > 0.f) {
+      const float f = l * __expf(p.part_max[hq * p.splits + i] - mx);
+      sum += f;
+      a += f * p.part_out[(hq * p.splits + i) * D + d];
+    }
+  }
+  static_cast<T*>(p.out)[hq * D + d] = from_f<T>(a / sum);
+}
+
+template <typename T, int D>
+cudaError_t launch_decode_attention(const DecodeAttentionParams& p, int batch, cudaStream_t stream) {
+  const dim3 grid(batch * p.num_kv_heads, p.splits);
+  decode_attention_kernel<T, D><<<grid, kAttnWarps * 32, 0, stream>>>(p);
+  if (p.splits > 1) decode_attention_combine_kernel<T, D><<<batch * p.num_heads, D, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace emu_fast::cuda

@@ -1,0 +1,58 @@
+// Row-wise and element-wise kernels of the decode step: RMSNorm, residual add + RMSNorm,
+// SiLU*mul, and the placeholder splice. Rounding mirrors Hugging Face LLaMA in the storage type
+// (see csrc/kernels/norm.h). No torch includes.
+#pragma once
+#include "common.cuh"
+
+namespace emu_fast::cuda {
+
+constexpr int kRowThreads = 256;
+
+// One block per row. With `residual`, sum = x + residual is stored first and normalized.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ w, float eps,
+                int hidden, T* __restrict__ y, T* __restrict__ sum_out) {
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * hidden;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float v = to_f(xr[i]);
+    if (residual != nullptr) {
+      v = round_to<T>(v + to_f(residual[row * hidden + i]));
+      sum_out[row * hidden + i] = from_f<T>(v);
+    }
+    ss += v * v;
+  }
+  const float r = rsqrtf(block_sum(ss, red) / static_cast<float>(hidden) + eps);
+  const T* src = residual != nullptr ? sum_out + row * hidden : xr;  // this thread wrote these
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+    y[row * hidden + i] = from_f<T>(to_f(w[i]) * round_to<T>(to_f(src[i]) * r));
+}
+
+// gate_up rows [gate | up] of width 2*inter -> silu(gate) * up.
+template <typename T>
+__global__ void silu_mul_kernel(const T* __restrict__ gate_up, int64_t rows, int inter, T* __restrict__ y) {
+  const int64_t total = rows * inter;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / inter, c = i % inter;
+    const float g = to_f(gate_up[r * 2 * inter + c]);
+    const float s = round_to<T>(g / (1.f + __expf(-g)));
+    y[i] = from_f<T>(s * to_f(gate_up[r * 2 * inter + inter + c]));
+  }
+}
+
+// One block per position: out[p] = slot_index[p] >= 0 ? values[slot_index[p]] : table[ids[p]].
+template <typename T>
+__global__ void splice_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ slot_index,
+                              const T* __restrict__ table, const T* __restrict__ values, int hidden,
+                              T* __restrict__ out) {
+  const int64_t p = blockIdx.x;
+  const int64_t s = slot_index[p];
+  const T* src = s >= 0 ? values + s * hidden : table + ids[p] * hidden;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[p * hidden + i] = src[i];
+}
+
+}  // namespace emu_fast::cuda

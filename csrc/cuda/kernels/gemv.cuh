@@ -1,0 +1,97 @@
+// Small-batch GEMV, y[b, n] = sum_k x'[b, k] W[n, k], for the decode step's projections.
+// One warp per output row; lanes stream the row in 16-byte vectors and dot it with every batch
+// row, so the weights are read once for the whole batch. With kNorm the kernel first applies
+// RMSNorm to x (x' = round(norm_w * round(x * inv_rms(x)))), the regression head's prologue,
+// so the normalized activations never go through memory. Accumulation is float32.
+#pragma once
+#include "common.cuh"
+
+namespace emu_fast::cuda {
+
+constexpr int kGemvWarps = 8;  // rows per block
+
+template <typename T, int kMaxBatch, bool kNorm>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
+            const T* __restrict__ norm_w, float eps, int batch, int k_dim, int n_rows,
+            int64_t ldx, int64_t ldy) {
+  __shared__ float inv_rms[kMaxBatch];
+  __shared__ float red[32];
+  if constexpr (kNorm) {
+    for (int b = 0; b < batch; ++b) {
+      float ss = 0.f;
+      for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
+        const float v = to_f(x[b * ldx + k]);
+        ss += v * v;
+      }
+      ss = block_sum(ss, red);
+      if (threadIdx.x == 0) inv_rms[b] = rsqrtf(ss / static_cast<float>(k_dim) + eps);
+    }
+    __syncthreads();
+  }
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
+  if (row >= n_rows) return;
+  const T* wr = w + static_cast<int64_t>(row) * k_dim;
+
+  auto xval = [&](int b, int k, float raw) {
+    if constexpr (kNorm) return round_to<T>(to_f(norm_w[k]) * round_to<T>(raw * inv_rms[b]));
+    else return raw;
+  };
+
+  float acc[kMaxBatch];
+#pragma unroll
+  for (int b = 0; b < kMaxBatch; ++b) acc[b] = 0.f;
+
+  constexpr int kN = Vec16<T>::kN;
+  const bool vec_ok = (k_dim % kN == 0) && (ldx % kN == 0) &&
+                      (reinterpret_cast<uintptr_t>(w) % 16 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  if (vec_ok) {
+#pragma unroll 4
+    for (int k = lane * kN; k < k_dim; k += 32 * kN) {
+      const Vec16<T> wv = load_vec16_stream(wr + k);
+#pragma unroll
+      for (int b = 0; b < kMaxBatch; ++b) {
+        if (b < batch) {
+          const Vec16<T> xv = load_vec16(x + b * ldx + k);
+#pragma unroll
+          for (int i = 0; i < kN; ++i) acc[b] += wv[i] * xval(b, k + i, xv[i]);
+        }
+      }
+    }
+  } else {
+    for (int k = lane; k < k_dim; k += 32) {
+      const float wk = to_f(wr[k]);
+#pragma unroll
+      for (int b = 0; b < kMaxBatch; ++b)
+        if (b < batch) acc[b] += wk * xval(b, k, to_f(x[b * ldx + k]));
+    }
+  }
+#pragma unroll
+  for (int b = 0; b < kMaxBatch; ++b) {
+    if (b < batch) {
+      const float s = warp_sum(acc[b]);
+      if (lane == 0) y[b * ldy + row] = from_f<T>(s);
+    }
+  }
+}
+
+// Host-side launch; batch must be in [1, 8]. Returns the CUDA launch error.
+template <typename T, bool kNorm>
+cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
+                        int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
+  const dim3 grid((n_rows + kGemvWarps - 1) / kGemvWarps), block(kGemvWarps * 32);
+  if (batch <= 1)
+    gemv_kernel<T, 1, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+  else if (batch <= 2)
+    gemv_kernel<T, 2, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+  else if (batch <= 4)
+    gemv_kernel<T, 4, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+  else
+    gemv_kernel<T, 8, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+  return cudaGetLastError();
+}
+
+constexpr int kGemvMaxBatch = 8;
+
+}  // namespace emu_fast::cuda

@@ -1,0 +1,183 @@
+"""The CUDA path against the float32 reference: ops (odd shapes, ragged batches, split-KV),
+EmuDecoder on the GPU, CUDA-graph replay equal to eager, the drop-in on a CUDA model, and bad
+input on CUDA tensors. Skipped without a GPU (the CPU suite covers the same behaviour there)."""
+import pytest
+import torch
+
+from emu_fast import EmuDecoder, ops, reference
+from emu_fast.testing import TinyEmu1, TinyEmu2, rel_err, tiny_llama
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+LOOP_TOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+
+
+def close(actual, expected, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,D,S,lens", [
+    (1, 4, 4, 64, 8, [0]),
+    (1, 40, 40, 128, 2048, [1700]),      # Emu1-like heads, batch 1, long cache: split-KV
+    (3, 8, 2, 128, 300, [5, 0, 299]),    # GQA, ragged, last slot
+    (5, 6, 6, 64, 77, [76, 1, 30, 64, 2]),
+    (2, 32, 4, 64, 4096, [4000, 3]),     # group of 8, many splits, one nearly empty row
+])
+def test_decode_attention_cuda(dtype, B, Hq, Hkv, D, S, lens):
+    torch.manual_seed(0)
+    dev = "cuda"
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, device=dev).to(dtype)
+    q = qkv[:, : Hq * D].view(B, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(B, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(B, Hkv, D)
+    kc = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    vc = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+    cos, sin = (t.to(dev) for t in reference.rope_tables(D, 2 * S, 10000.0))
+    cl = torch.tensor(lens, device=dev)
+    pos = cl + 7
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, cl, pos, cos, sin, D ** -0.5)
+    out = ops.decode_attention(q, k, v, kc, vc, cl, pos, cos, sin)
+    close(out, expected, dtype)
+    close(kc, kc_ref, dtype)
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
+
+
+def test_decode_attention_cuda_full_cache_gives_nan_and_writes_nothing():
+    """Lengths stay on the GPU (no sync to check them): a full cache yields NaN, not a wrong
+    number, and the cache is left as it was."""
+    dev = "cuda"
+    q, k, v = (torch.randn(1, 2, 64, device=dev) for _ in range(3))
+    kc, vc = torch.randn(1, 2, 4, 64, device=dev), torch.randn(1, 2, 4, 64, device=dev)
+    cos, sin = (t.to(dev) for t in reference.rope_tables(64, 8, 1e4))
+    kc0 = kc.clone()
+    out = ops.decode_attention(q, k, v, kc, vc, torch.tensor([4], device=dev), torch.tensor([4], device=dev), cos, sin)
+    assert torch.isnan(out).all()
+    torch.testing.assert_close(kc, kc0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K,N", [(1, 5120, 5120), (3, 4096, 1000), (8, 520, 33), (9, 256, 300), (2, 100, 7)])
+def test_gemv_and_head_cuda(dtype, B, K, N):
+    torch.manual_seed(0)
+    x = torch.randn(B, K, device="cuda").to(dtype)
+    w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(dtype)
+    close(ops.gemv(x, w), reference.gemv(x, w), dtype)
+    norm_w = (1 + 0.2 * torch.randn(K, device="cuda")).to(dtype)
+    up = (torch.randn(K, N, device="cuda") * N ** -0.5).to(dtype)
+    out, nxt = ops.regression_head(x, norm_w, 1e-6, w, up)
+    close(out, reference.regression_head(x, norm_w, 1e-6, w, up)[0], dtype)
+    close(nxt, reference.gemv(out, up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glue_and_splice_cuda(dtype):
+    torch.manual_seed(0)
+    x, r = torch.randn(3, 5120, device="cuda").to(dtype), torch.randn(3, 5120, device="cuda").to(dtype)
+    w = (1 + 0.2 * torch.randn(5120, device="cuda")).to(dtype)
+    close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), dtype)
+    y, s = ops.add_rms_norm(x, r, w, 1e-6)
+    close(y, reference.add_rms_norm(x, r, w, 1e-6)[0], dtype)
+    close(s, x + r, dtype)
+    gu = torch.randn(3, 2 * 1377, device="cuda").to(dtype)
+    close(ops.silu_mul(gu), reference.silu_mul(gu), dtype)
+    ids = torch.randint(0, 50, (3, 9), device="cuda")
+    ids[:, 2:5] = 49
+    table, values = torch.randn(50, 33, device="cuda").to(dtype), torch.randn(9, 33, device="cuda").to(dtype)
+    torch.testing.assert_close(ops.splice_embeddings(ids, table, values, 49),
+                               reference.splice_embeddings(ids, table, values, 49), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="9 slots .* but 8 slot vectors"):
+        ops.splice_embeddings(ids, table, values[:8], 49)
+
+
+def test_opcheck_cuda():
+    from test_ops import _opcheck_cases
+
+    for name, args in _opcheck_cases("cuda"):
+        if name == "decode_attention":  # the CUDA kernel takes head_dim 64/128
+            continue
+        torch.library.opcheck(getattr(torch.ops.emu_fast, name).default, args)
+
+
+def _decoder_setup(kind, dtype, tok, kv_heads=2):
+    lm = tiny_llama(hidden=256, layers=3, heads=4, kv_heads=kv_heads, intermediate=344, seed=3).to("cuda", dtype)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    d = 256 if kind == "emu1" else 96
+    head = (torch.randn(d, 256, generator=g, device="cuda") * 256 ** -0.5).to(dtype)
+    up = (torch.randn(256, d, generator=g, device="cuda") * d ** -0.5).to(dtype) if kind == "emu2" else None
+    tok.padding_side = "right" if kind == "emu1" else "left"
+    return lm, head, up
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoder_cuda_matches_reference_and_graph_equals_eager(emu_tokenizer, kind, dtype):
+    lm, head, up = _decoder_setup(kind, dtype, emu_tokenizer)
+    n = 12
+    texts = ["a photo of a cat", "an oil painting of a dog riding a bicycle at dawn, detailed", "hi"]
+    placeholder = "[IMG]" + "<image>" * n + "[/IMG]"
+    tok = emu_tokenizer([t + "[IMG]" for t in texts], padding="longest", return_tensors="pt")
+    table = lm.model.embed_tokens.weight.detach()
+    embeds = table[tok.input_ids.cuda()]
+    graphed = EmuDecoder.from_llama(lm, head, up, max_batch=4, max_seq_len=128)
+    eager = EmuDecoder.from_llama(lm, head, up, max_batch=4, max_seq_len=128)
+    eager.use_cuda_graphs = False
+    a = graphed.generate(embeds, tok.attention_mask, n)
+    b = eager.generate(embeds, tok.attention_mask, n)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # same kernels, replayed
+    a2 = graphed.generate(embeds, tok.attention_mask, n)  # graph reused across calls
+    torch.testing.assert_close(a2, a, rtol=0, atol=0)
+    # against the float32 reference loop on the CPU
+    lm32 = lm.float().cpu()
+    w32 = reference.body_weights(lm32)
+    shape = reference.LlamaShape.from_hf(lm32.config)
+    expected = reference.upstream_generate_image(
+        body=lambda e, m: reference.llama_body(w32, shape, e, m), embed_tokens=lambda i: w32["embed_tokens.weight"][i],
+        tokenizer=emu_tokenizer, texts=texts, n=n, image_placeholder=placeholder,
+        regress=lambda h: h @ head.float().cpu().t(),
+        project_up=None if up is None else (lambda o: o @ up.float().cpu().t()))
+    assert rel_err(a.cpu(), expected) < LOOP_TOL[dtype]
+
+
+@pytest.mark.parametrize("build", ["emu1", "emu2"])
+def test_accelerate_on_cuda(emu_tokenizer, build):
+    lm = tiny_llama(hidden=128, layers=2, heads=2, intermediate=200, kv_heads=1).to("cuda")
+    model = (TinyEmu1(emu_tokenizer, lm, n_causal=8) if build == "emu1" else TinyEmu2(emu_tokenizer, lm, n_query=16)).to("cuda")
+    texts = ["a photo of a cat", "draw [<IMG_PLH>] again, bigger"]
+    image = torch.randn(1, 3, 8, 8, device="cuda")
+    expected = model.generate_image(texts, image)
+    import emu_fast
+
+    emu_fast.accelerate(model, max_batch=2, max_seq_len=128)
+    out = model.generate_image(texts, image)
+    assert out.device.type == "cuda"
+    assert rel_err(out, expected) < 1e-4
+
+
+def test_bad_input_on_cuda(emu_tokenizer):
+    lm, head, up = _decoder_setup("emu2", torch.bfloat16, emu_tokenizer)
+    dec = EmuDecoder.from_llama(lm, head, up, max_batch=2, max_seq_len=64)
+    embeds = torch.randn(1, 5, 256, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="on cpu but the decoder is on cuda"):
+        dec.prefill(embeds.cpu(), mask)
+    out = dec.prefill(embeds, mask)
+    with pytest.raises(ValueError, match="on cpu but the decoder is on cuda"):
+        dec.step(out.cpu())
+    with pytest.raises(ValueError, match="is on cpu"):
+        ops.gemv(out, head.cpu())
+    q = torch.randn(1, 4, 64, device="cuda")
+    kc = torch.randn(1, 4, 8, 64, device="cuda")
+    cos, sin = (t.cuda() for t in reference.rope_tables(64, 16, 1e4))
+    lens = torch.zeros(1, dtype=torch.long, device="cuda")
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        ops.decode_attention(q, q, q, kc.transpose(2, 3).contiguous().transpose(2, 3), kc.clone(), lens, lens, cos, sin)
+    with pytest.raises(ValueError, match="head_dim 32 is not supported on CUDA"):
+        q32 = torch.randn(1, 4, 32, device="cuda")
+        ops.decode_attention(q32, q32, q32, torch.randn(1, 4, 8, 32, device="cuda"), torch.randn(1, 4, 8, 32, device="cuda"),
+                             lens, lens, *(t.cuda() for t in reference.rope_tables(32, 16, 1e4)))
+    assert dec.step(out).shape == out.shape  # still usable
