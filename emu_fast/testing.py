@@ -24,12 +24,19 @@ def tiny_llama(hidden=64, layers=2, heads=4, kv_heads=None, intermediate=96, voc
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads or heads, rms_norm_eps=1e-6,
                       initializer_range=init_std, pad_token_id=0)
-    lm = LlamaForCausalLM(cfg).eval()
+    # Built directly in `dtype`: an Emu1-13B-shaped model in float32 and then cast would need
+    # three times its bf16 size on the GPU at once.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        lm = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():  # random norm weights, so a wrong or missing norm shows
         for name, p in lm.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-    return lm.to(dtype)
+    return lm
 
 
 def _hf_body(lm):

@@ -9,10 +9,13 @@ cd "$(dirname "$0")/.."
 missing=()
 have() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
 have torch || missing+=("torch==2.13.0")
-for mod in pybind11 numpy pytest transformers safetensors ninja cmake; do
+for mod in pybind11 numpy pytest transformers; do
   have "$mod" || missing+=("$mod")
 done
-# transformers' tokenizer for LLaMA needs sentencepiece-free tokenizers; it comes with transformers.
+# ninja and cmake may come as commands (system packages) or as the PyPI wheels of that name.
+for tool in ninja cmake; do
+  command -v "$tool" >/dev/null 2>&1 || have "$tool" || missing+=("$tool")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   "$PYTHON" -m pip install -q "${missing[@]}"
