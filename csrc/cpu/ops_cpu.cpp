@@ -156,7 +156,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight, double
     using T = decltype(tag);
     at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        kernels::rms_norm_row(ptr<T>(x) + b * H, ptr<T>(weight), static_cast<float>(eps), H,
+        kernels::rms_norm_row_cpu(ptr<T>(x) + b * H, ptr<T>(weight), static_cast<float>(eps), H,
                               ptr<T>(out) + b * H);
     });
   });
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, cons
     using T = decltype(tag);
     at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        kernels::add_rms_norm_row(ptr<T>(x) + b * H, ptr<T>(residual) + b * H, ptr<T>(weight),
+        kernels::add_rms_norm_row_cpu(ptr<T>(x) + b * H, ptr<T>(residual) + b * H, ptr<T>(weight),
                                   static_cast<float>(eps), H, ptr<T>(sum) + b * H, ptr<T>(normed) + b * H);
     });
   });
@@ -190,7 +190,7 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate_up_in) {
     using T = decltype(tag);
     at::parallel_for(0, B, grain_rows(I), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        kernels::silu_mul_row(ptr<T>(gate_up) + b * 2 * I, I, ptr<T>(out) + b * I);
+        kernels::silu_mul_row_cpu(ptr<T>(gate_up) + b * 2 * I, I, ptr<T>(out) + b * I);
     });
   });
   return out;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/fast_math.h"
 #include "kernels/multiversion.h"
 #include "kernels/scalar.h"
 
@@ -39,26 +40,6 @@ EMU_ALWAYS_INLINE float dot_lanes(const float* a, const T* b, int64_t n) {
   for (int w = kLanes / 2; w >= 1; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
   return s + acc[0];
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the max), to about 2 ulp, written so the loop
-// around it vectorizes (std::exp does not without -ffast-math): x = n ln2 + r with |r| <= ln2/2,
-// exp(r) by its degree-6 Taylor-like minimax polynomial, 2^n put into the exponent bits.
-EMU_ALWAYS_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // below this exp underflows float's normal range; the weight is 0 anyway
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for accuracy
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return er * scale;
 }
 
 struct DecodeHeadArgs {

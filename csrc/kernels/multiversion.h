@@ -14,8 +14,10 @@
 // compiled for that instruction set; gcc otherwise keeps one baseline out-of-line copy.
 #if defined(__GNUC__)
 #define EMU_ALWAYS_INLINE inline __attribute__((always_inline))
+#define EMU_LAMBDA_INLINE __attribute__((always_inline))
 #else
 #define EMU_ALWAYS_INLINE inline
+#define EMU_LAMBDA_INLINE
 #endif
 
 namespace emu_fast::kernels {

@@ -6,23 +6,32 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/fast_math.h"
+#include "kernels/multiversion.h"
 #include "kernels/scalar.h"
 
 namespace emu_fast::kernels {
 
 template <typename T>
-inline float inv_rms(const T* x, int64_t n, float eps) {
+EMU_ALWAYS_INLINE float inv_rms(const T* x, int64_t n, float eps) {
+  constexpr int kLanes = 16;  // independent partial sums: vectorizes without -ffast-math
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = to_float(x[i + j]);
+      acc[j] += v * v;
+    }
   float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    float v = to_float(x[i]);
-    ss += v * v;
-  }
-  return 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (; i < n; ++i) ss += to_float(x[i]) * to_float(x[i]);
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return 1.f / std::sqrt((ss + acc[0]) / static_cast<float>(n) + eps);
 }
 
 // y = w * round_T(x * rsqrt(mean(x^2) + eps))
 template <typename T>
-inline void rms_norm_row(const T* x, const T* w, float eps, int64_t n, T* y) {
+EMU_ALWAYS_INLINE void rms_norm_row(const T* x, const T* w, float eps, int64_t n, T* y) {
   const float r = inv_rms(x, n, eps);
   for (int64_t i = 0; i < n; ++i)
     y[i] = from_float<T>(to_float(w[i]) * round_to<T>(to_float(x[i]) * r));
@@ -30,7 +39,7 @@ inline void rms_norm_row(const T* x, const T* w, float eps, int64_t n, T* y) {
 
 // s = x + residual (stored in T), y = rms_norm(s)
 template <typename T>
-inline void add_rms_norm_row(const T* x, const T* residual, const T* w, float eps, int64_t n,
+EMU_ALWAYS_INLINE void add_rms_norm_row(const T* x, const T* residual, const T* w, float eps, int64_t n,
                              T* sum_out, T* y) {
   for (int64_t i = 0; i < n; ++i) sum_out[i] = from_float<T>(to_float(x[i]) + to_float(residual[i]));
   rms_norm_row(sum_out, w, eps, n, y);
@@ -38,12 +47,19 @@ inline void add_rms_norm_row(const T* x, const T* residual, const T* w, float ep
 
 // gate_up row = [gate (n) | up (n)] -> y = round_T(silu(gate)) * up
 template <typename T>
-inline void silu_mul_row(const T* gate_up, int64_t n, T* y) {
+EMU_ALWAYS_INLINE void silu_mul_row(const T* gate_up, int64_t n, T* y) {
   for (int64_t i = 0; i < n; ++i) {
-    const float g = to_float(gate_up[i]);
-    const float s = round_to<T>(g / (1.f + std::exp(-g)));
+    const float s = round_to<T>(silu(to_float(gate_up[i])));
     y[i] = from_float<T>(s * to_float(gate_up[n + i]));
   }
 }
+
+// The CPU instantiations, one per instruction set (norm_cpu.cpp).
+void rms_norm_row_cpu(const float* x, const float* w, float eps, int64_t n, float* y);
+void rms_norm_row_cpu(const bf16* x, const bf16* w, float eps, int64_t n, bf16* y);
+void add_rms_norm_row_cpu(const float* x, const float* r, const float* w, float eps, int64_t n, float* sum, float* y);
+void add_rms_norm_row_cpu(const bf16* x, const bf16* r, const bf16* w, float eps, int64_t n, bf16* sum, bf16* y);
+void silu_mul_row_cpu(const float* gate_up, int64_t n, float* y);
+void silu_mul_row_cpu(const bf16* gate_up, int64_t n, bf16* y);
 
 }  // namespace emu_fast::kernels

@@ -1,0 +1,42 @@
+// Vectorizable float math for the CPU kernels (std::exp does not vectorize without -ffast-math).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/multiversion.h"
+
+namespace emu_fast::kernels {
+
+// exp(x) for x <= 0 (softmax after subtracting the max), to about 2 ulp, written so the loop
+// around it vectorizes (std::exp does not without -ffast-math): x = n ln2 + r with |r| <= ln2/2,
+// exp(r) by its degree-6 Taylor-like minimax polynomial, 2^n put into the exponent bits.
+EMU_ALWAYS_INLINE float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;  // below this exp underflows float's normal range; the weight is 0 anyway
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (std::floor only vectorizes under
+  // -fno-trapping-math); exact for |x * log2(e)| < 2^22.
+  constexpr float kRound = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for accuracy
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return er * scale;
+}
+
+// silu(x) = x * sigmoid(x), with the exponential always of a non-positive argument.
+EMU_ALWAYS_INLINE float silu(float x) {
+  const float e = exp_nonpositive(-std::fabs(x));
+  const float num = x >= 0.f ? 1.f : e;  // sigmoid(x) = num / (1 + e), without overflow
+  return x * num / (1.f + e);
+}
+
+}  // namespace emu_fast::kernels
