@@ -80,6 +80,11 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   check_weight(head_, "head_weight", -1, {head_.size(0), H}, ref);
   if (up_.has_value()) check_weight(*up_, "up_weight", -1, {H, head_.size(0)}, ref);
 
+  if (ref.is_cuda()) {  // what the CUDA decode-attention kernel supports
+    TORCH_CHECK_VALUE(D == 64 || D == 128, kWho, ": head_dim ", D, " is not supported on CUDA (64 or 128)");
+    TORCH_CHECK_VALUE(num_heads / num_kv_heads <= 8, kWho, ": ", num_heads / num_kv_heads,
+                      " query heads per KV head; at most 8 on CUDA");
+  }
   kv_ = at::empty({num_layers(), 2, max_batch, num_kv_heads, max_seq_len, D}, ref.options());
   for (int64_t l = 0; l < num_layers(); ++l) {
     k_cache_.push_back(kv_[l][0]);

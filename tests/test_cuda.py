@@ -85,7 +85,7 @@ def test_glue_and_splice_cuda(dtype):
     close(s, x + r, dtype)
     gu = torch.randn(3, 2 * 1377, device="cuda").to(dtype)
     close(ops.silu_mul(gu), reference.silu_mul(gu), dtype)
-    ids = torch.randint(0, 50, (3, 9), device="cuda")
+    ids = torch.randint(0, 49, (3, 9), device="cuda")  # 49 is the slot id
     ids[:, 2:5] = 49
     table, values = torch.randn(50, 33, device="cuda").to(dtype), torch.randn(9, 33, device="cuda").to(dtype)
     torch.testing.assert_close(ops.splice_embeddings(ids, table, values, 49),
@@ -181,3 +181,73 @@ def test_bad_input_on_cuda(emu_tokenizer):
         ops.decode_attention(q32, q32, q32, torch.randn(1, 4, 8, 32, device="cuda"), torch.randn(1, 4, 8, 32, device="cuda"),
                              lens, lens, *(t.cuda() for t in reference.rope_tables(32, 16, 1e4)))
     assert dec.step(out).shape == out.shape  # still usable
+
+
+def test_decode_attention_cuda_invalid_rows_with_splits():
+    """Many splits (long cache, batch 1 row each): a full row and a row past the RoPE table give
+    NaN; the valid row is right; neither cache changes where it should not."""
+    dev, D, S = "cuda", 128, 1024
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, D, device=dev) for _ in range(3))
+    kc, vc = torch.randn(3, 4, S, D, device=dev), torch.randn(3, 4, S, D, device=dev)
+    cos, sin = (t.to(dev) for t in reference.rope_tables(D, 2 * S, 1e4))
+    lens = torch.tensor([S, 500, 10], device=dev)
+    pos = torch.tensor([5, 500, 2 * S], device=dev)  # row 2: position outside the table
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = ops.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin)
+    assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
+    kr, vr = kc0.clone(), vc0.clone()
+    expected = reference.decode_attention(q[1:2], k[1:2], v[1:2], kr[1:2], vr[1:2], lens[1:2], pos[1:2], cos, sin, D ** -0.5)
+    close(out[1:2], expected, torch.float32)
+    torch.testing.assert_close(kc[0], kc0[0], rtol=0, atol=0)
+    torch.testing.assert_close(vc[2], vc0[2], rtol=0, atol=0)
+    torch.testing.assert_close(kc[1], kr[1], rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_cuda_strided_input_takes_scalar_path():
+    x = torch.randn(3, 257, device="cuda")[:, 1:]  # misaligned rows, stride 257
+    w = torch.randn(40, 256, device="cuda")
+    close(ops.gemv(x, w), reference.gemv(x, w), torch.float32)
+
+
+def test_opcheck_cuda_decode_attention():
+    torch.manual_seed(0)
+    dev = "cuda"
+    q, k, v = (torch.randn(2, 4, 64, device=dev) for _ in range(3))
+    kc, vc = torch.randn(2, 4, 16, 64, device=dev), torch.randn(2, 4, 16, 64, device=dev)
+    cos, sin = (t.to(dev) for t in reference.rope_tables(64, 32, 1e4))
+    lens = torch.tensor([3, 0], device=dev)
+    torch.library.opcheck(torch.ops.emu_fast.decode_attention.default, (q, k, v, kc, vc, lens, lens + 1, cos, sin, 0.125))
+
+
+def test_decoder_cuda_head_dim_128_big_batch_and_mixed_calls(emu_tokenizer):
+    """Head dim 128 (Emu's), batch 9 (cuBLAS inside the graph), graphs reused across batch
+    sizes, and step() mixed with graphed decode(): all equal to the eager decoder."""
+    lm = tiny_llama(hidden=256, layers=2, heads=2, intermediate=344, seed=5).to("cuda", torch.bfloat16)
+    head = (torch.randn(256, 256, device="cuda") * 0.06).to(torch.bfloat16)
+    emu_tokenizer.padding_side = "right"
+    graphed = EmuDecoder.from_llama(lm, head, None, max_batch=9, max_seq_len=96)
+    eager = EmuDecoder.from_llama(lm, head, None, max_batch=9, max_seq_len=96)
+    eager.use_cuda_graphs = False
+    assert graphed.head_dim == 128
+    table = lm.model.embed_tokens.weight.detach()
+    for batch in (9, 2, 9):
+        texts = [f"prompt number {i} " + "word " * i for i in range(batch)]
+        tok = emu_tokenizer([t + "[IMG]" for t in texts], padding="longest", return_tensors="pt")
+        embeds = table[tok.input_ids.cuda()]
+        a0, b0 = graphed.prefill(embeds, tok.attention_mask), eager.prefill(embeds, tok.attention_mask)
+        a = [a0, graphed.step(a0)]
+        b = [b0, eager.step(b0)]
+        a.append(graphed.decode(a[-1], 6))
+        b.append(eager.decode(b[-1], 6))
+        a.append(graphed.step(a[-1][:, -1]))
+        b.append(eager.step(b[-1][:, -1]))
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        assert graphed.lengths == eager.lengths == (tok.attention_mask.sum(1) + 8).tolist()
+
+
+def test_decoder_cuda_rejects_unsupported_head_dim():
+    lm = tiny_llama(hidden=128, layers=1, heads=4, intermediate=200).to("cuda")  # head dim 32
+    with pytest.raises(ValueError, match="head_dim 32 is not supported on CUDA"):
+        EmuDecoder.from_llama(lm, torch.randn(128, 128, device="cuda"), None, max_batch=1, max_seq_len=16)

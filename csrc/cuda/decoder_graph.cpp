@@ -23,41 +23,59 @@ at::Tensor EmuDecoder::decode_with_graph(at::Tensor x, int64_t steps) {
   const int64_t B = batch_;
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor result = at::empty({B, steps, output_size()}, x.options());
+  if (graphs_.size() <= static_cast<size_t>(B)) graphs_.resize(B + 1);
+  const bool capture = !graphs_[B];
 
-  // Step 1 runs eagerly: it is a real step, and it warms up everything a capture must not
-  // trigger for the first time (allocator pools, lazy library state).
-  auto [out, next] = run_step(x);
+  // Step 1 runs eagerly: it is a real step, and before a first capture it warms up, on the
+  // capture stream itself, everything a capture must not trigger for the first time
+  // (allocator pools, cuBLAS workspaces for batches above 8).
+  const auto current = c10::cuda::getCurrentCUDAStream();
+  const auto side = capture ? c10::cuda::getStreamFromPool() : current;
+  at::Tensor out, next;
+  if (capture) {
+    current.synchronize();  // once per batch size: order the side stream after queued work
+    const c10::cuda::CUDAStreamGuard stream_guard(side);
+    std::tie(out, next) = run_step(x);
+    side.synchronize();
+  } else {
+    std::tie(out, next) = run_step(x);
+  }
   for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
   result.select(1, 0).copy_(out);
 
-  if (graphs_.size() <= static_cast<size_t>(B)) graphs_.resize(B + 1);
-  std::shared_ptr<Graph>& g = graphs_[B];
-  if (!g) {
-    g = std::make_shared<Graph>();
+  if (capture) {
+    auto g = std::make_shared<Graph>();
     g->x = at::empty({B, hidden_}, x.options());
-    // Capture on a side stream ordered after the work already queued on the current one.
-    const auto current = c10::cuda::getCurrentCUDAStream();
-    auto side = c10::cuda::getStreamFromPool();
-    side.synchronize();
-    current.synchronize();
     {
       const c10::cuda::CUDAStreamGuard stream_guard(side);
       g->graph.capture_begin();
-      std::tie(g->out, g->next) = run_step(g->x);
+      try {
+        std::tie(g->out, g->next) = run_step(g->x);
+      } catch (...) {
+        // End the capture (stream, allocator pool) so the device stays usable, drop the
+        // partial graph, and let the original error through; the next call captures anew.
+        try {
+          g->graph.capture_end();
+        } catch (...) {
+        }
+        throw;
+      }
       g->graph.capture_end();
     }
     // Capturing recorded the lengths increment without running it; nothing else changed.
+    graphs_[B] = std::move(g);
   }
 
+  Graph& g = *graphs_[B];
   for (int64_t i = 1; i < steps; ++i) {
-    g->x.copy_(up_.has_value() ? next : out);
-    g->graph.replay();
+    g.x.copy_(up_.has_value() ? next : out);
+    g.graph.replay();
     for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
-    out = g->out;
-    next = g->next;
+    out = g.out;
+    next = g.next;
     result.select(1, i).copy_(out);
   }
-  // The graph's buffers are overwritten by the next replay: hand out copies.
+  // The graph's buffers are overwritten by the next replay: keep copies for step().
   remember(out.clone(), next.clone());
   return result;
 }

@@ -53,7 +53,11 @@ at::Tensor splice_embeddings_cuda(const at::Tensor& ids, const at::Tensor& table
   const int64_t B = ids.size(0), T = ids.size(1), V = table.size(0), H = table.size(1), S = values.size(0);
   const at::Tensor ids_c = ids.contiguous();
   at::Tensor out = at::empty({B, T, H}, table.options());
-  if (B * T == 0) return out;
+  if (B * T == 0) {
+    TORCH_CHECK_VALUE(S == 0, "emu_fast.splice_embeddings: the input has 0 slots (token id ", slot_id, ") but ", S,
+                      " slot vectors were given");
+    return out;
+  }
   // Validation reads the ids back to the host: this op runs once per prompt, not per step.
   const at::Tensor bad = (ids_c < 0) | (ids_c >= V);
   if (bad.any().item<bool>()) {
