@@ -251,3 +251,22 @@ def test_decoder_cuda_rejects_unsupported_head_dim():
     lm = tiny_llama(hidden=128, layers=1, heads=4, intermediate=200).to("cuda")  # head dim 32
     with pytest.raises(ValueError, match="head_dim 32 is not supported on CUDA"):
         EmuDecoder.from_llama(lm, torch.randn(128, 128, device="cuda"), None, max_batch=1, max_seq_len=16)
+
+
+def test_peak_gpu_memory_after_accelerate(emu_tokenizer):
+    """Weights once, the KV cache asked for, and under 5 % of the weights on top (packing,
+    prefill activations, the CUDA graph's pool), measured by the caching allocator's peak."""
+    import emu_fast
+
+    lm = tiny_llama(hidden=512, layers=8, heads=8, intermediate=1376, dtype=torch.bfloat16, init_std=0.02).to("cuda")
+    model = TinyEmu1(emu_tokenizer, lm, n_causal=32).to("cuda")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    emu_fast.accelerate(model, max_batch=2, max_seq_len=128)
+    model.generate_image(["a photo of a cat", "a watercolor of a fox in tall grass"])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    kv = model.emu_fast_decoder.kv_cache_bytes
+    assert peak - base <= kv + 0.05 * weights, (peak - base, kv, weights)
