@@ -234,3 +234,22 @@ def test_constructor_rejects_inconsistent_weights(emu_tokenizer):
 def _layers(s):
     from emu_fast.packing import pack_llama_layers
     return pack_llama_layers(s.lm)
+
+
+def test_decode_equals_step_loop_and_checks_steps(emu_tokenizer):
+    s = Setup("emu2", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    a, b = s.decoder(max_seq_len=64), s.decoder(max_seq_len=64)
+    out_a, out_b = a.prefill(embeds, mask), b.prefill(embeds, mask)
+    steps = [out_b]
+    for _ in range(4):
+        steps.append(b.step(steps[-1]))
+    torch.testing.assert_close(a.decode(out_a, 4), torch.stack(steps[1:], 1), rtol=0, atol=0)
+    assert a.lengths == b.lengths
+    assert a.decode(out_a, 0).shape == (3, 0, 24)
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        a.decode(out_a, -1)
+    room = 64 - max(a.lengths)
+    with pytest.raises(ValueError, match="would pass the decoder's max_seq_len of 64"):
+        a.decode(out_a, room + 1)
+    assert a.decode(out_a, room).shape == (3, room, 24)  # exactly to the brim still works
