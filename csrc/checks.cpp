@@ -92,6 +92,8 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Bmax = k_cache.size(0), Hkv = k_cache.size(1), S = k_cache.size(2);
+  TORCH_CHECK_VALUE(Hq > 0 && Hkv > 0, "emu_fast.", op, ": need at least one query and one KV head, got ", Hq,
+                    " and ", Hkv);
   TORCH_CHECK_VALUE(D % 2 == 0 && D > 0, "emu_fast.", op, ": head_dim must be even, got ", D);
   TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k.size(0) == B && k.size(2) == D, "emu_fast.", op,
                     ": k and v must be [", B, ", Hkv, ", D, "], got ", k.sizes(), " and ", v.sizes());
@@ -115,6 +117,13 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                       " must have contiguous heads (strides [*, ", D, ", 1]), got ", t.strides());
   check_contiguous(op, "k_cache", k_cache);
   check_contiguous(op, "v_cache", v_cache);
+  {  // the op writes both caches: they must not share memory
+    const auto* k0 = static_cast<const char*>(k_cache.data_ptr());
+    const auto* v0 = static_cast<const char*>(v_cache.data_ptr());
+    const auto bytes = static_cast<size_t>(k_cache.numel()) * k_cache.element_size();
+    TORCH_CHECK_VALUE(bytes == 0 || k0 + bytes <= v0 || v0 + bytes <= k0, "emu_fast.", op,
+                      ": k_cache and v_cache overlap in memory; they must be separate tensors");
+  }
   check_contiguous(op, "rope_cos", rope_cos);
   check_contiguous(op, "rope_sin", rope_sin);
   check_contiguous(op, "cache_lens", cache_lens);

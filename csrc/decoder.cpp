@@ -1,6 +1,7 @@
 #include "decoder.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -42,6 +43,7 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   TORCH_CHECK_VALUE(!layers.empty(), kWho, ": needs at least one layer");
   TORCH_CHECK_VALUE(final_norm_.defined() && final_norm_.dim() == 1, kWho, ": final_norm must be 1-D");
   hidden_ = final_norm_.size(0);
+  TORCH_CHECK_VALUE(hidden_ > 0, kWho, ": hidden size must be positive");
   TORCH_CHECK_VALUE(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0, kWho,
                     ": num_heads (", num_heads, ") must be a positive multiple of num_kv_heads (",
                     num_kv_heads, ")");
@@ -78,14 +80,31 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   }
   TORCH_CHECK_VALUE(head_.defined() && head_.dim() == 2, kWho, ": head_weight must be [out, hidden]");
   check_weight(head_, "head_weight", -1, {head_.size(0), H}, ref);
-  if (up_.has_value()) check_weight(*up_, "up_weight", -1, {H, head_.size(0)}, ref);
+  if (up_.has_value()) {
+    check_weight(*up_, "up_weight", -1, {H, head_.size(0)}, ref);
+  } else {
+    TORCH_CHECK_VALUE(head_.size(0) == H, kWho, ": without up_weight the head's output is the next input, so "
+                      "head_weight must be [", H, ", ", H, "], got ", head_.sizes());
+  }
 
   if (ref.is_cuda()) {  // what the CUDA decode-attention kernel supports
     TORCH_CHECK_VALUE(D == 64 || D == 128, kWho, ": head_dim ", D, " is not supported on CUDA (64 or 128)");
     TORCH_CHECK_VALUE(num_heads / num_kv_heads <= 8, kWho, ": ", num_heads / num_kv_heads,
                       " query heads per KV head; at most 8 on CUDA");
   }
-  kv_ = at::empty({num_layers(), 2, max_batch, num_kv_heads, max_seq_len, D}, ref.options());
+  {
+    // The KV cache, checked for overflow and allocated with a message that says what it is.
+    const double elems = static_cast<double>(num_layers()) * 2 * max_batch * num_kv_heads * max_seq_len * D;
+    TORCH_CHECK_VALUE(elems < 9.0e18 / 8, kWho, ": a KV cache for max_batch ", max_batch, " x max_seq_len ",
+                      max_seq_len, " is too large to address");
+    try {
+      kv_ = at::empty({num_layers(), 2, max_batch, num_kv_heads, max_seq_len, D}, ref.options());
+    } catch (const c10::Error& e) {
+      TORCH_CHECK_VALUE(false, kWho, ": cannot allocate the KV cache (", elems * ref.element_size() / 1e9,
+                        " GB for max_batch ", max_batch, " x max_seq_len ", max_seq_len, "): ",
+                        e.what_without_backtrace());
+    }
+  }
   for (int64_t l = 0; l < num_layers(); ++l) {
     k_cache_.push_back(kv_[l][0]);
     v_cache_.push_back(kv_[l][1]);
@@ -110,6 +129,11 @@ std::vector<int64_t> EmuDecoder::lengths() const {
 }
 
 void EmuDecoder::reset() {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  reset_locked();
+}
+
+void EmuDecoder::reset_locked() {
   batch_ = 0;
   std::fill(lengths_.begin(), lengths_.end(), 0);
   std::fill(starts_.begin(), starts_.end(), 0);
@@ -128,6 +152,8 @@ at::Tensor EmuDecoder::rope_prefill(const at::Tensor& x, const at::Tensor& cos, 
 }
 
 at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& attention_mask) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const c10::NoGradGuard no_grad;  // inference only: never chain autograd history onto the cache
   // --- Validate everything before touching any state.
   TORCH_CHECK_VALUE(embeds.dim() == 3 && embeds.size(2) == hidden_, kWho,
                     ".prefill: inputs_embeds must be [batch, tokens, ", hidden_, "], got ", embeds.sizes());
@@ -145,6 +171,9 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
                     kWho, ".prefill: attention_mask must be [", B, ", ", T, "], got ", attention_mask.sizes());
   TORCH_CHECK_TYPE(!at::isFloatingType(attention_mask.scalar_type()) && !at::isComplexType(attention_mask.scalar_type()),
                    kWho, ".prefill: attention_mask must be integer or bool, got ", py_dtype(attention_mask.scalar_type()));
+  TORCH_CHECK_VALUE(attention_mask.device().is_cpu() || attention_mask.device() == embeds.device(), kWho,
+                    ".prefill: attention_mask is on ", attention_mask.device(), "; it must be on the CPU or on ",
+                    embeds.device());
   const at::Tensor mask = attention_mask.to(at::kCPU, at::kLong).contiguous();
   const int64_t* m = mask.data_ptr<int64_t>();
   std::vector<int64_t> starts(B), lens(B);
@@ -166,7 +195,7 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
     starts[b] = first;
     lens[b] = count;
   }
-  reset();
+  reset_locked();
 
   // --- Lay each prompt's valid tokens out from index 0 (the cache's layout), RoPE positions
   // starting at its left padding so the arithmetic is upstream's.
@@ -219,7 +248,8 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
 void EmuDecoder::remember(const at::Tensor& out, const at::Tensor& next) {
   last_out_ = out;
   next_in_ = next;
-  last_out_version_ = out._version();
+  // Inference-mode tensors carry no version counter; then the reuse below is simply skipped.
+  last_out_version_ = out.is_inference() ? -1 : static_cast<int64_t>(out._version());
 }
 
 void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64_t steps) const {
@@ -231,7 +261,8 @@ void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64
                    py_dtype(prev.scalar_type()), " but the decoder's weights are ", py_dtype(final_norm_.scalar_type()));
   TORCH_CHECK_VALUE(prev.device() == final_norm_.device(), kWho, ".", who, ": the previous output is on ",
                     prev.device(), " but the decoder is on ", final_norm_.device());
-  TORCH_CHECK_VALUE(steps >= 0, kWho, ".", who, ": steps must be >= 0, got ", steps);
+  TORCH_CHECK_VALUE(steps >= 0 && steps <= max_seq_len_, kWho, ".", who, ": steps must be in [0, max_seq_len = ",
+                    max_seq_len_, "], got ", steps);
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK_VALUE(lengths_[b] + steps <= max_seq_len_, kWho, ".", who, ": sequence ", b, " holds ", lengths_[b],
                       " tokens; ", steps, " more step(s) would pass the decoder's max_seq_len of ", max_seq_len_,
@@ -242,7 +273,9 @@ void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64
 // when prev is the unmodified tensor the last call returned.
 at::Tensor EmuDecoder::next_input(const at::Tensor& prev) {
   if (!up_.has_value()) return prev.contiguous();
-  if (prev.is_same(last_out_) && prev._version() == last_out_version_) return next_in_;
+  if (last_out_version_ >= 0 && prev.is_same(last_out_) && !prev.is_inference() &&
+      static_cast<int64_t>(prev._version()) == last_out_version_)
+    return next_in_;
   return ops::gemv(prev.contiguous(), *up_);
 }
 
@@ -278,6 +311,8 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
 }
 
 at::Tensor EmuDecoder::step(const at::Tensor& prev) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const c10::NoGradGuard no_grad;
   check_step_input(prev, "step", 1);
   auto [out, next] = run_step(next_input(prev));
   for (int64_t b = 0; b < batch_; ++b) lengths_[b] += 1;
@@ -286,6 +321,8 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
 }
 
 at::Tensor EmuDecoder::decode(const at::Tensor& prev, int64_t steps) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const c10::NoGradGuard no_grad;
   check_step_input(prev, "decode", steps);
   const int64_t B = batch_;
   if (steps == 0) return at::empty({B, 0, output_size()}, prev.options());

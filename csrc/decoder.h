@@ -10,6 +10,7 @@
 #include <c10/util/Optional.h>
 
 #include <memory>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -49,7 +50,7 @@ class EmuDecoder {
   // replayed (no host sync, no per-layer launches from the host) unless use_cuda_graphs is off.
   at::Tensor decode(const at::Tensor& prev_output, int64_t steps);
 
-  void reset();
+  void reset();  // (all public calls are serialized by a per-decoder mutex)
 
   int64_t batch_size() const { return batch_; }
   std::vector<int64_t> lengths() const;
@@ -73,6 +74,7 @@ class EmuDecoder {
   // lengths. Only device work (capturable); returns (output, next input or [B,0]).
   std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
   void remember(const at::Tensor& out, const at::Tensor& next);
+  void reset_locked();
   at::Tensor decode_with_graph(at::Tensor x, int64_t steps);
 
   std::vector<DecoderLayerWeights> layers_;
@@ -96,6 +98,7 @@ class EmuDecoder {
   int64_t last_out_version_ = -1;
 
   bool use_cuda_graphs_ = true;
+  std::mutex mutex_;  // one call at a time: prefill/step/decode mutate the cache and lengths
   struct Graph;                                    // defined in decoder_cuda_graph.cpp
   std::vector<std::shared_ptr<Graph>> graphs_;     // one per batch size, captured on first use
 };

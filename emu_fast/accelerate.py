@@ -56,6 +56,37 @@ def _linear_weight(module, name: str) -> torch.Tensor:
     return module.weight
 
 
+def _check_llama_config(config) -> None:
+    """What the decoder computes: plain LLaMA. Anything else is refused, not approximated."""
+    problems = []
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config.hidden_act!r} (needs 'silu')")
+    scaling = getattr(config, "rope_scaling", None)
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or params.get("rope_type", "default")
+    if rope_type not in (None, "default"):
+        problems.append(f"RoPE scaling {rope_type!r} (needs plain RoPE)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            problems.append(f"{flag}=True")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
+        problems.append(f"head_dim={head_dim} with {config.num_attention_heads} heads != hidden {config.hidden_size}")
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        problems.append(f"pretraining_tp={config.pretraining_tp}")
+    if problems:
+        raise TypeError("emu_fast.accelerate: unsupported language-model config: " + "; ".join(problems))
+
+
+def _packed_views(lm):
+    """The addresses of the body's weights the decoder reads, to notice later if the model's
+    weights were replaced or moved (load_state_dict(assign=True), .to(), ...)."""
+    from .packing import _body
+
+    body = _body(lm)
+    return [p.data_ptr() for p in body.parameters() if p is not body.embed_tokens.weight]
+
+
 def accelerate(model, *, max_batch: int = 4, max_seq_len: int = 1024):
     """Replace `model.generate_image` (this instance only) with the emu_fast path and return the
     model. The KV cache holds `max_batch` prompts of up to `max_seq_len` tokens (prompt + n
@@ -63,6 +94,7 @@ def accelerate(model, *, max_batch: int = 4, max_seq_len: int = 1024):
     `model._emu_fast_original_generate_image`; `model.emu_fast_decoder` is the EmuDecoder."""
     kind = _kind(model)
     lm = model.decoder.lm
+    _check_llama_config(lm.config)
     if kind == "emu1":
         head = _linear_weight(lm.stu_regress_head, "decoder.lm.stu_regress_head")
         up = None
@@ -78,6 +110,7 @@ def accelerate(model, *, max_batch: int = 4, max_seq_len: int = 1024):
     model.emu_fast_decoder = decoder
     model._emu_fast_kind = kind
     model._emu_fast_n = n
+    model._emu_fast_weights = _packed_views(lm) + [head.data_ptr()] + ([] if up is None else [up.data_ptr()])
     model.generate_image = types.MethodType(_generate_image, model)
     return model
 
@@ -105,11 +138,16 @@ def _generate_image(self, text: List[str], image: Optional[torch.Tensor] = None,
     if len(text) == 0:
         raise ValueError("emu_fast: generate_image got an empty list of prompts")
     decoder: EmuDecoder = self.emu_fast_decoder
+    lm = self.decoder.lm
+    head = lm.stu_regress_head if self._emu_fast_kind == "emu1" else (lm if hasattr(lm, "project_down") else self).project_down
+    up = [] if self._emu_fast_kind == "emu1" else [(lm if hasattr(lm, "project_up") else self).project_up.weight.data_ptr()]
+    if _packed_views(lm) + [head.weight.data_ptr()] + up != self._emu_fast_weights:
+        raise RuntimeError("emu_fast: the model's weights were replaced or moved after emu_fast.accelerate "
+                           "(load_state_dict(assign=True), .to(), ...); call emu_fast.accelerate(model) again")
     if len(text) > decoder.max_batch:
         raise ValueError(f"emu_fast: {len(text)} prompts exceed the decoder's max_batch of {decoder.max_batch} "
                          f"(pass a larger max_batch to emu_fast.accelerate)")
     tokenizer = self.decoder.tokenizer
-    lm = self.decoder.lm
     table = lm.model.embed_tokens.weight
     image_id = tokenizer.convert_tokens_to_ids("<image>")
 

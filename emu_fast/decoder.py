@@ -2,6 +2,7 @@
 LLaMA, and the thin causal loop that drives it."""
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -13,6 +14,12 @@ from .reference import LlamaShape
 
 class EmuDecoder(_C.EmuDecoder):
     __doc__ = _C.EmuDecoder.__doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Each C++ call is serialized already; this keeps a whole generate() (prefill + decode)
+        # from interleaving with another thread's.
+        self._generate_lock = threading.Lock()
 
     @classmethod
     def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
@@ -50,12 +57,13 @@ class EmuDecoder(_C.EmuDecoder):
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
         """The causal loop: prefill, then n-1 steps (in C++; a CUDA graph on the GPU), each fed
         the previous output. Returns [B, n, out]."""
-        if n < 1:
-            raise ValueError(f"emu_fast: n must be at least 1, got {n}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"emu_fast: n must be a positive int, got {n!r}")
         lens = attention_mask.sum(1) if attention_mask.dim() == 2 else None
         if lens is not None and int(lens.max()) + n - 1 > self.max_seq_len:
             raise ValueError(
                 f"emu_fast: a prompt of {int(lens.max())} tokens plus {n - 1} generated embeddings "
                 f"exceeds the decoder's max_seq_len of {self.max_seq_len}")
-        first = self.prefill(inputs_embeds, attention_mask)
-        return torch.cat([first.unsqueeze(1), self.decode(first, n - 1)], dim=1)
+        with self._generate_lock:
+            first = self.prefill(inputs_embeds, attention_mask)
+            return torch.cat([first.unsqueeze(1), self.decode(first, n - 1)], dim=1)

@@ -12,18 +12,43 @@ from . import _C  # noqa: F401  (loading the extension registers the ops)
 _ops = torch.ops.emu_fast
 
 
+def _check(op: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"emu_fast.{op}: {message}")
+
+
+def _same_device(op: str, *tensors) -> None:
+    """The fake kernels run for meta/fake tensors, where the real kernels' checks do not: a mix
+    of devices must fail there too rather than trace to an output on one of them."""
+    devices = {t.device for t in tensors if t is not None}
+    _check(op, len(devices) <= 1, f"inputs are on different devices: {sorted(map(str, devices))}")
+
+
 @torch.library.register_fake("emu_fast::splice_embeddings")
 def _(input_ids, embed_table, slot_values, slot_token_id):
+    _same_device("splice_embeddings", input_ids, embed_table, slot_values)
+    _check("splice_embeddings", input_ids.dim() == 2 and embed_table.dim() == 2 and slot_values.dim() == 2,
+           "input_ids, embed_table and slot_values must be 2-D")
+    _check("splice_embeddings", slot_values.shape[1] == embed_table.shape[1], "slot_values width != hidden size")
     return embed_table.new_empty(input_ids.shape[0], input_ids.shape[1], embed_table.shape[1])
 
 
 @torch.library.register_fake("emu_fast::decode_attention")
 def _(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale):
+    _same_device("decode_attention", q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin)
+    _check("decode_attention", q.dim() == 3 and k.dim() == 3 and k_cache.dim() == 4, "q/k must be 3-D, caches 4-D")
+    _check("decode_attention", k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
+           "query heads must be a positive multiple of KV heads")
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("emu_fast::regression_head")
 def _(hidden, norm_weight, eps, head_weight, up_weight):
+    _same_device("regression_head", hidden, norm_weight, head_weight, up_weight)
+    _check("regression_head", hidden.dim() == 2 and head_weight.dim() == 2 and head_weight.shape[1] == hidden.shape[1],
+           "head_weight must be [out, hidden] for hidden [B, hidden]")
+    _check("regression_head", up_weight is None or (up_weight.dim() == 2 and up_weight.shape[1] == head_weight.shape[0]),
+           "up_weight must take the head's output")
     out = hidden.new_empty(hidden.shape[0], head_weight.shape[0])
     nxt = hidden.new_empty(hidden.shape[0], up_weight.shape[0] if up_weight is not None else 0)
     return out, nxt
@@ -31,21 +56,30 @@ def _(hidden, norm_weight, eps, head_weight, up_weight):
 
 @torch.library.register_fake("emu_fast::gemv")
 def _(x, weight):
+    _same_device("gemv", x, weight)
+    _check("gemv", x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
+           f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("emu_fast::rms_norm")
 def _(x, weight, eps):
+    _same_device("rms_norm", x, weight)
+    _check("rms_norm", x.dim() == 2 and weight.shape == (x.shape[1],), "weight must be [hidden] for x [B, hidden]")
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("emu_fast::add_rms_norm")
 def _(x, residual, weight, eps):
+    _same_device("add_rms_norm", x, residual, weight)
+    _check("add_rms_norm", x.dim() == 2 and residual.shape == x.shape and weight.shape == (x.shape[1],),
+           "x and residual must be [B, hidden] and weight [hidden]")
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("emu_fast::silu_mul")
 def _(gate_up):
+    _check("silu_mul", gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0, "gate_up must be [B, 2 * intermediate]")
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 

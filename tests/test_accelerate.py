@@ -148,3 +148,34 @@ def test_hf_kv_cache_baseline_matches_original(emu_tokenizer, build):
     model = build(emu_tokenizer, kv_heads=2)
     expected = model.generate_image(TEXTS, image(2))
     assert rel_err(hf_kv_cache_generate_image(model, TEXTS, image(2)), expected) < 1e-4
+
+
+def test_unsupported_llama_configs_are_refused(emu_tokenizer):
+    for change, message in [({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+                            ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),
+                            ({"attention_bias": True}, "attention_bias=True")]:
+        model = emu1(emu_tokenizer)
+        for key, value in change.items():
+            setattr(model.decoder.lm.config, key, value)
+        with pytest.raises(TypeError, match=message):
+            emu_fast.accelerate(model)
+
+
+def test_replaced_weights_after_accelerate_are_noticed(emu_tokenizer):
+    model = emu1(emu_tokenizer)
+    emu_fast.accelerate(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    with pytest.raises(RuntimeError, match="call emu_fast.accelerate\\(model\\) again"):
+        model.generate_image(TEXTS[:1])
+    emu_fast.accelerate(model)  # and then it works again
+    assert rel_err(model.generate_image(TEXTS[:1]), model._emu_fast_original_generate_image(TEXTS[:1])) < 1e-4
+
+
+def test_generate_image_under_inference_mode(emu_tokenizer):
+    model = emu2(emu_tokenizer)
+    expected = model.generate_image(TEXTS[:2])
+    emu_fast.accelerate(model)
+    with torch.inference_mode():
+        out = model.generate_image(TEXTS[:2])
+    assert rel_err(out, expected) < 1e-4

@@ -247,9 +247,66 @@ def test_decode_equals_step_loop_and_checks_steps(emu_tokenizer):
     torch.testing.assert_close(a.decode(out_a, 4), torch.stack(steps[1:], 1), rtol=0, atol=0)
     assert a.lengths == b.lengths
     assert a.decode(out_a, 0).shape == (3, 0, 24)
-    with pytest.raises(ValueError, match="steps must be >= 0"):
+    with pytest.raises(ValueError, match=r"steps must be in \[0, max_seq_len = 64\], got -1"):
         a.decode(out_a, -1)
     room = 64 - max(a.lengths)
     with pytest.raises(ValueError, match="would pass the decoder's max_seq_len of 64"):
         a.decode(out_a, room + 1)
     assert a.decode(out_a, room).shape == (3, room, 24)  # exactly to the brim still works
+
+
+def test_grad_and_inference_mode_inputs(emu_tokenizer):
+    """Inputs that require grad do not chain autograd history onto the cache; inference-mode
+    tensors work (they carry no version counter) and give the same result."""
+    s = Setup("emu2", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    dec = s.decoder()
+    expected = dec.generate(embeds, mask, s.n)
+    out = dec.prefill(embeds.clone().requires_grad_(True), mask)
+    assert not out.requires_grad and dec.kv_cache.grad_fn is None
+    with torch.inference_mode():
+        got = dec.generate(embeds, mask, s.n)
+        first = dec.prefill(embeds, mask)
+        second = dec.step(first)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected[:, 1], rtol=0, atol=0)
+
+
+def test_concurrent_generate_is_serialized(emu_tokenizer):
+    import threading
+
+    s = Setup("emu1", emu_tokenizer)
+    dec = s.decoder()
+    inputs = [s.inputs(PROMPTS[3]), s.inputs(PROMPTS[1])]
+    expected = [dec.generate(*i, s.n) for i in inputs]
+    results, errors = {}, []
+
+    def worker(t):
+        try:
+            for r in range(5):
+                results[(t, r)] = dec.generate(*inputs[t % 2], s.n)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (t, _), out in results.items():
+        torch.testing.assert_close(out, expected[t % 2], rtol=0, atol=0)
+
+
+def test_emu1_head_must_map_hidden_to_hidden(emu_tokenizer):
+    s = Setup("emu1", emu_tokenizer)
+    with pytest.raises(ValueError, match="head_weight must be \\[64, 64\\]"):
+        EmuDecoder.from_llama(s.lm, torch.randn(32, 64), None, max_batch=1, max_seq_len=8)
+
+
+def test_generate_checks_n_before_running(emu_tokenizer):
+    s = Setup("emu1", emu_tokenizer)
+    dec = s.decoder()
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        dec.generate(*s.inputs(PROMPTS[1]), 2.5)
+    assert dec.batch_size == 0  # nothing ran

@@ -218,3 +218,23 @@ def _opcheck_cases(device):
 def test_opcheck(device):
     for name, args in _opcheck_cases(device):
         torch.library.opcheck(getattr(torch.ops.emu_fast, name).default, args)
+
+
+def test_decode_attention_rejects_zero_kv_heads_and_shared_caches():
+    q, k, v, kc, vc, cl, pos, cos, sin = _attention_case(2, 4, 2, 8, 6, [1, 2], torch.float32, "cpu")
+    empty_k = torch.randn(2, 0, 8)
+    with pytest.raises(ValueError, match="at least one query and one KV head"):
+        ops.decode_attention(q, empty_k, empty_k, torch.zeros(3, 0, 6, 8), torch.zeros(3, 0, 6, 8), cl, pos, cos, sin)
+    with pytest.raises(ValueError, match="overlap in memory"):
+        ops.decode_attention(q, k, v, kc, kc, cl, pos, cos, sin)
+
+
+def test_fake_kernels_check_devices_and_shapes():
+    """Meta tensors route to the fake kernels; a mix of devices or a bad shape fails there too."""
+    with pytest.raises(ValueError, match="different devices"):
+        ops.gemv(torch.randn(2, 4), torch.randn(3, 4, device="meta"))
+    with pytest.raises(ValueError, match="does not match weight"):
+        ops.gemv(torch.randn(2, 4, device="meta"), torch.randn(3, 5, device="meta"))
+    with pytest.raises(ValueError, match="gate_up must be"):
+        ops.silu_mul(torch.randn(2, 5, device="meta"))
+    assert ops.gemv(torch.randn(2, 4, device="meta"), torch.randn(3, 4, device="meta")).shape == (2, 3)
