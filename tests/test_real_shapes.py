@@ -1,0 +1,57 @@
+"""The real Emu language models' shapes and checkpoint names, without their weights: the
+configs in ../shared/emu build a LlamaForCausalLM on the meta device (no memory), emu_fast
+packs it and builds an EmuDecoder over it, and Emu2's real checkpoint index names exactly the
+parameters that model has (so a real checkpoint loads into what accelerate packs)."""
+import json
+
+import pytest
+import torch
+
+import emu_fast
+from conftest import SHARED_EMU
+
+transformers = pytest.importorskip("transformers")
+
+
+def _meta_lm(name):
+    path = SHARED_EMU / name
+    if not (path / "config.json").exists():
+        pytest.skip(f"{path} is missing")
+    cfg = transformers.LlamaConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("name,out_dim,layers,heads", [("emu1_llama_config", 5120, 40, 40),
+                                                       ("emu2_llama_config", 1792, 60, 52)])
+def test_real_shapes_build_a_decoder(name, out_dim, layers, heads):
+    lm = _meta_lm(name)
+    H = lm.config.hidden_size
+    with torch.device("meta"):
+        head = torch.empty(out_dim, H, dtype=torch.bfloat16)
+        up = None if out_dim == H else torch.empty(H, out_dim, dtype=torch.bfloat16)
+    dec = emu_fast.EmuDecoder.from_llama(lm, head, up, max_batch=8, max_seq_len=1024)
+    assert (dec.num_layers, dec.num_heads, dec.head_dim, dec.output_size) == (layers, heads, 128, out_dim)
+    assert dec.kv_cache.shape == (layers, 2, 8, heads, 1024, 128)
+    qkv = lm.model.layers[0].self_attn
+    assert qkv.q_proj.weight.shape == qkv.k_proj.weight.shape == (H, H)  # views of the packed tensor
+
+
+def test_emu2_checkpoint_names_match_the_model():
+    lm = _meta_lm("emu2_llama_config")
+    index = json.loads((SHARED_EMU / "emu2_llama_config" / "pytorch_model.bin.index.json").read_text())
+    names = {k for k in index["weight_map"] if not k.endswith("rotary_emb.inv_freq")}  # a buffer, recomputed
+    assert names == set(lm.state_dict())
+    emu_fast.packing.pack_llama_layers(lm)
+    assert names == set(lm.state_dict())  # packing keeps every name
+
+
+def test_in_place_load_state_dict_after_accelerate_reaches_the_decoder(emu_tokenizer):
+    from emu_fast.testing import TinyEmu1, rel_err, tiny_llama
+
+    model = TinyEmu1(emu_tokenizer, tiny_llama(seed=1), n_causal=6)
+    emu_fast.accelerate(model)
+    other = TinyEmu1(emu_tokenizer, tiny_llama(seed=2), n_causal=6)
+    model.load_state_dict(other.state_dict())  # copies into the packed views
+    texts = ["a photo of a cat"]
+    assert rel_err(model.generate_image(texts), other.generate_image(texts)) < 1e-4
