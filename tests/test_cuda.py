@@ -270,3 +270,19 @@ def test_peak_gpu_memory_after_accelerate(emu_tokenizer):
     peak = torch.cuda.max_memory_allocated()
     kv = model.emu_fast_decoder.kv_cache_bytes
     assert peak - base <= kv + 0.05 * weights, (peak - base, kv, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_cuda_misaligned_cache_uses_scalar_loads(dtype):
+    """A contiguous cache view at an odd element offset cannot take vector loads; still right."""
+    torch.manual_seed(0)
+    B, H, D, S = 2, 4, 128, 40
+    q, k, v = (torch.randn(B, H, D, device="cuda").to(dtype) for _ in range(3))
+    n = B * H * S * D
+    kc = torch.randn(n + 1, device="cuda").to(dtype)[1:].view(B, H, S, D)
+    vc = torch.randn(n + 1, device="cuda").to(dtype)[1:].view(B, H, S, D)
+    cos, sin = (t.cuda() for t in reference.rope_tables(D, 2 * S, 1e4))
+    lens = torch.tensor([7, 39], device="cuda")
+    kr, vr = kc.clone(), vc.clone()
+    expected = reference.decode_attention(q, k, v, kr, vr, lens, lens, cos, sin, D ** -0.5)
+    close(ops.decode_attention(q, k, v, kc, vc, lens, lens, cos, sin), expected, dtype)

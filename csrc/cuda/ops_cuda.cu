@@ -121,6 +121,10 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   p.splits = static_cast<int>(splits);
   p.chunk = static_cast<int>(chunk);
   p.scale = static_cast<float>(scale);
+  // Lane rows start at multiples of D/32 elements: vector loads need the bases aligned to that.
+  const auto row_bytes = static_cast<uintptr_t>(D / 32 * q.element_size());
+  p.vector_loads = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % row_bytes == 0 &&
+                   reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % row_bytes == 0;
   at::Tensor part;
   if (splits > 1) {
     part = at::empty({B * Hq * splits * (D + 2)}, q.options().dtype(at::kFloat));

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace emu_fast::cuda {
 
@@ -62,6 +63,23 @@ __device__ __forceinline__ Vec16<T> load_vec16(const T* p) {
 template <typename T>
 __device__ __forceinline__ Vec16<T> load_vec16_stream(const T* p) {
   return Vec16<T>{__ldcs(reinterpret_cast<const uint4*>(p))};
+}
+
+// E consecutive elements at p (aligned to E * sizeof(T) bytes) as floats, in one 4-, 8- or
+// 16-byte load where that size fits.
+template <typename T, int E>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[E]) {
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * E;
+  if constexpr (kBytes == 16 || kBytes == 8 || kBytes == 4) {
+    using Word = std::conditional_t<kBytes == 16, uint4, std::conditional_t<kBytes == 8, uint2, uint32_t>>;
+    const Word w = *reinterpret_cast<const Word*>(p);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = to_f(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = to_f(p[i]);
+  }
 }
 
 }  // namespace emu_fast::cuda

@@ -34,6 +34,7 @@ struct DecodeAttentionParams {
   int64_t max_position;       // P
   int num_heads, num_kv_heads, capacity, splits, chunk;
   float scale;
+  bool vector_loads;          // both caches aligned to E * sizeof(T) bytes
 };
 
 template <typename T, int D>
@@ -138,10 +139,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
   };
   for (int64_t j = start + warp; j < end; j += kAttnWarps) {
     float kr[E], vr[E];
+    if (p.vector_loads) {  // caches aligned: one load per lane per row
+      load_floats<T, E>(kc + j * D + lane * E, kr);
+      load_floats<T, E>(vc + j * D + lane * E, vr);
+    } else {
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      kr[e] = to_f(kc[j * D + lane * E + e]);
-      vr[e] = to_f(vc[j * D + lane * E + e]);
+      for (int e = 0; e < E; ++e) {
+        kr[e] = to_f(kc[j * D + lane * E + e]);
+        vr[e] = to_f(vc[j * D + lane * E + e]);
+      }
     }
     attend(kr, vr);
   }
