@@ -56,35 +56,24 @@ def _linear_weight(module, name: str) -> torch.Tensor:
     return module.weight
 
 
-def _check_llama_config(config) -> None:
-    """What the decoder computes: plain LLaMA. Anything else is refused, not approximated."""
-    problems = []
-    if getattr(config, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={config.hidden_act!r} (needs 'silu')")
-    scaling = getattr(config, "rope_scaling", None)
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or params.get("rope_type", "default")
-    if rope_type not in (None, "default"):
-        problems.append(f"RoPE scaling {rope_type!r} (needs plain RoPE)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(config, flag, False):
-            problems.append(f"{flag}=True")
-    head_dim = getattr(config, "head_dim", None)
-    if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
-        problems.append(f"head_dim={head_dim} with {config.num_attention_heads} heads != hidden {config.hidden_size}")
-    if getattr(config, "pretraining_tp", 1) not in (None, 1):
-        problems.append(f"pretraining_tp={config.pretraining_tp}")
-    if problems:
-        raise TypeError("emu_fast.accelerate: unsupported language-model config: " + "; ".join(problems))
+def _regression_modules(model, kind):
+    """(head, up): Emu1's stu_regress_head and no up; Emu2's project_down and project_up."""
+    lm = model.decoder.lm
+    if kind == "emu1":
+        return lm.stu_regress_head, None
+    owner = lm if hasattr(lm, "project_up") else model
+    return owner.project_down, owner.project_up
 
 
-def _packed_views(lm):
-    """The addresses of the body's weights the decoder reads, to notice later if the model's
-    weights were replaced or moved (load_state_dict(assign=True), .to(), ...)."""
+def _weight_addresses(model, kind):
+    """Where every weight the decoder reads lives, to notice later if the model's weights were
+    replaced or moved (load_state_dict(assign=True), .to(), ...)."""
     from .packing import _body
 
-    body = _body(lm)
-    return [p.data_ptr() for p in body.parameters() if p is not body.embed_tokens.weight]
+    body = _body(model.decoder.lm)
+    head, up = _regression_modules(model, kind)
+    addresses = [p.data_ptr() for p in body.parameters() if p is not body.embed_tokens.weight]
+    return addresses + [m.weight.data_ptr() for m in (head, up) if m is not None]
 
 
 def accelerate(model, *, max_batch: int = 4, max_seq_len: int = 1024):
@@ -93,24 +82,17 @@ def accelerate(model, *, max_batch: int = 4, max_seq_len: int = 1024):
     generated embeddings); larger requests raise ValueError. The original method stays at
     `model._emu_fast_original_generate_image`; `model.emu_fast_decoder` is the EmuDecoder."""
     kind = _kind(model)
-    lm = model.decoder.lm
-    _check_llama_config(lm.config)
-    if kind == "emu1":
-        head = _linear_weight(lm.stu_regress_head, "decoder.lm.stu_regress_head")
-        up = None
-        n = int(model.n_causal)
-    else:
-        owner = lm if hasattr(lm, "project_up") else model
-        head = _linear_weight(owner.project_down, "project_down")
-        up = _linear_weight(owner.project_up, "project_up")
-        n = int(model.n_query)
-    decoder = EmuDecoder.from_llama(lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len)
+    head_module, up_module = _regression_modules(model, kind)
+    head = _linear_weight(head_module, "decoder.lm.stu_regress_head" if kind == "emu1" else "project_down")
+    up = None if up_module is None else _linear_weight(up_module, "project_up")
+    n = int(model.n_causal if kind == "emu1" else model.n_query)
+    decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len)
     if not hasattr(model, "_emu_fast_original_generate_image"):
         model._emu_fast_original_generate_image = model.generate_image
     model.emu_fast_decoder = decoder
     model._emu_fast_kind = kind
     model._emu_fast_n = n
-    model._emu_fast_weights = _packed_views(lm) + [head.data_ptr()] + ([] if up is None else [up.data_ptr()])
+    model._emu_fast_weights = _weight_addresses(model, kind)
     model.generate_image = types.MethodType(_generate_image, model)
     return model
 
@@ -123,8 +105,7 @@ def _prompt_image_embeds(model, image: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"emu_fast: prompt images need the model's {', '.join(missing)}")
         x = model.cformer(model.ln_visual(model.visual.forward_features(image)))
     else:
-        lm = model.decoder.lm
-        up = lm.project_up if hasattr(lm, "project_up") else model.project_up
+        _, up = _regression_modules(model, "emu2")
         x = model.encode_image(image)
         x = up(x.reshape(-1, x.shape[-1]))
     return x.reshape(-1, x.shape[-1])
@@ -139,9 +120,7 @@ def _generate_image(self, text: List[str], image: Optional[torch.Tensor] = None,
         raise ValueError("emu_fast: generate_image got an empty list of prompts")
     decoder: EmuDecoder = self.emu_fast_decoder
     lm = self.decoder.lm
-    head = lm.stu_regress_head if self._emu_fast_kind == "emu1" else (lm if hasattr(lm, "project_down") else self).project_down
-    up = [] if self._emu_fast_kind == "emu1" else [(lm if hasattr(lm, "project_up") else self).project_up.weight.data_ptr()]
-    if _packed_views(lm) + [head.weight.data_ptr()] + up != self._emu_fast_weights:
+    if _weight_addresses(self, self._emu_fast_kind) != self._emu_fast_weights:
         raise RuntimeError("emu_fast: the model's weights were replaced or moved after emu_fast.accelerate "
                            "(load_state_dict(assign=True), .to(), ...); call emu_fast.accelerate(model) again")
     if len(text) > decoder.max_batch:

@@ -12,6 +12,28 @@ from .packing import _body, pack_llama_layers
 from .reference import LlamaShape
 
 
+def check_llama_config(config) -> None:
+    """What the decoder computes: plain LLaMA. Anything else is refused, not approximated."""
+    problems = []
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config.hidden_act!r} (needs 'silu')")
+    scaling = getattr(config, "rope_scaling", None)
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or params.get("rope_type", "default")
+    if rope_type not in (None, "default"):
+        problems.append(f"RoPE scaling {rope_type!r} (needs plain RoPE)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, False):
+            problems.append(f"{flag}=True")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
+        problems.append(f"head_dim={head_dim} with {config.num_attention_heads} heads != hidden {config.hidden_size}")
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        problems.append(f"pretraining_tp={config.pretraining_tp}")
+    if problems:
+        raise TypeError("emu_fast: unsupported language-model config: " + "; ".join(problems))
+
+
 class EmuDecoder(_C.EmuDecoder):
     __doc__ = _C.EmuDecoder.__doc__
 
@@ -27,6 +49,7 @@ class EmuDecoder(_C.EmuDecoder):
         """A decoder over a Hugging Face LlamaForCausalLM's body, with the given regression head
         (and Emu2's project_up). Packs QKV and gate/up in place (the model keeps working); no
         weight is copied. Allocates the KV cache for max_batch x max_seq_len."""
+        check_llama_config(lm.config)
         shape = LlamaShape.from_hf(lm.config)
         return cls(
             pack_llama_layers(lm),
