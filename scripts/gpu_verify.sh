@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU should run, in one go (device time is short): build, the
+# whole test suite, compute-sanitizer (memcheck, racecheck) on the CUDA tests, and the two
+# benchmark points of the CUDA issue. Results land in benchmarks/results/ as JSON plus the
+# printed tables, named after the GPU and the date; commit them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=${OUT_DIR:-benchmarks/results}
+mkdir -p "$OUT"
+"$PYTHON" -m pip install -q --no-build-isolation -e . || exit 1
+GPU=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+TAG="$GPU-$(date -u +%Y%m%d)-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)"
+status=0
+# run_to FILE CMD...: runs CMD, shows and keeps its output, remembers a failure.
+run_to() {
+  local file=$1
+  shift
+  echo "=== $*"
+  "$@" > "$file" 2>&1
+  local rc=$?
+  tail -40 "$file"
+  [ $rc -eq 0 ] || { echo "FAILED ($rc): $*"; status=1; }
+}
+
+run_to "$OUT/$TAG-tests.txt" "$PYTHON" -m pytest -q tests
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    run_to "$OUT/$TAG-sanitizer-$tool.txt" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+      "$PYTHON" -m pytest -q -x tests/test_cuda.py -k "decode_attention or gemv or glue or graph_equals"
+  done
+fi
+run_to "$OUT/$TAG-emu1-13b-b1-p128.txt" "$PYTHON" benchmarks/latency.py --json "$OUT/$TAG-emu1-13b-b1-p128.json"
+run_to "$OUT/$TAG-emu1-13b-b8-p512.txt" "$PYTHON" benchmarks/latency.py --batch 8 --prompt-len 512 --reps 2 \
+  --json "$OUT/$TAG-emu1-13b-b8-p512.json"
+exit $status
