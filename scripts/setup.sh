@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 missing=()
 have() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
 have torch || missing+=("torch==2.13.0")
-for mod in pybind11 numpy pytest transformers; do
+for mod in pybind11 numpy pytest; do
   have "$mod" || missing+=("$mod")
 done
+# The version the tests were last run against; an installed one (say, a GPU machine's) is kept.
+have transformers || missing+=("transformers==5.24.0")
 # ninja and cmake may come as commands (system packages) or as the PyPI wheels of that name.
 for tool in ninja cmake; do
   command -v "$tool" >/dev/null 2>&1 || have "$tool" || missing+=("$tool")
