@@ -119,39 +119,73 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
   }
-  auto attend = [&](const float (&kr)[E], const float (&vr)[E]) {
+  // Online-softmax update with kKeys keys at once: one max and one rescale per group of keys,
+  // and all their K/V rows loaded before any is used, so each warp keeps several rows in
+  // flight (decode attention is bound by reading the cache). A key index past the slice
+  // (valid[u] false) is skipped; the first is always valid.
+  constexpr int kKeys = 4;
+  auto attend = [&](const float (&kr)[kKeys][E], const float (&vr)[kKeys][E], const bool (&valid)[kKeys]) {
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
       if (g < group) {
-        float dot = 0.f;
+        float score[kKeys];
+        float m_new = m[g];
 #pragma unroll
-        for (int e = 0; e < E; ++e) dot += qf[g][e] * kr[e];
-        const float score = warp_sum(dot);
-        const float m_new = fmaxf(m[g], score);
+        for (int u = 0; u < kKeys; ++u) {
+          float dot = 0.f;
+#pragma unroll
+          for (int e = 0; e < E; ++e) dot += qf[g][e] * kr[u][e];
+          score[u] = valid[u] ? warp_sum(dot) : -INFINITY;
+          m_new = fmaxf(m_new, score[u]);
+        }
         const float corr = __expf(m[g] - m_new);
-        const float w = __expf(score - m_new);
-        l[g] = l[g] * corr + w;
+        l[g] *= corr;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[g][e] = acc[g][e] * corr + w * vr[e];
+        for (int e = 0; e < E; ++e) acc[g][e] *= corr;
+#pragma unroll
+        for (int u = 0; u < kKeys; ++u) {
+          const float w = valid[u] ? __expf(score[u] - m_new) : 0.f;
+          l[g] += w;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[g][e] += w * vr[u][e];
+        }
         m[g] = m_new;
       }
     }
   };
-  for (int64_t j = start + warp; j < end; j += kAttnWarps) {
-    float kr[E], vr[E];
-    if (p.vector_loads) {  // caches aligned: one load per lane per row
-      load_floats<T, E>(kc + j * D + lane * E, kr);
-      load_floats<T, E>(vc + j * D + lane * E, vr);
-    } else {
+  for (int64_t j0 = start + warp; j0 < end; j0 += kAttnWarps * kKeys) {
+    float kr[kKeys][E], vr[kKeys][E];
+    bool valid[kKeys];
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        kr[e] = to_f(kc[j * D + lane * E + e]);
-        vr[e] = to_f(vc[j * D + lane * E + e]);
+    for (int u = 0; u < kKeys; ++u) {
+      const int64_t j = j0 + static_cast<int64_t>(u) * kAttnWarps;
+      valid[u] = j < end;  // the same for the whole warp
+      if (!valid[u]) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) kr[u][e] = vr[u][e] = 0.f;
+      } else if (p.vector_loads) {  // caches aligned: one load per lane per row
+        load_floats<T, E>(kc + j * D + lane * E, kr[u]);
+        load_floats<T, E>(vc + j * D + lane * E, vr[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          kr[u][e] = to_f(kc[j * D + lane * E + e]);
+          vr[u][e] = to_f(vc[j * D + lane * E + e]);
+        }
       }
     }
-    attend(kr, vr);
+    attend(kr, vr, valid);
   }
-  if (has_new && warp == kAttnWarps - 1) attend(kn, vn);
+  if (has_new && warp == kAttnWarps - 1) {
+    float kr[kKeys][E] = {}, vr[kKeys][E] = {};
+    bool valid[kKeys] = {true};
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      kr[0][e] = kn[e];
+      vr[0][e] = vn[e];
+    }
+    attend(kr, vr, valid);
+  }
 
   // Merge the warps' softmax states.
   __shared__ float sm_max[kAttnWarps][kMaxGroup], sm_sum[kAttnWarps][kMaxGroup];
