@@ -37,6 +37,9 @@ at::Tensor EmuDecoder::decode_with_graph(at::Tensor x, int64_t steps) {
     const c10::cuda::CUDAStreamGuard stream_guard(side);
     std::tie(out, next) = run_step(x);
     side.synchronize();
+    // Made on the side stream, read on the current one below: tell the allocator.
+    out.record_stream(current);
+    next.record_stream(current);
   } else {
     std::tie(out, next) = run_step(x);
   }
