@@ -310,3 +310,17 @@ def test_generate_checks_n_before_running(emu_tokenizer):
     with pytest.raises(ValueError, match="n must be a positive int"):
         dec.generate(*s.inputs(PROMPTS[1]), 2.5)
     assert dec.batch_size == 0  # nothing ran
+
+
+def test_wrong_device_inputs_are_rejected(emu_tokenizer):
+    s = Setup("emu2", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[1])
+    dec = s.decoder()
+    with pytest.raises(ValueError, match="inputs_embeds are on meta but the decoder is on cpu"):
+        dec.prefill(embeds.to("meta"), mask)
+    with pytest.raises(ValueError, match="attention_mask is on meta"):
+        dec.prefill(embeds, mask.to("meta"))
+    out = dec.prefill(embeds, mask)
+    with pytest.raises(ValueError, match="previous output is on meta"):
+        dec.step(out.to("meta"))
+    assert dec.step(out).shape == out.shape
