@@ -3,7 +3,8 @@
 # without torch's CUDA libraries: the torch-free kernels (all types and head sizes), the torch
 # glue against torch's headers (compile only, no link), and the host code of the CUDA graph
 # path. A CPU build of torch lacks one generated CUDA config header; a stand-in is written to
-# build/cuda-check/include for this check only.
+# build/cuda-check/include for this check only. SKIP_KERNELS=1 / SKIP_GLUE=1 skip the two nvcc
+# steps when iterating on one part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
