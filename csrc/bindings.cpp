@@ -53,6 +53,9 @@ stacked on dim 0, gate_up = gate,up stacked). The weights are used in place, not
            "replays a CUDA graph of the step.")
       .def_property("use_cuda_graphs", &EmuDecoder::use_cuda_graphs, &EmuDecoder::set_use_cuda_graphs,
                     "Whether decode() replays a captured CUDA graph on the GPU (default True).")
+      .def_property("fused_cpu_step", &EmuDecoder::fused_cpu_step, &EmuDecoder::set_fused_cpu_step,
+                    "On the CPU, run each step in one parallel region (default True) or op by op "
+                    "through the dispatcher, as on CUDA.")
       .def("reset", &EmuDecoder::reset, "Forget the active batch; keeps the KV cache allocation.")
       .def_property_readonly("batch_size", &EmuDecoder::batch_size)
       .def_property_readonly("lengths", &EmuDecoder::lengths, "Tokens cached per active sequence.")

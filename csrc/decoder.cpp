@@ -1,12 +1,15 @@
 #include "decoder.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 
 #include "checks.h"
+#include "cpu/decode_step.h"
+#include "kernels/scalar.h"
 #include "ops_api.h"
 
 namespace emu_fast {
@@ -279,7 +282,54 @@ at::Tensor EmuDecoder::next_input(const at::Tensor& prev) {
   return ops::gemv(prev.contiguous(), *up_);
 }
 
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_cpu(const at::Tensor& x) {
+  const int64_t B = x.size(0);
+  cpu::StepArgs<T> a;
+  a.batch = B;
+  a.hidden = hidden_;
+  a.heads = num_heads_;
+  a.kv_heads = num_kv_heads_;
+  a.head_dim = head_dim_;
+  a.intermediate = layers_[0].down.size(1);
+  a.capacity = max_seq_len_;
+  a.out_dim = output_size();
+  a.eps = static_cast<float>(eps_);
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim_)));
+  auto ptr = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const auto& w = layers_[l];
+    a.layers.push_back({ptr(w.input_norm), ptr(w.qkv), ptr(w.o), ptr(w.post_norm), ptr(w.gate_up), ptr(w.down),
+                        ptr(k_cache_[l]), ptr(v_cache_[l])});
+  }
+  a.final_norm = ptr(final_norm_);
+  a.head = ptr(head_);
+  a.up = up_.has_value() ? ptr(*up_) : nullptr;
+  std::vector<int64_t> positions(B);
+  for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
+  a.lengths = lengths_.data();
+  a.positions = positions.data();
+  a.rope_cos = rope_cos_.data_ptr<float>();
+  a.rope_sin = rope_sin_.data_ptr<float>();
+  const at::Tensor xc = x.contiguous();
+  a.x = ptr(xc);
+  at::Tensor out = at::empty({B, output_size()}, x.options());
+  at::Tensor next = at::empty({B, up_.has_value() ? hidden_ : 0}, x.options());
+  a.out = ptr(out);
+  a.next = up_.has_value() ? ptr(next) : nullptr;
+  a.threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  cpu::decode_step(a);
+  lengths_dev_.narrow(0, 0, B).add_(1);
+  return {out, next};
+}
+
 std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
+  // On the CPU the whole step runs in one parallel region (cpu/decode_step.cpp); elsewhere op
+  // by op through the dispatcher, which on CUDA is what a graph captures.
+  if (x.device().is_cpu() && fused_cpu_step_) {
+    if (x.scalar_type() == at::kFloat) return run_step_cpu<float>(x);
+    if (x.scalar_type() == at::kBFloat16) return run_step_cpu<kernels::bf16>(x);
+  }
   const int64_t B = x.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const at::Tensor lens = lengths_dev_.narrow(0, 0, B);

@@ -65,6 +65,9 @@ class EmuDecoder {
   at::Tensor kv_cache() const { return kv_; }  // [L, 2, max_batch, Hkv, max_seq_len, D]
   bool use_cuda_graphs() const { return use_cuda_graphs_; }
   void set_use_cuda_graphs(bool on) { use_cuda_graphs_ = on; }
+  // On the CPU, run a step as one parallel region (default) or op by op like on CUDA.
+  bool fused_cpu_step() const { return fused_cpu_step_; }
+  void set_fused_cpu_step(bool on) { fused_cpu_step_ = on; }
 
  private:
   at::Tensor rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
@@ -73,6 +76,8 @@ class EmuDecoder {
   // The body of a step from its input x [B, H]: every layer, the head; advances the device-side
   // lengths. Only device work (capturable); returns (output, next input or [B,0]).
   std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
+  template <typename T>
+  std::tuple<at::Tensor, at::Tensor> run_step_cpu(const at::Tensor& x);
   void remember(const at::Tensor& out, const at::Tensor& next);
   void reset_locked();
   at::Tensor decode_with_graph(at::Tensor x, int64_t steps);
@@ -98,6 +103,7 @@ class EmuDecoder {
   int64_t last_out_version_ = -1;
 
   bool use_cuda_graphs_ = true;
+  bool fused_cpu_step_ = true;
   std::mutex mutex_;  // one call at a time: prefill/step/decode mutate the cache and lengths
   struct Graph;                                    // defined in decoder_cuda_graph.cpp
   std::vector<std::shared_ptr<Graph>> graphs_;     // one per batch size, captured on first use

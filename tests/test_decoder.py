@@ -324,3 +324,16 @@ def test_wrong_device_inputs_are_rejected(emu_tokenizer):
     with pytest.raises(ValueError, match="previous output is on meta"):
         dec.step(out.to("meta"))
     assert dec.step(out).shape == out.shape
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_step_equals_op_by_op_step(emu_tokenizer, kind, dtype):
+    """The CPU's one-parallel-region step and the op-by-op step (the path CUDA takes) run the
+    same kernels with the same roundings: identical results."""
+    s = Setup(kind, emu_tokenizer, kv_heads=2, dtype=dtype)
+    embeds, mask = s.inputs(PROMPTS[3])
+    fused, by_op = s.decoder(), s.decoder()
+    by_op.fused_cpu_step = False
+    assert fused.fused_cpu_step and not by_op.fused_cpu_step
+    torch.testing.assert_close(fused.generate(embeds, mask, s.n), by_op.generate(embeds, mask, s.n), rtol=0, atol=0)

@@ -1,0 +1,145 @@
+#include "cpu/decode_step.h"
+
+#include <omp.h>
+
+#include <algorithm>
+
+#include "kernels/decode_attention.h"
+#include "kernels/gemv.h"
+#include "kernels/norm.h"
+
+namespace emu_fast::cpu {
+namespace {
+
+using kernels::bf16;
+
+// This thread's share [begin, end) of n items, in blocks of `align` (GEMV rows go four at a time).
+inline void share(int64_t n, int tid, int nt, int64_t align, int64_t& begin, int64_t& end) {
+  const int64_t blocks = (n + align - 1) / align;
+  begin = std::min(n, blocks * tid / nt * align);
+  end = std::min(n, blocks * (tid + 1) / nt * align);
+}
+
+template <typename T>
+struct Scratch {
+  std::vector<T> h, xn, qkv, attn, gate_up, act, branch;
+  std::vector<float> xf, yf;
+  Scratch(const StepArgs<T>& a) {
+    const int64_t B = a.batch, H = a.hidden, I = a.intermediate, QD = a.heads * a.head_dim;
+    const int64_t qkv_w = (a.heads + 2 * a.kv_heads) * a.head_dim;
+    h.resize(B * H);
+    xn.resize(B * H);
+    qkv.resize(B * qkv_w);
+    attn.resize(B * QD);
+    gate_up.resize(B * 2 * I);
+    act.resize(B * I);
+    branch.resize(B * H);
+    xf.resize(B * std::max({H, I, QD, a.out_dim}));
+    yf.resize(B * std::max({qkv_w, 2 * I, H, a.out_dim}));
+  }
+};
+
+template <typename T>
+void widen(const T* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = kernels::to_float(x[i]);
+}
+
+}  // namespace
+
+template <typename T>
+void decode_step(const StepArgs<T>& a) {
+  const int64_t B = a.batch, H = a.hidden, D = a.head_dim, Hq = a.heads, Hkv = a.kv_heads, I = a.intermediate;
+  const int64_t qkv_w = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
+  Scratch<T> s(a);
+  std::copy(a.x, a.x + B * H, s.h.begin());
+  std::vector<std::vector<float>> attn_scratch(a.threads);
+
+#pragma omp parallel num_threads(a.threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    // y[B, N] = (widened x)[B, K] @ w^T: this thread's rows, rounded to T right away.
+    auto gemv = [&](const T* w, int64_t N, int64_t K, T* y) {
+      int64_t n0, n1;
+      share(N, tid, nt, 4, n0, n1);
+      if (n0 < n1) {
+        kernels::gemv_rows(w, s.xf.data(), s.yf.data(), B, K, N, n0, n1);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t n = n0; n < n1; ++n) y[b * N + n] = kernels::from_float<T>(s.yf[b * N + n]);
+      }
+    };
+    for (size_t l = 0; l < a.layers.size(); ++l) {
+      const StepLayer<T>& w = a.layers[l];
+#pragma omp single
+      {
+        for (int64_t b = 0; b < B; ++b) {
+          if (l == 0) {
+            kernels::rms_norm_row_cpu(&s.h[b * H], w.input_norm, a.eps, H, &s.xn[b * H]);
+          } else {  // the previous layer's MLP output joins the residual stream here
+            kernels::add_rms_norm_row_cpu(&s.branch[b * H], &s.h[b * H], w.input_norm, a.eps, H, &s.h[b * H],
+                                          &s.xn[b * H]);
+          }
+        }
+        widen(s.xn.data(), B * H, s.xf.data());
+      }
+      gemv(w.qkv, qkv_w, H, s.qkv.data());
+#pragma omp barrier
+      {  // attention: (sequence, KV head) pairs split across the threads
+        int64_t t0, t1;
+        share(B * Hkv, tid, nt, 1, t0, t1);
+        std::vector<float>& scratch = attn_scratch[tid];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / Hkv, h = t % Hkv, len = a.lengths[b];
+          scratch.resize(len + 1 + D);
+          const kernels::DecodeHeadArgs args{D, group, len, a.scale, a.rope_cos + a.positions[b] * (D / 2),
+                                             a.rope_sin + a.positions[b] * (D / 2)};
+          const T* row = &s.qkv[b * qkv_w];
+          const int64_t cache_off = (b * Hkv + h) * a.capacity * D;
+          kernels::decode_attention_head_cpu(args, row + h * group * D, D, row + (Hq + h) * D,
+                                             row + (Hq + Hkv + h) * D, w.k_cache + cache_off, w.v_cache + cache_off,
+                                             scratch.data(), &s.attn[(b * Hq + h * group) * D], D);
+        }
+      }
+#pragma omp barrier
+#pragma omp single
+      widen(s.attn.data(), B * Hq * D, s.xf.data());
+      gemv(w.o, H, Hq * D, s.branch.data());
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t b = 0; b < B; ++b)
+          kernels::add_rms_norm_row_cpu(&s.branch[b * H], &s.h[b * H], w.post_norm, a.eps, H, &s.h[b * H],
+                                        &s.xn[b * H]);
+        widen(s.xn.data(), B * H, s.xf.data());
+      }
+      gemv(w.gate_up, 2 * I, H, s.gate_up.data());
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t b = 0; b < B; ++b) kernels::silu_mul_row_cpu(&s.gate_up[b * 2 * I], I, &s.act[b * I]);
+        widen(s.act.data(), B * I, s.xf.data());
+      }
+      gemv(w.down, H, I, s.branch.data());
+#pragma omp barrier
+    }
+    // The head: the residual stream's last add, RMSNorm, the head GEMV, and Emu2's project_up.
+#pragma omp single
+    {
+      for (int64_t i = 0; i < B * H; ++i)
+        s.h[i] = kernels::from_float<T>(kernels::to_float(s.h[i]) + kernels::to_float(s.branch[i]));
+      for (int64_t b = 0; b < B; ++b) kernels::rms_norm_row_cpu(&s.h[b * H], a.final_norm, a.eps, H, &s.xn[b * H]);
+      widen(s.xn.data(), B * H, s.xf.data());
+    }
+    gemv(a.head, a.out_dim, H, a.out);
+    if (a.up != nullptr) {
+#pragma omp barrier
+#pragma omp single
+      widen(a.out, B * a.out_dim, s.xf.data());
+      gemv(a.up, H, a.out_dim, a.next);
+    }
+  }
+}
+
+template void decode_step<float>(const StepArgs<float>&);
+template void decode_step<bf16>(const StepArgs<bf16>&);
+
+}  // namespace emu_fast::cpu

@@ -1,0 +1,35 @@
+// One whole decode step of the LLaMA body and the regression head on the CPU, in a single
+// parallel region: the threads split each GEMV's rows and the attention's (sequence, KV head)
+// pairs and meet at a barrier between stages, instead of one fork/join, one dispatcher call
+// and one allocation per op. Same kernels and roundings as the emu_fast ops; torch-free.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace emu_fast::cpu {
+
+template <typename T>
+struct StepLayer {
+  const T *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
+  T *k_cache, *v_cache;  // this layer's [max_batch, Hkv, capacity, D]
+};
+
+template <typename T>
+struct StepArgs {
+  int64_t batch, hidden, heads, kv_heads, head_dim, intermediate, capacity, out_dim;
+  float eps, scale;
+  std::vector<StepLayer<T>> layers;
+  const T *final_norm, *head, *up;  // up: nullptr when the output is the next input
+  const int64_t* lengths;           // [batch] cached entries per sequence (the new one goes there)
+  const int64_t* positions;         // [batch] RoPE position of the new token
+  const float *rope_cos, *rope_sin; // [P, D/2]
+  const T* x;                       // [batch, hidden] the step's input
+  T* out;                           // [batch, out_dim]
+  T* next;                          // [batch, hidden] when up != nullptr
+  int threads;
+};
+
+template <typename T>
+void decode_step(const StepArgs<T>& a);
+
+}  // namespace emu_fast::cpu
