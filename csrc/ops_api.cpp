@@ -13,13 +13,6 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 
 }  // namespace
 
-at::Tensor splice_embeddings(const at::Tensor& input_ids, const at::Tensor& embed_table,
-                             const at::Tensor& slot_values, int64_t slot_token_id) {
-  static auto op = handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>(
-      "emu_fast::splice_embeddings");
-  return op.call(input_ids, embed_table, slot_values, slot_token_id);
-}
-
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
                             const at::Tensor& positions, const at::Tensor& rope_cos,

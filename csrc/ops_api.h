@@ -1,4 +1,4 @@
-// C++ entry points to the emu_fast ops that go through the dispatcher, so EmuDecoder runs the
+// C++ entry points to the emu_fast ops EmuDecoder uses, through the dispatcher, so it runs the
 // CPU or CUDA implementation of each op by the device of its tensors.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -8,8 +8,6 @@
 
 namespace emu_fast::ops {
 
-at::Tensor splice_embeddings(const at::Tensor& input_ids, const at::Tensor& embed_table,
-                             const at::Tensor& slot_values, int64_t slot_token_id);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
                             const at::Tensor& positions, const at::Tensor& rope_cos,
