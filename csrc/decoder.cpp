@@ -73,6 +73,8 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
     TORCH_CHECK_VALUE(w[4].defined() && w[4].dim() == 2 && w[4].size(0) % 2 == 0, kWho, ": layer ", l,
                       " gate_up must be [2*intermediate, hidden]");
     const int64_t I = w[4].size(0) / 2;
+    TORCH_CHECK_VALUE(l == 0 || I == layers_[0].down.size(1), kWho, ": layer ", l, " has intermediate size ", I,
+                      " but layer 0 has ", layers_.empty() ? 0 : layers_[0].down.size(1), "; LLaMA's are all equal");
     check_weight(w[0], "input_norm", li, {H}, ref);
     check_weight(w[1], "qkv", li, {qkv_rows, H}, ref);
     check_weight(w[2], "o", li, {H, num_heads * D}, ref);

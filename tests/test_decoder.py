@@ -337,3 +337,13 @@ def test_fused_cpu_step_equals_op_by_op_step(emu_tokenizer, kind, dtype):
     by_op.fused_cpu_step = False
     assert fused.fused_cpu_step and not by_op.fused_cpu_step
     torch.testing.assert_close(fused.generate(embeds, mask, s.n), by_op.generate(embeds, mask, s.n), rtol=0, atol=0)
+
+
+def test_constructor_rejects_uneven_intermediate_sizes(emu_tokenizer):
+    s = Setup("emu1", emu_tokenizer)
+    layers = [list(layer) for layer in _layers(s)]
+    layers[1][4] = torch.randn(2 * 100, 64)  # gate_up of another width
+    layers[1][5] = torch.randn(64, 100)
+    with pytest.raises(ValueError, match="layer 1 has intermediate size 100 but layer 0 has 96"):
+        EmuDecoder(layers, s.lm.model.norm.weight.detach(), s.head, None, num_heads=4, num_kv_heads=4,
+                   rms_eps=1e-6, rope_theta=1e4, max_batch=1, max_seq_len=8)
