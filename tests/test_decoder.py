@@ -347,3 +347,10 @@ def test_constructor_rejects_uneven_intermediate_sizes(emu_tokenizer):
     with pytest.raises(ValueError, match="layer 1 has intermediate size 100 but layer 0 has 96"):
         EmuDecoder(layers, s.lm.model.norm.weight.detach(), s.head, None, num_heads=4, num_kv_heads=4,
                    rms_eps=1e-6, rope_theta=1e4, max_batch=1, max_seq_len=8)
+
+
+def test_model_split_across_devices_is_refused(emu_tokenizer):
+    s = Setup("emu1", emu_tokenizer)
+    s.lm.model.layers[1].to("meta")  # stands in for a second GPU
+    with pytest.raises(ValueError, match="layer 1 input_norm is on meta but the decoder's weights are on cpu"):
+        EmuDecoder.from_llama(s.lm, s.head, None, max_batch=1, max_seq_len=8)
