@@ -49,7 +49,7 @@ void widen(const T* x, int64_t n, float* out) {
 template <typename T>
 void decode_step(const StepArgs<T>& a) {
   const int64_t B = a.batch, H = a.hidden, D = a.head_dim, Hq = a.heads, Hkv = a.kv_heads, I = a.intermediate;
-  const int64_t qkv_w = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
+  const int64_t qkv_w = (Hq + 2 * Hkv) * D;
   Scratch<T> s(a);
   std::copy(a.x, a.x + B * H, s.h.begin());
   std::vector<std::vector<float>> attn_scratch(a.threads);
@@ -86,18 +86,11 @@ void decode_step(const StepArgs<T>& a) {
       {  // attention: (sequence, KV head) pairs split across the threads
         int64_t t0, t1;
         share(B * Hkv, tid, nt, 1, t0, t1);
-        std::vector<float>& scratch = attn_scratch[tid];
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / Hkv, h = t % Hkv, len = a.lengths[b];
-          scratch.resize(len + 1 + D);
-          const kernels::DecodeHeadArgs args{D, group, len, a.scale, a.rope_cos + a.positions[b] * (D / 2),
-                                             a.rope_sin + a.positions[b] * (D / 2)};
-          const T* row = &s.qkv[b * qkv_w];
-          const int64_t cache_off = (b * Hkv + h) * a.capacity * D;
-          kernels::decode_attention_head_cpu(args, row + h * group * D, D, row + (Hq + h) * D,
-                                             row + (Hq + Hkv + h) * D, w.k_cache + cache_off, w.v_cache + cache_off,
-                                             scratch.data(), &s.attn[(b * Hq + h * group) * D], D);
-        }
+        const T* qkv = s.qkv.data();
+        const kernels::DecodeBatch<T> batch{qkv, qkv + Hq * D, qkv + (Hq + Hkv) * D, qkv_w, qkv_w, qkv_w,
+                                            w.k_cache, w.v_cache, s.attn.data(), Hq, Hkv, D, a.capacity,
+                                            a.lengths, a.positions, a.rope_cos, a.rope_sin, a.scale};
+        kernels::decode_attention_tasks(batch, t0, t1, attn_scratch[tid]);
       }
 #pragma omp barrier
 #pragma omp single

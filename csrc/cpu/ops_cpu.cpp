@@ -104,23 +104,14 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                       " of sequence ", b, " is outside the RoPE table of ", P, " positions");
   }
   at::Tensor out = at::empty({B, Hq, D}, q.options());
-  const int64_t group = Hq / Hkv;
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const kernels::DecodeBatch<T> batch{ptr<T>(q), ptr<T>(k), ptr<T>(v), q.stride(0), k.stride(0), v.stride(0),
+                                        ptr<T>(k_cache), ptr<T>(v_cache), ptr<T>(out), Hq, Hkv, D, S, lens, pos,
+                                        ptr<float>(rope_cos), ptr<float>(rope_sin), static_cast<float>(scale)};
     at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> scratch;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / Hkv, h = t % Hkv;
-        scratch.resize(lens[b] + 1 + D);
-        kernels::DecodeHeadArgs a{D, group, lens[b], static_cast<float>(scale),
-                                  ptr<float>(rope_cos) + pos[b] * (D / 2),
-                                  ptr<float>(rope_sin) + pos[b] * (D / 2)};
-        const int64_t cache_off = (b * Hkv + h) * S * D;
-        kernels::decode_attention_head_cpu(
-            a, ptr<T>(q) + b * q.stride(0) + h * group * D, D, ptr<T>(k) + b * k.stride(0) + h * D,
-            ptr<T>(v) + b * v.stride(0) + h * D, ptr<T>(k_cache) + cache_off,
-            ptr<T>(v_cache) + cache_off, scratch.data(), ptr<T>(out) + (b * Hq + h * group) * D, D);
-      }
+      kernels::decode_attention_tasks(batch, t0, t1, scratch);
     });
   });
   return out;

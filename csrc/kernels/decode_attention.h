@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels/fast_math.h"
 #include "kernels/multiversion.h"
@@ -110,5 +111,35 @@ void decode_attention_head_cpu(const DecodeHeadArgs& a, const float* q, int64_t 
 void decode_attention_head_cpu(const DecodeHeadArgs& a, const bf16* q, int64_t q_head_stride,
                                const bf16* k, const bf16* v, bf16* k_cache, bf16* v_cache,
                                float* scratch, bf16* out, int64_t out_head_stride);
+
+// A batch's decode attention as (sequence, KV head) tasks, so callers can split them across
+// threads: q [B, Hq, D], k/v [B, Hkv, D] (rows at the given batch strides, e.g. slices of one
+// fused QKV row), caches [Bmax, Hkv, capacity, D], out [B, Hq, D] contiguous.
+template <typename T>
+struct DecodeBatch {
+  const T *q, *k, *v;
+  int64_t q_stride, k_stride, v_stride;
+  T *k_cache, *v_cache, *out;
+  int64_t heads, kv_heads, head_dim, capacity;
+  const int64_t *lengths, *positions;
+  const float *rope_cos, *rope_sin;  // [P, D/2]
+  float scale;
+};
+
+// Runs tasks [t0, t1); task t is sequence t / kv_heads, KV head t % kv_heads.
+template <typename T>
+void decode_attention_tasks(const DecodeBatch<T>& a, int64_t t0, int64_t t1, std::vector<float>& scratch) {
+  const int64_t D = a.head_dim, group = a.heads / a.kv_heads;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / a.kv_heads, h = t % a.kv_heads, len = a.lengths[b];
+    scratch.resize(len + 1 + D);
+    const DecodeHeadArgs args{D, group, len, a.scale, a.rope_cos + a.positions[b] * (D / 2),
+                              a.rope_sin + a.positions[b] * (D / 2)};
+    const int64_t cache_off = (b * a.kv_heads + h) * a.capacity * D;
+    decode_attention_head_cpu(args, a.q + b * a.q_stride + h * group * D, D, a.k + b * a.k_stride + h * D,
+                              a.v + b * a.v_stride + h * D, a.k_cache + cache_off, a.v_cache + cache_off,
+                              scratch.data(), a.out + (b * a.heads + h * group) * D, D);
+  }
+}
 
 }  // namespace emu_fast::kernels
