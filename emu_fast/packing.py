@@ -53,6 +53,8 @@ def pack_linears(linears: Sequence[nn.Linear]) -> torch.Tensor:
         lin.weight.data = base[row : row + n]  # the old storage is released here
         row += n
     linears[0]._emu_fast_packed = base
+    if base.device.type == "cpu":  # so the peak stays at the weights plus one packed buffer
+        _release_freed_host_memory()
     return base
 
 
@@ -73,8 +75,6 @@ def pack_llama_layers(lm) -> List[List[torch.Tensor]]:
             pack_linears([mlp.gate_proj, mlp.up_proj]),
             mlp.down_proj.weight.detach(),
         ])
-        # Per layer, so the peak stays at the weights plus one layer's packed buffers.
-        _release_freed_host_memory()
     return layers
 
 
