@@ -142,23 +142,32 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x_in, const at::Tensor* residual_in,
+                                             const at::Tensor& weight, double eps) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor residual = residual_in ? residual_in->contiguous() : at::Tensor();
+  const int64_t B = x.size(0), H = x.size(1);
+  at::Tensor y = at::empty({B, H}, x.options());
+  at::Tensor sum = residual_in ? at::empty({B, H}, x.options()) : at::Tensor();
+  if (B == 0) return {y, sum};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using Tt = decltype(tag);
+    cuda::rms_norm_kernel<Tt><<<B, cuda::kRowThreads, 0, stream>>>(
+        ptr<Tt>(x), residual_in ? ptr<Tt>(residual) : nullptr, ptr<Tt>(weight), static_cast<float>(eps),
+        static_cast<int>(H), ptr<Tt>(y), residual_in ? ptr<Tt>(sum) : nullptr);
+  });
+  check_launch(cudaGetLastError(), "rms_norm");
+  return {y, sum};
+}
+
 // y = x' @ weight^T with x' = x or rms_norm(x, norm_weight) (fused prologue).
 at::Tensor gemv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor* norm_weight, double eps) {
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
   if (B > cuda::kGemvMaxBatch) {  // large batches are GEMMs: cuBLAS
-    const at::Tensor xn = norm_weight ? at::empty_like(x) : x;
-    if (norm_weight) {
-      auto stream = c10::cuda::getCurrentCUDAStream();
-      dispatch_float(x.scalar_type(), [&](auto tag) {
-        using Tt = decltype(tag);
-        const at::Tensor xc = x.contiguous();
-        cuda::rms_norm_kernel<Tt><<<B, cuda::kRowThreads, 0, stream>>>(
-            ptr<Tt>(xc), nullptr, ptr<Tt>(*norm_weight), static_cast<float>(eps), static_cast<int>(K), ptr<Tt>(xn), nullptr);
-      });
-      check_launch(cudaGetLastError(), "rms_norm");
-    }
-    return at::linear(xn, weight);
+    return at::linear(norm_weight ? std::get<0>(norm_impl(x, nullptr, *norm_weight, eps)) : x, weight);
   }
   at::Tensor out = at::empty({B, N}, x.options());
   if (B == 0 || N == 0) return out;
@@ -193,26 +202,6 @@ std::tuple<at::Tensor, at::Tensor> regression_head_cuda(const at::Tensor& hidden
   at::Tensor next = up_weight.has_value() ? gemv_impl(out, *up_weight, nullptr, 0.0)
                                           : at::empty({hidden.size(0), 0}, hidden.options());
   return {out, next};
-}
-
-std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x_in, const at::Tensor* residual_in,
-                                             const at::Tensor& weight, double eps) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor residual = residual_in ? residual_in->contiguous() : at::Tensor();
-  const int64_t B = x.size(0), H = x.size(1);
-  at::Tensor y = at::empty({B, H}, x.options());
-  at::Tensor sum = residual_in ? at::empty({B, H}, x.options()) : at::Tensor();
-  if (B == 0) return {y, sum};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using Tt = decltype(tag);
-    cuda::rms_norm_kernel<Tt><<<B, cuda::kRowThreads, 0, stream>>>(
-        ptr<Tt>(x), residual_in ? ptr<Tt>(residual) : nullptr, ptr<Tt>(weight), static_cast<float>(eps),
-        static_cast<int>(H), ptr<Tt>(y), residual_in ? ptr<Tt>(sum) : nullptr);
-  });
-  check_launch(cudaGetLastError(), "rms_norm");
-  return {y, sum};
 }
 
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
