@@ -74,10 +74,10 @@ at::Tensor splice_embeddings_cuda(const at::Tensor& ids, const at::Tensor& table
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(table.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
-    cuda::splice_kernel<Tt><<<B * T, 256, 0, stream>>>(ptr<int64_t>(ids_c), ptr<int64_t>(slot_index), ptr<Tt>(table),
-                                                       ptr<Tt>(values_c), static_cast<int>(H), ptr<Tt>(out));
+    check_launch(cuda::launch_splice<Tt>(ptr<int64_t>(ids_c), ptr<int64_t>(slot_index), ptr<Tt>(table),
+                                         ptr<Tt>(values_c), B * T, static_cast<int>(H), ptr<Tt>(out), stream),
+                 "splice_embeddings");
   });
-  check_launch(cudaGetLastError(), "splice_embeddings");
   return out;
 }
 
@@ -93,13 +93,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   if (B == 0) return out;
-  // Split the cache so that a small batch still fills the GPU; the split count depends only on
-  // shapes, never on the lengths (which stay on the device), so CUDA graphs can capture it.
-  const int64_t blocks = B * Hkv;
-  const int64_t want = (2 * sm_count(q.get_device()) + blocks - 1) / blocks;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (S + 63) / 64));
-  const int64_t chunk = (S + splits - 1) / splits;
-
+  const cuda::DecodeAttentionSplits plan = cuda::decode_attention_splits(B, Hkv, S, sm_count(q.get_device()));
   cuda::DecodeAttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -118,25 +112,17 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   p.num_kv_heads = static_cast<int>(Hkv);
   p.capacity = static_cast<int>(S);
   p.max_position = rope_cos.size(0);
-  p.splits = static_cast<int>(splits);
-  p.chunk = static_cast<int>(chunk);
+  p.splits = plan.splits;
+  p.chunk = plan.chunk;
   p.scale = static_cast<float>(scale);
-  // Lane rows start at multiples of D/32 elements: vector loads need the bases aligned to that.
-  const auto row_bytes = static_cast<uintptr_t>(D / 32 * q.element_size());
-  p.vector_loads = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % row_bytes == 0 &&
-                   reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % row_bytes == 0;
-  at::Tensor part;
-  if (splits > 1) {
-    part = at::empty({B * Hq * splits * (D + 2)}, q.options().dtype(at::kFloat));
-    p.part_out = part.data_ptr<float>();
-    p.part_max = p.part_out + B * Hq * splits * D;
-    p.part_sum = p.part_max + B * Hq * splits;
-  }
+  const int64_t workspace_floats = cuda::decode_attention_workspace_floats(B, Hq, plan.splits, static_cast<int>(D));
+  const at::Tensor workspace = at::empty({workspace_floats}, q.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(q.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
-    check_launch(D == 64 ? cuda::launch_decode_attention<Tt, 64>(p, static_cast<int>(B), stream)
-                         : cuda::launch_decode_attention<Tt, 128>(p, static_cast<int>(B), stream),
+    float* ws = workspace.data_ptr<float>();
+    check_launch(D == 64 ? cuda::launch_decode_attention<Tt, 64>(p, static_cast<int>(B), ws, stream)
+                         : cuda::launch_decode_attention<Tt, 128>(p, static_cast<int>(B), ws, stream),
                  "decode_attention");
   });
   return out;
@@ -154,11 +140,11 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x_in, const at::T
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
-    cuda::rms_norm_kernel<Tt><<<B, cuda::kRowThreads, 0, stream>>>(
-        ptr<Tt>(x), residual_in ? ptr<Tt>(residual) : nullptr, ptr<Tt>(weight), static_cast<float>(eps),
-        static_cast<int>(H), ptr<Tt>(y), residual_in ? ptr<Tt>(sum) : nullptr);
+    check_launch(cuda::launch_rms_norm<Tt>(ptr<Tt>(x), residual_in ? ptr<Tt>(residual) : nullptr, ptr<Tt>(weight),
+                                           static_cast<float>(eps), B, static_cast<int>(H), ptr<Tt>(y),
+                                           residual_in ? ptr<Tt>(sum) : nullptr, stream),
+                 "rms_norm");
   });
-  check_launch(cudaGetLastError(), "rms_norm");
   return {y, sum};
 }
 
@@ -223,12 +209,10 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate_up_in) {
   at::Tensor out = at::empty({B, I}, gate_up.options());
   if (B * I == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t blocks = std::min<int64_t>((B * I + 255) / 256, 4096);
   dispatch_float(gate_up.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
-    cuda::silu_mul_kernel<Tt><<<blocks, 256, 0, stream>>>(ptr<Tt>(gate_up), B, static_cast<int>(I), ptr<Tt>(out));
+    check_launch(cuda::launch_silu_mul<Tt>(ptr<Tt>(gate_up), B, static_cast<int>(I), ptr<Tt>(out), stream), "silu_mul");
   });
-  check_launch(cudaGetLastError(), "silu_mul");
   return out;
 }
 

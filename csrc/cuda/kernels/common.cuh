@@ -8,6 +8,14 @@
 #include <cstdint>
 #include <type_traits>
 
+// Every kernel launch goes through this macro, kernel last (a template-id may hold commas):
+//   EMU_FAST_LAUNCH(grid, block, stream, my_kernel<T, 4>)(args...);
+// so that tests/cuda_emulation, which compiles these headers with g++ to run the kernels on
+// the CPU when no GPU is available, can substitute its own launcher.
+#ifndef EMU_FAST_LAUNCH
+#define EMU_FAST_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
+
 namespace emu_fast::cuda {
 
 __device__ __forceinline__ float to_f(float x) { return x; }

@@ -28,13 +28,13 @@ struct DecodeAttentionParams {
   const float* rope_cos;      // [P, D/2]
   const float* rope_sin;
   void* out;                  // [B, Hq, D]
-  float* part_out;            // [B, Hq, splits, D]   (splits > 1)
+  float* part_out;            // [B, Hq, splits, D]   (splits > 1; set by the launcher)
   float* part_max;            // [B, Hq, splits]
   float* part_sum;            // [B, Hq, splits]
   int64_t max_position;       // P
   int num_heads, num_kv_heads, capacity, splits, chunk;
   float scale;
-  bool vector_loads;          // both caches aligned to E * sizeof(T) bytes
+  bool vector_loads;          // both caches aligned to E * sizeof(T) bytes (set by the launcher)
 };
 
 template <typename T, int D>
@@ -255,11 +255,42 @@ __global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
   static_cast<T*>(p.out)[hq * D + d] = from_f<T>(a / sum);
 }
 
+// How the cache is split across blocks. Enough blocks to fill the GPU twice over even at batch
+// 1 (flash-decoding), at least 64 cache rows per split. The plan depends only on shapes, never
+// on the lengths (which stay on the device), so a CUDA graph can capture it.
+struct DecodeAttentionSplits {
+  int splits, chunk;
+};
+
+inline DecodeAttentionSplits decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t capacity,
+                                                     int sm_count) {
+  const int64_t blocks = batch * num_kv_heads;
+  const int64_t want = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
+  int64_t splits = want < (capacity + 63) / 64 ? want : (capacity + 63) / 64;
+  if (splits < 1) splits = 1;
+  return {static_cast<int>(splits), static_cast<int>((capacity + splits - 1) / splits)};
+}
+
+// float32 workspace the split path needs (part_out, part_max, part_sum); 0 with one split.
+inline int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_heads, int splits, int head_dim) {
+  return splits > 1 ? batch * num_heads * splits * (head_dim + 2) : 0;
+}
+
+// Launches with p.splits / p.chunk from decode_attention_splits; with several splits
+// `workspace` holds decode_attention_workspace_floats(...) floats.
 template <typename T, int D>
-cudaError_t launch_decode_attention(const DecodeAttentionParams& p, int batch, cudaStream_t stream) {
-  const dim3 grid(batch * p.num_kv_heads, p.splits);
-  decode_attention_kernel<T, D><<<grid, kAttnWarps * 32, 0, stream>>>(p);
-  if (p.splits > 1) decode_attention_combine_kernel<T, D><<<batch * p.num_heads, D, 0, stream>>>(p);
+cudaError_t launch_decode_attention(DecodeAttentionParams p, int batch, float* workspace, cudaStream_t stream) {
+  // Lane rows start at multiples of E = D/32 elements: vector loads need the bases aligned to that.
+  constexpr uintptr_t kRowBytes = D / 32 * sizeof(T);
+  p.vector_loads = reinterpret_cast<uintptr_t>(p.k_cache) % kRowBytes == 0 &&
+                   reinterpret_cast<uintptr_t>(p.v_cache) % kRowBytes == 0;
+  const int64_t rows = static_cast<int64_t>(batch) * p.num_heads * p.splits;
+  p.part_out = p.splits > 1 ? workspace : nullptr;
+  p.part_max = p.splits > 1 ? workspace + rows * D : nullptr;
+  p.part_sum = p.splits > 1 ? workspace + rows * (D + 1) : nullptr;
+  const dim3 grid(static_cast<unsigned>(batch * p.num_kv_heads), static_cast<unsigned>(p.splits));
+  EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D>)(p);
+  if (p.splits > 1) EMU_FAST_LAUNCH(static_cast<unsigned>(batch * p.num_heads), D, stream, decode_attention_combine_kernel<T, D>)(p);
   return cudaGetLastError();
 }
 

@@ -82,13 +82,13 @@ cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps
                         int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
   const dim3 grid((n_rows + kGemvWarps - 1) / kGemvWarps), block(kGemvWarps * 32);
   if (batch <= 1)
-    gemv_kernel<T, 1, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 1, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
   else if (batch <= 2)
-    gemv_kernel<T, 2, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 2, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
   else if (batch <= 4)
-    gemv_kernel<T, 4, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 4, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
   else
-    gemv_kernel<T, 8, kNorm><<<grid, block, 0, stream>>>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 8, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
   return cudaGetLastError();
 }
 

@@ -11,11 +11,11 @@ void instantiate_all() {
   launch_gemv<T, false>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr);
   launch_gemv<T, true>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr);
   DecodeAttentionParams p{};
-  launch_decode_attention<T, 64>(p, 1, nullptr);
-  launch_decode_attention<T, 128>(p, 1, nullptr);
-  rms_norm_kernel<T><<<1, kRowThreads>>>(nullptr, nullptr, nullptr, 0.f, 0, nullptr, nullptr);
-  silu_mul_kernel<T><<<1, 256>>>(nullptr, 0, 0, nullptr);
-  splice_kernel<T><<<1, 256>>>(nullptr, nullptr, nullptr, nullptr, 0, nullptr);
+  launch_decode_attention<T, 64>(p, 1, nullptr, nullptr);
+  launch_decode_attention<T, 128>(p, 1, nullptr, nullptr);
+  launch_rms_norm<T>(nullptr, nullptr, nullptr, 0.f, 1, 8, nullptr, nullptr, nullptr);
+  launch_silu_mul<T>(nullptr, 1, 8, nullptr, nullptr);
+  launch_splice<T>(nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr, nullptr);
 }
 
 template void instantiate_all<float>();
