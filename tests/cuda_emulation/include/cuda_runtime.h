@@ -1,0 +1,73 @@
+// CPU stand-in for <cuda_runtime.h>, for the CUDA kernel emulator only (see ../README.md): just
+// the CUDA surface csrc/cuda/kernels/*.cuh uses, so g++ can compile those headers unchanged
+// and run their kernels on the CPU. Nothing here is built into emu_fast.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// Blocks run one at a time, so a function-local static is exactly one block's shared memory.
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
+const char* cudaGetErrorString(cudaError_t err);
+cudaError_t cudaGetLastError();  // returns and clears the last launch error, as CUDA does
+
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
+
+// Read-only / streaming loads are plain loads here.
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcs(const T* p) { return *p; }
+
+#include "emulator.h"
+
+#define threadIdx (::emu_fast::emulation::thread_idx())
+#define blockIdx (::emu_fast::emulation::block_idx())
+#define blockDim (::emu_fast::emulation::block_dim())
+#define gridDim (::emu_fast::emulation::grid_dim())
+
+inline void __syncthreads() { ::emu_fast::emulation::sync_threads(); }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T value, int src_lane, int width = 32) {
+  return ::emu_fast::emulation::shuffle(mask, value, [=](int lane) { return (lane & ~(width - 1)) + src_lane % width; });
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  return ::emu_fast::emulation::shuffle(mask, value, [=](int lane) {
+    const int src = lane ^ lane_mask;  // outside this lane's width-segment: its own value
+    return (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane;
+  });
+}
+
+#define EMU_FAST_LAUNCH(grid, block, stream, ...) ::emu_fast::emulation::Launch((grid), (block), (stream), __VA_ARGS__)

@@ -1,0 +1,64 @@
+// A CUDA execution model on the CPU, for testing the kernels in csrc/cuda/kernels/ where no GPU
+// is available. Each block runs on its own as blockDim cooperative fibers (ucontext) on one OS
+// thread; a fiber runs until it reaches __syncthreads or a warp shuffle and then waits until
+// every thread of its block (barrier) or of its warp (shuffle) has got there, exactly the
+// points where CUDA threads meet. What it checks that a plain loop would not:
+//   * launch configurations (grid and block limits) like the driver, as launch errors;
+//   * warp shuffles: full mask, all 32 lanes present, results as the hardware exchanges them;
+//   * __syncthreads reached by every thread of the block (not after some returned), and
+//     deadlocks (threads waiting for a barrier or shuffle that never completes);
+//   * with a seed, warps run in a random order, each as far ahead of the others as the
+//     barriers allow, so results that depend on an order CUDA does not promise (a missing
+//     barrier, a shared-memory race) show up as differences from the in-order run.
+// It does not model memory-ordering effects, timing or occupancy: speed is for the GPU.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <utility>
+
+namespace emu_fast::emulation {
+
+const dim3& thread_idx();
+const dim3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+void sync_threads();
+
+// Publishes this lane's bits and returns the bits of lane src_of(lane) of the same warp.
+uint64_t exchange(unsigned mask, uint64_t bits, const std::function<int(int)>& src_of);
+
+template <typename T, typename SrcOf>
+T shuffle(unsigned mask, T value, SrcOf src_of) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = exchange(mask, bits, src_of);
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// Runs body once per thread of every block of the grid; records launch errors for
+// cudaGetLastError.
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
+
+// kernel<<<grid, block, 0, stream>>>(args...) as Launch(grid, block, stream, kernel)(args...).
+template <typename... P>
+struct Launch {
+  dim3 grid, block;
+  void (*kernel)(P...);
+  Launch(dim3 g, dim3 b, cudaStream_t, void (*k)(P...)) : grid(g), block(b), kernel(k) {}
+  template <typename... A>
+  void operator()(A&&... args) const {
+    const std::tuple<P...> params(std::forward<A>(args)...);  // converted once, as the driver does
+    run_grid(grid, block, [&] { std::apply(kernel, params); });
+  }
+};
+
+// Scheduling: seed 0 runs the threads in index order between meeting points, all warps in
+// step; any other seed runs each warp as far as it can before the next, in a random order.
+void set_schedule_seed(uint64_t seed);
+const char* last_error_message();
+
+}  // namespace emu_fast::emulation

@@ -1,0 +1,52 @@
+// Kernels that use CUDA correctly and incorrectly on purpose, so that the tests can show the
+// emulator computes the one and catches each of the others (tests/test_cuda_emulation.py).
+#include "cuda_runtime.h"
+
+namespace {
+
+// Sum of each warp's 32 values by xor-shuffle, as the real kernels reduce.
+__global__ void warp_sums(const float* x, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  float v = x[i];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) out[i / 32] = v;
+}
+
+__global__ void barrier_after_return(float* out) {
+  if (threadIdx.x == 5) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+__global__ void shuffle_missing_a_lane(float* out) {
+  if (threadIdx.x == 3) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+}
+
+// A race: every thread writes the same shared word before the barrier; which value survives
+// depends on an order CUDA does not define.
+__global__ void racy_shared_write(float* out) {
+  __shared__ float last;
+  last = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = last;
+}
+
+// One element past the end of out ([blocks * threads]).
+__global__ void write_past_the_end(float* out) {
+  out[blockIdx.x * blockDim.x + threadIdx.x + 1] = 0.f;
+}
+
+}  // namespace
+
+extern "C" int emu_selftest(int which, const float* in, float* out, int blocks, int threads) {
+  switch (which) {
+    case 0: EMU_FAST_LAUNCH(blocks, threads, nullptr, warp_sums)(in, out); break;
+    case 1: EMU_FAST_LAUNCH(blocks, threads, nullptr, barrier_after_return)(out); break;
+    case 2: EMU_FAST_LAUNCH(blocks, threads, nullptr, shuffle_missing_a_lane)(out); break;
+    case 3: EMU_FAST_LAUNCH(blocks, threads, nullptr, racy_shared_write)(out); break;
+    case 4: EMU_FAST_LAUNCH(blocks, threads, nullptr, write_past_the_end)(out); break;
+    default: return -1;
+  }
+  return static_cast<int>(cudaGetLastError());
+}

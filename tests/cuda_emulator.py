@@ -1,0 +1,209 @@
+"""The CUDA kernels of csrc/cuda/kernels/, run on the CPU by the emulator in tests/cuda_emulation/
+(see its README). `load()` compiles them with g++ once per source change (a few seconds) and
+returns wrappers with the same arguments and results as the emu_fast CUDA ops, taking CPU
+tensors. They pass the kernels what csrc/cuda/ops_cuda.cu passes them (same split plan, same
+workspace layout, same alignment rule); the argument checks in front of them are the ones the
+CPU ops share and are tested there."""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "tests/cuda_emulation" / f for f in ("emulator.cpp", "kernels.cpp", "selftest.cpp")]
+HEADERS = sorted((ROOT / "tests/cuda_emulation/include").glob("*.h")) + sorted((ROOT / "csrc/cuda/kernels").glob("*.cuh"))
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+H100_SMS = 132
+
+_lib = None
+
+
+def compiler():
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _build() -> Path:
+    digest = hashlib.sha256()
+    for f in SOURCES + HEADERS:
+        digest.update(f.name.encode() + f.read_bytes())
+    out = ROOT / "build/cuda-emulation" / f"libemu_cuda_{digest.hexdigest()[:16]}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [compiler(), "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{ROOT / 'tests/cuda_emulation/include'}", f"-I{ROOT / 'csrc'}",
+               *map(str, SOURCES), "-o", str(tmp)]
+        subprocess.run(cmd, check=True)
+        tmp.rename(out)
+    return out
+
+
+def load():
+    global _lib
+    if _lib is None:
+        lib = ctypes.CDLL(str(_build()))
+        lib.emu_last_error.restype = ctypes.c_char_p
+        lib.emu_decode_attention_workspace_floats.restype = ctypes.c_int64
+        _lib = lib
+    return _lib
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)
+
+
+class _RedZones:
+    """A stand-in for compute-sanitizer's memcheck: every tensor a kernel gets is moved into a
+    buffer with 256 bytes of poison on each side, at the same address modulo 64 so that
+    alignment-dependent paths do not change. The poison is a signalling NaN in each float type
+    (any arithmetic on it gives a different, quiet NaN) and a negative number in int64 (an
+    invalid length), so a read past a tensor spoils the result and a write past it is found
+    by check()."""
+
+    MARGIN = 256
+    POISON = {torch.float32: (torch.int32, -0x005A5A5B), torch.bfloat16: (torch.int16, -0x005B),
+              torch.float16: (torch.int16, -0x025B), torch.int64: (torch.int64, -0x5A5A5A5A5A5A5A5B)}
+
+    def __init__(self):
+        self._zones = []
+
+    def __call__(self, t):
+        if t is None or t.numel() == 0:
+            return t
+        span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # elements the view can reach
+        nbytes = span * t.element_size()
+        as_int, poison = self.POISON[t.dtype]
+        buf = torch.full(((nbytes + 2 * self.MARGIN + 64) // t.element_size(),), poison, dtype=as_int).view(torch.uint8)
+        start = self.MARGIN + (t.data_ptr() - buf.data_ptr() - self.MARGIN) % 64
+        guarded = buf[start:start + nbytes].view(t.dtype).as_strided(t.shape, t.stride())
+        guarded.copy_(t)
+        self._zones.append((t, guarded, buf, start, nbytes, buf[:start].clone(), buf[start + nbytes:].clone()))
+        return guarded
+
+    def check(self, what):
+        for original, guarded, buf, start, nbytes, before, after in self._zones:
+            if not (torch.equal(buf[:start], before) and torch.equal(buf[start + nbytes:], after)):
+                raise CudaError(f"{what}: out-of-bounds write next to a {tuple(original.shape)} {original.dtype} argument")
+            original.copy_(guarded)  # results, and in-place updates such as the KV cache
+
+
+def _check(rc, what):
+    if rc != 0:
+        raise CudaError(f"{what}: CUDA error {rc}: {load().emu_last_error().decode()}")
+
+
+def set_schedule_seed(seed: int):
+    load().emu_set_schedule_seed(ctypes.c_uint64(seed))
+
+
+def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Tensor:
+    """Runs one of the kernels in tests/cuda_emulation/selftest.cpp on float32 x."""
+    code = ["warp_sums", "barrier_after_return", "shuffle_missing_a_lane", "racy_shared_write",
+            "write_past_the_end"].index(which)
+    out = torch.full((max(blocks * threads, 1),), float("nan"))
+    z = _RedZones()
+    _check(load().emu_selftest(code, _ptr(z(x)), _ptr(z(out)), blocks, threads), which)
+    z.check(which)
+    return out
+
+
+def gemv(x, w, norm_weight=None, eps=0.0):
+    """x [B <= 8, K] (unit stride in K), w [N, K]: the CUDA gemv kernel (with the fused RMSNorm
+    prologue when norm_weight is given)."""
+    B, K = x.shape
+    N = w.shape[0]
+    assert x.stride(1) == 1 and 1 <= B <= 8
+    y = torch.empty(B, N, dtype=x.dtype)
+    z = _RedZones()
+    rc = load().emu_gemv(DTYPE_CODE[x.dtype], int(norm_weight is not None), _ptr(z(w)), _ptr(z(x)), _ptr(z(y)),
+                         _ptr(z(norm_weight)), ctypes.c_float(eps), B, K, N, ctypes.c_int64(x.stride(0)), ctypes.c_int64(N))
+    _check(rc, "gemv")
+    z.check("gemv")
+    return y
+
+
+def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):
+    out = gemv(hidden, head_weight, norm_weight, eps)
+    nxt = gemv(out, up_weight) if up_weight is not None else torch.empty(hidden.shape[0], 0, dtype=hidden.dtype)
+    return out, nxt
+
+
+def decode_attention_splits(batch, num_kv_heads, capacity, sm_count=H100_SMS):
+    splits, chunk = ctypes.c_int(), ctypes.c_int()
+    load().emu_decode_attention_splits(ctypes.c_int64(batch), ctypes.c_int64(num_kv_heads), ctypes.c_int64(capacity),
+                                       sm_count, ctypes.byref(splits), ctypes.byref(chunk))
+    return splits.value, chunk.value
+
+
+def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale=None,
+                     sm_count=H100_SMS):
+    B, Hq, D = q.shape
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    splits, chunk = decode_attention_splits(B, Hkv, S, sm_count)
+    lib = load()
+    workspace = torch.empty(lib.emu_decode_attention_workspace_floats(B, Hq, splits, D), dtype=torch.float32)
+    out = torch.empty(B, Hq, D, dtype=q.dtype)
+    z = _RedZones()
+    rc = lib.emu_decode_attention(
+        DTYPE_CODE[q.dtype], D, B, _ptr(z(q)), _ptr(z(k)), _ptr(z(v)), ctypes.c_int64(q.stride(0)),
+        ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)), _ptr(z(k_cache)), _ptr(z(v_cache)),
+        _ptr(z(cache_lens)), _ptr(z(positions)), _ptr(z(rope_cos)), _ptr(z(rope_sin)), ctypes.c_int64(rope_cos.shape[0]),
+        _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S, splits, chunk, ctypes.c_float(scale))
+    _check(rc, "decode_attention")
+    z.check("decode_attention")
+    return out
+
+
+def _norm(x, residual, weight, eps):
+    B, H = x.shape
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if residual is not None else None
+    z = _RedZones()
+    rc = load().emu_rms_norm(DTYPE_CODE[x.dtype], _ptr(z(x)), _ptr(z(residual)), _ptr(z(weight)), ctypes.c_float(eps),
+                             ctypes.c_int64(B), H, _ptr(z(y)), _ptr(z(s)))
+    _check(rc, "rms_norm")
+    z.check("rms_norm")
+    return y, s
+
+
+def rms_norm(x, weight, eps):
+    return _norm(x.contiguous(), None, weight, eps)[0]
+
+
+def add_rms_norm(x, residual, weight, eps):
+    return _norm(x.contiguous(), residual.contiguous(), weight, eps)
+
+
+def silu_mul(gate_up):
+    gate_up = gate_up.contiguous()
+    B, I = gate_up.shape[0], gate_up.shape[1] // 2
+    y = torch.empty(B, I, dtype=gate_up.dtype)
+    z = _RedZones()
+    _check(load().emu_silu_mul(DTYPE_CODE[gate_up.dtype], _ptr(z(gate_up)), ctypes.c_int64(B), I, _ptr(z(y))), "silu_mul")
+    z.check("silu_mul")
+    return y
+
+
+def splice_embeddings(ids, table, values, slot_id):
+    """As the CUDA op: slot positions numbered in order on the host side, one kernel copies."""
+    ids = ids.contiguous()
+    B, T = ids.shape
+    is_slot = (ids == slot_id).flatten()
+    slot_index = torch.where(is_slot, torch.cumsum(is_slot, 0) - 1, torch.tensor(-1))
+    values = values.contiguous()
+    out = torch.empty(B, T, table.shape[1], dtype=table.dtype)
+    z = _RedZones()
+    rc = load().emu_splice(DTYPE_CODE[table.dtype], _ptr(z(ids)), _ptr(z(slot_index)), _ptr(z(table)), _ptr(z(values)),
+                           ctypes.c_int64(B * T), table.shape[1], _ptr(z(out)))
+    _check(rc, "splice_embeddings")
+    z.check("splice_embeddings")
+    return out

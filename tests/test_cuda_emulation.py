@@ -1,0 +1,229 @@
+"""The CUDA kernels themselves, run on the CPU by the emulator in tests/cuda_emulation/, against
+the float32 reference: the same cases as tests/test_cuda.py plus every code path a GPU run would
+pick by shape or alignment (split plans, scalar and vector loads, each batch template), on
+machines with no GPU. Also shows the emulator catches the CUDA misuse it claims to."""
+import pytest
+import torch
+
+from emu_fast import reference
+
+import cuda_emulator as emu
+
+pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++ compiler to build the emulator")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+@pytest.fixture(autouse=True)
+def _in_order_schedule():
+    emu.set_schedule_seed(0)
+    yield
+    emu.set_schedule_seed(0)
+
+
+def close(actual, expected, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+# --- the emulator itself -------------------------------------------------------------------
+
+def test_emulator_warp_shuffles_reduce_like_the_hardware():
+    x = torch.randn(3 * 128)
+    out = emu.selftest("warp_sums", x, blocks=3, threads=128)[: 3 * 4]
+    torch.testing.assert_close(out, x.view(12, 32).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which,blocks,threads,message", [
+    ("barrier_after_return", 2, 64, r"__syncthreads reached after 1 threads of the block returned \(block \(0,0,0\)"),
+    ("shuffle_missing_a_lane", 1, 32, r"deadlock: 0 threads wait at __syncthreads, 31 at a warp shuffle, 1 of 32"),
+    ("warp_sums", 1, 2048, r"invalid launch configuration: grid \(1,1,1\), block \(2048,1,1\)"),
+    ("warp_sums", 0, 32, r"invalid launch configuration: grid \(0,1,1\)"),
+    ("write_past_the_end", 2, 32, r"out-of-bounds write next to a \(64,\) torch.float32 argument"),
+])
+def test_emulator_catches_cuda_misuse_and_stays_usable(which, blocks, threads, message):
+    x = torch.randn(64)
+    with pytest.raises(emu.CudaError, match=message):
+        emu.selftest(which, x, blocks, threads)
+    torch.testing.assert_close(emu.selftest("warp_sums", x, 1, 64)[:2], x.view(2, 32).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_emulator_random_schedules_expose_a_race():
+    """Seed 0 runs threads in index order; other seeds interleave them at random, so a result
+    that depends on thread order changes across seeds (here, a racy shared-memory write)."""
+    seen = set()
+    for seed in range(6):
+        emu.set_schedule_seed(seed)
+        seen.add(emu.selftest("racy_shared_write", torch.zeros(1), blocks=1, threads=64)[0].item())
+    assert len(seen) > 1
+
+
+# --- decode attention ----------------------------------------------------------------------
+
+def _attention_case(dtype, B, Hq, Hkv, D, S, lens, seed=0, cache_offset=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, generator=g).to(dtype)  # q, k, v: strided views, as in the decoder
+    q = qkv[:, : Hq * D].view(B, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(B, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(B, Hkv, D)
+    n = B * Hkv * S * D
+
+    def cache():  # cache_offset elements into its buffer: misaligned for vector loads
+        buf = torch.randn(n + cache_offset, generator=g).to(dtype)
+        return buf[cache_offset:].view(B, Hkv, S, D)
+
+    kc, vc = cache(), cache()
+    cos, sin = reference.rope_tables(D, 2 * S, 10000.0)
+    lens = torch.tensor(lens)
+    return q, k, v, kc, vc, lens, lens + 7, cos, sin
+
+
+def _check_attention(dtype, case, sm_count=emu.H100_SMS):
+    q, k, v, kc, vc, lens, pos, cos, sin = case
+    D = q.shape[-1]
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, lens, pos, cos, sin, D ** -0.5)
+    out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, sm_count=sm_count)
+    close(out, expected, dtype)
+    close(kc, kc_ref, dtype)
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,D,S,lens", [
+    (1, 4, 4, 64, 8, [0]),
+    (1, 40, 40, 128, 2048, [1700]),      # Emu1 heads, batch 1, long cache: 7 splits on an H100
+    (3, 8, 2, 128, 300, [5, 0, 299]),    # GQA, ragged, the last slot
+    (5, 6, 6, 64, 77, [76, 1, 30, 64, 2]),
+    (2, 32, 4, 64, 4096, [4000, 3]),     # group of 8, 33 splits, one nearly empty row
+])
+def test_decode_attention_kernel(dtype, B, Hq, Hkv, D, S, lens):
+    _check_attention(dtype, _attention_case(dtype, B, Hq, Hkv, D, S, lens))
+
+
+@pytest.mark.parametrize("sm_count", [1, 16, 132, 1000])
+def test_decode_attention_kernel_every_split_plan(sm_count):
+    """The same input under the split plans of GPUs from 1 to 1000 SMs (1 split up to one per
+    64 cache rows): each plan agrees with the reference, and the new token lands in whichever
+    split holds its index."""
+    dtype = torch.bfloat16
+    splits, chunk = emu.decode_attention_splits(3, 2, 500, sm_count)
+    assert splits == max(1, min(-(-2 * sm_count // 6), -(-500 // 64))) and splits * chunk >= 500
+    _check_attention(dtype, _attention_case(dtype, 3, 4, 2, 128, 500, [499, 250, 64]), sm_count)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_attention_kernel_misaligned_cache_uses_scalar_loads(dtype, D):
+    _check_attention(dtype, _attention_case(dtype, 2, 4, 4, D, 130, [129, 70], cache_offset=1))
+
+
+def test_decode_attention_kernel_invalid_rows_give_nan_and_leave_the_cache():
+    """A full row and a row past the RoPE table give NaN and write nothing; the valid row in the
+    same launch is right (with splits, and with one split)."""
+    dtype, D, S = torch.float32, 128, 1024
+    for sm_count in (132, 1):
+        q, k, v, kc, vc, _, _, cos, sin = _attention_case(dtype, 3, 4, 4, D, S, [0, 0, 0])
+        lens = torch.tensor([S, 500, 10])
+        pos = torch.tensor([5, 500, 2 * S])
+        kc0, vc0 = kc.clone(), vc.clone()
+        out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, sm_count=sm_count)
+        assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
+        kr, vr = kc0[1:2].clone(), vc0[1:2].clone()
+        expected = reference.decode_attention(q[1:2], k[1:2], v[1:2], kr, vr, lens[1:2], pos[1:2], cos, sin, D ** -0.5)
+        close(out[1:2], expected, dtype)
+        torch.testing.assert_close(kc[1:2], kr, rtol=0, atol=0)
+        for row in (0, 2):
+            torch.testing.assert_close(kc[row], kc0[row], rtol=0, atol=0)
+            torch.testing.assert_close(vc[row], vc0[row], rtol=0, atol=0)
+
+
+# --- GEMV and the regression head ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K,N", [(1, 5120, 1000), (2, 4096, 300), (3, 520, 33), (5, 100, 7), (8, 33, 17)])
+def test_gemv_and_head_kernels(dtype, B, K, N):
+    """Batch 1, 2, 3-4, 5-8 (each template), K a multiple of the vector width or not."""
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) * K ** -0.5).to(dtype)
+    close(emu.gemv(x, w), reference.gemv(x, w), dtype)
+    norm_w = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype)
+    up = (torch.randn(K, N, generator=g) * N ** -0.5).to(dtype)
+    out, nxt = emu.regression_head(x, norm_w, 1e-6, w, up)
+    close(out, reference.regression_head(x, norm_w, 1e-6, w, up)[0], dtype)
+    close(nxt, reference.gemv(out, up), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_kernel_strided_and_misaligned_input(dtype):
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(40, 256, generator=g) * 0.06).to(dtype)
+    wide = torch.randn(3, 300, generator=g).to(dtype)
+    strided = wide[:, :256]          # row stride 300: aligned rows only in float32
+    misaligned = wide[:, 1:257]      # starts one element in: scalar loads
+    for x in (strided, misaligned):
+        close(emu.gemv(x, w), reference.gemv(x, w), dtype)
+        nw = torch.ones(256, dtype=dtype)
+        close(emu.regression_head(x, nw, 1e-6, w)[0], reference.regression_head(x, nw, 1e-6, w)[0], dtype)
+
+
+# --- norms, SiLU*mul, splice ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H", [(3, 5120), (2, 33), (1, 1)])
+def test_norm_kernels(dtype, B, H):
+    g = torch.Generator().manual_seed(H)
+    x, r = torch.randn(B, H, generator=g).to(dtype), torch.randn(B, H, generator=g).to(dtype)
+    w = (1 + 0.2 * torch.randn(H, generator=g)).to(dtype)
+    close(emu.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), dtype)
+    y, s = emu.add_rms_norm(x, r, w, 1e-6)
+    y_ref, s_ref = reference.add_rms_norm(x, r, w, 1e-6)
+    close(y, y_ref, dtype)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,I", [(3, 1377), (1, 1), (2, 600_000)])  # the last needs the grid-stride loop
+def test_silu_mul_kernel(dtype, B, I):
+    gu = torch.randn(B, 2 * I, generator=torch.Generator().manual_seed(I)).to(dtype)
+    close(emu.silu_mul(gu), reference.silu_mul(gu), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_splice_kernel(dtype):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49, (3, 9), generator=g)  # 49 is the slot id
+    ids[:, 2:5] = 49
+    ids[2, 8] = 49
+    table, values = torch.randn(50, 33, generator=g).to(dtype), torch.randn(10, 33, generator=g).to(dtype)
+    torch.testing.assert_close(emu.splice_embeddings(ids, table, values, 49),
+                               reference.splice_embeddings(ids, table, values, 49), rtol=0, atol=0)
+
+
+# --- thread order ---------------------------------------------------------------------------
+
+def test_kernels_do_not_depend_on_thread_order():
+    """Under random schedules (threads and warps running ahead of each other as far as the
+    barriers and shuffles allow) every kernel gives bitwise the result of the in-order run:
+    no missing barrier, no shared-memory race."""
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16
+    x, r = torch.randn(3, 700, generator=g).to(dtype), torch.randn(3, 700, generator=g).to(dtype)
+    nw = (1 + 0.2 * torch.randn(700, generator=g)).to(dtype)
+    w = (torch.randn(50, 700, generator=g) * 0.04).to(dtype)
+    attention = _attention_case(dtype, 2, 8, 2, 64, 600, [599, 17])
+
+    def run_all():
+        q, k, v, kc, vc, lens, pos, cos, sin = attention
+        return [emu.rms_norm(x, nw, 1e-6), *emu.add_rms_norm(x, r, nw, 1e-6), emu.gemv(x, w),
+                emu.regression_head(x, nw, 1e-6, w)[0],
+                emu.decode_attention(q, k, v, kc.clone(), vc.clone(), lens, pos, cos, sin)]
+
+    expected = run_all()
+    for seed in (1, 2, 3):
+        emu.set_schedule_seed(seed)
+        for got, want in zip(run_all(), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
