@@ -2,6 +2,9 @@
 the float32 reference: the same cases as tests/test_cuda.py plus every code path a GPU run would
 pick by shape or alignment (split plans, scalar and vector loads, each batch template), on
 machines with no GPU. Also shows the emulator catches the CUDA misuse it claims to."""
+import collections
+import warnings
+
 import pytest
 import torch
 
@@ -227,3 +230,77 @@ def test_kernels_do_not_depend_on_thread_order():
         emu.set_schedule_seed(seed)
         for got, want in zip(run_all(), expected):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --- the whole decoder on the CUDA kernels --------------------------------------------------
+
+def _gemv_like_the_cuda_op(x, weight, norm_weight=None, eps=0.0):
+    """csrc/cuda/ops_cuda.cu gemv_impl: the kernel up to batch 8, cuBLAS (here torch) above."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if x.shape[0] > 8:
+        xn = emu.rms_norm(x, norm_weight, eps) if norm_weight is not None else x
+        return torch.nn.functional.linear(xn, weight)
+    if x.shape[0] == 0 or weight.shape[0] == 0:
+        return x.new_empty(x.shape[0], weight.shape[0])
+    return emu.gemv(x, weight, norm_weight, eps)
+
+
+@pytest.fixture
+def cuda_kernels_as_cpu_ops():
+    """For one test, the emulated CUDA kernels are the CPU implementations of the emu_fast ops,
+    so EmuDecoder's own C++ step (op by op, the path it takes on a GPU) runs on them. Yields a
+    counter of calls per op; the real CPU kernels are back afterwards."""
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def op(*args):
+            calls[name] += 1
+            return fn(*args)
+        return op
+
+    impls = {
+        "gemv": lambda x, w: _gemv_like_the_cuda_op(x, w),
+        "regression_head": lambda h, nw, eps, head, up: (
+            (out := _gemv_like_the_cuda_op(h, head, nw, eps)),
+            _gemv_like_the_cuda_op(out, up) if up is not None else h.new_empty(h.shape[0], 0)),
+        "rms_norm": emu.rms_norm,
+        "add_rms_norm": emu.add_rms_norm,
+        "silu_mul": emu.silu_mul,
+        "decode_attention": emu.decode_attention,
+        "splice_embeddings": emu.splice_embeddings,
+    }
+    lib = torch.library.Library("emu_fast", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for name, fn in impls.items():
+            lib.impl(name, counted(name, fn), "CPU")
+    try:
+        yield calls
+    finally:
+        lib._destroy()
+    before = sum(calls.values())
+    torch.ops.emu_fast.gemv(torch.randn(1, 8), torch.randn(4, 8))
+    assert sum(calls.values()) == before, "the real CPU kernels were not restored"
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_kernels_as_cpu_ops, kind, dtype):
+    """The same assertion as test_cuda.py's decoder test (loop tolerance per dtype against the
+    float32 upstream loop), with every op of prefill and step on the CUDA kernels; head dim 64,
+    GQA, ragged batch of 3. (float16 EmuDecoders exist on CUDA only; its kernels are tested
+    op by op above.)"""
+    from test_decoder import PROMPTS, Setup
+
+    s = Setup(kind, emu_tokenizer, kv_heads=2, n=6, dtype=dtype, hidden=256, out_dim=96)
+    dec = s.decoder()
+    dec.fused_cpu_step = False
+    out = dec.generate(*s.inputs(PROMPTS[3]), s.n)
+    from emu_fast.testing import rel_err
+
+    err = rel_err(out, s.expected(PROMPTS[3]))
+    assert err < {torch.float32: 1e-4, torch.bfloat16: 6e-2}[dtype]
+    calls = cuda_kernels_as_cpu_ops
+    for op in ("gemv", "decode_attention", "add_rms_norm", "silu_mul", "regression_head", "rms_norm"):
+        assert calls[op] > 0, op
+    assert calls["decode_attention"] == (s.n - 1) * s.shape.layers
