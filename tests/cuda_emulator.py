@@ -9,6 +9,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +28,9 @@ def compiler():
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+UBSAN_FLAGS = ["-fsanitize=undefined", "-fno-sanitize=vptr"]
+
+
 def _build() -> Path:
     digest = hashlib.sha256()
     for f in SOURCES + HEADERS:
@@ -35,9 +40,12 @@ def _build() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cmd = [compiler(), "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{ROOT / 'tests/cuda_emulation/include'}", f"-I{ROOT / 'csrc'}",
-               *map(str, SOURCES), "-o", str(tmp)]
-        subprocess.run(cmd, check=True)
+               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{ROOT / 'tests/cuda_emulation/include'}",
+               f"-I{ROOT / 'csrc'}", *map(str, SOURCES), "-o", str(tmp)]
+        # UndefinedBehaviorSanitizer catches misaligned vector loads (which fault on a GPU),
+        # integer overflow in index math and the like; used wherever the compiler has it.
+        if subprocess.run(cmd + UBSAN_FLAGS, capture_output=True).returncode != 0:
+            subprocess.run(cmd, check=True)
         tmp.rename(out)
     return out
 
@@ -50,6 +58,26 @@ def load():
         lib.emu_decode_attention_workspace_floats.restype = ctypes.c_int64
         _lib = lib
     return _lib
+
+
+def _call(what, fn, *args):
+    """Runs the C entry point fn with stderr (fd 2) captured, where UBSan writes its reports;
+    raises CudaError for a failed launch or a report. UBSan reports each place once a process."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as err:
+        os.dup2(err.fileno(), 2)
+        try:
+            rc = getattr(load(), fn)(*args)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        reports = err.read().decode(errors="replace")
+    if rc != 0:
+        raise CudaError(f"{what}: CUDA error {rc}: {load().emu_last_error().decode()}")
+    if "runtime error" in reports:
+        raise CudaError(f"{what}: undefined behaviour in a kernel:\n{reports}")
 
 
 class CudaError(RuntimeError):
@@ -95,9 +123,8 @@ class _RedZones:
             original.copy_(guarded)  # results, and in-place updates such as the KV cache
 
 
-def _check(rc, what):
-    if rc != 0:
-        raise CudaError(f"{what}: CUDA error {rc}: {load().emu_last_error().decode()}")
+def has_ubsan() -> bool:
+    return hasattr(load(), "__ubsan_handle_type_mismatch_v1")
 
 
 def set_schedule_seed(seed: int):
@@ -107,10 +134,10 @@ def set_schedule_seed(seed: int):
 def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Tensor:
     """Runs one of the kernels in tests/cuda_emulation/selftest.cpp on float32 x."""
     code = ["warp_sums", "barrier_after_return", "shuffle_missing_a_lane", "racy_shared_write",
-            "write_past_the_end"].index(which)
+            "write_past_the_end", "misaligned_vector_load"].index(which)
     out = torch.full((max(blocks * threads, 1),), float("nan"))
     z = _RedZones()
-    _check(load().emu_selftest(code, _ptr(z(x)), _ptr(z(out)), blocks, threads), which)
+    _call(which, "emu_selftest", code, _ptr(z(x)), _ptr(z(out)), blocks, threads)
     z.check(which)
     return out
 
@@ -123,9 +150,9 @@ def gemv(x, w, norm_weight=None, eps=0.0):
     assert x.stride(1) == 1 and 1 <= B <= 8
     y = torch.empty(B, N, dtype=x.dtype)
     z = _RedZones()
-    rc = load().emu_gemv(DTYPE_CODE[x.dtype], int(norm_weight is not None), _ptr(z(w)), _ptr(z(x)), _ptr(z(y)),
-                         _ptr(z(norm_weight)), ctypes.c_float(eps), B, K, N, ctypes.c_int64(x.stride(0)), ctypes.c_int64(N))
-    _check(rc, "gemv")
+    _call("gemv", "emu_gemv", DTYPE_CODE[x.dtype], int(norm_weight is not None), _ptr(z(w)), _ptr(z(x)),
+          _ptr(z(y)), _ptr(z(norm_weight)), ctypes.c_float(eps), B, K, N, ctypes.c_int64(x.stride(0)),
+          ctypes.c_int64(N))
     z.check("gemv")
     return y
 
@@ -153,12 +180,12 @@ def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos,
     workspace = torch.empty(lib.emu_decode_attention_workspace_floats(B, Hq, splits, D), dtype=torch.float32)
     out = torch.empty(B, Hq, D, dtype=q.dtype)
     z = _RedZones()
-    rc = lib.emu_decode_attention(
-        DTYPE_CODE[q.dtype], D, B, _ptr(z(q)), _ptr(z(k)), _ptr(z(v)), ctypes.c_int64(q.stride(0)),
-        ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)), _ptr(z(k_cache)), _ptr(z(v_cache)),
-        _ptr(z(cache_lens)), _ptr(z(positions)), _ptr(z(rope_cos)), _ptr(z(rope_sin)), ctypes.c_int64(rope_cos.shape[0]),
-        _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S, splits, chunk, ctypes.c_float(scale))
-    _check(rc, "decode_attention")
+    _call("decode_attention", "emu_decode_attention",
+          DTYPE_CODE[q.dtype], D, B, _ptr(z(q)), _ptr(z(k)), _ptr(z(v)), ctypes.c_int64(q.stride(0)),
+          ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)), _ptr(z(k_cache)), _ptr(z(v_cache)),
+          _ptr(z(cache_lens)), _ptr(z(positions)), _ptr(z(rope_cos)), _ptr(z(rope_sin)),
+          ctypes.c_int64(rope_cos.shape[0]), _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S, splits, chunk,
+          ctypes.c_float(scale))
     z.check("decode_attention")
     return out
 
@@ -168,9 +195,8 @@ def _norm(x, residual, weight, eps):
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else None
     z = _RedZones()
-    rc = load().emu_rms_norm(DTYPE_CODE[x.dtype], _ptr(z(x)), _ptr(z(residual)), _ptr(z(weight)), ctypes.c_float(eps),
-                             ctypes.c_int64(B), H, _ptr(z(y)), _ptr(z(s)))
-    _check(rc, "rms_norm")
+    _call("rms_norm", "emu_rms_norm", DTYPE_CODE[x.dtype], _ptr(z(x)), _ptr(z(residual)), _ptr(z(weight)),
+          ctypes.c_float(eps), ctypes.c_int64(B), H, _ptr(z(y)), _ptr(z(s)))
     z.check("rms_norm")
     return y, s
 
@@ -188,7 +214,7 @@ def silu_mul(gate_up):
     B, I = gate_up.shape[0], gate_up.shape[1] // 2
     y = torch.empty(B, I, dtype=gate_up.dtype)
     z = _RedZones()
-    _check(load().emu_silu_mul(DTYPE_CODE[gate_up.dtype], _ptr(z(gate_up)), ctypes.c_int64(B), I, _ptr(z(y))), "silu_mul")
+    _call("silu_mul", "emu_silu_mul", DTYPE_CODE[gate_up.dtype], _ptr(z(gate_up)), ctypes.c_int64(B), I, _ptr(z(y)))
     z.check("silu_mul")
     return y
 
@@ -202,8 +228,7 @@ def splice_embeddings(ids, table, values, slot_id):
     values = values.contiguous()
     out = torch.empty(B, T, table.shape[1], dtype=table.dtype)
     z = _RedZones()
-    rc = load().emu_splice(DTYPE_CODE[table.dtype], _ptr(z(ids)), _ptr(z(slot_index)), _ptr(z(table)), _ptr(z(values)),
-                           ctypes.c_int64(B * T), table.shape[1], _ptr(z(out)))
-    _check(rc, "splice_embeddings")
+    _call("splice_embeddings", "emu_splice", DTYPE_CODE[table.dtype], _ptr(z(ids)), _ptr(z(slot_index)),
+          _ptr(z(table)), _ptr(z(values)), ctypes.c_int64(B * T), table.shape[1], _ptr(z(out)))
     z.check("splice_embeddings")
     return out

@@ -52,6 +52,13 @@ def test_emulator_catches_cuda_misuse_and_stays_usable(which, blocks, threads, m
     torch.testing.assert_close(emu.selftest("warp_sums", x, 1, 64)[:2], x.view(2, 32).sum(1), rtol=1e-5, atol=1e-5)
 
 
+def test_emulator_reports_misaligned_vector_loads():
+    if not emu.has_ubsan():
+        pytest.skip("this compiler has no UBSan; the emulator was built without it")
+    with pytest.raises(emu.CudaError, match=r"(?s)undefined behaviour in a kernel:.*misaligned address"):
+        emu.selftest("misaligned_vector_load", torch.zeros(64), 1, 32)
+
+
 def test_emulator_random_schedules_expose_a_race():
     """Seed 0 runs threads in index order; other seeds interleave them at random, so a result
     that depends on thread order changes across seeds (here, a racy shared-memory write)."""

@@ -37,6 +37,13 @@ __global__ void write_past_the_end(float* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x + 1] = 0.f;
 }
 
+// A 16-byte load from an address that is only 4-byte aligned: a misaligned-address fault on a
+// GPU, undefined behaviour (reported by UBSan) here.
+__global__ void misaligned_vector_load(const float* in, float* out) {
+  const uint4 v = *reinterpret_cast<const uint4*>(in + 1);
+  out[threadIdx.x] = static_cast<float>(v.x);
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, const float* in, float* out, int blocks, int threads) {
@@ -46,6 +53,7 @@ extern "C" int emu_selftest(int which, const float* in, float* out, int blocks, 
     case 2: EMU_FAST_LAUNCH(blocks, threads, nullptr, shuffle_missing_a_lane)(out); break;
     case 3: EMU_FAST_LAUNCH(blocks, threads, nullptr, racy_shared_write)(out); break;
     case 4: EMU_FAST_LAUNCH(blocks, threads, nullptr, write_past_the_end)(out); break;
+    case 5: EMU_FAST_LAUNCH(blocks, threads, nullptr, misaligned_vector_load)(in, out); break;
     default: return -1;
   }
   return static_cast<int>(cudaGetLastError());
