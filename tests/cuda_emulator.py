@@ -7,6 +7,7 @@ CPU ops share and are tested there."""
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "tests/cuda_emulation" / f for f in ("emulator.cpp", "kernels.cpp", "selftest.cpp")]
-HEADERS = sorted((ROOT / "tests/cuda_emulation/include").glob("*.h")) + sorted((ROOT / "csrc/cuda/kernels").glob("*.cuh"))
+EMULATION = ROOT / "tests/cuda_emulation"
+SOURCES = [EMULATION / f for f in ("emulator.cpp", "kernels.cpp", "selftest.cpp")]
+HEADERS = sorted((EMULATION / "include").glob("*.h")) + sorted((ROOT / "csrc/cuda/kernels").glob("*.cuh"))
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 H100_SMS = 132
 
@@ -31,22 +33,41 @@ def compiler():
 UBSAN_FLAGS = ["-fsanitize=undefined", "-fno-sanitize=vptr"]
 
 
+SHARED_DECL = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
+
+
+def _rewrite_shared(src: Path, dst: Path):
+    """Copies src to dst with each `__shared__ T name[N]...;` made a reference to
+    emulation::shared_array<T[N]...> (poisoned per block, see include/emulator.h)."""
+    text = SHARED_DECL.sub(r"auto& \2 = ::emu_fast::emulation::shared_array<\1\3>([] {});", src.read_text())
+    if "__shared__" in text:
+        raise RuntimeError(f"{src}: a __shared__ declaration the emulator cannot rewrite (one name per line)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(text)
+
+
 def _build() -> Path:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(Path(__file__).read_bytes())
     for f in SOURCES + HEADERS:
         digest.update(f.name.encode() + f.read_bytes())
-    out = ROOT / "build/cuda-emulation" / f"libemu_cuda_{digest.hexdigest()[:16]}.so"
+    key = digest.hexdigest()[:16]
+    out = ROOT / "build/cuda-emulation" / f"libemu_cuda_{key}.so"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        gen = ROOT / "build/cuda-emulation" / f"src_{key}_{os.getpid()}"
+        for header in (ROOT / "csrc/cuda/kernels").glob("*.cuh"):
+            _rewrite_shared(header, gen / "cuda/kernels" / header.name)
+        _rewrite_shared(EMULATION / "selftest.cpp", gen / "selftest.cpp")
+        sources = [EMULATION / "emulator.cpp", EMULATION / "kernels.cpp", gen / "selftest.cpp"]
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cmd = [compiler(), "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{ROOT / 'tests/cuda_emulation/include'}",
-               f"-I{ROOT / 'csrc'}", *map(str, SOURCES), "-o", str(tmp)]
+               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{EMULATION / 'include'}", f"-I{gen}",
+               *map(str, sources), "-o", str(tmp)]
         # UndefinedBehaviorSanitizer catches misaligned vector loads (which fault on a GPU),
-        # integer overflow in index math and the like; used wherever the compiler has it.
+        # signed overflow and the like; used wherever the compiler has it.
         if subprocess.run(cmd + UBSAN_FLAGS, capture_output=True).returncode != 0:
             subprocess.run(cmd, check=True)
         tmp.rename(out)
+        shutil.rmtree(gen)
     return out
 
 
@@ -90,13 +111,15 @@ def _ptr(t):
 
 class _RedZones:
     """A stand-in for compute-sanitizer's memcheck: every tensor a kernel gets is moved into a
-    buffer with 256 bytes of poison on each side, at the same address modulo 64 so that
-    alignment-dependent paths do not change. The poison is a signalling NaN in each float type
-    (any arithmetic on it gives a different, quiet NaN) and a negative number in int64 (an
-    invalid length), so a read past a tensor spoils the result and a write past it is found
-    by check()."""
+    buffer with 4 KiB of poison on each side, at the same address modulo 64 so that
+    alignment-dependent paths do not change; the gaps of a strided view are poisoned too. The
+    poison is a signalling NaN in each float type (any arithmetic on it gives a different,
+    quiet NaN) and a negative number in int64 (an invalid length or index), so a read past a
+    tensor spoils the result (unless only compared: NaN fails every comparison), and check()
+    finds any write outside the tensor's own elements. Accesses further out than the margin
+    land in unrelated memory (or fault, which the emulator reports)."""
 
-    MARGIN = 256
+    MARGIN = 4096
     POISON = {torch.float32: (torch.int32, -0x005A5A5B), torch.bfloat16: (torch.int16, -0x005B),
               torch.float16: (torch.int16, -0x025B), torch.int64: (torch.int64, -0x5A5A5A5A5A5A5A5B)}
 
@@ -107,18 +130,20 @@ class _RedZones:
         if t is None or t.numel() == 0:
             return t
         span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # elements the view can reach
-        nbytes = span * t.element_size()
+        size = t.element_size()
         as_int, poison = self.POISON[t.dtype]
-        buf = torch.full(((nbytes + 2 * self.MARGIN + 64) // t.element_size(),), poison, dtype=as_int).view(torch.uint8)
-        start = self.MARGIN + (t.data_ptr() - buf.data_ptr() - self.MARGIN) % 64
-        guarded = buf[start:start + nbytes].view(t.dtype).as_strided(t.shape, t.stride())
+        buf = torch.full(((span * size + 2 * self.MARGIN + 64) // size,), poison, dtype=as_int)
+        start = (self.MARGIN + (t.data_ptr() - buf.data_ptr() - self.MARGIN) % 64) // size  # in elements
+        guarded = buf.view(t.dtype)[start:start + span].as_strided(t.shape, t.stride())
         guarded.copy_(t)
-        self._zones.append((t, guarded, buf, start, nbytes, buf[:start].clone(), buf[start + nbytes:].clone()))
+        outside = torch.ones(buf.numel(), dtype=torch.bool)  # elements the kernel must not write
+        outside[start:start + span].as_strided(t.shape, t.stride()).fill_(False)
+        self._zones.append((t, guarded, buf, outside, buf[outside].clone()))
         return guarded
 
     def check(self, what):
-        for original, guarded, buf, start, nbytes, before, after in self._zones:
-            if not (torch.equal(buf[:start], before) and torch.equal(buf[start + nbytes:], after)):
+        for original, guarded, buf, outside, before in self._zones:
+            if not torch.equal(buf[outside], before):
                 raise CudaError(f"{what}: out-of-bounds write next to a {tuple(original.shape)} {original.dtype} argument")
             original.copy_(guarded)  # results, and in-place updates such as the KV cache
 
@@ -134,8 +159,10 @@ def set_schedule_seed(seed: int):
 def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Tensor:
     """Runs one of the kernels in tests/cuda_emulation/selftest.cpp on float32 x."""
     code = ["warp_sums", "barrier_after_return", "shuffle_missing_a_lane", "racy_shared_write",
-            "write_past_the_end", "misaligned_vector_load"].index(which)
-    out = torch.full((max(blocks * threads, 1),), float("nan"))
+            "write_past_the_end", "misaligned_vector_load", "read_unwritten_shared", "shuffle_partial_mask",
+            "null_dereference", "shuffle_width_8"].index(which)
+    outputs_per_thread = 2 if which == "shuffle_width_8" else 1
+    out = torch.full((max(outputs_per_thread * blocks * threads, 1),), float("nan"))
     z = _RedZones()
     _call(which, "emu_selftest", code, _ptr(z(x)), _ptr(z(out)), blocks, threads)
     z.check(which)

@@ -1,9 +1,15 @@
 // The fiber scheduler behind include/emulator.h. Single-threaded: one launch at a time (a mutex
 // guards it), one block at a time, the block's threads as fibers. A fiber is started with
 // makecontext/setcontext; after that every switch is _setjmp/_longjmp, which unlike
-// swapcontext makes no system call (tens of millions of switches in a test run).
+// swapcontext makes no system call (tens of millions of switches in a test run). A memory
+// fault in a kernel (SIGSEGV/SIGBUS, including a fiber overflowing its stack into the guard
+// page below it) becomes a launch error instead of killing the process.
 #include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+
+#include <cstdio>
 
 #include <algorithm>
 #include <memory>
@@ -19,7 +25,20 @@ namespace emu_fast::emulation {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 64 * 1024;  // PROT_NONE below each stack
 constexpr int kWarp = 32;
+
+struct StackDeleter {
+  void operator()(char* p) const { munmap(p - kGuardBytes, kGuardBytes + kStackBytes); }
+};
+
+std::unique_ptr<char, StackDeleter> new_stack() {
+  void* base = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                    -1, 0);
+  if (base == MAP_FAILED) throw std::bad_alloc();
+  mprotect(base, kGuardBytes, PROT_NONE);
+  return std::unique_ptr<char, StackDeleter>(static_cast<char*>(base) + kGuardBytes);
+}
 
 enum class Wait { kNone, kBarrier, kShuffle, kDone };
 
@@ -27,7 +46,7 @@ struct Fiber {
   ucontext_t ctx;  // start only
   jmp_buf resume;  // where it waits
   bool started = false;
-  std::unique_ptr<char[]> stack;
+  std::unique_ptr<char, StackDeleter> stack;
   dim3 tid;
   int warp = 0, lane = 0;
   Wait wait = Wait::kNone;
@@ -56,6 +75,9 @@ struct State {
   std::string last_message;  // of the last failed launch
   cudaError_t last_error = cudaSuccess;
   uint64_t seed = 0;
+  uint64_t block_serial = 0;  // counts blocks run, so shared memory is poisoned once per block
+  volatile sig_atomic_t faulted = 0;
+  char fault[160] = {};
 };
 
 State& state() {
@@ -124,10 +146,12 @@ bool step(State& s, Fiber& f) {
   if (!s.error.empty() || !runnable(s, f)) return false;
   f.wait = Wait::kNone;
   resume(s, f);
+  if (s.faulted && s.error.empty()) s.error = std::string(s.fault) + " (" + where(s, &f) + ")";
   return true;
 }
 
 void run_block(State& s, std::mt19937_64& rng) {
+  ++s.block_serial;
   s.exited = 0;
   s.barrier_gen = 0;
   s.barrier_arrived = 0;
@@ -164,15 +188,16 @@ void run_block(State& s, std::mt19937_64& rng) {
   // shared-memory race changes the result.
   std::vector<int> warps(s.warps.size()), lanes(kWarp);
   std::iota(warps.begin(), warps.end(), 0);
-  std::iota(lanes.begin(), lanes.end(), 0);
   while (true) {
     std::shuffle(warps.begin(), warps.end(), rng);
     bool progress = false;
     for (int w : warps) {
+      const int n = s.warps[w].lanes;  // the last warp of a block may be short
       for (bool warp_progress = true; warp_progress;) {
         warp_progress = false;
-        std::shuffle(lanes.begin(), lanes.begin() + s.warps[w].lanes, rng);
-        for (int l = 0; l < s.warps[w].lanes; ++l) warp_progress |= step(s, s.fibers[w * kWarp + lanes[l]]);
+        std::iota(lanes.begin(), lanes.begin() + n, 0);
+        std::shuffle(lanes.begin(), lanes.begin() + n, rng);
+        for (int l = 0; l < n; ++l) warp_progress |= step(s, s.fibers[w * kWarp + lanes[l]]);
         if (!s.error.empty()) return;
         progress |= warp_progress;
       }
@@ -181,6 +206,49 @@ void run_block(State& s, std::mt19937_64& rng) {
     if (!progress) return void(s.error = describe_deadlock(s));
   }
 }
+
+// Runs on the alternate signal stack. Kernel code never allocates, so the fault cannot have
+// left malloc's state half-changed; the message goes to a fixed buffer all the same.
+void on_fault(int sig, siginfo_t* info, void*) {
+  State& s = state();
+  if (s.current == nullptr) {  // not in a kernel: let it crash as it would have
+    signal(sig, SIG_DFL);
+    raise(sig);
+    return;
+  }
+  std::snprintf(s.fault, sizeof s.fault, "%s at address %p in a kernel (an invalid, misaligned or stack-overflowing access)",
+                sig == SIGSEGV ? "segmentation fault" : "bus error", info->si_addr);
+  s.faulted = 1;
+  s.current->wait = Wait::kDone;
+  _longjmp(s.scheduler, 1);  // SA_NODEFER: the signal is not left blocked
+}
+
+// Installs on_fault (on its own stack) for one launch and puts the previous handlers back.
+class FaultGuard {
+ public:
+  FaultGuard() {
+    stack_t alt{};
+    alt.ss_sp = alt_stack_;
+    alt.ss_size = sizeof alt_stack_;
+    sigaltstack(&alt, &old_alt_);
+    struct sigaction sa {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv_);
+    sigaction(SIGBUS, &sa, &old_bus_);
+  }
+  ~FaultGuard() {
+    sigaction(SIGSEGV, &old_segv_, nullptr);
+    sigaction(SIGBUS, &old_bus_, nullptr);
+    sigaltstack(&old_alt_, nullptr);
+  }
+
+ private:
+  alignas(16) static inline char alt_stack_[64 * 1024];
+  stack_t old_alt_{};
+  struct sigaction old_segv_ {}, old_bus_ {};
+};
 
 bool valid_config(dim3 g, dim3 b) {
   const uint64_t threads = uint64_t{b.x} * b.y * b.z;
@@ -242,24 +310,32 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   s.threads = static_cast<int>(block.x * block.y * block.z);
   while (static_cast<int>(s.fibers.size()) < s.threads) {
     s.fibers.emplace_back();
-    s.fibers.back().stack.reset(new char[kStackBytes]);
+    s.fibers.back().stack = new_stack();
   }
   s.warps.assign((s.threads + kWarp - 1) / kWarp, Warp{});
   s.body = &body;
   s.error.clear();
+  s.faulted = 0;
   std::mt19937_64 rng(s.seed);
-  for (unsigned z = 0; z < grid.z && s.error.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && s.error.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && s.error.empty(); ++x) {
-        s.block_id = dim3(x, y, z);
-        run_block(s, rng);
-      }
+  // Blocks in grid order, or with a seed in a random order (CUDA promises none).
+  std::vector<dim3> blocks;
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  if (s.seed != 0) std::shuffle(blocks.begin(), blocks.end(), rng);
+  const FaultGuard guard;
+  for (size_t i = 0; i < blocks.size() && s.error.empty(); ++i) {
+    s.block_id = blocks[i];
+    run_block(s, rng);
+  }
   if (!s.error.empty()) {
     s.last_error = cudaErrorLaunchFailure;
     s.last_message = s.error;
   }
 }
 
+uint64_t block_serial() { return state().block_serial; }
 void set_schedule_seed(uint64_t seed) { state().seed = seed; }
 const char* last_error_message() { return state().last_message.c_str(); }
 

@@ -44,6 +44,33 @@ __global__ void misaligned_vector_load(const float* in, float* out) {
   out[threadIdx.x] = static_cast<float>(v.x);
 }
 
+// Reads a shared word no thread of the block wrote: garbage on a GPU, NaN here.
+__global__ void read_unwritten_shared(float* out) {
+  __shared__ float words[64];
+  if (threadIdx.x < 32) words[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = words[threadIdx.x];
+}
+
+__global__ void shuffle_partial_mask(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 1);
+}
+
+__global__ void null_dereference(float* out) {
+  float* volatile p = nullptr;
+  out[threadIdx.x] = *p;
+}
+
+// Group sums over `width` lanes (8) by xor, and lane 3 of each group by index: out[0 .. n) the
+// sums, out[n .. 2n) the broadcasts.
+__global__ void shuffle_width_8(const float* in, float* out) {
+  const int i = threadIdx.x, n = blockDim.x;
+  float v = in[i];
+  for (int o = 4; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o, 8);
+  out[i] = v;
+  out[n + i] = __shfl_sync(0xffffffffu, in[i], 3, 8);
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, const float* in, float* out, int blocks, int threads) {
@@ -54,6 +81,10 @@ extern "C" int emu_selftest(int which, const float* in, float* out, int blocks, 
     case 3: EMU_FAST_LAUNCH(blocks, threads, nullptr, racy_shared_write)(out); break;
     case 4: EMU_FAST_LAUNCH(blocks, threads, nullptr, write_past_the_end)(out); break;
     case 5: EMU_FAST_LAUNCH(blocks, threads, nullptr, misaligned_vector_load)(in, out); break;
+    case 6: EMU_FAST_LAUNCH(blocks, threads, nullptr, read_unwritten_shared)(out); break;
+    case 7: EMU_FAST_LAUNCH(blocks, threads, nullptr, shuffle_partial_mask)(out); break;
+    case 8: EMU_FAST_LAUNCH(blocks, threads, nullptr, null_dereference)(out); break;
+    case 9: EMU_FAST_LAUNCH(blocks, threads, nullptr, shuffle_width_8)(in, out); break;
     default: return -1;
   }
   return static_cast<int>(cudaGetLastError());

@@ -188,7 +188,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
   }
 
   // Merge the warps' softmax states.
-  __shared__ float sm_max[kAttnWarps][kMaxGroup], sm_sum[kAttnWarps][kMaxGroup];
+  __shared__ float sm_max[kAttnWarps][kMaxGroup];
+  __shared__ float sm_sum[kAttnWarps][kMaxGroup];
   __shared__ float sm_acc[kAttnWarps][kMaxGroup][D];
 #pragma unroll
   for (int g = 0; g < kMaxGroup; ++g) {

@@ -12,8 +12,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Blocks run one at a time, so a function-local static is exactly one block's shared memory.
-#define __shared__ static
+// No __shared__ here: tests/cuda_emulator.py rewrites every declaration of the kernel sources
+// to emulation::shared_array, one block's memory, poisoned for every block (see emulator.h).
 
 struct dim3 {
   unsigned x, y, z;
@@ -58,15 +58,18 @@ inline T __ldcs(const T* p) { return *p; }
 
 inline void __syncthreads() { ::emu_fast::emulation::sync_threads(); }
 
+// As the CUDA Programming Guide defines them for width a power of two up to 32: __shfl_sync
+// reads lane src_lane mod width of the caller's group of `width` lanes; __shfl_xor_sync reads
+// lane ^ lane_mask, or the caller's own value if that lane is in a later group.
 template <typename T>
 inline T __shfl_sync(unsigned mask, T value, int src_lane, int width = 32) {
-  return ::emu_fast::emulation::shuffle(mask, value, [=](int lane) { return (lane & ~(width - 1)) + src_lane % width; });
+  return ::emu_fast::emulation::shuffle(mask, value, [=](int lane) { return (lane & ~(width - 1)) + (src_lane & (width - 1)); });
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   return ::emu_fast::emulation::shuffle(mask, value, [=](int lane) {
-    const int src = lane ^ lane_mask;  // outside this lane's width-segment: its own value
-    return (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane;
+    const int src = (lane ^ lane_mask) & 31;
+    return (src & ~(width - 1)) > (lane & ~(width - 1)) ? lane : src;
   });
 }
 

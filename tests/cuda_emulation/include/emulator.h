@@ -39,6 +39,24 @@ T shuffle(unsigned mask, T value, SrcOf src_of) {
   return value;
 }
 
+// Shared memory: tests/cuda_emulator.py rewrites each `__shared__ T name[N]...;` of the
+// kernel headers into `auto& name = shared_array<T[N]...>([] {});` (the lambda makes every
+// declaration its own instantiation). It is filled with 0xFF bytes (NaN in every float type)
+// when the first thread of each block reaches it, as a GPU's is garbage: a read of shared
+// memory no thread of the block wrote shows up as NaN.
+uint64_t block_serial();
+
+template <typename T, typename Site>
+T& shared_array(Site) {
+  alignas(16) static T storage;
+  static uint64_t poisoned_for = 0;  // block serials start at 1
+  if (poisoned_for != block_serial()) {
+    std::memset(static_cast<void*>(&storage), 0xFF, sizeof(T));
+    poisoned_for = block_serial();
+  }
+  return storage;
+}
+
 // Runs body once per thread of every block of the grid; records launch errors for
 // cudaGetLastError.
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
