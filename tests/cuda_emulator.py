@@ -191,10 +191,8 @@ def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):
 
 
 def decode_attention_splits(batch, num_kv_heads, capacity, sm_count=H100_SMS):
-    splits, chunk = ctypes.c_int(), ctypes.c_int()
-    load().emu_decode_attention_splits(ctypes.c_int64(batch), ctypes.c_int64(num_kv_heads), ctypes.c_int64(capacity),
-                                       sm_count, ctypes.byref(splits), ctypes.byref(chunk))
-    return splits.value, chunk.value
+    return load().emu_decode_attention_splits(ctypes.c_int64(batch), ctypes.c_int64(num_kv_heads),
+                                              ctypes.c_int64(capacity), sm_count)
 
 
 def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale=None,
@@ -202,7 +200,7 @@ def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos,
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    splits, chunk = decode_attention_splits(B, Hkv, S, sm_count)
+    splits = decode_attention_splits(B, Hkv, S, sm_count)
     lib = load()
     workspace = torch.empty(lib.emu_decode_attention_workspace_floats(B, Hq, splits, D), dtype=torch.float32)
     out = torch.empty(B, Hq, D, dtype=q.dtype)
@@ -211,7 +209,7 @@ def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos,
           DTYPE_CODE[q.dtype], D, B, _ptr(z(q)), _ptr(z(k)), _ptr(z(v)), ctypes.c_int64(q.stride(0)),
           ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)), _ptr(z(k_cache)), _ptr(z(v_cache)),
           _ptr(z(cache_lens)), _ptr(z(positions)), _ptr(z(rope_cos)), _ptr(z(rope_sin)),
-          ctypes.c_int64(rope_cos.shape[0]), _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S, splits, chunk,
+          ctypes.c_int64(rope_cos.shape[0]), _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S, splits,
           ctypes.c_float(scale))
     z.check("decode_attention")
     return out

@@ -144,9 +144,18 @@ def test_decode_attention_kernel_every_split_plan(sm_count):
     64 cache rows): each plan agrees with the reference, and the new token lands in whichever
     split holds its index."""
     dtype = torch.bfloat16
-    splits, chunk = emu.decode_attention_splits(3, 2, 500, sm_count)
-    assert splits == max(1, min(-(-2 * sm_count // 6), -(-500 // 64))) and splits * chunk >= 500
+    assert emu.decode_attention_splits(3, 2, 500, sm_count) == max(1, min(-(-2 * sm_count // 6), -(-500 // 64)))
     _check_attention(dtype, _attention_case(dtype, 3, 4, 2, 128, 500, [499, 250, 64]), sm_count)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_kernel_row_lengths_around_chunk_edges(dtype):
+    """Each row's keys are spread over the splits by its own length (read on the device), at
+    least 16 a split: 7 splits here, and rows whose len + 1 falls below, on and above 16 per
+    split and the edges of a chunk, all in one launch."""
+    assert emu.decode_attention_splits(10, 4, 1024) == 7
+    lens = [0, 1, 15, 16, 111, 112, 113, 118, 700, 1023]  # 7 splits: 16 keys each up to len 111
+    _check_attention(dtype, _attention_case(dtype, len(lens), 8, 4, 64, 1024, lens))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -93,7 +93,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   if (B == 0) return out;
-  const cuda::DecodeAttentionSplits plan = cuda::decode_attention_splits(B, Hkv, S, sm_count(q.get_device()));
+  const int splits = cuda::decode_attention_splits(B, Hkv, S, sm_count(q.get_device()));
   cuda::DecodeAttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -112,10 +112,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   p.num_kv_heads = static_cast<int>(Hkv);
   p.capacity = static_cast<int>(S);
   p.max_position = rope_cos.size(0);
-  p.splits = plan.splits;
-  p.chunk = plan.chunk;
+  p.splits = splits;
   p.scale = static_cast<float>(scale);
-  const int64_t workspace_floats = cuda::decode_attention_workspace_floats(B, Hq, plan.splits, static_cast<int>(D));
+  const int64_t workspace_floats = cuda::decode_attention_workspace_floats(B, Hq, splits, static_cast<int>(D));
   const at::Tensor workspace = at::empty({workspace_floats}, q.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(q.scalar_type(), [&](auto tag) {

@@ -39,11 +39,8 @@ int emu_gemv(int dtype, int norm, const void* w, const void* x, void* y, const v
   });
 }
 
-void emu_decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t capacity, int sm_count, int* splits,
-                                 int* chunk) {
-  const DecodeAttentionSplits plan = decode_attention_splits(batch, num_kv_heads, capacity, sm_count);
-  *splits = plan.splits;
-  *chunk = plan.chunk;
+int emu_decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t capacity, int sm_count) {
+  return decode_attention_splits(batch, num_kv_heads, capacity, sm_count);
 }
 
 int64_t emu_decode_attention_workspace_floats(int64_t batch, int64_t num_heads, int splits, int head_dim) {
@@ -54,7 +51,7 @@ int emu_decode_attention(int dtype, int head_dim, int batch, const void* q, cons
                          int64_t q_stride, int64_t k_stride, int64_t v_stride, void* k_cache, void* v_cache,
                          const int64_t* cache_lens, const int64_t* positions, const float* rope_cos,
                          const float* rope_sin, int64_t max_position, void* out, float* workspace, int num_heads,
-                         int num_kv_heads, int capacity, int splits, int chunk, float scale) {
+                         int num_kv_heads, int capacity, int splits, float scale) {
   DecodeAttentionParams p{};
   p.q = q;
   p.k = k;
@@ -74,7 +71,6 @@ int emu_decode_attention(int dtype, int head_dim, int batch, const void* q, cons
   p.num_kv_heads = num_kv_heads;
   p.capacity = capacity;
   p.splits = splits;
-  p.chunk = chunk;
   p.scale = scale;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);

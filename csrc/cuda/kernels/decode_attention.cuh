@@ -3,9 +3,10 @@
 //
 // Grid: (B * Hkv, splits). A block of 4 warps handles one sequence, one KV head and its whole
 // group of query heads (GQA: each K/V row is loaded once for the group), over the cache slice
-// [split * chunk, min((split + 1) * chunk, len)). The new token (index len) belongs to split
-// len / chunk: that block rotates and appends it (no other block reads index len) and attends
-// to it from registers. Each warp keeps an online softmax; the warps are merged in shared
+// [split * chunk, min((split + 1) * chunk, len)), where chunk spreads this row's len + 1 keys
+// evenly over the splits (read on the device, see below). The new token (index len) belongs to
+// split len / chunk: that block rotates and appends it (no other block reads index len) and
+// attends to it from registers. Each warp keeps an online softmax; the warps are merged in shared
 // memory; with several splits each block writes (out, max, sum) and combine_kernel merges them.
 // Lane l holds head dims [l*E, (l+1)*E), E = D/32; rotate-half pairs lane l with lane l^16.
 #pragma once
@@ -15,6 +16,8 @@ namespace emu_fast::cuda {
 
 constexpr int kAttnWarps = 4;
 constexpr int kMaxGroup = 8;  // query heads per KV head
+constexpr int kKeysPerWarpStep = 4;
+constexpr int kMinChunk = kAttnWarps * kKeysPerWarpStep;  // keys a block takes in one step
 
 struct DecodeAttentionParams {
   const void* q;  // [B, Hq, D], batch stride q_stride
@@ -32,7 +35,7 @@ struct DecodeAttentionParams {
   float* part_max;            // [B, Hq, splits]
   float* part_sum;            // [B, Hq, splits]
   int64_t max_position;       // P
-  int num_heads, num_kv_heads, capacity, splits, chunk;
+  int num_heads, num_kv_heads, capacity, splits;
   float scale;
   bool vector_loads;          // both caches aligned to E * sizeof(T) bytes (set by the launcher)
 };
@@ -53,9 +56,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
         static_cast<T*>(p.out)[(static_cast<int64_t>(b) * p.num_heads + h * group) * D + t] = from_f<T>(NAN);
     return;
   }
-  const int64_t start = static_cast<int64_t>(split) * p.chunk;
-  const int64_t end = min(start + p.chunk, len);
-  const bool has_new = len / p.chunk == split;
+  // This row's len + 1 keys spread evenly over the splits, at least kMinChunk each: a row much
+  // shorter than the cache (Emu's prompts are) still uses every block of its head rather than
+  // leaving the work to the first few. The length is read here, on the device, so the launch
+  // is the same at every step and a CUDA graph replays it as the cache grows. chunk * splits
+  // > len, so some split always owns the new token.
+  const int64_t chunk = max(static_cast<int64_t>(kMinChunk), (len + p.splits) / p.splits);
+  const int64_t start = static_cast<int64_t>(split) * chunk;
+  const int64_t end = min(start + chunk, len);
+  const bool has_new = len / chunk == split;
 
   // This lane's RoPE coefficients at the new token's position.
   float c[E], s[E];
@@ -123,7 +132,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
   // and all their K/V rows loaded before any is used, so each warp keeps several rows in
   // flight (decode attention is bound by reading the cache). A key index past the slice
   // (valid[u] false) is skipped; the first is always valid.
-  constexpr int kKeys = 4;
+  constexpr int kKeys = kKeysPerWarpStep;
   auto attend = [&](const float (&kr)[kKeys][E], const float (&vr)[kKeys][E], const bool (&valid)[kKeys]) {
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
@@ -256,20 +265,14 @@ __global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
   static_cast<T*>(p.out)[hq * D + d] = from_f<T>(a / sum);
 }
 
-// How the cache is split across blocks. Enough blocks to fill the GPU twice over even at batch
-// 1 (flash-decoding), at least 64 cache rows per split. The plan depends only on shapes, never
-// on the lengths (which stay on the device), so a CUDA graph can capture it.
-struct DecodeAttentionSplits {
-  int splits, chunk;
-};
-
-inline DecodeAttentionSplits decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t capacity,
-                                                     int sm_count) {
+// How many blocks share one (sequence, KV head): enough to fill the GPU twice over even at
+// batch 1 (flash-decoding), at most one per 64 cache rows. It depends only on shapes, never on
+// the lengths (which stay on the device), so a CUDA graph can capture the launch.
+inline int decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t capacity, int sm_count) {
   const int64_t blocks = batch * num_kv_heads;
   const int64_t want = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
-  int64_t splits = want < (capacity + 63) / 64 ? want : (capacity + 63) / 64;
-  if (splits < 1) splits = 1;
-  return {static_cast<int>(splits), static_cast<int>((capacity + splits - 1) / splits)};
+  const int64_t splits = want < (capacity + 63) / 64 ? want : (capacity + 63) / 64;
+  return splits < 1 ? 1 : static_cast<int>(splits);
 }
 
 // float32 workspace the split path needs (part_out, part_max, part_sum); 0 with one split.
@@ -277,7 +280,7 @@ inline int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_head
   return splits > 1 ? batch * num_heads * splits * (head_dim + 2) : 0;
 }
 
-// Launches with p.splits / p.chunk from decode_attention_splits; with several splits
+// Launches with p.splits from decode_attention_splits; with several splits
 // `workspace` holds decode_attention_workspace_floats(...) floats.
 template <typename T, int D>
 cudaError_t launch_decode_attention(DecodeAttentionParams p, int batch, float* workspace, cudaStream_t stream) {
@@ -291,7 +294,9 @@ cudaError_t launch_decode_attention(DecodeAttentionParams p, int batch, float* w
   p.part_sum = p.splits > 1 ? workspace + rows * (D + 1) : nullptr;
   const dim3 grid(static_cast<unsigned>(batch * p.num_kv_heads), static_cast<unsigned>(p.splits));
   EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D>)(p);
-  if (p.splits > 1) EMU_FAST_LAUNCH(static_cast<unsigned>(batch * p.num_heads), D, stream, decode_attention_combine_kernel<T, D>)(p);
+  if (p.splits > 1) {
+    EMU_FAST_LAUNCH(static_cast<unsigned>(batch * p.num_heads), D, stream, decode_attention_combine_kernel<T, D>)(p);
+  }
   return cudaGetLastError();
 }
 
