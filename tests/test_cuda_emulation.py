@@ -325,16 +325,16 @@ def cuda_kernels_as_cpu_ops():
     assert sum(calls.values()) == before, "the real CPU kernels were not restored"
 
 
-@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("kind,hidden", [("emu1", 256), ("emu2", 256), ("emu1", 512)])  # head dim 64, 64, 128
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_kernels_as_cpu_ops, kind, dtype):
+def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_kernels_as_cpu_ops, kind, hidden, dtype):
     """The same assertion as test_cuda.py's decoder test (loop tolerance per dtype against the
-    float32 upstream loop), with every op of prefill and step on the CUDA kernels; head dim 64,
-    GQA, ragged batch of 3. (float16 EmuDecoders exist on CUDA only; its kernels are tested
-    op by op above.)"""
+    float32 upstream loop), with every op of prefill and step on the CUDA kernels; 4 heads, 2
+    KV heads, ragged batch of 3. (float16 EmuDecoders exist on CUDA only; its kernels are
+    tested op by op above.)"""
     from test_decoder import PROMPTS, Setup
 
-    s = Setup(kind, emu_tokenizer, kv_heads=2, n=6, dtype=dtype, hidden=256, out_dim=96)
+    s = Setup(kind, emu_tokenizer, kv_heads=2, n=6, dtype=dtype, hidden=hidden, out_dim=96)
     dec = s.decoder()
     dec.fused_cpu_step = False
     out = dec.generate(*s.inputs(PROMPTS[3]), s.n)
