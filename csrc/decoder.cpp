@@ -5,6 +5,7 @@
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "checks.h"
@@ -214,9 +215,15 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
   at::Tensor h = embeds.gather(1, src.unsqueeze(-1).expand({B, L, H})).reshape({B * L, H});
   const at::Tensor cos = rope_cos_.index_select(0, src.reshape(-1)).view({B, L, 1, D / 2});
   const at::Tensor sin = rope_sin_.index_select(0, src.reshape(-1)).view({B, L, 1, D / 2});
-  const at::Tensor key_valid = offs.unsqueeze(0) < lens_t.unsqueeze(1);                       // [B, L]
-  const at::Tensor causal = at::ones({L, L}, i64.device(dev).dtype(at::kBool)).tril();        // [L, L]
-  const at::Tensor attn_mask = causal.unsqueeze(0).unsqueeze(0) & key_valid.view({B, 1, 1, L});
+  // With no padding the mask is plain causal: is_causal lets SDPA pick its flash kernel, which
+  // takes no explicit mask.
+  const bool unpadded = std::all_of(lens.begin(), lens.end(), [L](int64_t n) { return n == L; });
+  at::Tensor attn_mask;
+  if (!unpadded) {
+    const at::Tensor key_valid = offs.unsqueeze(0) < lens_t.unsqueeze(1);                     // [B, L]
+    const at::Tensor causal = at::ones({L, L}, i64.device(dev).dtype(at::kBool)).tril();      // [L, L]
+    attn_mask = causal.unsqueeze(0).unsqueeze(0) & key_valid.view({B, 1, 1, L});
+  }
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const int64_t Hq = num_heads_, Hkv = num_kv_heads_;
 
@@ -231,7 +238,8 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
     v_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(v);
     const at::Tensor kx = Hq == Hkv ? k : k.repeat_interleave(Hq / Hkv, 1);
     const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
-    const at::Tensor o = at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
+    const at::Tensor o = unpadded ? at::scaled_dot_product_attention(q, kx, vx, {}, 0.0, true, scale)
+                                  : at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
     h = h + at::linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o);
     const at::Tensor y = ops::rms_norm(h, w.post_norm, eps_);
     h = h + at::linear(ops::silu_mul(at::linear(y, w.gate_up)), w.down);
