@@ -52,6 +52,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-upstream", action="store_true", help="skip the (slow) recompute loop")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile this many emu_fast decode steps and print the top kernels/ops")
     return p.parse_args()
 
 
@@ -148,6 +150,29 @@ def device_name(device):
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+def profile_steps(dec, embeds, mask, out0, steps, device):
+    """Where a decode step's time goes: torch.profiler over `steps` steps, the top entries by
+    self time. On a GPU the graph replays (CUPTI still sees each kernel); on the CPU the
+    one-region step is opaque to the profiler, so its op-by-op equivalent is profiled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.startswith("cuda")
+    fused = dec.fused_cpu_step
+    dec.fused_cpu_step = False
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    dec.prefill(embeds, mask)
+    dec.decode(out0, steps)  # warm: graph captured
+    dec.prefill(embeds, mask)
+    sync(device)
+    with profile(activities=activities) as prof:
+        dec.decode(out0, steps)
+        sync(device)
+    dec.fused_cpu_step = fused
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    print(f"profile of {steps} decode steps (top 15 by {key}):")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
 @torch.no_grad()
 def main():
     args = parse_args()
@@ -190,12 +215,12 @@ def main():
     t_prefill, out0 = timed(lambda: dec.prefill(embeds, texts_tok.attention_mask), args.device, args.reps)
 
     def steps():
+        # decode() runs the n - 1 steps as generate_image does: on a GPU one captured CUDA graph
+        # replayed per step (step() alone is eager, one launch per op).
         dec.prefill(embeds, texts_tok.attention_mask)
         sync(args.device)
         t0 = time.perf_counter()
-        out = out0
-        for _ in range(n - 1):
-            out = dec.step(out)
+        dec.decode(out0, n - 1)
         sync(args.device)
         return time.perf_counter() - t0
 
@@ -228,6 +253,8 @@ def main():
     figures["emu_fast"]["prefill_ms"] = t_prefill * 1e3
     print(f"emu_fast prefill: {t_prefill * 1e3:.1f} ms; step roofline at measured bandwidth: "
           f"{weight_bytes / bw * 1e3:.2f} ms")
+    if args.profile:
+        profile_steps(dec, embeds, texts_tok.attention_mask, out0, args.profile, args.device)
     if args.json:
         payload = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

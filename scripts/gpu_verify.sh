@@ -30,7 +30,7 @@ if command -v compute-sanitizer >/dev/null; then
       "$PYTHON" -m pytest -q -x tests/test_cuda.py -k "decode_attention or gemv or glue or graph_equals"
   done
 fi
-run_to "$OUT/$TAG-emu1-13b-b1-p128.txt" "$PYTHON" benchmarks/latency.py --json "$OUT/$TAG-emu1-13b-b1-p128.json"
+run_to "$OUT/$TAG-emu1-13b-b1-p128.txt" "$PYTHON" benchmarks/latency.py --profile 4 --json "$OUT/$TAG-emu1-13b-b1-p128.json"
 run_to "$OUT/$TAG-emu1-13b-b8-p512.txt" "$PYTHON" benchmarks/latency.py --batch 8 --prompt-len 512 --reps 2 \
   --json "$OUT/$TAG-emu1-13b-b8-p512.json"
 exit $status
