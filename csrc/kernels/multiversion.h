@@ -40,4 +40,25 @@ inline Isa cpu_isa() {
 #endif
 }
 
+// Runs `body` compiled for the best instruction set this processor has. The body must be an
+// EMU_LAMBDA_INLINE lambda calling EMU_ALWAYS_INLINE kernels, so that all of it is compiled
+// into each EMU_TARGET_* copy below.
+#ifdef EMU_X86
+template <typename F>
+EMU_TARGET_AVX512 void run_avx512(const F& body) { body(); }
+template <typename F>
+EMU_TARGET_AVX2 void run_avx2(const F& body) { body(); }
+#endif
+
+template <typename F>
+void run_best(const F& body) {
+  switch (cpu_isa()) {
+#ifdef EMU_X86
+    case Isa::kAvx512: return run_avx512(body);
+    case Isa::kAvx2: return run_avx2(body);
+#endif
+    default: return body();
+  }
+}
+
 }  // namespace emu_fast::kernels

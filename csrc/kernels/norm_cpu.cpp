@@ -3,28 +3,6 @@
 #include "kernels/norm.h"
 
 namespace emu_fast::kernels {
-namespace {
-
-// Runs `body` compiled for the best instruction set this processor has.
-#ifdef EMU_X86
-template <typename F>
-EMU_TARGET_AVX512 void run_avx512(const F& body) { body(); }
-template <typename F>
-EMU_TARGET_AVX2 void run_avx2(const F& body) { body(); }
-#endif
-
-template <typename F>
-void run_best(const F& body) {
-  switch (cpu_isa()) {
-#ifdef EMU_X86
-    case Isa::kAvx512: return run_avx512(body);
-    case Isa::kAvx2: return run_avx2(body);
-#endif
-    default: return body();
-  }
-}
-
-}  // namespace
 
 #define EMU_NORM_INSTANTIATE(T)                                                                         \
   void rms_norm_row_cpu(const T* x, const T* w, float eps, int64_t n, T* y) {                          \
