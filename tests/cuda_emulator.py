@@ -170,12 +170,17 @@ def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Te
 
 
 def gemv(x, w, norm_weight=None, eps=0.0):
-    """x [B <= 8, K] (unit stride in K), w [N, K]: the CUDA gemv kernel (with the fused RMSNorm
-    prologue when norm_weight is given)."""
+    """As csrc/cuda/ops_cuda.cu gemv_impl: x [B, K], w [N, K] through the CUDA gemv kernel (with
+    its fused RMSNorm prologue when norm_weight is given) up to batch 8; above that the op uses
+    cuBLAS, here torch, after the CUDA RMSNorm kernel."""
+    x = x if x.stride(1) == 1 else x.contiguous()
     B, K = x.shape
     N = w.shape[0]
-    assert x.stride(1) == 1 and 1 <= B <= 8
+    if B > 8:
+        return torch.nn.functional.linear(rms_norm(x, norm_weight, eps) if norm_weight is not None else x, w)
     y = torch.empty(B, N, dtype=x.dtype)
+    if B == 0 or N == 0:
+        return y
     z = _RedZones()
     _call("gemv", "emu_gemv", DTYPE_CODE[x.dtype], int(norm_weight is not None), _ptr(z(w)), _ptr(z(x)),
           _ptr(z(y)), _ptr(z(norm_weight)), ctypes.c_float(eps), B, K, N, ctypes.c_int64(x.stride(0)),
@@ -186,7 +191,7 @@ def gemv(x, w, norm_weight=None, eps=0.0):
 
 def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):
     out = gemv(hidden, head_weight, norm_weight, eps)
-    nxt = gemv(out, up_weight) if up_weight is not None else torch.empty(hidden.shape[0], 0, dtype=hidden.dtype)
+    nxt = gemv(out, up_weight) if up_weight is not None else hidden.new_empty(hidden.shape[0], 0)
     return out, nxt
 
 

@@ -276,17 +276,6 @@ def test_kernels_do_not_depend_on_thread_order():
 
 # --- the whole decoder on the CUDA kernels --------------------------------------------------
 
-def _gemv_like_the_cuda_op(x, weight, norm_weight=None, eps=0.0):
-    """csrc/cuda/ops_cuda.cu gemv_impl: the kernel up to batch 8, cuBLAS (here torch) above."""
-    x = x if x.stride(1) == 1 else x.contiguous()
-    if x.shape[0] > 8:
-        xn = emu.rms_norm(x, norm_weight, eps) if norm_weight is not None else x
-        return torch.nn.functional.linear(xn, weight)
-    if x.shape[0] == 0 or weight.shape[0] == 0:
-        return x.new_empty(x.shape[0], weight.shape[0])
-    return emu.gemv(x, weight, norm_weight, eps)
-
-
 @pytest.fixture
 def cuda_kernels_as_cpu_ops():
     """For one test, the emulated CUDA kernels are the CPU implementations of the emu_fast ops,
@@ -301,10 +290,8 @@ def cuda_kernels_as_cpu_ops():
         return op
 
     impls = {
-        "gemv": lambda x, w: _gemv_like_the_cuda_op(x, w),
-        "regression_head": lambda h, nw, eps, head, up: (
-            (out := _gemv_like_the_cuda_op(h, head, nw, eps)),
-            _gemv_like_the_cuda_op(out, up) if up is not None else h.new_empty(h.shape[0], 0)),
+        "gemv": emu.gemv,
+        "regression_head": emu.regression_head,
         "rms_norm": emu.rms_norm,
         "add_rms_norm": emu.add_rms_norm,
         "silu_mul": emu.silu_mul,
