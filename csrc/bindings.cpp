@@ -32,16 +32,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 A LLaMA decoder with a preallocated KV cache for Emu's causal image-embedding loop.
 
 EmuDecoder(layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads,
-           rms_eps, rope_theta, max_batch, max_seq_len)
+           rms_eps, rope_cos, rope_sin, max_batch, max_seq_len)
 
 layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] (qkv = q,k,v projections
 stacked on dim 0, gate_up = gate,up stacked). The weights are used in place, not copied.
+rope_cos/rope_sin: float32 [positions >= 2 * max_seq_len, head_dim / 2], the model's own
+RoPE tables (emu_fast.rope.model_rope_tables).
 )doc")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor,
-                    c10::optional<at::Tensor>, int64_t, int64_t, double, double, int64_t, int64_t>(),
+                    c10::optional<at::Tensor>, int64_t, int64_t, double, at::Tensor, at::Tensor, int64_t,
+                    int64_t>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("head_weight"), py::arg("up_weight") = py::none(),
            py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("rms_eps"),
-           py::arg("rope_theta"), py::arg("max_batch"), py::arg("max_seq_len"))
+           py::arg("rope_cos"), py::arg("rope_sin"), py::arg("max_batch"), py::arg("max_seq_len"))
       .def("prefill", &EmuDecoder::prefill, py::arg("inputs_embeds"), py::arg("attention_mask"),
            py::call_guard<py::gil_scoped_release>(),
            "Prompts [B,T,H] with a [B,T] 0/1 mask (left or right padding) -> output 0 [B, out].")

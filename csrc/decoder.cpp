@@ -34,8 +34,8 @@ void check_weight(const at::Tensor& t, const char* name, int64_t layer, at::IntA
 
 EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
                        at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
-                       int64_t num_kv_heads, double rms_eps, double rope_theta, int64_t max_batch,
-                       int64_t max_seq_len)
+                       int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
+                       int64_t max_batch, int64_t max_seq_len)
     : final_norm_(std::move(final_norm)),
       head_(std::move(head_weight)),
       up_(std::move(up_weight)),
@@ -55,7 +55,7 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                     hidden_, " must split into ", num_heads, " heads of even size");
   TORCH_CHECK_VALUE(max_batch > 0 && max_seq_len > 0, kWho, ": max_batch and max_seq_len must be positive, got ",
                     max_batch, " and ", max_seq_len);
-  TORCH_CHECK_VALUE(rms_eps > 0 && rope_theta > 0, kWho, ": rms_eps and rope_theta must be positive");
+  TORCH_CHECK_VALUE(rms_eps > 0, kWho, ": rms_eps must be positive");
   head_dim_ = hidden_ / num_heads;
   const at::Tensor& ref = final_norm_;
   const auto st = ref.scalar_type();
@@ -116,14 +116,22 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
     v_cache_.push_back(kv_[l][1]);
   }
 
-  // RoPE tables computed as Hugging Face LLaMA does (float32 inverse frequencies, one float32
-  // product per entry). Positions go up to a prompt's padded length plus max_seq_len.
-  const auto f32 = ref.options().dtype(at::kFloat);
-  at::Tensor inv_freq =
-      1.0 / at::pow(rope_theta, at::arange(0, D, 2, ref.options().dtype(at::kLong)).to(at::kFloat) / D);
-  at::Tensor freqs = at::outer(at::arange(2 * max_seq_len, f32), inv_freq);
-  rope_cos_ = freqs.cos().contiguous();
-  rope_sin_ = freqs.sin().contiguous();
+  // RoPE tables, as the model's rotary module gives them. Positions go up to a prompt's padded
+  // length plus max_seq_len.
+  for (const auto* t : {&rope_cos, &rope_sin}) {
+    const char* name = t == &rope_cos ? "rope_cos" : "rope_sin";
+    TORCH_CHECK_VALUE(t->defined() && t->dim() == 2 && t->size(1) == D / 2 && t->size(0) >= 2 * max_seq_len, kWho,
+                      ": ", name, " must be [positions >= 2 * max_seq_len = ", 2 * max_seq_len, ", head_dim / 2 = ",
+                      D / 2, "], got ", t->defined() ? t->sizes() : at::IntArrayRef{});
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kWho, ": ", name, " must be torch.float32, got ",
+                     py_dtype(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == ref.device(), kWho, ": ", name, " is on ", t->device(),
+                      " but the decoder's weights are on ", ref.device());
+  }
+  TORCH_CHECK_VALUE(rope_cos.sizes() == rope_sin.sizes(), kWho, ": rope_cos ", rope_cos.sizes(),
+                    " and rope_sin ", rope_sin.sizes(), " differ in shape");
+  rope_cos_ = rope_cos.clone(at::MemoryFormat::Contiguous);  // its own copy: the caller's may change
+  rope_sin_ = rope_sin.clone(at::MemoryFormat::Contiguous);
   lengths_.assign(max_batch, 0);
   starts_.assign(max_batch, 0);
   lengths_dev_ = at::zeros({max_batch}, ref.options().dtype(at::kLong));

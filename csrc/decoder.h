@@ -3,7 +3,7 @@
 //
 // It borrows the weights it is given (no copy): pass packed tensors (fused QKV, fused
 // gate/up) that the caller's model already points at. It owns only its KV cache, sized
-// max_batch x max_seq_len once, and the RoPE tables. No global state: several decoders may
+// max_batch x max_seq_len once, and its copy of the RoPE tables. No global state: several decoders may
 // live side by side; reset() forgets the batch without reallocating.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -30,10 +30,14 @@ class EmuDecoder {
   // layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] as above.
   // head_weight [Dout, H] is the regression head (Emu1 stu_regress_head, Emu2 project_down);
   // up_weight [H, Dout] maps an output back to the next input (Emu2 project_up), or none (Emu1).
+  // rope_cos/rope_sin: float32 [P, D/2] for positions 0..P-1, P >= 2 * max_seq_len (a prompt's
+  // padded length plus the steps after it). They come from the model's own rotary module, not
+  // from rope_theta: a model whose frequencies were rounded (upstream Emu1 casts its LLaMA to
+  // bfloat16 once, which rounds the non-persistent inv_freq for good) runs with those.
   EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
              at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
-             int64_t num_kv_heads, double rms_eps, double rope_theta, int64_t max_batch,
-             int64_t max_seq_len);
+             int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
+             int64_t max_batch, int64_t max_seq_len);
 
   // Runs the prompts ([B,T,H] embeddings, [B,T] 0/1 attention mask: each row one run of
   // ones, left or right padded) through the decoder, fills the KV cache, and returns the
@@ -90,7 +94,7 @@ class EmuDecoder {
   int64_t max_batch_, max_seq_len_;
   at::Tensor kv_;                  // the whole KV cache, one allocation
   std::vector<at::Tensor> k_cache_, v_cache_;  // per-layer views of kv_ [max_batch, Hkv, S, D]
-  at::Tensor rope_cos_, rope_sin_;  // float32 [2 * max_seq_len, D/2] on the weights' device
+  at::Tensor rope_cos_, rope_sin_;  // float32 [P >= 2 * max_seq_len, D/2] on the weights' device
 
   // The active batch: 0 before prefill. Row b's cache holds lengths_[b] entries, the first at
   // RoPE position starts_[b] (its left padding in the prompt).

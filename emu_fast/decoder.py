@@ -8,58 +8,59 @@ from typing import Optional
 import torch
 
 from . import _C
-from .packing import _body, pack_llama_layers
-from .reference import LlamaShape
+from .config import LlamaShape, check_llama_config
+from .packing import llama_body_of, pack_llama_layers
+from .rope import model_rope_tables, theta_rope_tables
 
-
-def check_llama_config(config) -> None:
-    """What the decoder computes: plain LLaMA. Anything else is refused, not approximated."""
-    problems = []
-    if getattr(config, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={config.hidden_act!r} (needs 'silu')")
-    scaling = getattr(config, "rope_scaling", None)
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or params.get("rope_type", "default")
-    if rope_type not in (None, "default"):
-        problems.append(f"RoPE scaling {rope_type!r} (needs plain RoPE)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if getattr(config, flag, False):
-            problems.append(f"{flag}=True")
-    head_dim = getattr(config, "head_dim", None)
-    if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
-        problems.append(f"head_dim={head_dim} with {config.num_attention_heads} heads != hidden {config.hidden_size}")
-    if getattr(config, "pretraining_tp", 1) not in (None, 1):
-        problems.append(f"pretraining_tp={config.pretraining_tp}")
-    if problems:
-        raise TypeError("emu_fast: unsupported language-model config: " + "; ".join(problems))
+# A KV cache for 4 prompts of up to 1024 tokens each (prompt + n outputs); Emu's prompts are
+# tens to a few hundred tokens. Emu1-13B in bfloat16: 3.4 GB; pass other sizes to fit yours.
+DEFAULT_MAX_BATCH = 4
+DEFAULT_MAX_SEQ_LEN = 1024
 
 
 class EmuDecoder(_C.EmuDecoder):
     __doc__ = _C.EmuDecoder.__doc__
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads, rms_eps,
+                 max_batch=DEFAULT_MAX_BATCH, max_seq_len=DEFAULT_MAX_SEQ_LEN, rope_cos=None, rope_sin=None,
+                 rope_theta=None):
+        # By hand, without a model: tables from rope_theta (from_llama takes the model's own).
+        if rope_cos is None and rope_sin is None:
+            head_dim = final_norm.shape[0] // num_heads
+            rope_cos, rope_sin = theta_rope_tables(head_dim, 2 * max_seq_len, 10000.0 if rope_theta is None else rope_theta,
+                                                   final_norm.device)
+        elif rope_theta is not None:
+            raise ValueError("emu_fast.EmuDecoder: pass either rope_cos/rope_sin or rope_theta, not both")
+        super().__init__(layers, final_norm, head_weight, up_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         rms_eps=rms_eps, rope_cos=rope_cos, rope_sin=rope_sin, max_batch=max_batch,
+                         max_seq_len=max_seq_len)
         # Each C++ call is serialized already; this keeps a whole generate() (prefill + decode)
         # from interleaving with another thread's.
         self._generate_lock = threading.Lock()
 
     @classmethod
     def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
-                   max_batch: int, max_seq_len: int) -> "EmuDecoder":
+                   max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> "EmuDecoder":
         """A decoder over a Hugging Face LlamaForCausalLM's body, with the given regression head
         (and Emu2's project_up). Packs QKV and gate/up in place (the model keeps working); no
-        weight is copied. Allocates the KV cache for max_batch x max_seq_len."""
+        weight is copied. Allocates the KV cache for max_batch prompts of up to max_seq_len
+        tokens each (prompt + generated embeddings). RoPE comes from the model's own rotary
+        module (emu_fast.rope), so a model whose frequencies were rounded runs as it is."""
         check_llama_config(lm.config)
         shape = LlamaShape.from_hf(lm.config)
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"emu_fast: max_seq_len must be a positive int, got {max_seq_len!r}")
+        rope_cos, rope_sin = model_rope_tables(lm, 2 * max_seq_len, shape.head_dim)
         return cls(
             pack_llama_layers(lm),
-            _body(lm).norm.weight.detach(),
+            llama_body_of(lm).norm.weight.detach(),
             head_weight.detach(),
             None if up_weight is None else up_weight.detach(),
             num_heads=shape.heads,
             num_kv_heads=shape.kv_heads,
             rms_eps=shape.eps,
-            rope_theta=shape.rope_theta,
+            rope_cos=rope_cos,
+            rope_sin=rope_sin,
             max_batch=max_batch,
             max_seq_len=max_seq_len,
         )

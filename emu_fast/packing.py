@@ -63,7 +63,7 @@ def pack_llama_layers(lm) -> List[List[torch.Tensor]]:
     """Per decoder layer of a Hugging Face LLaMA, [input_norm, qkv, o, post_norm, gate_up, down]
     as EmuDecoder takes them; packs QKV and gate/up in place."""
     layers = []
-    for layer in _body(lm).layers:
+    for layer in llama_body_of(lm).layers:
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
             raise ValueError("emu_fast: biased o_proj/down_proj are not LLaMA's; not supported")
@@ -97,6 +97,6 @@ def _release_freed_host_memory() -> None:
         trim(0)
 
 
-def _body(lm):
+def llama_body_of(lm):
     """The LlamaModel inside a LlamaForCausalLM (or the model itself)."""
     return lm.model if hasattr(lm, "model") and hasattr(lm.model, "layers") else lm

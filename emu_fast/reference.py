@@ -12,43 +12,12 @@ plus one function per emu_fast op, computed the obvious way in float32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class LlamaShape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    eps: float = 1e-6
-    rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @classmethod
-    def from_hf(cls, config) -> "LlamaShape":
-        return cls(
-            hidden=config.hidden_size,
-            layers=config.num_hidden_layers,
-            heads=config.num_attention_heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            intermediate=config.intermediate_size,
-            eps=config.rms_norm_eps,
-            rope_theta=float(getattr(config, "rope_theta", None) or _rope_theta(config)),
-        )
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return params.get("rope_theta", 10000.0)
+from .config import LlamaShape  # noqa: F401  (re-exported: the oracle's users build shapes with it)
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -98,13 +67,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- the LLaMA body
 
 
-def llama_body(w: dict, shape: LlamaShape, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def llama_body(w: dict, shape: LlamaShape, embeds: torch.Tensor, attention_mask: torch.Tensor,
+               rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Hugging Face LlamaModel on inputs_embeds [B,T,H] with a padding mask [B,T] and no
     position ids (positions are 0..T-1, pads included). Returns the final-normed hidden states.
-    `w` uses Hugging Face names without the `model.` prefix (`layers.0.self_attn.q_proj.weight`)."""
+    `w` uses Hugging Face names without the `model.` prefix (`layers.0.self_attn.q_proj.weight`).
+    `rope`: (cos, sin) [>= T, D/2] float32 tables to use instead of ones from rope_theta (a model
+    whose rotary buffers were rounded runs with those)."""
     B, T, _ = embeds.shape
     D, Hq, Hkv = shape.head_dim, shape.heads, shape.kv_heads
-    cos, sin = rope_tables(D, T, shape.rope_theta)
+    cos, sin = rope_tables(D, T, shape.rope_theta) if rope is None else (rope[0][:T].float(), rope[1][:T].float())
     cos, sin = cos[None, None], sin[None, None]  # [1, 1, T, D/2]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     mask = causal[None, None] & attention_mask.bool()[:, None, None, :]

@@ -1,20 +1,60 @@
-"""Tiny random Emu1- and Emu2-shaped models for the tests and the benchmark (needs transformers).
+"""Tiny random Emu1- and Emu2-shaped models for the tests, the benchmark and the README's
+examples (needs transformers), with the real Emu tokenizer.
 
-They have the attributes upstream's models have (SEMANTICS.md; baaivision/Emu Emu1/models/
+    from emu_fast.testing import tiny_emu
+    model = tiny_emu()               # a tiny Emu1; tiny_emu("emu2") for Emu2
+    model.generate_image(["a photo of a cat"])
+
+The models have the attributes upstream's have (SEMANTICS.md; baaivision/Emu Emu1/models/
 modeling_emu.py and Emu2/emu/emu.py) and a `generate_image` that runs upstream's recompute
 loop (emu_fast.reference.upstream_generate_image) on Hugging Face modules, as upstream does.
+The tokenizer is the real Emu1 (LLaMA) one, from a copy of its files carried in this package
+(`emu_fast/data/emu1_tokenizer/`, the same as `../shared/emu/emu1_llama_config`; set
+EMU_TOKENIZER_DIR to use another copy), with Emu's special tokens added as upstream adds them.
 """
 from __future__ import annotations
 
-import inspect
+import copy
+import functools
+import os
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from emu_fast import reference
+from emu_fast.families import DEFAULT_PLACEHOLDER, family_named, family_of
 
 VOCAB = 32004  # LLaMA's 32000 + [PAD], [IMG], [/IMG], <image>
+TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "emu1_tokenizer"
+# Emu adds these to the LLaMA tokenizer in this order, which gives them these ids.
+EMU_SPECIAL_TOKENS = {"[PAD]": 32000, "[IMG]": 32001, "[/IMG]": 32002, "<image>": 32003}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tokenizer(path: str):
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    tok.add_tokens(["[IMG]", "[/IMG]", "<image>"], special_tokens=True)
+    ids = tok.convert_tokens_to_ids(list(EMU_SPECIAL_TOKENS))
+    if ids != list(EMU_SPECIAL_TOKENS.values()):
+        raise ValueError(f"emu_fast.testing: the tokenizer at {path} gives Emu's special tokens ids {ids}, "
+                         f"expected {list(EMU_SPECIAL_TOKENS.values())}")
+    return tok
+
+
+def emu_tokenizer(path: Optional[str] = None, padding_side: str = "right"):
+    """A fresh copy of the real Emu1 tokenizer with `[PAD]`=32000, `[IMG]`=32001, `[/IMG]`=32002,
+    `<image>`=32003 (padding to the longest prompt with `[PAD]`). `path`: a directory holding the
+    tokenizer files (default: $EMU_TOKENIZER_DIR, else the copy in this package)."""
+    path = path or os.environ.get("EMU_TOKENIZER_DIR") or str(TOKENIZER_DIR)
+    if not (Path(path) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"emu_fast.testing: no tokenizer.json in {path}")
+    tok = copy.deepcopy(_load_tokenizer(str(path)))
+    tok.padding_side = padding_side
+    return tok
 
 
 def tiny_llama(hidden=64, layers=2, heads=4, kv_heads=None, intermediate=96, vocab=VOCAB, seed=0,
@@ -44,6 +84,22 @@ def _hf_body(lm):
         out = lm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True, return_dict=True)
         return out.hidden_states[-1]
     return body
+
+
+@torch.no_grad()
+def _upstream_generate_image(self, text, image=None, placeholder=DEFAULT_PLACEHOLDER):
+    """Upstream's generate_image: the recompute loop on the model's own Hugging Face modules."""
+    family = family_of(self)
+    lm = self.decoder.lm
+    prompt = None
+    if image is not None:
+        prompt = self.upstream_prompt_embeds(image)
+        prompt = prompt.reshape(-1, prompt.shape[-1])
+    return reference.upstream_generate_image(
+        body=_hf_body(lm), embed_tokens=lm.model.embed_tokens, tokenizer=self.decoder.tokenizer,
+        texts=text, n=family.n(self), image_placeholder=self.image_placeholder, regress=family.head(self),
+        project_up=family.project_up(self), prompt_image_embeds=prompt, placeholder=placeholder,
+        device=lm.model.embed_tokens.weight.device)
 
 
 class _Visual(nn.Module):
@@ -77,6 +133,7 @@ class _CFormer(nn.Module):
 
 
 class TinyEmu1(nn.Module):
+    default_n = 8
     def __init__(self, tokenizer, lm: LlamaForCausalLM, n_causal=8, vision_width=24):
         super().__init__()
         hidden = lm.config.hidden_size
@@ -84,7 +141,7 @@ class TinyEmu1(nn.Module):
         self.decoder = nn.Module()
         self.decoder.lm = lm
         self.decoder.tokenizer = tokenizer
-        tokenizer.padding_side = "right"
+        tokenizer.padding_side = family_named("emu1").padding_side
         lm.stu_regress_head = nn.Linear(hidden, hidden, bias=False).to(dtype)
         self.visual = _Visual(vision_width).to(dtype)
         self.ln_visual = nn.LayerNorm(vision_width).to(dtype)
@@ -92,21 +149,15 @@ class TinyEmu1(nn.Module):
         self.n_causal = n_causal
         self.image_placeholder = "[IMG]" + "<image>" * n_causal + "[/IMG]"
 
-    @torch.no_grad()
-    def generate_image(self, text, image=None, placeholder="[<IMG_PLH>]"):
-        prompt = None
-        if image is not None:
-            prompt = self.cformer(self.ln_visual(self.visual.forward_features(image)))
-            prompt = prompt.view(-1, prompt.shape[-1])
-        lm = self.decoder.lm
-        return reference.upstream_generate_image(
-            body=_hf_body(lm), embed_tokens=lm.model.embed_tokens, tokenizer=self.decoder.tokenizer,
-            texts=text, n=self.n_causal, image_placeholder=self.image_placeholder,
-            regress=lm.stu_regress_head, prompt_image_embeds=prompt, placeholder=placeholder,
-            device=self.ln_visual.weight.device)
+    def upstream_prompt_embeds(self, image):
+        """Emu1/models/modeling_emu.py: visual.forward_features -> ln_visual -> cformer."""
+        return self.cformer(self.ln_visual(self.visual.forward_features(image)))
+
+    generate_image = _upstream_generate_image
 
 
 class TinyEmu2(nn.Module):
+    default_n = 16
     def __init__(self, tokenizer, lm: LlamaForCausalLM, n_query=16, vision_width=40):
         super().__init__()
         hidden = lm.config.hidden_size
@@ -115,7 +166,7 @@ class TinyEmu2(nn.Module):
         self.decoder = nn.Module()
         self.decoder.lm = lm
         self.decoder.tokenizer = tokenizer
-        tokenizer.padding_side = tokenizer.truncation_side = "left"
+        tokenizer.padding_side = tokenizer.truncation_side = family_named("emu2").padding_side
         lm.project_up = nn.Linear(vision_width, hidden, bias=False).to(dtype)
         lm.project_down = nn.Linear(hidden, vision_width, bias=False).to(dtype)
         self.n_query = n_query
@@ -131,65 +182,33 @@ class TinyEmu2(nn.Module):
         x = nn.functional.avg_pool2d(x, kernel_size=stride, stride=stride)
         return x.reshape(b, c, -1).permute(0, 2, 1).contiguous()
 
-    @torch.no_grad()
-    def generate_image(self, text, image=None, placeholder="[<IMG_PLH>]"):
-        lm = self.decoder.lm
-        prompt = None
-        if image is not None:
-            x = self.encode_image(image)
-            prompt = lm.project_up(x.view(-1, x.shape[-1]))
-        return reference.upstream_generate_image(
-            body=_hf_body(lm), embed_tokens=lm.model.embed_tokens, tokenizer=self.decoder.tokenizer,
-            texts=text, n=self.n_query, image_placeholder=self.image_placeholder,
-            regress=lm.project_down, project_up=lm.project_up, prompt_image_embeds=prompt,
-            placeholder=placeholder, device=lm.model.embed_tokens.weight.device)
+    def upstream_prompt_embeds(self, image):
+        """Emu2/emu/emu.py: encode_image -> project_up."""
+        x = self.encode_image(image)
+        return self.decoder.lm.project_up(x)
+
+    generate_image = _upstream_generate_image
+
+
+def tiny_emu(kind: str = "emu1", *, n: Optional[int] = None, tokenizer=None, device=None, hidden: int = 64,
+             layers: int = 2, heads: int = 4, kv_heads: Optional[int] = None, intermediate: int = 96,
+             dtype=torch.float32, seed: int = 0, init_std: float = 0.05) -> nn.Module:
+    """A whole tiny random Emu model of family `kind` ("emu1" or "emu2") in one call: LLaMA of the
+    given shape, the real tokenizer, stand-in vision parts; n embeddings per image (default 8 for
+    Emu1, 16 for Emu2: small, and a square for Emu2's pooling)."""
+    family = family_named(kind)
+    lm = tiny_llama(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
+                    seed=seed, dtype=dtype, init_std=init_std)
+    tok = tokenizer if tokenizer is not None else emu_tokenizer()
+    cls = TINY_MODELS[family.name]
+    model = cls(tok, lm, **{family.n_attribute: n or cls.default_n})
+    return model if device is None else model.to(device)
+
+
+TINY_MODELS = {"emu1": TinyEmu1, "emu2": TinyEmu2}  # a stand-in for each family's upstream model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest relative error of a against b over output vectors (last dim)."""
     a, b = a.float(), b.float()
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max())
-
-
-def _kind(model) -> str:
-    return "emu1" if hasattr(model, "n_causal") else "emu2"
-
-
-@torch.no_grad()
-def hf_kv_cache_generate_image(model, text, image=None, placeholder="[<IMG_PLH>]"):
-    """The baseline a Hugging Face user would write: tokenize once, prefill with use_cache, then
-    n-1 single-token steps through the model's own DynamicCache, in eager PyTorch. Positions are
-    passed explicitly so right-padded rows continue from their own last token, as upstream does."""
-    lm, tok = model.decoder.lm, model.decoder.tokenizer
-    emu1 = _kind(model) == "emu1"
-    n = model.n_causal if emu1 else model.n_query
-    head = lm.stu_regress_head if emu1 else lm.project_down
-    texts = [t.replace(placeholder, model.image_placeholder) + "[IMG]" for t in text]
-    enc = tok(texts, padding="longest", return_tensors="pt")
-    device = lm.model.embed_tokens.weight.device
-    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-    embeds = lm.model.embed_tokens(ids)
-    if image is not None:
-        if emu1:
-            vec = model.cformer(model.ln_visual(model.visual.forward_features(image)))
-        else:
-            vec = model.encode_image(image)
-            vec = lm.project_up(vec.reshape(-1, vec.shape[-1]))
-        embeds[ids == tok.convert_tokens_to_ids("<image>")] = vec.reshape(-1, vec.shape[-1]).to(embeds.dtype)
-    B, T = ids.shape
-    last = T - 1 - mask.flip(1).argmax(1)  # index of each row's last real token
-    # transformers >= 5.2x names the cache argument `cache`; older releases `past_key_values`.
-    cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
-    out = lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-    cache = out[cache_arg]
-    y = head(out.last_hidden_state[torch.arange(B, device=device), last])
-    outs = [y]
-    for k in range(1, n):
-        x = y if emu1 else lm.project_up(y)
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        out = lm.model(inputs_embeds=x[:, None], attention_mask=mask, position_ids=(last + k)[:, None],
-                       use_cache=True, **{cache_arg: cache})
-        cache = out[cache_arg]
-        y = head(out.last_hidden_state[:, -1])
-        outs.append(y)
-    return torch.stack(outs, dim=1)

@@ -139,17 +139,6 @@ def test_bad_requests_raise_and_model_stays_usable(emu_tokenizer):
     assert rel_err(model.generate_image(TEXTS[:2]), expected) < 1e-4
 
 
-@pytest.mark.parametrize("build", [emu1, emu2], ids=["emu1", "emu2"])
-def test_hf_kv_cache_baseline_matches_original(emu_tokenizer, build):
-    """The benchmark's Hugging Face KV-cache baseline computes the same thing (so its timing
-    is a fair comparison)."""
-    from emu_fast.testing import hf_kv_cache_generate_image
-
-    model = build(emu_tokenizer, kv_heads=2)
-    expected = model.generate_image(TEXTS, image(2))
-    assert rel_err(hf_kv_cache_generate_image(model, TEXTS, image(2)), expected) < 1e-4
-
-
 def test_unsupported_llama_configs_are_refused(emu_tokenizer):
     for change, message in [({"hidden_act": "gelu"}, "hidden_act='gelu'"),
                             ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),

@@ -1,0 +1,84 @@
+"""The RoPE tables a model actually runs with, taken from its own rotary module.
+
+Why not recompute them from `rope_theta`: upstream Emu1's `LLaMAForClsAndRegression.__init__`
+calls `self.lm.bfloat16()`, which rounds the rotary module's buffers (`inv_freq`, and in
+transformers 4.31 the `cos_cached`/`sin_cached` tables) to bfloat16 for good: they are not in
+the checkpoint (or, in 4.31, `inv_freq` is but the cached tables are not), and a later
+`.float()` does not restore them. The model then always runs with the rounded frequencies;
+tables rebuilt from theta differ from them by up to 3.7e-3, enough to move the outputs by
+~1e-3 relative. Asking the module itself gives whatever the installed transformers computes.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import List, Tuple
+
+import torch
+
+
+def rotary_modules(lm) -> List[torch.nn.Module]:
+    """The rotary-embedding modules of a Hugging Face LLaMA: one shared by all layers
+    (transformers >= 4.38: `model.rotary_emb`) or one per layer (older: `self_attn.rotary_emb`)."""
+    body = lm.model if hasattr(lm, "model") else lm
+    shared = getattr(body, "rotary_emb", None)
+    if shared is not None:
+        return [shared]
+    return [m for m in (getattr(layer.self_attn, "rotary_emb", None) for layer in body.layers) if m is not None]
+
+
+def theta_rope_tables(head_dim: int, positions: int, theta: float, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 [positions, head_dim / 2] from theta, as Hugging Face LLaMA computes them
+    from fresh float32 frequencies (for decoders built by hand, without a model)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs = torch.arange(positions, dtype=torch.float32, device=device)[:, None] * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+def _call_rotary(module: torch.nn.Module, positions: int, head_dim: int, dtype, device):
+    """cos, sin [positions, head_dim] as the module returns them for a sequence 0..positions-1."""
+    # A copy, so the call cannot change the model: 4.31-style modules rebuild (and keep) their
+    # cached tables when asked for more positions than they hold.
+    module = copy.deepcopy(module)
+    x = torch.zeros(1, 1, positions, head_dim, dtype=dtype, device=device)
+    params = inspect.signature(module.forward).parameters
+    with torch.no_grad():
+        if "position_ids" in params:  # transformers >= 4.38
+            cos, sin = module(x, position_ids=torch.arange(positions, device=device)[None])
+        else:  # transformers <= 4.37: forward(x, seq_len)
+            cos, sin = module(x, seq_len=positions)
+    if cos.numel() != positions * head_dim or sin.numel() != positions * head_dim:
+        raise TypeError(f"emu_fast: the model's rotary embedding {type(module).__name__} returned cos/sin of shape "
+                        f"{tuple(cos.shape)} for {positions} positions of head dim {head_dim}; not a LLaMA RoPE")
+    return cos.reshape(positions, head_dim), sin.reshape(positions, head_dim)
+
+
+def _same_buffers(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    ab, bb = dict(a.named_buffers()), dict(b.named_buffers())
+    return ab.keys() == bb.keys() and all(
+        ab[k].shape == bb[k].shape and (ab[k].is_meta or torch.equal(ab[k], bb[k].to(ab[k].device))) for k in ab)
+
+
+def model_rope_tables(lm, positions: int, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 [positions, head_dim / 2] for positions 0..positions-1, exactly as the
+    model's own rotary module gives them for its dtype (the tables rounded to that dtype, as the
+    model's attention uses them), on the model's device. A model without a rotary module gets
+    tables from its config's rope_theta."""
+    from .config import rope_theta
+
+    body = lm.model if hasattr(lm, "model") else lm
+    weight = body.embed_tokens.weight
+    modules = rotary_modules(lm)
+    if not modules:
+        return theta_rope_tables(head_dim, positions, rope_theta(lm.config), weight.device)
+    for i, other in enumerate(modules[1:], start=1):
+        if not _same_buffers(modules[0], other):
+            raise TypeError(f"emu_fast: layer {i}'s rotary embedding differs from layer 0's; emu_fast runs every "
+                            "layer with one RoPE table")
+    cos, sin = _call_rotary(modules[0], positions, head_dim, weight.dtype, weight.device)
+    cos, sin = cos.float(), sin.float()
+    half = head_dim // 2
+    # LLaMA's rotate-half RoPE repeats each frequency in both halves; our kernels keep one half.
+    if not cos.is_meta and not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+        raise TypeError("emu_fast: the model's RoPE tables are not LLaMA's rotate-half layout (halves differ)")
+    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
