@@ -1,22 +1,43 @@
-# Fresh machine:  make test        (install, build, run the test suite)
-#                 make bench       (install, build, run the latency benchmark)
+# Fresh machine:  make test        (install what is missing, build, run the test suite)
+#                 make bench       (the same setup, then the latency benchmark)
+#                 make test-transformers-4.31   (the suite again under Emu2's pinned transformers)
 #                 make cuda-check  (compile every CUDA source with nvcc for sm_80/sm_90a; no GPU needed)
+# The install step reruns only when a source, the build files or the setup script changed
+# (a stamp per interpreter under build/), so repeated targets start at once.
 PYTHON ?= python3
+# The transformers Emu2 pins (Emu1's code is of the same era); a venv that sees everything else
+# installed for $(PYTHON) and overrides only transformers and its tokenizers.
+OLD_TRANSFORMERS := 4.31.0
+OLD_VENV := build/venv-transformers-$(OLD_TRANSFORMERS)
 
-.PHONY: setup build test bench cuda-check clean
+PY_ID := $(shell $(PYTHON) -c 'import sys, hashlib; print(hashlib.md5(sys.executable.encode()).hexdigest()[:8])' 2>/dev/null)
+STAMP := build/.installed-$(PY_ID)
+SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py CMakeLists.txt scripts/setup.sh
 
-setup:
+.PHONY: setup build test test-transformers-4.31 bench cuda-check clean
+
+$(STAMP): $(SOURCES)
 	PYTHON=$(PYTHON) bash scripts/setup.sh
+	@mkdir -p build && touch $@
 
-build: setup
+setup build: $(STAMP)
 
-test: setup
+test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
-bench: setup
+$(OLD_VENV)/.ready: $(STAMP)
+	$(PYTHON) -m venv --system-site-packages $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q "transformers==$(OLD_TRANSFORMERS)"
+	@touch $@
+
+test-transformers-4.31: $(OLD_VENV)/.ready
+	$(OLD_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLD_TRANSFORMERS)', transformers.__version__"
+	$(OLD_VENV)/bin/python -m pytest -q tests
+
+bench: $(STAMP)
 	$(PYTHON) benchmarks/latency.py
 
-cuda-check: setup
+cuda-check: $(STAMP)
 	PYTHON=$(PYTHON) bash scripts/cuda_check.sh
 
 clean:

@@ -54,9 +54,14 @@ def _call_rotary(module: torch.nn.Module, positions: int, head_dim: int, dtype, 
 
 
 def _same_buffers(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two rotary modules hold the same buffers (as far as can be seen: a module on the
+    meta device has no values; a model split over devices is refused later, by its weights)."""
     ab, bb = dict(a.named_buffers()), dict(b.named_buffers())
-    return ab.keys() == bb.keys() and all(
-        ab[k].shape == bb[k].shape and (ab[k].is_meta or torch.equal(ab[k], bb[k].to(ab[k].device))) for k in ab)
+
+    def same(x, y):
+        return x.shape == y.shape and (x.is_meta or y.is_meta or torch.equal(x.cpu(), y.cpu()))
+
+    return ab.keys() == bb.keys() and all(same(ab[k], bb[k]) for k in ab)
 
 
 def model_rope_tables(lm, positions: int, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
