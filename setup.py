@@ -46,6 +46,9 @@ setup(
     version="0.1.0",
     description="Fast KV-cached image-embedding generation for BAAI Emu models",
     packages=["emu_fast"],
+    # The real Emu tokenizer, so emu_fast.testing's tiny models (tests, benchmark, README
+    # examples) need nothing beside the package.
+    package_data={"emu_fast": ["data/emu1_tokenizer/*.json"]},
     ext_modules=[CMakeExtension("emu_fast._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
