@@ -8,17 +8,17 @@ import pytest
 import torch
 
 import emu_fast
-from emu_fast.testing import TinyEmu1, TinyEmu2, rel_err, tiny_llama
+from emu_fast.testing import rel_err, tiny_emu
 
 TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle, at dawn", "a [<IMG_PLH>]"]
 
 
 def emu1(tok, dtype=torch.float32, **kw):
-    return TinyEmu1(tok, tiny_llama(dtype=dtype, **kw), n_causal=8)
+    return tiny_emu("emu1", tokenizer=tok, n=8, dtype=dtype, **kw)
 
 
 def emu2(tok, dtype=torch.float32, **kw):
-    return TinyEmu2(tok, tiny_llama(dtype=dtype, **kw), n_query=16)
+    return tiny_emu("emu2", tokenizer=tok, n=16, dtype=dtype, **kw)
 
 
 def image(count, dtype=torch.float32, seed=0):

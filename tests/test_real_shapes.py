@@ -51,11 +51,11 @@ def test_emu2_checkpoint_names_match_the_model():
 
 
 def test_in_place_load_state_dict_after_accelerate_reaches_the_decoder(emu_tokenizer):
-    from emu_fast.testing import TinyEmu1, rel_err, tiny_llama
+    from emu_fast.testing import rel_err, tiny_emu
 
-    model = TinyEmu1(emu_tokenizer, tiny_llama(seed=1), n_causal=6)
+    model = tiny_emu("emu1", tokenizer=emu_tokenizer, n=6, seed=1)
     emu_fast.accelerate(model)
-    other = TinyEmu1(emu_tokenizer, tiny_llama(seed=2), n_causal=6)
+    other = tiny_emu("emu1", tokenizer=emu_tokenizer, n=6, seed=2)
     model.load_state_dict(other.state_dict())  # copies into the packed views
     texts = ["a photo of a cat"]
     assert rel_err(model.generate_image(texts), other.generate_image(texts)) < 1e-4
