@@ -1,13 +1,24 @@
-"""Latency of Emu's generate_image: upstream's recompute loop, a Hugging Face KV-cache loop and
-emu_fast, side by side in one run, on one random-weight Emu-shaped model.
+"""Latency of Emu's generate_image: upstream's recompute loop, the loops a user would write
+instead (a Hugging Face KV-cache loop; a gpt-fast-style static-cache loop, eager and under
+torch.compile) and emu_fast, side by side in one run, on one random-weight Emu-shaped model.
 
     python benchmarks/latency.py                 # CPU: hidden 512, 8 layers (GPU: Emu1-13B shape)
     python benchmarks/latency.py --dtype bfloat16 --batch 4 --json out.json
+    python benchmarks/latency.py --sweep --skip-upstream --plot sweep.png
 
-Reports time per image (median of --reps) and per decode step, speed-ups, and the weight-read
-bandwidth an emu_fast decode step achieves (best of the repetitions) against the machine's own
-bandwidth measured in the same run, also best of several (CPU: summing a buffer the size of
-one step's weights; GPU: copy bandwidth of a device-to-device copy, read + write bytes).
+Reports time per image (median of --reps), per decode step and per prefill, speed-ups, each
+method's largest relative error against the model's own generate_image (or, with
+--skip-upstream, against the Hugging Face loop), and the weight-read bandwidth a decode step
+achieves (best of the repetitions) against the machine's own bandwidth measured in the same
+run, also best of several (CPU: summing a buffer the size of one step's weights; GPU: copy
+bandwidth of a device-to-device copy, read + write bytes).
+
+Per-step times: the static-cache loops and emu_fast time their n-1 decode steps directly
+(best of the repetitions); the Hugging Face loop's is (image - prefill) / (n-1), medians; the
+upstream loop has no decode step, its figure is image / n (each one a full pass).
+
+--sweep measures batch 1..16 at the default prompt length and prompt length 64..1024 at batch
+1 (not the full grid), with the same methods; --plot draws it.
 """
 from __future__ import annotations
 
@@ -15,12 +26,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 
@@ -28,17 +37,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import emu_fast  # noqa: E402
-from emu_fast.testing import TinyEmu1, TinyEmu2, hf_kv_cache_generate_image, rel_err, tiny_llama  # noqa: E402
+from emu_fast.families import family_named, family_of  # noqa: E402
+from emu_fast.testing import rel_err, tiny_emu  # noqa: E402
+
+from benchmarks.machine import busy_warning, describe, one_line, read_bandwidth, sync, timed  # noqa: E402
+from benchmarks.peers import StaticCacheLoop, hf_kv_cache_generate_image, tokenized_prompt  # noqa: E402
 
 SHAPES = {
     # name: (hidden, layers, heads, intermediate)
+    "tiny": (64, 2, 4, 96),  # for tests: seconds, not a measurement
     "small": (512, 8, 8, 1376),
     "emu1-13b": (5120, 40, 40, 13824),
     "emu2-37b": (6656, 60, 52, 17920),
 }
+SWEEP_BATCHES = (1, 2, 4, 8, 16)
+SWEEP_PROMPT_LENS = (64, 128, 256, 512, 1024)
+# Methods, in the order they run and print.
+UPSTREAM, HF, EAGER, COMPILED, FAST = ("upstream recompute", "HF KV-cache loop", "static cache, eager",
+                                       "static cache, compiled", "emu_fast")
+# Largest relative error per output vector that still counts as "the same result": float32
+# as the tests require; half precision rounds every op and the fed-back loop compounds it.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
 
 
-def parse_args():
+def int_list(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if gpu else "cpu")
@@ -47,107 +73,245 @@ def parse_args():
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16" if gpu else "float32")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128 if gpu else 80, help="approximate prompt tokens")
-    p.add_argument("--n", type=int, default=None, help="embeddings per image (Emu1 32, Emu2 64)")
+    p.add_argument("--n", type=int, default=None, help="embeddings per image (default: the family's, Emu1 32, Emu2 64)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--skip-upstream", action="store_true", help="skip the (slow) recompute loop")
+    p.add_argument("--skip-upstream", action="store_true",
+                   help="skip the (slow) recompute loop; errors are then against the Hugging Face loop")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd static-cache loop")
+    p.add_argument("--compile-mode", default=None,
+                   help='torch.compile mode for the static-cache step (default: "reduce-overhead" on CUDA, '
+                        '"default" on CPU)')
+    p.add_argument("--sweep", action="store_true",
+                   help="batch 1..16 at --prompt-len, and prompt length 64..1024 at batch 1")
+    p.add_argument("--sweep-batches", type=int_list, default=list(SWEEP_BATCHES), metavar="B,B,...")
+    p.add_argument("--sweep-prompt-lens", type=int_list, default=list(SWEEP_PROMPT_LENS), metavar="T,T,...")
+    p.add_argument("--plot", metavar="PNG", help="with --sweep: draw time per decode step vs batch and prompt length")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile this many emu_fast decode steps and print the top kernels/ops")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.plot and not args.sweep:
+        p.error("--plot draws a sweep: add --sweep")
+    if args.compile_mode is None:
+        args.compile_mode = "reduce-overhead" if args.device.startswith("cuda") else "default"
+    return args
 
 
-def tokenizer():
-    from transformers import AutoTokenizer
+def build_model(args):
+    hidden, layers, heads, inter = SHAPES[args.shape]
+    # Hugging Face's default init (std 0.02): with larger random weights the fed-back loop is
+    # chaotic and rounding differences grow to O(1) over 32 steps, hiding real errors.
+    # Built on the device directly: an Emu1-13B shape would take minutes to initialize on the CPU.
+    with torch.device(args.device):
+        return tiny_emu(args.kind, hidden=hidden, layers=layers, heads=heads, intermediate=inter,
+                        n=args.n or family_named(args.kind).default_n, dtype=getattr(torch, args.dtype),
+                        init_std=0.02, device=args.device)
 
-    path = Path(os.environ.get("EMU_SHARED_DIR", ROOT.parent / "shared" / "emu")) / "emu1_llama_config"
-    tok = AutoTokenizer.from_pretrained(str(path))
-    tok.add_special_tokens({"pad_token": "[PAD]"})
-    tok.add_tokens(["[IMG]", "[/IMG]", "<image>"], special_tokens=True)
-    return tok
 
-
-def prompts(tok, batch, approx_len):
-    """`batch` prompts of about approx_len tokens (ragged: row b is shorter by 3*b tokens)."""
+def prompts(model, batch, approx_len):
+    """`batch` prompts of about approx_len tokens as generate_image tokenizes them (ragged: row b
+    is shorter by 3*b tokens)."""
     words = "a watercolor painting of a red fox sitting in tall grass under the evening sky".split()
+    family, tok = family_of(model), model.decoder.tokenizer
+
+    def text(count):
+        return " ".join(words[i % len(words)] for i in range(count))
+
+    def tokens(count):
+        return len(tok(family.prompt_texts(model, [text(count)])).input_ids[0])
+
     out = []
     for b in range(batch):
         target = max(4, approx_len - 3 * b)
-        text, i = "", 0
-        while len(tok(text + "[IMG]").input_ids) < target:
-            text += words[i % len(words)] + " "
-            i += 1
-        out.append(text.strip())
+        lo, hi = 0, max(1, target)  # fewest words reaching target tokens (a word is >= 1 token)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if tokens(mid) < target else (lo, mid)
+        out.append(text(lo))
     return out
 
 
-def build_model(args, tok):
-    hidden, layers, heads, inter = SHAPES[args.shape]
-    dtype = getattr(torch, args.dtype)
-    n = args.n or (32 if args.kind == "emu1" else 64)
-    with torch.device(args.device):
-        # Hugging Face's default init (std 0.02): with larger random weights the fed-back loop is
-        # chaotic and rounding differences grow to O(1) over 32 steps, hiding real errors.
-        lm = tiny_llama(hidden=hidden, layers=layers, heads=heads, intermediate=inter, dtype=dtype, init_std=0.02)
-        cls = TinyEmu1 if args.kind == "emu1" else TinyEmu2
-        kw = {"n_causal": n} if args.kind == "emu1" else {"n_query": n}
-        return cls(tok, lm, **kw).to(args.device)
+def step_weights_bytes(model) -> int:
+    """What a decode step must read: every layer, the final norm, the regression head and
+    Emu2's project_up; not the embeddings."""
+    family, lm = family_of(model), model.decoder.lm
+    modules = [lm.model.layers, lm.model.norm, family.head(model), family.project_up(model)]
+    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:150] if lines else ''}"
 
 
-def timed(fn, device, reps):
-    fn()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        result = fn()
+def best_step_time(prefill, steps, device, reps) -> float:
+    """Seconds for `steps(prefill())` (the n-1 decode steps), best of the repetitions, like the
+    bandwidth it is compared with (this machine is shared)."""
+    best = float("inf")
+    for _ in range(max(3, reps)):
+        state = prefill()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+        t0 = time.perf_counter()
+        steps(state)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
-def read_bandwidth(device, nbytes, reps=20):
-    """The machine's memory bandwidth in bytes/s. CPU: reading (summing) a float32 buffer of
-    nbytes, the working set of one decode step, all threads. GPU: a device-to-device copy of a
-    1 GiB buffer, counting the bytes read plus the bytes written (the usual "copy bandwidth";
-    a buffer the size of Emu's weights would not fit beside them)."""
-    if device.startswith("cuda"):
-        n = 2**30 // 4
-        x = torch.ones(n, dtype=torch.float32, device=device)
-        y = torch.empty_like(x)
-        best = min(timed(lambda: y.copy_(x), device, 1)[0] for _ in range(reps))
-        del x, y
-        return 2 * n * 4 / best
-    n = max(1, min(nbytes, 2**30) // 4)
-    x = torch.ones(n, dtype=torch.float32, device=device)
-    best = min(timed(lambda: x.sum(), device, 1)[0] for _ in range(reps))
-    return n * 4 / best
+class Bench:
+    """One model, its upstream generate_image kept aside, and emu_fast accelerated, measured at
+    one or more (batch, prompt length) points."""
+
+    def __init__(self, args, max_batch: int, max_prompt: int):
+        self.args = args
+        torch.manual_seed(0)
+        self.model = build_model(args)
+        self.family = family_of(self.model)
+        self.n = self.family.n(self.model)
+        self.weight_bytes = step_weights_bytes(self.model)
+        # Upstream's generate_image, kept before accelerate replaces it on the instance.
+        self.upstream = self.model.generate_image
+        self.bandwidth = read_bandwidth(args.device, self.weight_bytes)
+        # +16: prompts() lands within a word (a few tokens) of its target
+        emu_fast.accelerate(self.model, max_batch=max_batch, max_seq_len=max_prompt + 16 + self.n)
+
+    def measure_bandwidth_again(self):
+        # Measured around the step timings and the larger kept: fractions are then lower bounds.
+        self.bandwidth = max(self.bandwidth, read_bandwidth(self.args.device, self.weight_bytes))
+
+    def point(self, batch: int, prompt_len: int, progress=None) -> dict:
+        """Every method at one (batch, prompt length): {"methods": {name: row}, ...}. A row has
+        image_s / step_s / prefill_s (or no figures and a `note` saying why) and `result`."""
+        args, model, n, device = self.args, self.model, self.n, self.args.device
+        texts = prompts(model, batch, prompt_len)
+        embeds, mask = tokenized_prompt(model, texts)
+        lens = mask.sum(1).tolist()
+        rows: Dict[str, dict] = {}
+
+        def stage(name):
+            if progress is not None:
+                progress.set_postfix_str(f"batch {batch}, prompt {max(lens)}: {name}")
+
+        # Upstream: n full forward passes over the re-tokenized, growing prompt.
+        stage(UPSTREAM)
+        if args.skip_upstream:
+            rows[UPSTREAM] = {"note": "skipped (--skip-upstream)"}
+        else:
+            t, ref = timed(lambda: self.upstream(texts), device, args.reps)
+            rows[UPSTREAM] = {"image_s": t, "step_s": t / n, "result": ref, "note": "no cache: step = image / n"}
+
+        # Hugging Face KV cache, eager.
+        stage(HF)
+        t_prefill, _ = timed(lambda: model.decoder.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True),
+                             device, args.reps)
+        t, out = timed(lambda: hf_kv_cache_generate_image(model, texts), device, args.reps)
+        rows[HF] = {"image_s": t, "step_s": (t - t_prefill) / max(1, n - 1), "prefill_s": t_prefill, "result": out,
+                    "note": "step = (image - prefill) / (n-1)"}
+
+        # Static cache, gpt-fast style: eager, then compiled (sized to this point's prompt).
+        slots = embeds.shape[1] + n
+        stage(EAGER)
+        rows[EAGER] = self.static_row(StaticCacheLoop(model, batch, slots), texts, embeds, mask)
+        stage(COMPILED)
+        if args.no_compile:
+            rows[COMPILED] = {"note": "skipped (--no-compile)"}
+        else:
+            try:
+                # Every loop compiles the same method: without a reset, each point's graph would
+                # count as a recompilation of the previous ones and hit dynamo's limit (8).
+                torch._dynamo.reset()
+                loop = StaticCacheLoop(model, batch, slots, compile_mode=args.compile_mode)
+                t0 = time.perf_counter()
+                loop.generate_image(texts)  # compiles the step
+                sync(device)
+                compile_s = time.perf_counter() - t0
+                rows[COMPILED] = self.static_row(loop, texts, embeds, mask)
+                rows[COMPILED]["compile_s"] = compile_s
+                note = f'mode "{args.compile_mode}", first call {compile_s:.0f} s'
+                if rows[COMPILED]["step_s"] > 0.97 * rows[EAGER]["step_s"]:
+                    note += "; no gain over eager"
+                rows[COMPILED]["note"] = note
+            except Exception as e:  # no C++ compiler for inductor, unsupported op, ...
+                rows[COMPILED] = {"note": f"compile failed: {first_line(e)}"}
+
+        # emu_fast: the drop-in, and the decoder's prefill and steps timed apart.
+        stage(FAST)
+        t, out = timed(lambda: model.generate_image(texts), device, args.reps)
+        dec = model.emu_fast_decoder
+        t_prefill, out0 = timed(lambda: dec.prefill(embeds, mask), device, args.reps)
+        # decode() runs the n - 1 steps as generate_image does: on a GPU one captured CUDA graph
+        # replayed per step (step() alone is eager, one launch per op).
+        step_s = best_step_time(lambda: dec.prefill(embeds, mask), lambda _: dec.decode(out0, n - 1),
+                                device, args.reps) / max(1, n - 1)
+        rows[FAST] = {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": out}
+        self.embeds, self.mask, self.out0 = embeds, mask, out0  # for --profile
+        return {"batch": batch, "prompt_len": prompt_len, "prompt_tokens": lens, "methods": rows}
+
+    def static_row(self, loop: StaticCacheLoop, texts, embeds, mask) -> dict:
+        args, n = self.args, self.n
+        t, out = timed(lambda: loop.generate_image(texts), args.device, args.reps)
+        t_prefill, _ = timed(lambda: loop.prefill(embeds, mask), args.device, args.reps)
+
+        def steps(state):
+            x = state[1]
+            for k in range(1, n):
+                x = loop.step(x, k)[1].clone()
+
+        step_s = best_step_time(lambda: loop.prefill(embeds, mask), steps, args.device, args.reps) / max(1, n - 1)
+        return {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": out}
 
 
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
+def figures(point: dict, weight_bytes: int, bandwidth: float, dtype: str) -> dict:
+    """The JSON row of each method (result tensors reduced to their error against the
+    reference), keeping the keys earlier results/*.json use; None where there is no figure."""
+    rows = point["methods"]
+    ref_name = UPSTREAM if "result" in rows[UPSTREAM] else HF
+    ref = rows[ref_name]["result"]
+    up = rows[UPSTREAM].get("image_s")
+    hf = rows[HF]["image_s"]
+    out = {}
+    for name, r in rows.items():
+        if "image_s" not in r:
+            out[name] = {"status": "failed" if r["note"].startswith("compile failed") else "skipped",
+                         "note": r["note"], "image_ms": None, "step_ms": None}
+            continue
+        # A weight-read rate only means something for a cached decode step.
+        gbs = weight_bytes / r["step_s"] / 1e9 if name != UPSTREAM else None
+        err = rel_err(r["result"], ref)
+        f = {"status": "ok", "note": r.get("note", ""),
+             "image_ms": r["image_s"] * 1e3, "step_ms": r["step_s"] * 1e3,
+             "prefill_ms": r["prefill_s"] * 1e3 if "prefill_s" in r else None,
+             "speedup_vs_upstream": up / r["image_s"] if up else None,
+             "speedup_vs_hf_kv": hf / r["image_s"],
+             "step_weight_read_GBps": gbs,
+             "fraction_of_bandwidth": gbs * 1e9 / bandwidth if gbs else None,
+             "max_rel_err_vs_reference": err,
+             "reference": ref_name,
+             "matches_reference": err <= TOLERANCE[dtype]}
+        if "compile_s" in r:
+            f["compile_s"] = r["compile_s"]
+        out[name] = f
+    return out
 
 
-def device_name(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
+def print_table(methods: dict, dtype: str):
+    ref = next((f["reference"] for f in methods.values() if f["status"] == "ok"))
+    print(f"{'method':<24}{'per image':>11}{'per step':>11}{'prefill':>10}{'vs upstream':>12}{'vs HF KV':>9}"
+          f"{'step GB/s':>10}{'% of bw':>8}{'rel err':>9}  note (rel err vs {ref}, tolerance {TOLERANCE[dtype]:g})")
+    for name, f in methods.items():
+        if f["status"] != "ok":
+            print(f"{name:<24}{f['note']}")
+            continue
+
+        def num(v, fmt, suffix=""):
+            return "-" if v is None else format(v, fmt) + suffix
+        note = f["note"] + ("" if f["matches_reference"] else "; DOES NOT MATCH the reference")
+        print(f"{name:<24}{num(f['image_ms'], '.1f', 'ms'):>11}{num(f['step_ms'], '.2f', 'ms'):>11}"
+              f"{num(f['prefill_ms'], '.1f', 'ms'):>10}{num(f['speedup_vs_upstream'], '.1f', 'x'):>12}"
+              f"{num(f['speedup_vs_hf_kv'], '.1f', 'x'):>9}{num(f['step_weight_read_GBps'], '.1f'):>10}"
+              f"{num(f['fraction_of_bandwidth'] and 100 * f['fraction_of_bandwidth'], '.0f', '%'):>8}"
+              f"{f['max_rel_err_vs_reference']:>9.1e}  {note.strip('; ')}")
 
 
 def profile_steps(dec, embeds, mask, out0, steps, device):
@@ -173,99 +337,128 @@ def profile_steps(dec, embeds, mask, out0, steps, device):
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
-@torch.no_grad()
-def main():
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tok = tokenizer()
-    model = build_model(args, tok)
-    texts = prompts(tok, args.batch, args.prompt_len)
-    n = model.n_causal if args.kind == "emu1" else model.n_query
-    lens = [len(tok(t + "[IMG]").input_ids) for t in texts]
-    print(f"emu_fast latency | {device_name(args.device)} | {args.shape} ({args.kind}) {args.dtype} | "
-          f"batch {args.batch}, prompt {max(lens)} tokens, {n} outputs")
+def sweep_table(title: str, points: List[dict], key: str, methods: List[str]):
+    print(f"\n{title}: time per decode step in ms (per image in ms)")
+    print(f"{key:>8}" + "".join(f"{m:>26}" for m in methods))
+    why = {}  # full reasons for the cells without a figure, printed under the table
+    for p in points:
+        cells = []
+        for m in methods:
+            f = p["methods"][m]
+            if f["status"] != "ok":
+                cells.append(f["note"] if len(f["note"]) <= 25 else f"{f['status']} (see below)")
+                why.setdefault((m, f["note"]), None)
+            else:
+                mark = "" if f["matches_reference"] else " !"
+                cells.append(f"{f['step_ms']:.2f} ({f['image_ms']:.0f}){mark}")
+        x = p["batch"] if key == "batch" else max(p["prompt_tokens"])
+        print(f"{x:>8}" + "".join(f"{c:>26}" for c in cells))
+    for m, note in why:
+        if len(note) > 25:
+            print(f"  {m}: {note}")
 
-    rows = {}
-    # Upstream: n full forward passes over the re-tokenized, growing prompt.
-    if not args.skip_upstream:
-        t, ref = timed(lambda: model.generate_image(texts), args.device, args.reps)
-        rows["upstream recompute"] = {"image_s": t, "step_s": t / n, "result": ref}
-    # Hugging Face KV cache, eager.
-    t_prefill_hf, _ = timed(lambda: model.decoder.lm.model(
-        **{k: v.to(args.device) for k, v in tok([s + "[IMG]" for s in texts], padding="longest",
-                                                return_tensors="pt").items()}), args.device, args.reps)
-    t, hf = timed(lambda: hf_kv_cache_generate_image(model, texts), args.device, args.reps)
-    rows["HF KV-cache loop"] = {"image_s": t, "step_s": (t - t_prefill_hf) / max(1, n - 1), "result": hf}
 
-    # emu_fast: the drop-in, and the decoder's prefill and steps timed apart.
-    max_seq = max(lens) + n + 8
-    emu_fast.accelerate(model, max_batch=args.batch, max_seq_len=max_seq)
-    lm = model.decoder.lm
-    # What a decode step must read (every layer, the final norm, the head and Emu2's
-    # project_up; not the embeddings), and how fast this machine reads that many bytes.
-    heads = [lm.stu_regress_head.weight] if args.kind == "emu1" else [lm.project_down.weight, lm.project_up.weight]
-    step_tensors = [t for layer in emu_fast.packing.pack_llama_layers(lm) for t in layer] + [lm.model.norm.weight] + heads
-    weight_bytes = sum(t.numel() * t.element_size() for t in step_tensors)
-    bw_before = read_bandwidth(args.device, weight_bytes)
-    t, fast = timed(lambda: model.generate_image(texts), args.device, args.reps)
-    dec = model.emu_fast_decoder
-    texts_tok = tok([s + "[IMG]" for s in texts], padding="longest", return_tensors="pt")
-    embeds = lm.model.embed_tokens(texts_tok.input_ids.to(args.device))
-    t_prefill, out0 = timed(lambda: dec.prefill(embeds, texts_tok.attention_mask), args.device, args.reps)
+def run_sweep(args, machine):
+    from tqdm import tqdm
 
-    def steps():
-        # decode() runs the n - 1 steps as generate_image does: on a GPU one captured CUDA graph
-        # replayed per step (step() alone is eager, one launch per op).
-        dec.prefill(embeds, texts_tok.attention_mask)
-        sync(args.device)
-        t0 = time.perf_counter()
-        dec.decode(out0, n - 1)
-        sync(args.device)
-        return time.perf_counter() - t0
+    batches, lens = args.sweep_batches, args.sweep_prompt_lens
+    plan = [("batch", b, args.prompt_len) for b in batches] + [("prompt", 1, t) for t in lens]
+    bench = Bench(args, max_batch=max(batches + [1]), max_prompt=max(lens + [args.prompt_len]))
+    print(f"{args.shape} ({args.kind}) {args.dtype}, {bench.n} outputs | {len(plan)} points")
+    done = {"batch": [], "prompt": []}
+    with tqdm(plan, desc="sweep", unit="point", file=sys.stderr) as progress:
+        for axis, batch, prompt_len in progress:
+            point = bench.point(batch, prompt_len, progress)
+            # the result tensors give way to their errors
+            point["methods"] = figures(point, bench.weight_bytes, bench.bandwidth, args.dtype)
+            done[axis].append(point)
+    bench.measure_bandwidth_again()
+    for points in done.values():  # fractions of the final (larger) bandwidth
+        for p in points:
+            p["methods"] = _refraction(p["methods"], bench.bandwidth)
+    methods = [UPSTREAM, HF, EAGER, COMPILED, FAST]
+    floor_ms = bench.weight_bytes / bench.bandwidth * 1e3
+    print(f"decode-step weights: {bench.weight_bytes / 2**20:.1f} MiB; machine bandwidth {bench.bandwidth / 1e9:.1f} GB/s; "
+          f"weight-read floor {floor_ms:.2f} ms per step")
+    sweep_table(f"vs batch (prompt ~{args.prompt_len} tokens)", done["batch"], "batch", methods)
+    sweep_table("vs prompt length (batch 1)", done["prompt"], "prompt", methods)
+    bad = sorted({m for ps in done.values() for p in ps for m, f in p["methods"].items()
+                  if f["status"] == "ok" and not f["matches_reference"]})
+    print("all results match the reference" if not bad else f"'!': DOES NOT MATCH the reference: {', '.join(bad)}")
+    if args.plot:
+        from benchmarks.plot import methods_in, plot_sweep
 
-    # Best of the repetitions, like the bandwidth it is compared with (this machine is shared).
-    step_s = min(steps() for _ in range(max(3, args.reps))) / max(1, n - 1)
-    rows["emu_fast"] = {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": fast}
+        as_plot = {k: [{"batch": p["batch"], "prompt_tokens": max(p["prompt_tokens"]), "methods": p["methods"]}
+                       for p in ps] for k, ps in done.items()}
+        shown = methods_in(as_plot["batch"] + as_plot["prompt"])
+        # Say why a method is missing, or has gaps, rather than leave the reader to guess.
+        why: Dict[str, Dict[str, None]] = {}
+        for ps in done.values():
+            for p in ps:
+                for m, f in p["methods"].items():
+                    if f["status"] != "ok":
+                        why.setdefault(m, {}).setdefault(f["note"])
+        note = (f"weight-read floor: the step's {bench.weight_bytes / 2**20:.1f} MiB of weights at "
+                f"{bench.bandwidth / 1e9:.1f} GB/s measured bandwidth (KV-cache reads not counted)")
+        for m, notes in why.items():
+            note += f"\n{m}: {'not shown' if m not in shown else 'gaps'}, {'; '.join(notes)}"
+        plot_sweep(args.plot, as_plot["batch"], as_plot["prompt"], shown, floor_ms, note,
+                   f"Emu generate_image decode step | {args.shape} ({args.kind}) {args.dtype}, {bench.n} outputs | "
+                   f"{one_line(machine)}")
+        print(f"wrote {args.plot}")
+    return bench, {"sweep": {"batch": done["batch"], "prompt_len": done["prompt"]}}
 
-    # Measured twice around the step timing and the larger kept: the fraction is then a lower bound.
-    bw = max(bw_before, read_bandwidth(args.device, weight_bytes))
 
-    base = rows.get("upstream recompute", rows["HF KV-cache loop"])
-    ref = base["result"]
-    print(f"decode-step weights: {weight_bytes / 2**20:.1f} MiB; machine bandwidth "
+def _refraction(figs: dict, bandwidth: float) -> dict:
+    for f in figs.values():
+        if f.get("step_weight_read_GBps"):
+            f["fraction_of_bandwidth"] = f["step_weight_read_GBps"] * 1e9 / bandwidth
+    return figs
+
+
+def run_point(args, machine):
+    bench = Bench(args, max_batch=args.batch, max_prompt=args.prompt_len)
+    point = bench.point(args.batch, args.prompt_len)
+    bench.measure_bandwidth_again()
+    figs = figures(point, bench.weight_bytes, bench.bandwidth, args.dtype)
+    lens = point["prompt_tokens"]
+    print(f"{args.shape} ({args.kind}) {args.dtype} | batch {args.batch}, prompt {max(lens)} tokens, {bench.n} outputs")
+    print(f"decode-step weights: {bench.weight_bytes / 2**20:.1f} MiB; machine bandwidth "
           f"({'device-to-device copy' if args.device.startswith('cuda') else 'reading a same-size buffer'}): "
-          f"{bw / 1e9:.1f} GB/s")
-    print(f"{'method':<20}{'per image':>12}{'per step':>12}{'vs upstream':>13}{'vs HF KV':>10}"
-          f"{'step GB/s':>11}{'% of bw':>9}{'max rel err':>13}")
-    figures = {}
-    for name, r in rows.items():
-        gbs = weight_bytes / r["step_s"] / 1e9 if name != "upstream recompute" else float("nan")
-        vs_up = rows["upstream recompute"]["image_s"] / r["image_s"] if "upstream recompute" in rows else float("nan")
-        vs_hf = rows["HF KV-cache loop"]["image_s"] / r["image_s"]
-        err = rel_err(r["result"], ref)
-        print(f"{name:<20}{r['image_s'] * 1e3:>10.1f}ms{r['step_s'] * 1e3:>10.2f}ms{vs_up:>12.1f}x{vs_hf:>9.1f}x"
-              f"{gbs:>11.1f}{100 * gbs * 1e9 / bw:>8.0f}%{err:>13.1e}")
-        figures[name] = {"image_ms": r["image_s"] * 1e3, "step_ms": r["step_s"] * 1e3,
-                         "speedup_vs_upstream": vs_up, "speedup_vs_hf_kv": vs_hf,
-                         "step_weight_read_GBps": gbs, "fraction_of_bandwidth": gbs * 1e9 / bw,
-                         "max_rel_err_vs_reference": err}
-    figures["emu_fast"]["prefill_ms"] = t_prefill * 1e3
-    print(f"emu_fast prefill: {t_prefill * 1e3:.1f} ms; step roofline at measured bandwidth: "
-          f"{weight_bytes / bw * 1e3:.2f} ms")
+          f"{bench.bandwidth / 1e9:.1f} GB/s; step floor at that bandwidth: "
+          f"{bench.weight_bytes / bench.bandwidth * 1e3:.2f} ms")
+    print_table(figs, args.dtype)
     if args.profile:
-        profile_steps(dec, embeds, texts_tok.attention_mask, out0, args.profile, args.device)
+        profile_steps(bench.model.emu_fast_decoder, bench.embeds, bench.mask, bench.out0, args.profile, args.device)
+    return bench, {"prompt_tokens": lens, "methods": figs}
+
+
+@torch.no_grad()
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = describe(args.device)
+    print(f"emu_fast latency | {one_line(machine)}")
+    if busy_warning(machine):
+        print(busy_warning(machine))
+    bench, results = (run_sweep if args.sweep else run_point)(args, machine)
+    payload = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": machine["emu_fast_commit"],
+        "device": f"{machine['gpu'] or machine['cpu']}, {machine['threads']} threads",
+        "torch": torch.__version__,
+        "machine": machine,
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+        "n": bench.n, "step_weight_bytes": bench.weight_bytes,
+        "read_bandwidth_GBps": bench.bandwidth / 1e9,
+        "tolerance": TOLERANCE[args.dtype],
+        **results,
+    }
     if args.json:
-        payload = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "device": device_name(args.device), "torch": torch.__version__,
-            "config": {k: v for k, v in vars(args).items() if k != "json"},
-            "prompt_tokens": lens, "n": n, "step_weight_bytes": weight_bytes,
-            "read_bandwidth_GBps": bw / 1e9, "methods": figures,
-        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return payload
 
 
 if __name__ == "__main__":

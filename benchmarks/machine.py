@@ -1,0 +1,129 @@
+"""What the benchmark ran on, and how fast that machine reads memory.
+
+A latency figure means little without the machine: the description (CPU model, threads, GPU,
+library versions, the emu_fast commit) is printed with every run and stored in its JSON.
+The bandwidth is measured in the same run because this machine is shared and a decode step
+is bound by reading its weights: the step's fraction of it is the figure that travels.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device: str, reps: int) -> Tuple[float, object]:
+    """(median seconds over `reps` calls after one warm-up, the last result)."""
+    fn()  # warm-up
+    sync(device)
+    times = []
+    result = None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def read_bandwidth(device: str, nbytes: int, reps: int = 20) -> float:
+    """The machine's memory bandwidth in bytes/s, best of `reps`. CPU: reading (summing) a
+    float32 buffer of nbytes, the working set of one decode step, all threads. GPU: a
+    device-to-device copy of a 1 GiB buffer, counting the bytes read plus the bytes written
+    (the usual "copy bandwidth"; a buffer the size of Emu's weights would not fit beside them)."""
+    if device.startswith("cuda"):
+        n = 2**30 // 4
+        x = torch.ones(n, dtype=torch.float32, device=device)
+        y = torch.empty_like(x)
+        best = min(timed(lambda: y.copy_(x), device, 1)[0] for _ in range(reps))
+        del x, y
+        return 2 * n * 4 / best
+    n = max(1, min(nbytes, 2**30) // 4)
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    best = min(timed(lambda: x.sum(), device, 1)[0] for _ in range(reps))
+    return n * 4 / best
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_name(device: str) -> Optional[str]:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return None
+
+
+def emu_fast_commit() -> Tuple[str, Optional[bool]]:
+    """(short commit of the checkout emu_fast is imported from, whether its tree has changes), or
+    ("unknown", None) outside a git checkout of emu_fast (an installed wheel, a tarball)."""
+    import emu_fast
+
+    package = Path(emu_fast.__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.check_output(["git", "-C", str(package), *args], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    try:
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if top != package.parent:  # emu_fast installed inside some other repository
+            return "unknown", None
+        return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", None
+
+
+def describe(device: str) -> dict:
+    """The machine and software, for the header line and the JSON's "machine"."""
+    import transformers
+
+    commit, dirty = emu_fast_commit()
+    return {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu_name(device),
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "emu_fast_commit": commit,
+        "emu_fast_tree_modified": dirty,  # uncommitted changes to tracked files when measured
+        # Other work on a shared machine moves CPU figures a lot (threads that spin at barriers
+        # wait for a core): the load when the run started says how much to trust them.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def one_line(machine: dict) -> str:
+    where = machine["gpu"] or f"{machine['cpu']}"
+    commit = machine["emu_fast_commit"] + ("+changes" if machine["emu_fast_tree_modified"] else "")
+    return (f"{where}, {machine['threads']} CPU threads | torch {machine['torch']}, "
+            f"transformers {machine['transformers']} | emu_fast {commit}")
+
+
+def busy_warning(machine: dict) -> str:
+    """A line to print when the machine was already busy at the start, else ''."""
+    load, cores = machine.get("load_average_1min"), machine.get("cpu_count") or 1
+    if load is not None and load > 0.5 * cores:
+        return (f"warning: load average {load:.1f} on {cores} cores before this run started: other work shares "
+                f"the CPUs and the figures will be noisy")
+    return ""

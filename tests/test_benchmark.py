@@ -1,0 +1,96 @@
+"""benchmarks/: the peers emu_fast is measured against compute what the model's own
+generate_image computes (so their timings are a fair comparison), and the benchmark's main
+path (single point, sweep, --plot, --json) runs end to end on a tiny shape. No timing checks."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import latency  # noqa: E402
+from benchmarks.peers import hf_kv_cache_generate_image, static_cache_generate_image  # noqa: E402
+from emu_fast.testing import rel_err, tiny_emu  # noqa: E402
+
+# Ragged batch (both padding sides get exercised: Emu1 pads right, Emu2 left), prompt images in
+# two rows.
+TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle, at dawn", "a [<IMG_PLH>]"]
+
+
+def images(count):
+    return torch.randn(count, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", params=["emu1", "emu2"])
+def model_and_expected(request):
+    model = tiny_emu(request.param, kv_heads=2)  # grouped KV heads too
+    return model, model.generate_image(TEXTS, images(2))
+
+
+def test_hf_kv_cache_baseline_matches_generate_image(model_and_expected):
+    model, expected = model_and_expected
+    assert rel_err(hf_kv_cache_generate_image(model, TEXTS, images(2)), expected) < 1e-4
+
+
+def test_static_cache_loop_matches_generate_image(model_and_expected):
+    model, expected = model_and_expected
+    out = static_cache_generate_image(model, TEXTS, images(2))
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert rel_err(out, expected) < 1e-4
+
+
+def test_static_cache_step_traces_as_one_graph(model_and_expected):
+    """The step torch.compile sees: one graph (fullgraph=True), same result. The eager backend
+    checks the trace without inductor's code generation, which takes far longer than a test."""
+    torch._dynamo.reset()
+    model, expected = model_and_expected
+    out = static_cache_generate_image(model, TEXTS, images(2), compile_mode="default", compile_backend="eager")
+    assert rel_err(out, expected) < 1e-4
+
+
+MACHINE_FIELDS = {"cpu", "threads", "gpu", "torch", "transformers", "emu_fast_commit"}
+
+
+def test_benchmark_point_json(tmp_path, capsys):
+    path = tmp_path / "point.json"
+    latency.main(["--shape", "tiny", "--kind", "emu2", "--batch", "2", "--prompt-len", "24", "--n", "4",
+                  "--reps", "1", "--no-compile", "--json", str(path)])
+    printed = capsys.readouterr().out
+    assert not re.search(r"\bnan\b", printed)
+    data = json.loads(path.read_text())
+    assert MACHINE_FIELDS <= set(data["machine"])
+    # the keys earlier results/*.json have
+    assert {"date", "commit", "device", "torch", "config", "prompt_tokens", "n", "step_weight_bytes",
+            "read_bandwidth_GBps", "methods"} <= set(data)
+    methods = data["methods"]
+    assert set(methods) == {latency.UPSTREAM, latency.HF, latency.EAGER, latency.COMPILED, latency.FAST}
+    for name in (latency.HF, latency.EAGER, latency.FAST):
+        assert methods[name]["status"] == "ok" and methods[name]["matches_reference"], name
+        assert methods[name]["reference"] == latency.UPSTREAM
+    assert methods[latency.COMPILED] == {"status": "skipped", "note": "skipped (--no-compile)",
+                                         "image_ms": None, "step_ms": None}
+    assert "skipped (--no-compile)" in printed
+
+
+def test_benchmark_sweep_plot_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png, path = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    latency.main(["--shape", "tiny", "--n", "4", "--reps", "1", "--no-compile", "--skip-upstream", "--sweep",
+                  "--prompt-len", "16", "--sweep-batches", "1,3", "--sweep-prompt-lens", "16,40",
+                  "--plot", str(png), "--json", str(path)])
+    printed = capsys.readouterr().out
+    assert not re.search(r"\bnan\b", printed) and "skipped (--skip-upstream)" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(path.read_text())
+    assert MACHINE_FIELDS <= set(data["machine"])
+    points = data["sweep"]["batch"] + data["sweep"]["prompt_len"]
+    assert [p["batch"] for p in data["sweep"]["batch"]] == [1, 3] and len(data["sweep"]["prompt_len"]) == 2
+    for p in points:
+        f = p["methods"]
+        assert f[latency.UPSTREAM]["status"] == "skipped"
+        for name in (latency.EAGER, latency.FAST):
+            assert f[name]["matches_reference"] and f[name]["reference"] == latency.HF, name
