@@ -54,6 +54,9 @@ RoPE tables (emu_fast.rope.model_rope_tables).
            py::call_guard<py::gil_scoped_release>(),
            "`steps` decode steps from the previous output [B, out] -> [B, steps, out]; on CUDA, "
            "replays a CUDA graph of the step.")
+      .def("generate", &EmuDecoder::generate, py::arg("inputs_embeds"), py::arg("attention_mask"), py::arg("n"),
+           py::call_guard<py::gil_scoped_release>(),
+           "prefill + n - 1 decode steps under one lock -> [B, n, out], written into one tensor.")
       .def_property("use_cuda_graphs", &EmuDecoder::use_cuda_graphs, &EmuDecoder::set_use_cuda_graphs,
                     "Whether decode() replays a captured CUDA graph on the GPU (default True).")
       .def_property("fused_cpu_step", &EmuDecoder::fused_cpu_step, &EmuDecoder::set_fused_cpu_step,

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "op_limits.h"
+
 namespace emu_fast {
 
 std::string py_dtype(at::ScalarType s) {
@@ -35,6 +37,13 @@ void check_same_device(const char* op, const at::Tensor& ref, const char* name, 
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   TORCH_CHECK_VALUE(t.dim() == dim, "emu_fast.", op, ": ", name, " must be ", dim,
                     "-D, got shape ", t.sizes());
+}
+
+void check_cuda_attention_limits(const char* who, int64_t head_dim, int64_t group) {
+  TORCH_CHECK_VALUE(limits::cuda_head_dim_supported(head_dim), who, ": head_dim ", head_dim,
+                    " is not supported on CUDA (", limits::kCudaHeadDimsText, ")");
+  TORCH_CHECK_VALUE(group <= limits::kMaxQueryGroup, who, ": ", group, " query heads per KV head; at most ",
+                    limits::kMaxQueryGroup, " on CUDA");
 }
 
 static void check_same_dtype(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t) {

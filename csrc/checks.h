@@ -17,6 +17,10 @@ void check_float_dtype(const char* op, const char* name, const at::Tensor& t, bo
 void check_same_device(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t);
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim);
 
+// What the CUDA decode attention supports (op_limits.h): `who` is "emu_fast.decode_attention" or
+// "emu_fast.EmuDecoder"; group = query heads per KV head.
+void check_cuda_attention_limits(const char* who, int64_t head_dim, int64_t group);
+
 void check_splice(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& values,
                   bool allow_half);
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

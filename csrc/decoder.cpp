@@ -9,9 +9,9 @@
 #include <cmath>
 
 #include "checks.h"
-#include "cpu/decode_step.h"
-#include "kernels/scalar.h"
+#include "cpu/fused_step.h"
 #include "ops_api.h"
+#include "prompt_mask.h"
 
 namespace emu_fast {
 namespace {
@@ -93,11 +93,7 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                       "head_weight must be [", H, ", ", H, "], got ", head_.sizes());
   }
 
-  if (ref.is_cuda()) {  // what the CUDA decode-attention kernel supports
-    TORCH_CHECK_VALUE(D == 64 || D == 128, kWho, ": head_dim ", D, " is not supported on CUDA (64 or 128)");
-    TORCH_CHECK_VALUE(num_heads / num_kv_heads <= 8, kWho, ": ", num_heads / num_kv_heads,
-                      " query heads per KV head; at most 8 on CUDA");
-  }
+  if (ref.is_cuda()) check_cuda_attention_limits(kWho, D, num_heads / num_kv_heads);
   {
     // The KV cache, checked for overflow and allocated with a message that says what it is.
     const double elems = static_cast<double>(num_layers()) * 2 * max_batch * num_kv_heads * max_seq_len * D;
@@ -136,6 +132,8 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   starts_.assign(max_batch, 0);
   lengths_dev_ = at::zeros({max_batch}, ref.options().dtype(at::kLong));
   starts_dev_ = at::zeros({max_batch}, ref.options().dtype(at::kLong));
+  fused_ = cpu::make_fused_step(layers_, k_cache_, v_cache_, final_norm_, head_, up_, rope_cos_, rope_sin_, num_heads_,
+                                num_kv_heads_, eps_);
 }
 
 std::vector<int64_t> EmuDecoder::lengths() const {
@@ -165,50 +163,37 @@ at::Tensor EmuDecoder::rope_prefill(const at::Tensor& x, const at::Tensor& cos, 
   return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
 }
 
+PromptLayout EmuDecoder::parse(const char* who, const at::Tensor& embeds, const at::Tensor& attention_mask) const {
+  return parse_prompts(who, embeds, attention_mask,
+                       {hidden_, max_batch_, max_seq_len_, final_norm_.scalar_type(), final_norm_.device()});
+}
+
 at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& attention_mask) {
   const std::lock_guard<std::mutex> lock(mutex_);
   const c10::NoGradGuard no_grad;  // inference only: never chain autograd history onto the cache
-  // --- Validate everything before touching any state.
-  TORCH_CHECK_VALUE(embeds.dim() == 3 && embeds.size(2) == hidden_, kWho,
-                    ".prefill: inputs_embeds must be [batch, tokens, ", hidden_, "], got ", embeds.sizes());
-  TORCH_CHECK_TYPE(embeds.scalar_type() == final_norm_.scalar_type(), kWho, ".prefill: inputs_embeds are ",
-                   py_dtype(embeds.scalar_type()), " but the decoder's weights are ", py_dtype(final_norm_.scalar_type()));
-  TORCH_CHECK_VALUE(embeds.device() == final_norm_.device(), kWho, ".prefill: inputs_embeds are on ",
-                    embeds.device(), " but the decoder is on ", final_norm_.device());
-  const int64_t B = embeds.size(0), T = embeds.size(1), H = hidden_, D = head_dim_;
-  TORCH_CHECK_VALUE(B >= 1, kWho, ".prefill: empty batch");
-  TORCH_CHECK_VALUE(B <= max_batch_, kWho, ".prefill: batch of ", B, " prompts exceeds the decoder's max_batch of ",
-                    max_batch_);
-  TORCH_CHECK_VALUE(T >= 1 && T <= max_seq_len_, kWho, ".prefill: prompts of ", T,
-                    " tokens (padded) do not fit the decoder's max_seq_len of ", max_seq_len_);
-  TORCH_CHECK_VALUE(attention_mask.dim() == 2 && attention_mask.size(0) == B && attention_mask.size(1) == T,
-                    kWho, ".prefill: attention_mask must be [", B, ", ", T, "], got ", attention_mask.sizes());
-  TORCH_CHECK_TYPE(!at::isFloatingType(attention_mask.scalar_type()) && !at::isComplexType(attention_mask.scalar_type()),
-                   kWho, ".prefill: attention_mask must be integer or bool, got ", py_dtype(attention_mask.scalar_type()));
-  TORCH_CHECK_VALUE(attention_mask.device().is_cpu() || attention_mask.device() == embeds.device(), kWho,
-                    ".prefill: attention_mask is on ", attention_mask.device(), "; it must be on the CPU or on ",
-                    embeds.device());
-  const at::Tensor mask = attention_mask.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* m = mask.data_ptr<int64_t>();
-  std::vector<int64_t> starts(B), lens(B);
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t first = -1, count = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t v = m[b * T + t];
-      TORCH_CHECK_VALUE(v == 0 || v == 1, kWho, ".prefill: attention_mask holds ", v, " at (", b, ", ", t,
-                        "); only 0 and 1 are allowed");
-      if (v == 1) {
-        if (first < 0) first = t;
-        count++;
-      }
-    }
-    TORCH_CHECK_VALUE(count > 0, kWho, ".prefill: prompt ", b, " has no tokens (attention_mask row is all 0)");
-    for (int64_t t = first; t < first + count; ++t)
-      TORCH_CHECK_VALUE(m[b * T + t] == 1, kWho, ".prefill: attention_mask row ", b,
-                        " is not one run of ones (padding must be on the left or on the right only)");
-    starts[b] = first;
-    lens[b] = count;
-  }
+  return prefill_locked(embeds, parse("emu_fast.EmuDecoder.prefill", embeds, attention_mask));
+}
+
+at::Tensor EmuDecoder::generate(const at::Tensor& embeds, const at::Tensor& attention_mask, int64_t n) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const c10::NoGradGuard no_grad;
+  TORCH_CHECK_VALUE(n >= 1, kWho, ".generate: n must be positive, got ", n);
+  const PromptLayout prompts = parse("emu_fast.EmuDecoder.generate", embeds, attention_mask);
+  for (int64_t b = 0; b < prompts.batch; ++b)
+    TORCH_CHECK_VALUE(prompts.lens[b] + n - 1 <= max_seq_len_, kWho, ".generate: prompt ", b, " of ",
+                      prompts.lens[b], " tokens plus ", n - 1, " generated embeddings exceeds the decoder's max_seq_len of ",
+                      max_seq_len_);
+  at::Tensor result = at::empty({prompts.batch, n, output_size()}, embeds.options());
+  const at::Tensor first = prefill_locked(embeds, prompts);
+  result.select(1, 0).copy_(first);
+  if (n > 1) decode_into(first, result.narrow(1, 1, n - 1));
+  return result;
+}
+
+at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayout& prompts) {
+  const int64_t B = prompts.batch, H = hidden_, D = head_dim_;
+  const std::vector<int64_t>& starts = prompts.starts;
+  const std::vector<int64_t>& lens = prompts.lens;
   reset_locked();
 
   // --- Lay each prompt's valid tokens out from index 0 (the cache's layout), RoPE positions
@@ -300,53 +285,18 @@ at::Tensor EmuDecoder::next_input(const at::Tensor& prev) {
   return ops::gemv(prev.contiguous(), *up_);
 }
 
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_cpu(const at::Tensor& x) {
-  const int64_t B = x.size(0);
-  cpu::StepArgs<T> a;
-  a.batch = B;
-  a.hidden = hidden_;
-  a.heads = num_heads_;
-  a.kv_heads = num_kv_heads_;
-  a.head_dim = head_dim_;
-  a.intermediate = layers_[0].down.size(1);
-  a.capacity = max_seq_len_;
-  a.out_dim = output_size();
-  a.eps = static_cast<float>(eps_);
-  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim_)));
-  auto ptr = [](const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); };
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const auto& w = layers_[l];
-    a.layers.push_back({ptr(w.input_norm), ptr(w.qkv), ptr(w.o), ptr(w.post_norm), ptr(w.gate_up), ptr(w.down),
-                        ptr(k_cache_[l]), ptr(v_cache_[l])});
-  }
-  a.final_norm = ptr(final_norm_);
-  a.head = ptr(head_);
-  a.up = up_.has_value() ? ptr(*up_) : nullptr;
-  std::vector<int64_t> positions(B);
-  for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
-  a.lengths = lengths_.data();
-  a.positions = positions.data();
-  a.rope_cos = rope_cos_.data_ptr<float>();
-  a.rope_sin = rope_sin_.data_ptr<float>();
-  const at::Tensor xc = x.contiguous();
-  a.x = ptr(xc);
-  at::Tensor out = at::empty({B, output_size()}, x.options());
-  at::Tensor next = at::empty({B, up_.has_value() ? hidden_ : 0}, x.options());
-  a.out = ptr(out);
-  a.next = up_.has_value() ? ptr(next) : nullptr;
-  a.threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  cpu::decode_step(a);
-  lengths_dev_.narrow(0, 0, B).add_(1);
-  return {out, next};
-}
-
 std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
   // On the CPU the whole step runs in one parallel region (cpu/decode_step.cpp); elsewhere op
   // by op through the dispatcher, which on CUDA is what a graph captures.
-  if (x.device().is_cpu() && fused_cpu_step_) {
-    if (x.scalar_type() == at::kFloat) return run_step_cpu<float>(x);
-    if (x.scalar_type() == at::kBFloat16) return run_step_cpu<kernels::bf16>(x);
+  if (fused_ && fused_cpu_step_) {
+    const int64_t B = x.size(0);
+    std::vector<int64_t> positions(B);
+    for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
+    at::Tensor out = at::empty({B, output_size()}, x.options());
+    at::Tensor next = at::empty({B, up_.has_value() ? hidden_ : 0}, x.options());
+    fused_->run(x, lengths_.data(), positions.data(), out, next);
+    lengths_dev_.narrow(0, 0, B).add_(1);
+    return {out, next};
   }
   const int64_t B = x.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
@@ -392,13 +342,17 @@ at::Tensor EmuDecoder::decode(const at::Tensor& prev, int64_t steps) {
   const std::lock_guard<std::mutex> lock(mutex_);
   const c10::NoGradGuard no_grad;
   check_step_input(prev, "decode", steps);
-  const int64_t B = batch_;
-  if (steps == 0) return at::empty({B, 0, output_size()}, prev.options());
+  at::Tensor result = at::empty({batch_, steps, output_size()}, prev.options());
+  if (steps > 0) decode_into(prev, result);
+  return result;
+}
+
+void EmuDecoder::decode_into(const at::Tensor& prev, const at::Tensor& result) {
+  const int64_t B = batch_, steps = result.size(1);
   at::Tensor x = next_input(prev);
 #ifdef EMU_FAST_WITH_CUDA
-  if (prev.is_cuda() && use_cuda_graphs_ && steps > 1) return decode_with_graph(x, steps);
+  if (prev.is_cuda() && use_cuda_graphs_ && steps > 1) return decode_with_graph(x, result);
 #endif
-  at::Tensor result = at::empty({B, steps, output_size()}, prev.options());
   for (int64_t i = 0; i < steps; ++i) {
     auto [out, next] = run_step(x);
     for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
@@ -406,7 +360,6 @@ at::Tensor EmuDecoder::decode(const at::Tensor& prev, int64_t steps) {
     remember(out, next);
     x = up_.has_value() ? next : out;
   }
-  return result;
 }
 
 }  // namespace emu_fast

@@ -16,6 +16,11 @@
 
 namespace emu_fast {
 
+namespace cpu {
+class FusedStep;  // cpu/fused_step.h
+}
+struct PromptLayout;  // prompt_mask.h
+
 struct DecoderLayerWeights {
   at::Tensor input_norm;  // [H]
   at::Tensor qkv;         // [(Hq + 2 Hkv) * D, H]: q_proj, k_proj, v_proj stacked
@@ -54,6 +59,10 @@ class EmuDecoder {
   // replayed (no host sync, no per-layer launches from the host) unless use_cuda_graphs is off.
   at::Tensor decode(const at::Tensor& prev_output, int64_t steps);
 
+  // prefill + n - 1 decode steps under one lock: [B, n, Dout], written into one tensor. Checks
+  // that every prompt plus n - 1 steps fits max_seq_len before running anything.
+  at::Tensor generate(const at::Tensor& inputs_embeds, const at::Tensor& attention_mask, int64_t n);
+
   void reset();  // (all public calls are serialized by a per-decoder mutex)
 
   int64_t batch_size() const { return batch_; }
@@ -75,16 +84,18 @@ class EmuDecoder {
 
  private:
   at::Tensor rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
+  PromptLayout parse(const char* who, const at::Tensor& embeds, const at::Tensor& attention_mask) const;
+  at::Tensor prefill_locked(const at::Tensor& embeds, const PromptLayout& prompts);
+  // Decode steps from prev into result [B, steps, Dout] (a view may do).
+  void decode_into(const at::Tensor& prev, const at::Tensor& result);
   void check_step_input(const at::Tensor& prev, const char* who, int64_t steps) const;
   at::Tensor next_input(const at::Tensor& prev);
   // The body of a step from its input x [B, H]: every layer, the head; advances the device-side
   // lengths. Only device work (capturable); returns (output, next input or [B,0]).
   std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
-  template <typename T>
-  std::tuple<at::Tensor, at::Tensor> run_step_cpu(const at::Tensor& x);
   void remember(const at::Tensor& out, const at::Tensor& next);
   void reset_locked();
-  at::Tensor decode_with_graph(at::Tensor x, int64_t steps);
+  void decode_with_graph(at::Tensor x, const at::Tensor& result);
 
   std::vector<DecoderLayerWeights> layers_;
   at::Tensor final_norm_, head_;
@@ -108,6 +119,7 @@ class EmuDecoder {
 
   bool use_cuda_graphs_ = true;
   bool fused_cpu_step_ = true;
+  std::shared_ptr<const cpu::FusedStep> fused_;  // the CPU step's layer table, built once (null off the CPU)
   std::mutex mutex_;  // one call at a time: prefill/step/decode mutate the cache and lengths
   struct Graph;                                    // defined in decoder_cuda_graph.cpp
   std::vector<std::shared_ptr<Graph>> graphs_;     // one per batch size, captured on first use

@@ -2,7 +2,6 @@
 LLaMA, and the thin causal loop that drives it."""
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
@@ -34,9 +33,6 @@ class EmuDecoder(_C.EmuDecoder):
         super().__init__(layers, final_norm, head_weight, up_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          rms_eps=rms_eps, rope_cos=rope_cos, rope_sin=rope_sin, max_batch=max_batch,
                          max_seq_len=max_seq_len)
-        # Each C++ call is serialized already; this keeps a whole generate() (prefill + decode)
-        # from interleaving with another thread's.
-        self._generate_lock = threading.Lock()
 
     @classmethod
     def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
@@ -77,10 +73,9 @@ class EmuDecoder(_C.EmuDecoder):
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
-    @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-        """The causal loop: prefill, then n-1 steps (in C++; a CUDA graph on the GPU), each fed
-        the previous output. Returns [B, n, out]."""
+        """The causal loop, in C++ under one lock: prefill, then n-1 steps (a CUDA graph on the
+        GPU), each fed the previous output. Returns [B, n, out]."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"emu_fast: n must be a positive int, got {n!r}")
         lens = attention_mask.sum(1) if attention_mask.dim() == 2 else None
@@ -88,6 +83,4 @@ class EmuDecoder(_C.EmuDecoder):
             raise ValueError(
                 f"emu_fast: a prompt of {int(lens.max())} tokens plus {n - 1} generated embeddings "
                 f"exceeds the decoder's max_seq_len of {self.max_seq_len}")
-        with self._generate_lock:
-            first = self.prefill(inputs_embeds, attention_mask)
-            return torch.cat([first.unsqueeze(1), self.decode(first, n - 1)], dim=1)
+        return super().generate(inputs_embeds, attention_mask, n)

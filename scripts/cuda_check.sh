@@ -21,7 +21,7 @@ fi
 INC=(-Icsrc -I"$OUT/include" -I"$TORCH_DIR/include" -I"$TORCH_DIR/include/torch/csrc/api/include")
 ARCH=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a)
 set -x
-[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -c csrc/cuda/kernels/kernels_check.cu -o "$OUT/kernels_check.o"
+[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -Icsrc -c csrc/cuda/kernels/kernels_check.cu -o "$OUT/kernels_check.o"
 [ "${SKIP_GLUE:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" --expt-relaxed-constexpr "${INC[@]}" -DEMU_FAST_WITH_CUDA=1 \
   -c csrc/cuda/ops_cuda.cu -o "$OUT/ops_cuda.o"
 for f in csrc/cuda/decoder_graph.cpp csrc/decoder.cpp; do

@@ -19,7 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests/cuda_emulation"
 SOURCES = [EMULATION / f for f in ("emulator.cpp", "kernels.cpp", "selftest.cpp")]
-HEADERS = sorted((EMULATION / "include").glob("*.h")) + sorted((ROOT / "csrc/cuda/kernels").glob("*.cuh"))
+HEADERS = (sorted((EMULATION / "include").glob("*.h")) + sorted((ROOT / "csrc/cuda/kernels").glob("*.cuh"))
+           + [ROOT / "csrc/op_limits.h"])
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 H100_SMS = 132
 
@@ -60,7 +61,7 @@ def _build() -> Path:
         sources = [EMULATION / "emulator.cpp", EMULATION / "kernels.cpp", gen / "selftest.cpp"]
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cmd = [compiler(), "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{EMULATION / 'include'}", f"-I{gen}",
+               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{EMULATION / 'include'}", f"-I{gen}", f"-I{ROOT / 'csrc'}",
                *map(str, sources), "-o", str(tmp)]
         # UndefinedBehaviorSanitizer catches misaligned vector loads (which fault on a GPU),
         # signed overflow and the like; used wherever the compiler has it.

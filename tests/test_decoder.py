@@ -354,3 +354,21 @@ def test_model_split_across_devices_is_refused(emu_tokenizer):
     s.lm.model.layers[1].to("meta")  # stands in for a second GPU
     with pytest.raises(ValueError, match="layer 1 input_norm is on meta but the decoder's weights are on cpu"):
         EmuDecoder.from_llama(s.lm, s.head, None, max_batch=1, max_seq_len=8)
+
+
+def test_generate_runs_in_cpp_and_checks_capacity_before_running(emu_tokenizer):
+    """generate is one C++ call (prefill + decode under the decoder's lock); called on the
+    binding directly it still checks n and every prompt's room before touching the cache."""
+    from emu_fast import _C
+
+    s = Setup("emu1", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    dec = s.decoder(max_seq_len=int(mask.sum(1).max()) + 2)
+    with pytest.raises(ValueError, match="n must be positive"):
+        _C.EmuDecoder.generate(dec, embeds, mask, 0)
+    with pytest.raises(ValueError, match=r"plus 3 generated embeddings exceeds the decoder's max_seq_len"):
+        _C.EmuDecoder.generate(dec, embeds, mask, 4)
+    assert dec.batch_size == 0  # nothing ran
+    out = _C.EmuDecoder.generate(dec, embeds, mask, 3)
+    assert out.shape == (3, 3, 64) and out.is_contiguous()
+    assert rel_err(out, s.expected(PROMPTS[3])[:, :3]) < FP32_TOL

@@ -24,8 +24,8 @@ template <typename T>
 struct Scratch {
   std::vector<T> h, xn, qkv, attn, gate_up, act, branch;
   std::vector<float> xf, yf;
-  Scratch(const StepArgs<T>& a) {
-    const int64_t B = a.batch, H = a.hidden, I = a.intermediate, QD = a.heads * a.head_dim;
+  Scratch(const StepModel<T>& a, int64_t B) {
+    const int64_t H = a.hidden, I = a.intermediate, QD = a.heads * a.head_dim;
     const int64_t qkv_w = (a.heads + 2 * a.kv_heads) * a.head_dim;
     h.resize(B * H);
     xn.resize(B * H);
@@ -47,14 +47,14 @@ void widen(const T* x, int64_t n, float* out) {
 }  // namespace
 
 template <typename T>
-void decode_step(const StepArgs<T>& a) {
-  const int64_t B = a.batch, H = a.hidden, D = a.head_dim, Hq = a.heads, Hkv = a.kv_heads, I = a.intermediate;
+void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
+  const int64_t B = io.batch, H = a.hidden, D = a.head_dim, Hq = a.heads, Hkv = a.kv_heads, I = a.intermediate;
   const int64_t qkv_w = (Hq + 2 * Hkv) * D;
-  Scratch<T> s(a);
-  std::copy(a.x, a.x + B * H, s.h.begin());
-  std::vector<std::vector<float>> attn_scratch(a.threads);
+  Scratch<T> s(a, B);
+  std::copy(io.x, io.x + B * H, s.h.begin());
+  std::vector<std::vector<float>> attn_scratch(io.threads);
 
-#pragma omp parallel num_threads(a.threads)
+#pragma omp parallel num_threads(io.threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     // y[B, N] = (widened x)[B, K] @ w^T: this thread's rows, rounded to T right away.
@@ -89,7 +89,7 @@ void decode_step(const StepArgs<T>& a) {
         const T* qkv = s.qkv.data();
         const kernels::DecodeBatch<T> batch{qkv, qkv + Hq * D, qkv + (Hq + Hkv) * D, qkv_w, qkv_w, qkv_w,
                                             w.k_cache, w.v_cache, s.attn.data(), Hq, Hkv, D, a.capacity,
-                                            a.lengths, a.positions, a.rope_cos, a.rope_sin, a.scale};
+                                            io.lengths, io.positions, a.rope_cos, a.rope_sin, a.scale};
         kernels::decode_attention_tasks(batch, t0, t1, attn_scratch[tid]);
       }
 #pragma omp barrier
@@ -122,17 +122,17 @@ void decode_step(const StepArgs<T>& a) {
       for (int64_t b = 0; b < B; ++b) kernels::rms_norm_row_cpu(&s.h[b * H], a.final_norm, a.eps, H, &s.xn[b * H]);
       widen(s.xn.data(), B * H, s.xf.data());
     }
-    gemv(a.head, a.out_dim, H, a.out);
+    gemv(a.head, a.out_dim, H, io.out);
     if (a.up != nullptr) {
 #pragma omp barrier
 #pragma omp single
-      widen(a.out, B * a.out_dim, s.xf.data());
-      gemv(a.up, H, a.out_dim, a.next);
+      widen(io.out, B * a.out_dim, s.xf.data());
+      gemv(a.up, H, a.out_dim, io.next);
     }
   }
 }
 
-template void decode_step<float>(const StepArgs<float>&);
-template void decode_step<bf16>(const StepArgs<bf16>&);
+template void decode_step<float>(const StepModel<float>&, const StepIO<float>&);
+template void decode_step<bf16>(const StepModel<bf16>&, const StepIO<bf16>&);
 
 }  // namespace emu_fast::cpu

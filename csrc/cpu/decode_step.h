@@ -14,15 +14,23 @@ struct StepLayer {
   T *k_cache, *v_cache;  // this layer's [max_batch, Hkv, capacity, D]
 };
 
+// What stays fixed for a decoder's life (shapes, weights, caches, RoPE tables): built once, by
+// cpu/fused_step.cpp when the decoder is constructed.
 template <typename T>
-struct StepArgs {
-  int64_t batch, hidden, heads, kv_heads, head_dim, intermediate, capacity, out_dim;
+struct StepModel {
+  int64_t hidden, heads, kv_heads, head_dim, intermediate, capacity, out_dim;
   float eps, scale;
   std::vector<StepLayer<T>> layers;
   const T *final_norm, *head, *up;  // up: nullptr when the output is the next input
+  const float *rope_cos, *rope_sin; // [P, D/2]
+};
+
+// What changes every step.
+template <typename T>
+struct StepIO {
+  int64_t batch;
   const int64_t* lengths;           // [batch] cached entries per sequence (the new one goes there)
   const int64_t* positions;         // [batch] RoPE position of the new token
-  const float *rope_cos, *rope_sin; // [P, D/2]
   const T* x;                       // [batch, hidden] the step's input
   T* out;                           // [batch, out_dim]
   T* next;                          // [batch, hidden] when up != nullptr
@@ -30,6 +38,6 @@ struct StepArgs {
 };
 
 template <typename T>
-void decode_step(const StepArgs<T>& a);
+void decode_step(const StepModel<T>& m, const StepIO<T>& io);
 
 }  // namespace emu_fast::cpu

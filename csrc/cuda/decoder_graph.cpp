@@ -19,10 +19,9 @@ struct EmuDecoder::Graph {
   at::Tensor x, out, next;
 };
 
-at::Tensor EmuDecoder::decode_with_graph(at::Tensor x, int64_t steps) {
-  const int64_t B = batch_;
+void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
+  const int64_t B = batch_, steps = result.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor result = at::empty({B, steps, output_size()}, x.options());
   if (graphs_.size() <= static_cast<size_t>(B)) graphs_.resize(B + 1);
   const bool capture = !graphs_[B];
 
@@ -80,7 +79,6 @@ at::Tensor EmuDecoder::decode_with_graph(at::Tensor x, int64_t steps) {
   }
   // The graph's buffers are overwritten by the next replay: keep copies for step().
   remember(out.clone(), next.clone());
-  return result;
 }
 
 }  // namespace emu_fast

@@ -86,10 +86,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin, double scale) {
   check_decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, true);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1), S = k_cache.size(2);
-  TORCH_CHECK_VALUE(D == 64 || D == 128, "emu_fast.decode_attention: head_dim ", D,
-                    " is not supported on CUDA (64 or 128)");
-  TORCH_CHECK_VALUE(Hq / Hkv <= cuda::kMaxGroup, "emu_fast.decode_attention: ", Hq / Hkv,
-                    " query heads per KV head; at most ", cuda::kMaxGroup, " on CUDA");
+  check_cuda_attention_limits("emu_fast.decode_attention", D, Hq / Hkv);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   if (B == 0) return out;

@@ -11,11 +11,12 @@
 // Lane l holds head dims [l*E, (l+1)*E), E = D/32; rotate-half pairs lane l with lane l^16.
 #pragma once
 #include "common.cuh"
+#include "op_limits.h"
 
 namespace emu_fast::cuda {
 
 constexpr int kAttnWarps = 4;
-constexpr int kMaxGroup = 8;  // query heads per KV head
+constexpr int kMaxGroup = limits::kMaxQueryGroup;  // query heads per KV head
 constexpr int kKeysPerWarpStep = 4;
 constexpr int kMinChunk = kAttnWarps * kKeysPerWarpStep;  // keys a block takes in one step
 

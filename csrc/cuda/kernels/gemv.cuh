@@ -5,6 +5,7 @@
 // so the normalized activations never go through memory. Accumulation is float32.
 #pragma once
 #include "common.cuh"
+#include "op_limits.h"
 
 namespace emu_fast::cuda {
 
@@ -92,6 +93,6 @@ cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps
   return cudaGetLastError();
 }
 
-constexpr int kGemvMaxBatch = 8;
+constexpr int kGemvMaxBatch = limits::kGemvMaxBatch;  // the largest template above
 
 }  // namespace emu_fast::cuda

@@ -1,0 +1,25 @@
+// What the CUDA kernels support, stated once. Torch-free: the kernels (csrc/cuda/kernels), their
+// glue (csrc/cuda/ops_cuda.cu), the argument checks (csrc/checks.cpp) and EmuDecoder's
+// constructor all read it.
+#pragma once
+#include <cstdint>
+
+namespace emu_fast::limits {
+
+// Query heads per KV head in the CUDA decode attention (a block holds the whole group).
+constexpr int kMaxQueryGroup = 8;
+
+// Head sizes the CUDA decode attention is compiled for.
+constexpr int kCudaHeadDims[] = {64, 128};
+constexpr const char* kCudaHeadDimsText = "64 or 128";
+constexpr bool cuda_head_dim_supported(int64_t d) {
+  for (int h : kCudaHeadDims)
+    if (d == h) return true;
+  return false;
+}
+
+// Batch rows the CUDA GEMV kernel takes (its largest template); larger batches are GEMMs and
+// go to cuBLAS.
+constexpr int kGemvMaxBatch = 8;
+
+}  // namespace emu_fast::limits
