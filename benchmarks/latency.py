@@ -182,71 +182,63 @@ class Bench:
 
     def point(self, batch: int, prompt_len: int, progress=None) -> dict:
         """Every method at one (batch, prompt length): {"methods": {name: row}, ...}. A row has
-        image_s / step_s / prefill_s (or no figures and a `note` saying why) and `result`."""
-        args, model, n, device = self.args, self.model, self.n, self.args.device
-        texts = prompts(model, batch, prompt_len)
-        embeds, mask = tokenized_prompt(model, texts)
+        image_s / step_s / prefill_s and `result` (the [B, n, D] output), or only a `note`
+        saying why there is no figure."""
+        texts = prompts(self.model, batch, prompt_len)
+        embeds, mask = tokenized_prompt(self.model, texts)
         lens = mask.sum(1).tolist()
         rows: Dict[str, dict] = {}
-
-        def stage(name):
+        for name, method in ((UPSTREAM, self.upstream_row), (HF, self.hf_row), (EAGER, self.eager_row),
+                             (COMPILED, self.compiled_row), (FAST, self.emu_fast_row)):
             if progress is not None:
                 progress.set_postfix_str(f"batch {batch}, prompt {max(lens)}: {name}")
-
-        # Upstream: n full forward passes over the re-tokenized, growing prompt.
-        stage(UPSTREAM)
-        if args.skip_upstream:
-            rows[UPSTREAM] = {"note": "skipped (--skip-upstream)"}
-        else:
-            t, ref = timed(lambda: self.upstream(texts), device, args.reps)
-            rows[UPSTREAM] = {"image_s": t, "step_s": t / n, "result": ref, "note": "no cache: step = image / n"}
-
-        # Hugging Face KV cache, eager.
-        stage(HF)
-        t_prefill, _ = timed(lambda: model.decoder.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True),
-                             device, args.reps)
-        t, out = timed(lambda: hf_kv_cache_generate_image(model, texts), device, args.reps)
-        rows[HF] = {"image_s": t, "step_s": (t - t_prefill) / max(1, n - 1), "prefill_s": t_prefill, "result": out,
-                    "note": "step = (image - prefill) / (n-1)"}
-
-        # Static cache, gpt-fast style: eager, then compiled (sized to this point's prompt).
-        slots = embeds.shape[1] + n
-        stage(EAGER)
-        rows[EAGER] = self.static_row(StaticCacheLoop(model, batch, slots), texts, embeds, mask)
-        stage(COMPILED)
-        if args.no_compile:
-            rows[COMPILED] = {"note": "skipped (--no-compile)"}
-        else:
-            try:
-                # Every loop compiles the same method: without a reset, each point's graph would
-                # count as a recompilation of the previous ones and hit dynamo's limit (8).
-                torch._dynamo.reset()
-                loop = StaticCacheLoop(model, batch, slots, compile_mode=args.compile_mode)
-                t0 = time.perf_counter()
-                loop.generate_image(texts)  # compiles the step
-                sync(device)
-                compile_s = time.perf_counter() - t0
-                rows[COMPILED] = self.static_row(loop, texts, embeds, mask)
-                rows[COMPILED]["compile_s"] = compile_s
-                note = f'mode "{args.compile_mode}", first call {compile_s:.0f} s'
-                if rows[COMPILED]["step_s"] > 0.97 * rows[EAGER]["step_s"]:
-                    note += "; no gain over eager"
-                rows[COMPILED]["note"] = note
-            except Exception as e:  # no C++ compiler for inductor, unsupported op, ...
-                rows[COMPILED] = {"note": f"compile failed: {first_line(e)}"}
-
-        # emu_fast: the drop-in, and the decoder's prefill and steps timed apart.
-        stage(FAST)
-        t, out = timed(lambda: model.generate_image(texts), device, args.reps)
-        dec = model.emu_fast_decoder
-        t_prefill, out0 = timed(lambda: dec.prefill(embeds, mask), device, args.reps)
-        # decode() runs the n - 1 steps as generate_image does: on a GPU one captured CUDA graph
-        # replayed per step (step() alone is eager, one launch per op).
-        step_s = best_step_time(lambda: dec.prefill(embeds, mask), lambda _: dec.decode(out0, n - 1),
-                                device, args.reps) / max(1, n - 1)
-        rows[FAST] = {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": out}
-        self.embeds, self.mask, self.out0 = embeds, mask, out0  # for --profile
+            rows[name] = method(texts, embeds, mask, rows)
         return {"batch": batch, "prompt_len": prompt_len, "prompt_tokens": lens, "methods": rows}
+
+    def upstream_row(self, texts, embeds, mask, rows) -> dict:
+        """n full forward passes over the re-tokenized, growing prompt."""
+        if self.args.skip_upstream:
+            return {"note": "skipped (--skip-upstream)"}
+        t, out = timed(lambda: self.upstream(texts), self.args.device, self.args.reps)
+        return {"image_s": t, "step_s": t / self.n, "result": out, "note": "no cache: step = image / n"}
+
+    def hf_row(self, texts, embeds, mask, rows) -> dict:
+        """The Hugging Face KV-cache loop, eager; its prefill timed on its own (the model's forward
+        with use_cache) and the steps by difference."""
+        args, lm = self.args, self.model.decoder.lm
+        t_prefill, _ = timed(lambda: lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True),
+                             args.device, args.reps)
+        t, out = timed(lambda: hf_kv_cache_generate_image(self.model, texts), args.device, args.reps)
+        return {"image_s": t, "step_s": (t - t_prefill) / max(1, self.n - 1), "prefill_s": t_prefill, "result": out,
+                "note": "step = (image - prefill) / (n-1)"}
+
+    def eager_row(self, texts, embeds, mask, rows) -> dict:
+        """The gpt-fast-style static-cache loop, sized to this point's prompt, eager."""
+        return self.static_row(StaticCacheLoop(self.model, len(texts), embeds.shape[1] + self.n), texts, embeds, mask)
+
+    def compiled_row(self, texts, embeds, mask, rows) -> dict:
+        """The same loop with its decode step under torch.compile; the first call (which compiles)
+        is timed apart and the gain over the eager step stated, or the failure."""
+        args = self.args
+        if args.no_compile:
+            return {"note": "skipped (--no-compile)"}
+        try:
+            # Every loop compiles the same method: without a reset, each point's graph would
+            # count as a recompilation of the previous ones and hit dynamo's limit (8).
+            torch._dynamo.reset()
+            loop = StaticCacheLoop(self.model, len(texts), embeds.shape[1] + self.n, compile_mode=args.compile_mode)
+            t0 = time.perf_counter()
+            loop.generate_image(texts)
+            sync(args.device)
+            compile_s = time.perf_counter() - t0
+            row = self.static_row(loop, texts, embeds, mask)
+        except Exception as e:  # no C++ compiler for inductor, an op it cannot lower, ...
+            return {"note": f"compile failed: {first_line(e)}"}
+        gain = rows[EAGER]["step_s"] / row["step_s"]
+        row["compile_s"] = compile_s
+        row["note"] = (f'mode "{args.compile_mode}", first call {compile_s:.0f} s; step '
+                       + (f"{gain:.2f}x faster than eager" if gain > 1.03 else f"no gain over eager ({gain:.2f}x)"))
+        return row
 
     def static_row(self, loop: StaticCacheLoop, texts, embeds, mask) -> dict:
         args, n = self.args, self.n
@@ -259,6 +251,19 @@ class Bench:
                 x = loop.step(x, k)[1].clone()
 
         step_s = best_step_time(lambda: loop.prefill(embeds, mask), steps, args.device, args.reps) / max(1, n - 1)
+        return {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": out}
+
+    def emu_fast_row(self, texts, embeds, mask, rows) -> dict:
+        """The drop-in (the accelerated generate_image), and the decoder's prefill and steps timed
+        apart."""
+        args, n, dec = self.args, self.n, self.model.emu_fast_decoder
+        t, out = timed(lambda: self.model.generate_image(texts), args.device, args.reps)
+        t_prefill, out0 = timed(lambda: dec.prefill(embeds, mask), args.device, args.reps)
+        # decode() runs the n - 1 steps as generate_image does: on a GPU one captured CUDA graph
+        # replayed per step (step() alone is eager, one launch per op).
+        step_s = best_step_time(lambda: dec.prefill(embeds, mask), lambda _: dec.decode(out0, n - 1),
+                                args.device, args.reps) / max(1, n - 1)
+        self.profile_inputs = (embeds, mask, out0)
         return {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": out}
 
 
@@ -429,7 +434,7 @@ def run_point(args, machine):
           f"{bench.weight_bytes / bench.bandwidth * 1e3:.2f} ms")
     print_table(figs, args.dtype)
     if args.profile:
-        profile_steps(bench.model.emu_fast_decoder, bench.embeds, bench.mask, bench.out0, args.profile, args.device)
+        profile_steps(bench.model.emu_fast_decoder, *bench.profile_inputs, args.profile, args.device)
     return bench, {"prompt_tokens": lens, "methods": figs}
 
 
