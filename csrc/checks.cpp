@@ -72,6 +72,17 @@ void check_splice(const at::Tensor& ids, const at::Tensor& table, const at::Tens
   check_contiguous(op, "embed_table", table);
 }
 
+void check_splice_slots(int64_t numbered, const int64_t* ids, int64_t T, int64_t vocab, int64_t slot_id,
+                        int64_t S) {
+  if (numbered < 0) {
+    const int64_t p = -numbered - 1;
+    TORCH_CHECK_INDEX(false, "emu_fast.splice_embeddings: token id ", ids[p], " at (row ", p / T, ", position ",
+                      p % T, ") is outside the embedding table of ", vocab, " rows");
+  }
+  TORCH_CHECK_VALUE(numbered == S, "emu_fast.splice_embeddings: the input has ", numbered, " slots (token id ",
+                    slot_id, ") but ", S, " slot vectors were given");
+}
+
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_lens, const at::Tensor& positions,

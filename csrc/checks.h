@@ -23,6 +23,8 @@ void check_cuda_attention_limits(const char* who, int64_t head_dim, int64_t grou
 
 void check_splice(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& values,
                   bool allow_half);
+// The result of kernels::number_slots (ids [B*T], rows of T) against the S slot vectors given.
+void check_splice_slots(int64_t numbered, const int64_t* ids, int64_t T, int64_t vocab, int64_t slot_id, int64_t S);
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_lens, const at::Tensor& positions,

@@ -1,9 +1,9 @@
 """The CUDA kernels of csrc/cuda/kernels/, run on the CPU by the emulator in tests/cuda_emulation/
 (see its README). `load()` compiles them with g++ once per source change (a few seconds) and
 returns wrappers with the same arguments and results as the emu_fast CUDA ops, taking CPU
-tensors. They pass the kernels what csrc/cuda/ops_cuda.cu passes them (same split plan, same
-workspace layout, same alignment rule); the argument checks in front of them are the ones the
-CPU ops share and are tested there."""
+tensors. They unwrap tensors as csrc/cuda/ops_cuda.cu does and call the same host code
+(tests/cuda_emulation/kernels.cpp): launch plans, size rules and compositions are not restated
+here. The argument checks in front of them are the ones the CPU ops share and are tested there."""
 import ctypes
 import hashlib
 import os
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests/cuda_emulation"
 SOURCES = [EMULATION / f for f in ("emulator.cpp", "kernels.cpp", "selftest.cpp")]
 HEADERS = (sorted((EMULATION / "include").glob("*.h")) + sorted((ROOT / "csrc/cuda/kernels").glob("*.cuh"))
-           + [ROOT / "csrc/op_limits.h"])
+           + [ROOT / "csrc" / f for f in ("op_limits.h", "compose.h", "kernels/splice.h")])
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 H100_SMS = 132
 
@@ -78,6 +78,8 @@ def load():
         lib = ctypes.CDLL(str(_build()))
         lib.emu_last_error.restype = ctypes.c_char_p
         lib.emu_decode_attention_workspace_floats.restype = ctypes.c_int64
+        lib.emu_regression_head_workspace_elems.restype = ctypes.c_int64
+        lib.emu_gemv_workspace_elems.restype = ctypes.c_int64
         _lib = lib
     return _lib
 
@@ -170,29 +172,36 @@ def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Te
     return out
 
 
-def gemv(x, w, norm_weight=None, eps=0.0):
-    """As csrc/cuda/ops_cuda.cu gemv_impl: x [B, K], w [N, K] through the CUDA gemv kernel (with
-    its fused RMSNorm prologue when norm_weight is given) up to batch 8; above that the op uses
-    cuBLAS, here torch, after the CUDA RMSNorm kernel."""
+def gemv(x, w):
+    """emu_fast::gemv as csrc/cuda/ops_cuda.cu runs it: cuda::launch_gemv picks the kernel up to
+    batch 8 and a GEMM above (here a plain loop where the op calls cuBLAS)."""
     x = x if x.stride(1) == 1 else x.contiguous()
     B, K = x.shape
     N = w.shape[0]
-    if B > 8:
-        return torch.nn.functional.linear(rms_norm(x, norm_weight, eps) if norm_weight is not None else x, w)
     y = torch.empty(B, N, dtype=x.dtype)
-    if B == 0 or N == 0:
-        return y
     z = _RedZones()
-    _call("gemv", "emu_gemv", DTYPE_CODE[x.dtype], int(norm_weight is not None), _ptr(z(w)), _ptr(z(x)),
-          _ptr(z(y)), _ptr(z(norm_weight)), ctypes.c_float(eps), B, K, N, ctypes.c_int64(x.stride(0)),
-          ctypes.c_int64(N))
+    _call("gemv", "emu_gemv", DTYPE_CODE[x.dtype], _ptr(z(w)), _ptr(z(x)), _ptr(z(y)), ctypes.c_int64(B),
+          ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int64(x.stride(0)))
     z.check("gemv")
     return y
 
 
 def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):
-    out = gemv(hidden, head_weight, norm_weight, eps)
-    nxt = gemv(out, up_weight) if up_weight is not None else hidden.new_empty(hidden.shape[0], 0)
+    """emu_fast::regression_head as the CUDA op runs it: compose::regression_head over the CUDA
+    launchers (csrc/compose.h)."""
+    hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    B, H = hidden.shape
+    Dout = head_weight.shape[0]
+    out = torch.empty(B, Dout, dtype=hidden.dtype)
+    nxt = torch.empty(B, H if up_weight is not None else 0, dtype=hidden.dtype)
+    ld = ctypes.c_int64(hidden.stride(0))
+    workspace = torch.empty(load().emu_regression_head_workspace_elems(ctypes.c_int64(B), ctypes.c_int64(H), ld),
+                            dtype=hidden.dtype)
+    z = _RedZones()
+    _call("regression_head", "emu_regression_head", DTYPE_CODE[hidden.dtype], _ptr(z(hidden)), ld,
+          _ptr(z(norm_weight)), ctypes.c_float(eps), _ptr(z(head_weight)), _ptr(z(up_weight)), _ptr(z(out)),
+          _ptr(z(nxt)), ctypes.c_int64(B), ctypes.c_int64(H), ctypes.c_int64(Dout), _ptr(z(workspace)))
+    z.check("regression_head")
     return out, nxt
 
 
@@ -206,17 +215,17 @@ def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos,
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    splits = decode_attention_splits(B, Hkv, S, sm_count)
     lib = load()
-    workspace = torch.empty(lib.emu_decode_attention_workspace_floats(B, Hq, splits, D), dtype=torch.float32)
+    workspace = torch.empty(lib.emu_decode_attention_workspace_floats(
+        ctypes.c_int64(B), ctypes.c_int64(Hq), ctypes.c_int64(Hkv), ctypes.c_int64(S), D, sm_count), dtype=torch.float32)
     out = torch.empty(B, Hq, D, dtype=q.dtype)
     z = _RedZones()
     _call("decode_attention", "emu_decode_attention",
           DTYPE_CODE[q.dtype], D, B, _ptr(z(q)), _ptr(z(k)), _ptr(z(v)), ctypes.c_int64(q.stride(0)),
           ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)), _ptr(z(k_cache)), _ptr(z(v_cache)),
           _ptr(z(cache_lens)), _ptr(z(positions)), _ptr(z(rope_cos)), _ptr(z(rope_sin)),
-          ctypes.c_int64(rope_cos.shape[0]), _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S, splits,
-          ctypes.c_float(scale))
+          ctypes.c_int64(rope_cos.shape[0]), _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S,
+          ctypes.c_float(scale), sm_count)
     z.check("decode_attention")
     return out
 
@@ -251,15 +260,24 @@ def silu_mul(gate_up):
 
 
 def splice_embeddings(ids, table, values, slot_id):
-    """As the CUDA op: slot positions numbered in order on the host side, one kernel copies."""
+    """As the CUDA op: the ids checked and the slots numbered on the host (kernels::number_slots,
+    shared with the CPU op), then one kernel copies."""
     ids = ids.contiguous()
     B, T = ids.shape
-    is_slot = (ids == slot_id).flatten()
-    slot_index = torch.where(is_slot, torch.cumsum(is_slot, 0) - 1, torch.tensor(-1))
     values = values.contiguous()
     out = torch.empty(B, T, table.shape[1], dtype=table.dtype)
+    slot_index = torch.empty(B * T, dtype=torch.int64)
+    slots = ctypes.c_int64()
     z = _RedZones()
     _call("splice_embeddings", "emu_splice", DTYPE_CODE[table.dtype], _ptr(z(ids)), _ptr(z(slot_index)),
-          _ptr(z(table)), _ptr(z(values)), ctypes.c_int64(B * T), table.shape[1], _ptr(z(out)))
+          _ptr(z(table)), ctypes.c_int64(table.shape[0]), _ptr(z(values)), ctypes.c_int64(slot_id),
+          ctypes.c_int64(B * T), table.shape[1], _ptr(z(out)), ctypes.byref(slots))
     z.check("splice_embeddings")
+    if slots.value < 0:
+        p = -slots.value - 1
+        raise IndexError(f"emu_fast.splice_embeddings: token id {int(ids.flatten()[p])} at (row {p // T}, position "
+                         f"{p % T}) is outside the embedding table of {table.shape[0]} rows")
+    if slots.value != values.shape[0]:
+        raise ValueError(f"emu_fast.splice_embeddings: the input has {slots.value} slots (token id {slot_id}) but "
+                         f"{values.shape[0]} slot vectors were given")
     return out

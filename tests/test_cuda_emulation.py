@@ -187,9 +187,11 @@ def test_decode_attention_kernel_invalid_rows_give_nan_and_leave_the_cache():
 # --- GEMV and the regression head ----------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,K,N", [(1, 5120, 1000), (2, 4096, 300), (3, 520, 33), (5, 100, 7), (8, 33, 17)])
+@pytest.mark.parametrize("B,K,N", [(1, 5120, 1000), (2, 4096, 300), (3, 520, 33), (5, 100, 7), (8, 33, 17),
+                                   (9, 256, 300)])
 def test_gemv_and_head_kernels(dtype, B, K, N):
-    """Batch 1, 2, 3-4, 5-8 (each template), K a multiple of the vector width or not."""
+    """Batch 1, 2, 3-4, 5-8 (each template), K a multiple of the vector width or not; batch 9
+    takes the launcher's GEMM path (cuBLAS on a GPU) after the RMSNorm kernel."""
     g = torch.Generator().manual_seed(B)
     x = torch.randn(B, K, generator=g).to(dtype)
     w = (torch.randn(N, K, generator=g) * K ** -0.5).to(dtype)
@@ -208,7 +210,8 @@ def test_gemv_kernel_strided_and_misaligned_input(dtype):
     wide = torch.randn(3, 300, generator=g).to(dtype)
     strided = wide[:, :256]          # row stride 300: aligned rows only in float32
     misaligned = wide[:, 1:257]      # starts one element in: scalar loads
-    for x in (strided, misaligned):
+    many = torch.randn(10, 300, generator=g).to(dtype)[:, 2:258]  # above batch 8: rows copied dense for the norm
+    for x in (strided, misaligned, many):
         close(emu.gemv(x, w), reference.gemv(x, w), dtype)
         nw = torch.ones(256, dtype=dtype)
         close(emu.regression_head(x, nw, 1e-6, w)[0], reference.regression_head(x, nw, 1e-6, w)[0], dtype)

@@ -10,9 +10,11 @@
 #include <vector>
 
 #include "checks.h"
+#include "compose.h"
 #include "kernels/decode_attention.h"
 #include "kernels/gemv.h"
 #include "kernels/norm.h"
+#include "kernels/splice.h"
 
 namespace emu_fast {
 namespace {
@@ -61,15 +63,7 @@ at::Tensor splice_embeddings_cpu(const at::Tensor& ids, const at::Tensor& table,
 
   // Pass 1 over the ids only: validate, and give each slot its row-major index.
   std::vector<int64_t> slot_index(B * T, -1);
-  int64_t n_slots = 0;
-  for (int64_t p = 0; p < B * T; ++p) {
-    TORCH_CHECK_INDEX(id[p] >= 0 && id[p] < V, "emu_fast.splice_embeddings: token id ", id[p],
-                      " at (row ", p / T, ", position ", p % T, ") is outside the embedding table of ",
-                      V, " rows");
-    if (slot_id >= 0 && id[p] == slot_id) slot_index[p] = n_slots++;
-  }
-  TORCH_CHECK_VALUE(n_slots == S, "emu_fast.splice_embeddings: the input has ", n_slots,
-                    " slots (token id ", slot_id, ") but ", S, " slot vectors were given");
+  check_splice_slots(kernels::number_slots(id, B * T, V, slot_id, slot_index.data()), id, T, V, slot_id, S);
 
   // Pass 2: one row copy per position, straight into the output.
   at::Tensor out = at::empty({B, T, H}, table.options());
@@ -117,6 +111,47 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   return out;
 }
 
+// y [B, N] = xf [B, K] (widened to float32) @ w^T, float32 accumulation, rounded to T once.
+template <typename T>
+void gemv_widened(const T* w, const float* xf, T* out, int64_t B, int64_t K, int64_t N) {
+  if (B == 0 || N == 0) return;
+  std::vector<float> y(std::is_same_v<T, float> ? 0 : B * N);
+  float* yp = std::is_same_v<T, float> ? reinterpret_cast<float*>(out) : y.data();
+  at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
+    kernels::gemv_rows(w, xf, yp, B, K, N, n0, n1);
+  });
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < B * N; ++i) out[i] = kernels::from_float<T>(y[i]);
+  }
+}
+
+// Rows x [B, H] (row stride ldx) -> rms_norm rows y [B, H].
+template <typename T>
+void rms_norm_rows(const T* x, int64_t ldx, const T* w, float eps, int64_t B, int64_t H, T* y) {
+  at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) kernels::rms_norm_row_cpu(x + b * ldx, w, eps, H, y + b * H);
+  });
+}
+
+// The CPU backend of the compositions in compose.h.
+template <typename T>
+struct CpuBackend {
+  static bool ok(bool) { return true; }
+  bool gemv(const T* w, const T* x, int64_t ldx, T* y, int64_t B, int64_t K, int64_t N) {
+    std::vector<float> xf(B * K);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < K; ++k) xf[b * K + k] = kernels::to_float(x[b * ldx + k]);
+    gemv_widened(w, xf.data(), y, B, K, N);
+    return true;
+  }
+  bool norm_gemv(const T* w, const T* x, int64_t ldx, T* y, const T* norm_w, float eps, int64_t B, int64_t K,
+                 int64_t N) {
+    std::vector<T> normed(B * K);
+    rms_norm_rows(x, ldx, norm_w, eps, B, K, normed.data());
+    return gemv(w, normed.data(), K, y, B, K, N);
+  }
+};
+
 at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
   check_gemv(x, weight, false);
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
@@ -124,16 +159,7 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
   if (B == 0 || N == 0) return out;
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const std::vector<float> xf = widen_rows<T>(x);
-    std::vector<float> y(std::is_same_v<T, float> ? 0 : B * N);
-    float* yp = std::is_same_v<T, float> ? ptr<float>(out) : y.data();
-    at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
-      kernels::gemv_rows(ptr<T>(weight), xf.data(), yp, B, K, N, n0, n1);
-    });
-    if constexpr (!std::is_same_v<T, float>) {
-      T* o = ptr<T>(out);
-      for (int64_t i = 0; i < B * N; ++i) o[i] = kernels::from_float<T>(y[i]);
-    }
+    gemv_widened(ptr<T>(weight), widen_rows<T>(x).data(), ptr<T>(out), B, K, N);
   });
   return out;
 }
@@ -145,11 +171,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight, double
   at::Tensor out = at::empty({B, H}, x.options());
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, B, grain_rows(H), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        kernels::rms_norm_row_cpu(ptr<T>(x) + b * H, ptr<T>(weight), static_cast<float>(eps), H,
-                              ptr<T>(out) + b * H);
-    });
+    rms_norm_rows(ptr<T>(x), H, ptr<T>(weight), static_cast<float>(eps), B, H, ptr<T>(out));
   });
   return out;
 }
@@ -191,9 +213,17 @@ std::tuple<at::Tensor, at::Tensor> regression_head_cpu(const at::Tensor& hidden,
                                                        double eps, const at::Tensor& head_weight,
                                                        const c10::optional<at::Tensor>& up_weight) {
   check_regression_head(hidden, norm_weight, head_weight, up_weight, false);
-  at::Tensor out = gemv_cpu(rms_norm_cpu(hidden, norm_weight, eps), head_weight);
-  at::Tensor next = up_weight.has_value() ? gemv_cpu(out, *up_weight)
-                                          : at::empty({hidden.size(0), 0}, hidden.options());
+  const at::Tensor h = hidden.contiguous();
+  const int64_t B = h.size(0), H = h.size(1), Dout = head_weight.size(0);
+  at::Tensor out = at::empty({B, Dout}, h.options());
+  at::Tensor next = at::empty({B, up_weight.has_value() ? H : 0}, h.options());
+  dispatch_float(h.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    CpuBackend<T> cpu;
+    compose::regression_head<T>(cpu, ptr<T>(h), H, ptr<T>(norm_weight), static_cast<float>(eps), ptr<T>(head_weight),
+                                up_weight.has_value() ? ptr<T>(*up_weight) : nullptr, ptr<T>(out), ptr<T>(next), B, H,
+                                Dout);
+  });
   return {out, next};
 }
 

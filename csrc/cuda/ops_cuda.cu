@@ -1,5 +1,7 @@
 // CUDA implementations of the emu_fast ops: argument checks (shared with the CPU), then the
-// kernels in csrc/cuda/kernels/ on the current stream. float32, bfloat16 and float16.
+// host launchers of csrc/cuda/kernels/ on the current stream. This file only unwraps tensors:
+// launch plans, size rules and empty-input handling live in the launchers (which the CUDA
+// emulator runs too), compositions in compose.h. float32, bfloat16 and float16.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,9 +10,11 @@
 #include <tuple>
 
 #include "checks.h"
+#include "compose.h"
 #include "cuda/kernels/decode_attention.cuh"
 #include "cuda/kernels/elementwise.cuh"
 #include "cuda/kernels/gemv.cuh"
+#include "kernels/splice.h"
 
 namespace emu_fast {
 namespace {
@@ -46,36 +50,38 @@ int sm_count(int device) {
   return cached[device];
 }
 
+// cuBLAS for GEMV batches above cuda::kGemvMaxBatch (cuda::launch_gemv decides): the pointers
+// it is handed wrapped as tensors of `options` for at::mm_out.
+cudaError_t cublas_gemm(void* ctx, const void* w, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t batch,
+                        int64_t k_dim, int64_t n_rows, cudaStream_t) {
+  const auto& options = *static_cast<const at::TensorOptions*>(ctx);
+  const at::Tensor xt = at::from_blob(const_cast<void*>(x), {batch, k_dim}, {ldx, 1}, options);
+  const at::Tensor wt = at::from_blob(const_cast<void*>(w), {n_rows, k_dim}, {k_dim, 1}, options);
+  at::Tensor yt = at::from_blob(y, {batch, n_rows}, {ldy, 1}, options);
+  at::mm_out(yt, xt, wt.t());
+  return cudaSuccess;
+}
+
 at::Tensor splice_embeddings_cuda(const at::Tensor& ids, const at::Tensor& table, const at::Tensor& values,
                                   int64_t slot_id) {
   check_splice(ids, table, values, /*allow_half=*/true);
   const c10::cuda::CUDAGuard guard(table.device());
   const int64_t B = ids.size(0), T = ids.size(1), V = table.size(0), H = table.size(1), S = values.size(0);
-  const at::Tensor ids_c = ids.contiguous();
+  // The ids go to the host once (this op runs once per prompt, not per step) to be checked and
+  // to number the slots, as on the CPU.
+  const at::Tensor ids_host = ids.to(at::kCPU).contiguous();
+  at::Tensor slot_index = at::empty({B * T}, ids_host.options());
+  check_splice_slots(kernels::number_slots(ids_host.data_ptr<int64_t>(), B * T, V, slot_id,
+                                           slot_index.data_ptr<int64_t>()),
+                     ids_host.data_ptr<int64_t>(), T, V, slot_id, S);
+  slot_index = slot_index.to(table.device());
+  const at::Tensor ids_c = ids.contiguous(), values_c = values.contiguous();
   at::Tensor out = at::empty({B, T, H}, table.options());
-  if (B * T == 0) {
-    TORCH_CHECK_VALUE(S == 0, "emu_fast.splice_embeddings: the input has 0 slots (token id ", slot_id, ") but ", S,
-                      " slot vectors were given");
-    return out;
-  }
-  // Validation reads the ids back to the host: this op runs once per prompt, not per step.
-  const at::Tensor bad = (ids_c < 0) | (ids_c >= V);
-  if (bad.any().item<bool>()) {
-    const int64_t p = bad.flatten().nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_INDEX(false, "emu_fast.splice_embeddings: token id ", ids_c.flatten()[p].item<int64_t>(),
-                      " at (row ", p / T, ", position ", p % T, ") is outside the embedding table of ", V, " rows");
-  }
-  const at::Tensor is_slot = slot_id >= 0 ? (ids_c == slot_id).flatten() : at::zeros({B * T}, ids_c.options().dtype(at::kBool));
-  const int64_t n_slots = is_slot.sum().item<int64_t>();
-  TORCH_CHECK_VALUE(n_slots == S, "emu_fast.splice_embeddings: the input has ", n_slots, " slots (token id ",
-                    slot_id, ") but ", S, " slot vectors were given");
-  const at::Tensor slot_index = at::where(is_slot, at::cumsum(is_slot, 0) - 1, at::full({}, -1, ids_c.options()));
-  const at::Tensor values_c = values.contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(table.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
     check_launch(cuda::launch_splice<Tt>(ptr<int64_t>(ids_c), ptr<int64_t>(slot_index), ptr<Tt>(table),
-                                         ptr<Tt>(values_c), B * T, static_cast<int>(H), ptr<Tt>(out), stream),
+                                         ptr<Tt>(values_c), B * T, static_cast<int>(H), ptr<Tt>(out),
+                                         c10::cuda::getCurrentCUDAStream()),
                  "splice_embeddings");
   });
   return out;
@@ -89,8 +95,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   check_cuda_attention_limits("emu_fast.decode_attention", D, Hq / Hkv);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({B, Hq, D}, q.options());
-  if (B == 0) return out;
-  const int splits = cuda::decode_attention_splits(B, Hkv, S, sm_count(q.get_device()));
+  const cuda::DecodeAttentionPlan plan =
+      cuda::plan_decode_attention(B, Hq, Hkv, S, static_cast<int>(D), sm_count(q.get_device()));
+  const at::Tensor workspace = at::empty({plan.workspace_floats}, q.options().dtype(at::kFloat));
   cuda::DecodeAttentionParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -109,16 +116,11 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   p.num_kv_heads = static_cast<int>(Hkv);
   p.capacity = static_cast<int>(S);
   p.max_position = rope_cos.size(0);
-  p.splits = splits;
   p.scale = static_cast<float>(scale);
-  const int64_t workspace_floats = cuda::decode_attention_workspace_floats(B, Hq, splits, static_cast<int>(D));
-  const at::Tensor workspace = at::empty({workspace_floats}, q.options().dtype(at::kFloat));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(q.scalar_type(), [&](auto tag) {
-    using Tt = decltype(tag);
-    float* ws = workspace.data_ptr<float>();
-    check_launch(D == 64 ? cuda::launch_decode_attention<Tt, 64>(p, static_cast<int>(B), ws, stream)
-                         : cuda::launch_decode_attention<Tt, 128>(p, static_cast<int>(B), ws, stream),
+    check_launch(cuda::launch_decode_attention<decltype(tag)>(plan, p, static_cast<int>(B), static_cast<int>(D),
+                                                              workspace.data_ptr<float>(),
+                                                              c10::cuda::getCurrentCUDAStream()),
                  "decode_attention");
   });
   return out;
@@ -132,57 +134,52 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x_in, const at::T
   const int64_t B = x.size(0), H = x.size(1);
   at::Tensor y = at::empty({B, H}, x.options());
   at::Tensor sum = residual_in ? at::empty({B, H}, x.options()) : at::Tensor();
-  if (B == 0) return {y, sum};
-  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
     check_launch(cuda::launch_rms_norm<Tt>(ptr<Tt>(x), residual_in ? ptr<Tt>(residual) : nullptr, ptr<Tt>(weight),
                                            static_cast<float>(eps), B, static_cast<int>(H), ptr<Tt>(y),
-                                           residual_in ? ptr<Tt>(sum) : nullptr, stream),
+                                           residual_in ? ptr<Tt>(sum) : nullptr, c10::cuda::getCurrentCUDAStream()),
                  "rms_norm");
   });
   return {y, sum};
 }
 
-// y = x' @ weight^T with x' = x or rms_norm(x, norm_weight) (fused prologue).
-at::Tensor gemv_impl(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor* norm_weight, double eps) {
+at::Tensor gemv_cuda(const at::Tensor& x_in, const at::Tensor& weight) {
+  check_gemv(x_in, weight, true);
+  const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
-  if (B > cuda::kGemvMaxBatch) {  // large batches are GEMMs: cuBLAS
-    return at::linear(norm_weight ? std::get<0>(norm_impl(x, nullptr, *norm_weight, eps)) : x, weight);
-  }
   at::Tensor out = at::empty({B, N}, x.options());
-  if (B == 0 || N == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::TensorOptions options = x.options();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
-    const Tt* nw = norm_weight ? ptr<Tt>(*norm_weight) : nullptr;
-    const cudaError_t err =
-        norm_weight ? cuda::launch_gemv<Tt, true>(ptr<Tt>(weight), ptr<Tt>(x), ptr<Tt>(out), nw, static_cast<float>(eps),
-                                                  static_cast<int>(B), static_cast<int>(K), static_cast<int>(N),
-                                                  x.stride(0), N, stream)
-                    : cuda::launch_gemv<Tt, false>(ptr<Tt>(weight), ptr<Tt>(x), ptr<Tt>(out), nullptr, 0.f,
-                                                   static_cast<int>(B), static_cast<int>(K), static_cast<int>(N),
-                                                   x.stride(0), N, stream);
-    check_launch(err, "gemv");
+    check_launch(cuda::launch_gemv<Tt, false>(ptr<Tt>(weight), ptr<Tt>(x), ptr<Tt>(out), nullptr, 0.f, B, K, N,
+                                              x.stride(0), N, nullptr, {&cublas_gemm, &options},
+                                              c10::cuda::getCurrentCUDAStream()),
+                 "gemv");
   });
   return out;
 }
 
-at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& weight) {
-  check_gemv(x, weight, true);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return gemv_impl(x, weight, nullptr, 0.0);
-}
-
-std::tuple<at::Tensor, at::Tensor> regression_head_cuda(const at::Tensor& hidden, const at::Tensor& norm_weight,
+std::tuple<at::Tensor, at::Tensor> regression_head_cuda(const at::Tensor& hidden_in, const at::Tensor& norm_weight,
                                                         double eps, const at::Tensor& head_weight,
                                                         const c10::optional<at::Tensor>& up_weight) {
-  check_regression_head(hidden, norm_weight, head_weight, up_weight, true);
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  at::Tensor out = gemv_impl(hidden, head_weight, &norm_weight, eps);
-  at::Tensor next = up_weight.has_value() ? gemv_impl(out, *up_weight, nullptr, 0.0)
-                                          : at::empty({hidden.size(0), 0}, hidden.options());
+  check_regression_head(hidden_in, norm_weight, head_weight, up_weight, true);
+  const c10::cuda::CUDAGuard guard(hidden_in.device());
+  const at::Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
+  const int64_t B = hidden.size(0), H = hidden.size(1), Dout = head_weight.size(0), ld = hidden.stride(0);
+  at::Tensor out = at::empty({B, Dout}, hidden.options());
+  at::Tensor next = at::empty({B, up_weight.has_value() ? H : 0}, hidden.options());
+  const at::Tensor workspace = at::empty({cuda::regression_head_workspace_elems(B, H, ld)}, hidden.options());
+  at::TensorOptions options = hidden.options();
+  dispatch_float(hidden.scalar_type(), [&](auto tag) {
+    using Tt = decltype(tag);
+    cuda::GemvBackend<Tt> gpu{ptr<Tt>(workspace), {&cublas_gemm, &options}, c10::cuda::getCurrentCUDAStream()};
+    check_launch(compose::regression_head<Tt>(gpu, ptr<Tt>(hidden), ld, ptr<Tt>(norm_weight), static_cast<float>(eps),
+                                              ptr<Tt>(head_weight), up_weight ? ptr<Tt>(*up_weight) : nullptr,
+                                              ptr<Tt>(out), ptr<Tt>(next), B, H, Dout),
+                 "regression_head");
+  });
   return {out, next};
 }
 
@@ -203,11 +200,11 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate_up_in) {
   const at::Tensor gate_up = gate_up_in.contiguous();
   const int64_t B = gate_up.size(0), I = gate_up.size(1) / 2;
   at::Tensor out = at::empty({B, I}, gate_up.options());
-  if (B * I == 0) return out;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float(gate_up.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
-    check_launch(cuda::launch_silu_mul<Tt>(ptr<Tt>(gate_up), B, static_cast<int>(I), ptr<Tt>(out), stream), "silu_mul");
+    check_launch(cuda::launch_silu_mul<Tt>(ptr<Tt>(gate_up), B, static_cast<int>(I), ptr<Tt>(out),
+                                           c10::cuda::getCurrentCUDAStream()),
+                 "silu_mul");
   });
   return out;
 }

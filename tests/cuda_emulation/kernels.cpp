@@ -1,10 +1,13 @@
-// C entry points (for ctypes) that run the real CUDA kernels of csrc/cuda/kernels/ through
-// their own host launchers on the emulator. Arguments mirror what csrc/cuda/ops_cuda.cu passes
-// after its checks; dtype: 0 float32, 1 bfloat16, 2 float16. Each returns the cudaError_t of
-// the launch; emu_last_error() says what went wrong.
+// C entry points (for ctypes) over the very host code csrc/cuda/ops_cuda.cu calls: the launchers
+// of csrc/cuda/kernels/ (launch plans, size rules, empty input), the compositions of
+// csrc/compose.h and the splice numbering of csrc/kernels/splice.h, run on the emulator. Each
+// takes what the torch glue unwraps from its tensors; dtype: 0 float32, 1 bfloat16, 2 float16.
+// Each returns the cudaError_t of the launch; emu_last_error() says what went wrong.
+#include "compose.h"
 #include "cuda/kernels/decode_attention.cuh"
 #include "cuda/kernels/elementwise.cuh"
 #include "cuda/kernels/gemv.cuh"
+#include "kernels/splice.h"
 
 namespace {
 
@@ -20,6 +23,28 @@ int dispatch(int dtype, F&& f) {
   return -1;
 }
 
+// Where the glue calls cuBLAS (GEMV batches above kGemvMaxBatch): a plain float32-accumulating
+// loop on the host.
+template <typename T>
+cudaError_t host_gemm(void*, const void* w, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t batch,
+                      int64_t k_dim, int64_t n_rows, cudaStream_t) {
+  const T* wt = static_cast<const T*>(w);
+  const T* xt = static_cast<const T*>(x);
+  T* yt = static_cast<T*>(y);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t n = 0; n < n_rows; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < k_dim; ++k) acc += to_f(xt[b * ldx + k]) * to_f(wt[n * k_dim + k]);
+      yt[b * ldy + n] = from_f<T>(acc);
+    }
+  return cudaSuccess;
+}
+
+template <typename T>
+Gemm host_gemm_for() {
+  return {&host_gemm<T>, nullptr};
+}
+
 }  // namespace
 
 extern "C" {
@@ -27,15 +52,33 @@ extern "C" {
 void emu_set_schedule_seed(uint64_t seed) { emu_fast::emulation::set_schedule_seed(seed); }
 const char* emu_last_error() { return emu_fast::emulation::last_error_message(); }
 
-int emu_gemv(int dtype, int norm, const void* w, const void* x, void* y, const void* norm_w, float eps, int batch,
-             int k_dim, int n_rows, int64_t ldx, int64_t ldy) {
+int64_t emu_gemv_workspace_elems(int64_t batch, int64_t k_dim, int64_t ldx, int norm) {
+  return gemv_workspace_elems(batch, k_dim, ldx, norm != 0);
+}
+
+int emu_gemv(int dtype, const void* w, const void* x, void* y, int64_t batch, int64_t k_dim, int64_t n_rows,
+             int64_t ldx) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    auto* wt = static_cast<const T*>(w);
-    auto* xt = static_cast<const T*>(x);
-    auto* nt = static_cast<const T*>(norm_w);
-    return static_cast<int>(norm ? launch_gemv<T, true>(wt, xt, static_cast<T*>(y), nt, eps, batch, k_dim, n_rows, ldx, ldy, nullptr)
-                                 : launch_gemv<T, false>(wt, xt, static_cast<T*>(y), nt, eps, batch, k_dim, n_rows, ldx, ldy, nullptr));
+    return static_cast<int>(launch_gemv<T, false>(static_cast<const T*>(w), static_cast<const T*>(x),
+                                                  static_cast<T*>(y), nullptr, 0.f, batch, k_dim, n_rows, ldx, n_rows,
+                                                  nullptr, host_gemm_for<T>(), nullptr));
+  });
+}
+
+int64_t emu_regression_head_workspace_elems(int64_t batch, int64_t hidden, int64_t ld_hidden) {
+  return regression_head_workspace_elems(batch, hidden, ld_hidden);
+}
+
+int emu_regression_head(int dtype, const void* hidden, int64_t ld_hidden, const void* norm_w, float eps,
+                        const void* head, const void* up, void* out, void* next, int64_t batch, int64_t hidden_size,
+                        int64_t out_size, void* workspace) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    GemvBackend<T> gpu{static_cast<T*>(workspace), host_gemm_for<T>(), nullptr};
+    return static_cast<int>(emu_fast::compose::regression_head<T>(
+        gpu, static_cast<const T*>(hidden), ld_hidden, static_cast<const T*>(norm_w), eps, static_cast<const T*>(head),
+        static_cast<const T*>(up), static_cast<T*>(out), static_cast<T*>(next), batch, hidden_size, out_size));
   });
 }
 
@@ -43,15 +86,17 @@ int emu_decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t cap
   return decode_attention_splits(batch, num_kv_heads, capacity, sm_count);
 }
 
-int64_t emu_decode_attention_workspace_floats(int64_t batch, int64_t num_heads, int splits, int head_dim) {
-  return decode_attention_workspace_floats(batch, num_heads, splits, head_dim);
+int64_t emu_decode_attention_workspace_floats(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                                              int64_t capacity, int head_dim, int sm_count) {
+  return plan_decode_attention(batch, num_heads, num_kv_heads, capacity, head_dim, sm_count).workspace_floats;
 }
 
 int emu_decode_attention(int dtype, int head_dim, int batch, const void* q, const void* k, const void* v,
                          int64_t q_stride, int64_t k_stride, int64_t v_stride, void* k_cache, void* v_cache,
                          const int64_t* cache_lens, const int64_t* positions, const float* rope_cos,
                          const float* rope_sin, int64_t max_position, void* out, float* workspace, int num_heads,
-                         int num_kv_heads, int capacity, int splits, float scale) {
+                         int num_kv_heads, int capacity, float scale, int sm_count) {
+  const DecodeAttentionPlan plan = plan_decode_attention(batch, num_heads, num_kv_heads, capacity, head_dim, sm_count);
   DecodeAttentionParams p{};
   p.q = q;
   p.k = k;
@@ -66,17 +111,13 @@ int emu_decode_attention(int dtype, int head_dim, int batch, const void* q, cons
   p.rope_cos = rope_cos;
   p.rope_sin = rope_sin;
   p.out = out;
-  p.max_position = max_position;
   p.num_heads = num_heads;
   p.num_kv_heads = num_kv_heads;
   p.capacity = capacity;
-  p.splits = splits;
+  p.max_position = max_position;
   p.scale = scale;
   return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (head_dim == 64) return static_cast<int>(launch_decode_attention<T, 64>(p, batch, workspace, nullptr));
-    if (head_dim == 128) return static_cast<int>(launch_decode_attention<T, 128>(p, batch, workspace, nullptr));
-    return -1;
+    return static_cast<int>(launch_decode_attention<decltype(tag)>(plan, p, batch, head_dim, workspace, nullptr));
   });
 }
 
@@ -97,8 +138,12 @@ int emu_silu_mul(int dtype, const void* gate_up, int64_t rows, int inter, void* 
   });
 }
 
-int emu_splice(int dtype, const int64_t* ids, const int64_t* slot_index, const void* table, const void* values,
-               int64_t positions, int hidden, void* out) {
+// The glue's host half (number_slots on the ids) and its launch. Returns the number of slots
+// (or -(p + 1) for an id outside the table, with nothing launched) in *slots.
+int emu_splice(int dtype, const int64_t* ids, int64_t* slot_index, const void* table, int64_t vocab,
+               const void* values, int64_t slot_id, int64_t positions, int hidden, void* out, int64_t* slots) {
+  *slots = emu_fast::kernels::number_slots(ids, positions, vocab, slot_id, slot_index);
+  if (*slots < 0) return 0;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     return static_cast<int>(launch_splice<T>(ids, slot_index, static_cast<const T*>(table), static_cast<const T*>(values),

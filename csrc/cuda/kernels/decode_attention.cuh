@@ -281,6 +281,19 @@ inline int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_head
   return splits > 1 ? batch * num_heads * splits * (head_dim + 2) : 0;
 }
 
+// The launch plan of one call: the split count and the workspace it needs.
+struct DecodeAttentionPlan {
+  int splits;
+  int64_t workspace_floats;
+};
+
+inline DecodeAttentionPlan plan_decode_attention(int64_t batch, int64_t num_heads, int64_t num_kv_heads,
+                                                 int64_t capacity, int head_dim, int sm_count) {
+  if (batch == 0 || num_kv_heads == 0) return {1, 0};
+  const int splits = decode_attention_splits(batch, num_kv_heads, capacity, sm_count);
+  return {splits, decode_attention_workspace_floats(batch, num_heads, splits, head_dim)};
+}
+
 // Launches with p.splits from decode_attention_splits; with several splits
 // `workspace` holds decode_attention_workspace_floats(...) floats.
 template <typename T, int D>
@@ -300,5 +313,23 @@ cudaError_t launch_decode_attention(DecodeAttentionParams p, int batch, float* w
   }
   return cudaGetLastError();
 }
+
+// The op's launch: p as the op's arguments give it (p.splits from `plan`), head_dim one of
+// limits::kCudaHeadDims (cudaErrorInvalidValue otherwise), workspace of plan.workspace_floats.
+// Nothing to do for an empty batch.
+template <typename T>
+cudaError_t launch_decode_attention(const DecodeAttentionPlan& plan, DecodeAttentionParams p, int batch, int head_dim,
+                                    float* workspace, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  p.splits = plan.splits;
+  switch (head_dim) {
+    case 64: return launch_decode_attention<T, 64>(p, batch, workspace, stream);
+    case 128: return launch_decode_attention<T, 128>(p, batch, workspace, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+static_assert(limits::cuda_head_dim_supported(64) && limits::cuda_head_dim_supported(128) &&
+                  sizeof(limits::kCudaHeadDims) / sizeof(int) == 2,
+              "launch_decode_attention dispatches exactly limits::kCudaHeadDims");
 
 }  // namespace emu_fast::cuda

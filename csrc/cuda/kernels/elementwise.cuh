@@ -55,16 +55,19 @@ __global__ void splice_kernel(const int64_t* __restrict__ ids, const int64_t* __
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[p * hidden + i] = src[i];
 }
 
-// Host-side launches; each returns the CUDA launch error.
+// Host-side launches; each returns the CUDA launch error, and launches nothing for empty input.
+// With residual, sum_out = x + residual is stored too (add_rms_norm).
 template <typename T>
 cudaError_t launch_rms_norm(const T* x, const T* residual, const T* w, float eps, int64_t rows, int hidden, T* y,
                             T* sum_out, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
   EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(rows)), kRowThreads, stream, rms_norm_kernel<T>)(x, residual, w, eps, hidden, y, sum_out);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_silu_mul(const T* gate_up, int64_t rows, int inter, T* y, cudaStream_t stream) {
+  if (rows * inter == 0) return cudaSuccess;
   const int64_t needed = (rows * inter + 255) / 256;
   EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(needed < 4096 ? needed : 4096)), 256, stream, silu_mul_kernel<T>)(gate_up, rows, inter, y);
   return cudaGetLastError();
@@ -73,6 +76,7 @@ cudaError_t launch_silu_mul(const T* gate_up, int64_t rows, int inter, T* y, cud
 template <typename T>
 cudaError_t launch_splice(const int64_t* ids, const int64_t* slot_index, const T* table, const T* values,
                           int64_t positions, int hidden, T* out, cudaStream_t stream) {
+  if (positions == 0) return cudaSuccess;
   EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(positions)), 256, stream, splice_kernel<T>)(ids, slot_index, table, values, hidden, out);
   return cudaGetLastError();
 }

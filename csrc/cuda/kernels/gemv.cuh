@@ -5,6 +5,7 @@
 // so the normalized activations never go through memory. Accumulation is float32.
 #pragma once
 #include "common.cuh"
+#include "elementwise.cuh"
 #include "op_limits.h"
 
 namespace emu_fast::cuda {
@@ -77,10 +78,10 @@ gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
   }
 }
 
-// Host-side launch; batch must be in [1, 8]. Returns the CUDA launch error.
+// Host-side launch of the kernel alone; batch must be in [1, kGemvMaxBatch].
 template <typename T, bool kNorm>
-cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
-                        int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
+cudaError_t launch_gemv_kernel(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
+                               int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
   const dim3 grid((n_rows + kGemvWarps - 1) / kGemvWarps), block(kGemvWarps * 32);
   if (batch <= 1)
     EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 1, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
@@ -94,5 +95,70 @@ cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps
 }
 
 constexpr int kGemvMaxBatch = limits::kGemvMaxBatch;  // the largest template above
+
+// Batches above kGemvMaxBatch are GEMMs: the caller supplies one (cuBLAS in the torch glue, a
+// plain loop in the emulator). y[b * ldy + n] = sum_k x[b * ldx + k] w[n * k_dim + k], T storage.
+struct Gemm {
+  cudaError_t (*fn)(void* ctx, const void* w, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t batch,
+                    int64_t k_dim, int64_t n_rows, cudaStream_t stream);
+  void* ctx;
+};
+
+// Elements of T the workspace of launch_gemv needs: the normalized rows when a norm prologue
+// runs ahead of a GEMM (and a dense copy of x first when its rows are strided).
+inline int64_t gemv_workspace_elems(int64_t batch, int64_t k_dim, int64_t ldx, bool norm) {
+  if (!norm || batch <= kGemvMaxBatch) return 0;
+  return batch * k_dim * (ldx == k_dim ? 1 : 2);
+}
+
+// y[B, N] = x' @ w^T with x' = x, or rms_norm(x; norm_w, eps) (kNorm): the one launch plan of
+// emu_fast::gemv and the regression head. x: unit column stride, row stride ldx; y: row stride
+// ldy. Up to kGemvMaxBatch rows the GEMV kernel (norm fused in); above, RMSNorm into `workspace`
+// (gemv_workspace_elems) and gemm. Nothing to do for an empty batch or output.
+template <typename T, bool kNorm>
+cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps, int64_t batch, int64_t k_dim,
+                        int64_t n_rows, int64_t ldx, int64_t ldy, T* workspace, Gemm gemm, cudaStream_t stream) {
+  if (batch == 0 || n_rows == 0) return cudaSuccess;
+  if (batch <= kGemvMaxBatch)
+    return launch_gemv_kernel<T, kNorm>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
+                                        static_cast<int>(n_rows), ldx, ldy, stream);
+  if constexpr (kNorm) {
+    const T* rows = x;
+    T* normed = workspace;
+    if (ldx != k_dim) {  // the norm kernel takes dense rows
+      const cudaError_t err = cudaMemcpy2DAsync(workspace, k_dim * sizeof(T), x, ldx * sizeof(T), k_dim * sizeof(T),
+                                                batch, cudaMemcpyDeviceToDevice, stream);
+      if (err != cudaSuccess) return err;
+      rows = workspace;
+      normed = workspace + batch * k_dim;
+    }
+    const cudaError_t err = launch_rms_norm<T>(rows, nullptr, norm_w, eps, batch, static_cast<int>(k_dim), normed,
+                                               nullptr, stream);
+    if (err != cudaSuccess) return err;
+    return gemm.fn(gemm.ctx, w, normed, k_dim, y, ldy, batch, k_dim, n_rows, stream);
+  } else {
+    return gemm.fn(gemm.ctx, w, x, ldx, y, ldy, batch, k_dim, n_rows, stream);
+  }
+}
+
+// The CUDA backend of the compositions in csrc/compose.h.
+template <typename T>
+struct GemvBackend {
+  T* workspace;  // regression_head_workspace_elems
+  Gemm gemm;
+  cudaStream_t stream;
+  static bool ok(cudaError_t e) { return e == cudaSuccess; }
+  cudaError_t gemv(const T* w, const T* x, int64_t ldx, T* y, int64_t batch, int64_t k, int64_t n) {
+    return launch_gemv<T, false>(w, x, y, nullptr, 0.f, batch, k, n, ldx, n, nullptr, gemm, stream);
+  }
+  cudaError_t norm_gemv(const T* w, const T* x, int64_t ldx, T* y, const T* norm_w, float eps, int64_t batch,
+                        int64_t k, int64_t n) {
+    return launch_gemv<T, true>(w, x, y, norm_w, eps, batch, k, n, ldx, n, workspace, gemm, stream);
+  }
+};
+
+inline int64_t regression_head_workspace_elems(int64_t batch, int64_t hidden, int64_t ld_hidden) {
+  return gemv_workspace_elems(batch, hidden, ld_hidden, true);
+}
 
 }  // namespace emu_fast::cuda

@@ -1,5 +1,7 @@
-// Instantiates every CUDA kernel for every supported type and head size without torch, so
-// `make cuda-check` can compile the kernel code with nvcc on a machine without a GPU.
+// Instantiates every CUDA kernel and host launcher for every supported type and head size
+// without torch, so `make cuda-check` can compile the kernel code with nvcc on a machine
+// without a GPU.
+#include "compose.h"
 #include "decode_attention.cuh"
 #include "elementwise.cuh"
 #include "gemv.cuh"
@@ -8,11 +10,13 @@ namespace emu_fast::cuda {
 
 template <typename T>
 void instantiate_all() {
-  launch_gemv<T, false>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr);
-  launch_gemv<T, true>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr);
+  const Gemm gemm{nullptr, nullptr};
+  launch_gemv<T, false>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr, gemm, nullptr);
+  launch_gemv<T, true>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr, gemm, nullptr);
+  GemvBackend<T> backend{nullptr, gemm, nullptr};
+  compose::regression_head<T>(backend, nullptr, 8, nullptr, 0.f, nullptr, nullptr, nullptr, nullptr, 1, 8, 8);
   DecodeAttentionParams p{};
-  launch_decode_attention<T, 64>(p, 1, nullptr, nullptr);
-  launch_decode_attention<T, 128>(p, 1, nullptr, nullptr);
+  launch_decode_attention<T>(plan_decode_attention(1, 1, 1, 8, 64, 1), p, 1, 64, nullptr, nullptr);
   launch_rms_norm<T>(nullptr, nullptr, nullptr, 0.f, 1, 8, nullptr, nullptr, nullptr);
   launch_silu_mul<T>(nullptr, 1, 8, nullptr, nullptr);
   launch_splice<T>(nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr, nullptr);
