@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -145,18 +146,22 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:150] if lines else ''}"
 
 
-def best_step_time(prefill, steps, device, reps) -> float:
-    """Seconds for `steps(prefill())` (the n-1 decode steps), best of the repetitions, like the
-    bandwidth it is compared with (this machine is shared)."""
-    best = float("inf")
+def prefill_and_steps(prefill, steps, device, reps):
+    """(median seconds of `prefill()`, best seconds of `steps(prefill())`, the n-1 decode
+    steps) over the repetitions. Best for the steps, like the bandwidth they are compared with
+    (this machine is shared); both from the same runs, so a prefill is not run twice as often."""
+    prefills, best = [], float("inf")
     for _ in range(max(3, reps)):
-        state = prefill()
         sync(device)
         t0 = time.perf_counter()
+        state = prefill()
+        sync(device)
+        t1 = time.perf_counter()
         steps(state)
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        prefills.append(t1 - t0)
+        best = min(best, time.perf_counter() - t1)
+    return statistics.median(prefills), best
 
 
 class Bench:
@@ -243,28 +248,26 @@ class Bench:
     def static_row(self, loop: StaticCacheLoop, texts, embeds, mask) -> dict:
         args, n = self.args, self.n
         t, out = timed(lambda: loop.generate_image(texts), args.device, args.reps)
-        t_prefill, _ = timed(lambda: loop.prefill(embeds, mask), args.device, args.reps)
 
         def steps(state):
             x = state[1]
             for k in range(1, n):
                 x = loop.step(x, k)[1].clone()
 
-        step_s = best_step_time(lambda: loop.prefill(embeds, mask), steps, args.device, args.reps) / max(1, n - 1)
-        return {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": out}
+        t_prefill, t_steps = prefill_and_steps(lambda: loop.prefill(embeds, mask), steps, args.device, args.reps)
+        return {"image_s": t, "step_s": t_steps / max(1, n - 1), "prefill_s": t_prefill, "result": out}
 
     def emu_fast_row(self, texts, embeds, mask, rows) -> dict:
         """The drop-in (the accelerated generate_image), and the decoder's prefill and steps timed
         apart."""
         args, n, dec = self.args, self.n, self.model.emu_fast_decoder
         t, out = timed(lambda: self.model.generate_image(texts), args.device, args.reps)
-        t_prefill, out0 = timed(lambda: dec.prefill(embeds, mask), args.device, args.reps)
         # decode() runs the n - 1 steps as generate_image does: on a GPU one captured CUDA graph
         # replayed per step (step() alone is eager, one launch per op).
-        step_s = best_step_time(lambda: dec.prefill(embeds, mask), lambda _: dec.decode(out0, n - 1),
-                                args.device, args.reps) / max(1, n - 1)
-        self.profile_inputs = (embeds, mask, out0)
-        return {"image_s": t, "step_s": step_s, "prefill_s": t_prefill, "result": out}
+        t_prefill, t_steps = prefill_and_steps(lambda: dec.prefill(embeds, mask), lambda out0: dec.decode(out0, n - 1),
+                                               args.device, args.reps)
+        self.profile_inputs = (embeds, mask, dec.prefill(embeds, mask))
+        return {"image_s": t, "step_s": t_steps / max(1, n - 1), "prefill_s": t_prefill, "result": out}
 
 
 def figures(point: dict, weight_bytes: int, bandwidth: float, dtype: str) -> dict:

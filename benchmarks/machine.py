@@ -107,7 +107,8 @@ def describe(device: str) -> dict:
         "emu_fast_commit": commit,
         "emu_fast_tree_modified": dirty,  # uncommitted changes to tracked files when measured
         # Other work on a shared machine moves CPU figures a lot (threads that spin at barriers
-        # wait for a core): the load when the run started says how much to trust them.
+        # wait for a core): how busy the CPUs were as the run started says how much to trust them.
+        "cpus_busy_at_start": cpus_busy(),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
     }
@@ -120,10 +121,28 @@ def one_line(machine: dict) -> str:
             f"transformers {machine['transformers']} | emu_fast {commit}")
 
 
+def cpus_busy(seconds: float = 0.5) -> Optional[float]:
+    """How many CPUs other processes kept busy over `seconds` (this one sleeps meanwhile), from
+    /proc/stat; None where there is none. Unlike the load average, it is not an echo of the
+    last minute (a previous benchmark run, say)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values) - idle, sum(values)
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+
+
 def busy_warning(machine: dict) -> str:
-    """A line to print when the machine was already busy at the start, else ''."""
-    load, cores = machine.get("load_average_1min"), machine.get("cpu_count") or 1
-    if load is not None and load > 0.5 * cores:
-        return (f"warning: load average {load:.1f} on {cores} cores before this run started: other work shares "
-                f"the CPUs and the figures will be noisy")
+    """A line to print when other work was using the CPUs as the run started, else ''."""
+    busy = machine.get("cpus_busy_at_start")
+    if busy is not None and busy > 0.25:
+        return (f"warning: other processes kept {busy:.1f} of {machine['cpu_count']} CPUs busy as this run started; "
+                f"the figures will be noisy")
     return ""
