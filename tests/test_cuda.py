@@ -1,4 +1,5 @@
-"""The CUDA path against the float32 reference: ops (odd shapes, ragged batches, split-KV),
+"""The CUDA path against the float32 reference: ops (the samples of tests/op_samples.py run in
+tests/test_ops.py::test_op_matches_reference_cuda; here the GPU-only cases),
 EmuDecoder on the GPU, CUDA-graph replay equal to eager, the drop-in on a CUDA model, and bad
 input on CUDA tensors. Skipped without a GPU (the CPU suite covers the same behaviour there)."""
 import pytest
@@ -7,44 +8,17 @@ import torch
 from emu_fast import EmuDecoder, ops, reference
 from emu_fast.testing import TinyEmu1, TinyEmu2, rel_err, tiny_llama
 
+import op_samples
+from decoder_setup import LOOP_TOL
+from op_samples import CUDA_DTYPES, GPU_FP32_TOL, opcheck_samples
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-LOOP_TOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+DTYPES = CUDA_DTYPES
 
 
-def close(actual, expected, dtype):
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,Hq,Hkv,D,S,lens", [
-    (1, 4, 4, 64, 8, [0]),
-    (1, 40, 40, 128, 2048, [1700]),      # Emu1-like heads, batch 1, long cache: split-KV
-    (3, 8, 2, 128, 300, [5, 0, 299]),    # GQA, ragged, last slot
-    (5, 6, 6, 64, 77, [76, 1, 30, 64, 2]),
-    (2, 32, 4, 64, 4096, [4000, 3]),     # group of 8, many splits, one nearly empty row
-])
-def test_decode_attention_cuda(dtype, B, Hq, Hkv, D, S, lens):
-    torch.manual_seed(0)
-    dev = "cuda"
-    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, device=dev).to(dtype)
-    q = qkv[:, : Hq * D].view(B, Hq, D)
-    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(B, Hkv, D)
-    v = qkv[:, (Hq + Hkv) * D:].view(B, Hkv, D)
-    kc = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
-    vc = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
-    cos, sin = (t.to(dev) for t in reference.rope_tables(D, 2 * S, 10000.0))
-    cl = torch.tensor(lens, device=dev)
-    pos = cl + 7
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, cl, pos, cos, sin, D ** -0.5)
-    out = ops.decode_attention(q, k, v, kc, vc, cl, pos, cos, sin)
-    close(out, expected, dtype)
-    close(kc, kc_ref, dtype)
-    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
+def close(actual, expected, dtype):  # the GPU's float32 allowance (op_samples.GPU_FP32_TOL)
+    op_samples.close(actual, expected, dtype, GPU_FP32_TOL if dtype == torch.float32 else None)
 
 
 def test_decode_attention_cuda_full_cache_gives_nan_and_writes_nothing():
@@ -58,20 +32,6 @@ def test_decode_attention_cuda_full_cache_gives_nan_and_writes_nothing():
     out = ops.decode_attention(q, k, v, kc, vc, torch.tensor([4], device=dev), torch.tensor([4], device=dev), cos, sin)
     assert torch.isnan(out).all()
     torch.testing.assert_close(kc, kc0, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,K,N", [(1, 5120, 5120), (3, 4096, 1000), (8, 520, 33), (9, 256, 300), (2, 100, 7)])
-def test_gemv_and_head_cuda(dtype, B, K, N):
-    torch.manual_seed(0)
-    x = torch.randn(B, K, device="cuda").to(dtype)
-    w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(dtype)
-    close(ops.gemv(x, w), reference.gemv(x, w), dtype)
-    norm_w = (1 + 0.2 * torch.randn(K, device="cuda")).to(dtype)
-    up = (torch.randn(K, N, device="cuda") * N ** -0.5).to(dtype)
-    out, nxt = ops.regression_head(x, norm_w, 1e-6, w, up)
-    close(out, reference.regression_head(x, norm_w, 1e-6, w, up)[0], dtype)
-    close(nxt, reference.gemv(out, up), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,11 +55,9 @@ def test_glue_and_splice_cuda(dtype):
 
 
 def test_opcheck_cuda():
-    from test_ops import _opcheck_cases
-
-    for name, args in _opcheck_cases("cuda"):
-        if name == "decode_attention":  # the CUDA kernel takes head_dim 64/128
-            continue
+    """The opcheck samples of tests/op_samples.py the CUDA kernels take (decode attention at
+    head_dim 64 included)."""
+    for name, args in opcheck_samples("cuda"):
         torch.library.opcheck(getattr(torch.ops.emu_fast, name).default, args)
 
 

@@ -11,11 +11,12 @@ import torch
 from emu_fast import reference
 
 import cuda_emulator as emu
+from decoder_setup import LOOP_TOL, PROMPTS, Setup
+from op_samples import CUDA_DTYPES, GPU_FP32_TOL, OPS, attention_case, check, close, samples
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="needs a C++ compiler to build the emulator")
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+DTYPES = CUDA_DTYPES
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +26,17 @@ def _in_order_schedule():
     emu.set_schedule_seed(0)
 
 
-def close(actual, expected, dtype):
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+def _close(actual, expected, dtype):  # as on a GPU
+    close(actual, expected, dtype, GPU_FP32_TOL if dtype == torch.float32 else None)
+
+
+# --- every op on every sample the CUDA kernels take (tests/op_samples.py) -------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sample", samples(cuda=True, emulate=True), ids=str)
+def test_kernels_match_reference(sample, dtype):
+    """Through the op's own host code (launch plan, size rules, composition) as on a GPU."""
+    check(sample, getattr(emu, sample.op), sample.build("cpu", dtype), dtype, gpu=True)
 
 
 # --- the emulator itself -------------------------------------------------------------------
@@ -97,21 +106,7 @@ def test_emulator_random_schedules_expose_a_race():
 # --- decode attention ----------------------------------------------------------------------
 
 def _attention_case(dtype, B, Hq, Hkv, D, S, lens, seed=0, cache_offset=0):
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, generator=g).to(dtype)  # q, k, v: strided views, as in the decoder
-    q = qkv[:, : Hq * D].view(B, Hq, D)
-    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(B, Hkv, D)
-    v = qkv[:, (Hq + Hkv) * D:].view(B, Hkv, D)
-    n = B * Hkv * S * D
-
-    def cache():  # cache_offset elements into its buffer: misaligned for vector loads
-        buf = torch.randn(n + cache_offset, generator=g).to(dtype)
-        return buf[cache_offset:].view(B, Hkv, S, D)
-
-    kc, vc = cache(), cache()
-    cos, sin = reference.rope_tables(D, 2 * S, 10000.0)
-    lens = torch.tensor(lens)
-    return q, k, v, kc, vc, lens, lens + 7, cos, sin
+    return attention_case(B, Hq, Hkv, D, S, lens, dtype, seed=seed, cache_offset=cache_offset)
 
 
 def _check_attention(dtype, case, sm_count=emu.H100_SMS):
@@ -120,22 +115,10 @@ def _check_attention(dtype, case, sm_count=emu.H100_SMS):
     kc_ref, vc_ref = kc.clone(), vc.clone()
     expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, lens, pos, cos, sin, D ** -0.5)
     out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, sm_count=sm_count)
-    close(out, expected, dtype)
-    close(kc, kc_ref, dtype)
+    _close(out, expected, dtype)
+    _close(kc, kc_ref, dtype)
     torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
     return out
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,Hq,Hkv,D,S,lens", [
-    (1, 4, 4, 64, 8, [0]),
-    (1, 40, 40, 128, 2048, [1700]),      # Emu1 heads, batch 1, long cache: 7 splits on an H100
-    (3, 8, 2, 128, 300, [5, 0, 299]),    # GQA, ragged, the last slot
-    (5, 6, 6, 64, 77, [76, 1, 30, 64, 2]),
-    (2, 32, 4, 64, 4096, [4000, 3]),     # group of 8, 33 splits, one nearly empty row
-])
-def test_decode_attention_kernel(dtype, B, Hq, Hkv, D, S, lens):
-    _check_attention(dtype, _attention_case(dtype, B, Hq, Hkv, D, S, lens))
 
 
 @pytest.mark.parametrize("sm_count", [1, 4, 9, 132])
@@ -177,7 +160,7 @@ def test_decode_attention_kernel_invalid_rows_give_nan_and_leave_the_cache():
         assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
         kr, vr = kc0[1:2].clone(), vc0[1:2].clone()
         expected = reference.decode_attention(q[1:2], k[1:2], v[1:2], kr, vr, lens[1:2], pos[1:2], cos, sin, D ** -0.5)
-        close(out[1:2], expected, dtype)
+        _close(out[1:2], expected, dtype)
         torch.testing.assert_close(kc[1:2], kr, rtol=0, atol=0)
         for row in (0, 2):
             torch.testing.assert_close(kc[row], kc0[row], rtol=0, atol=0)
@@ -185,23 +168,6 @@ def test_decode_attention_kernel_invalid_rows_give_nan_and_leave_the_cache():
 
 
 # --- GEMV and the regression head ----------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,K,N", [(1, 5120, 1000), (2, 4096, 300), (3, 520, 33), (5, 100, 7), (8, 33, 17),
-                                   (9, 256, 300)])
-def test_gemv_and_head_kernels(dtype, B, K, N):
-    """Batch 1, 2, 3-4, 5-8 (each template), K a multiple of the vector width or not; batch 9
-    takes the launcher's GEMM path (cuBLAS on a GPU) after the RMSNorm kernel."""
-    g = torch.Generator().manual_seed(B)
-    x = torch.randn(B, K, generator=g).to(dtype)
-    w = (torch.randn(N, K, generator=g) * K ** -0.5).to(dtype)
-    close(emu.gemv(x, w), reference.gemv(x, w), dtype)
-    norm_w = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype)
-    up = (torch.randn(K, N, generator=g) * N ** -0.5).to(dtype)
-    out, nxt = emu.regression_head(x, norm_w, 1e-6, w, up)
-    close(out, reference.regression_head(x, norm_w, 1e-6, w, up)[0], dtype)
-    close(nxt, reference.gemv(out, up), dtype)
-
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gemv_kernel_strided_and_misaligned_input(dtype):
@@ -212,42 +178,9 @@ def test_gemv_kernel_strided_and_misaligned_input(dtype):
     misaligned = wide[:, 1:257]      # starts one element in: scalar loads
     many = torch.randn(10, 300, generator=g).to(dtype)[:, 2:258]  # above batch 8: rows copied dense for the norm
     for x in (strided, misaligned, many):
-        close(emu.gemv(x, w), reference.gemv(x, w), dtype)
+        _close(emu.gemv(x, w), reference.gemv(x, w), dtype)
         nw = torch.ones(256, dtype=dtype)
-        close(emu.regression_head(x, nw, 1e-6, w)[0], reference.regression_head(x, nw, 1e-6, w)[0], dtype)
-
-
-# --- norms, SiLU*mul, splice ---------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H", [(3, 5120), (2, 33), (1, 1)])
-def test_norm_kernels(dtype, B, H):
-    g = torch.Generator().manual_seed(H)
-    x, r = torch.randn(B, H, generator=g).to(dtype), torch.randn(B, H, generator=g).to(dtype)
-    w = (1 + 0.2 * torch.randn(H, generator=g)).to(dtype)
-    close(emu.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), dtype)
-    y, s = emu.add_rms_norm(x, r, w, 1e-6)
-    y_ref, s_ref = reference.add_rms_norm(x, r, w, 1e-6)
-    close(y, y_ref, dtype)
-    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,I", [(3, 1377), (1, 1), (2, 600_000)])  # the last needs the grid-stride loop
-def test_silu_mul_kernel(dtype, B, I):
-    gu = torch.randn(B, 2 * I, generator=torch.Generator().manual_seed(I)).to(dtype)
-    close(emu.silu_mul(gu), reference.silu_mul(gu), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_splice_kernel(dtype):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49, (3, 9), generator=g)  # 49 is the slot id
-    ids[:, 2:5] = 49
-    ids[2, 8] = 49
-    table, values = torch.randn(50, 33, generator=g).to(dtype), torch.randn(10, 33, generator=g).to(dtype)
-    torch.testing.assert_close(emu.splice_embeddings(ids, table, values, 49),
-                               reference.splice_embeddings(ids, table, values, 49), rtol=0, atol=0)
+        _close(emu.regression_head(x, nw, 1e-6, w)[0], reference.regression_head(x, nw, 1e-6, w)[0], dtype)
 
 
 # --- thread order ---------------------------------------------------------------------------
@@ -292,15 +225,7 @@ def cuda_kernels_as_cpu_ops():
             return fn(*args)
         return op
 
-    impls = {
-        "gemv": emu.gemv,
-        "regression_head": emu.regression_head,
-        "rms_norm": emu.rms_norm,
-        "add_rms_norm": emu.add_rms_norm,
-        "silu_mul": emu.silu_mul,
-        "decode_attention": emu.decode_attention,
-        "splice_embeddings": emu.splice_embeddings,
-    }
+    impls = {name: getattr(emu, name) for name in OPS}  # every op has its emulator wrapper
     lib = torch.library.Library("emu_fast", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
@@ -322,8 +247,6 @@ def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_k
     float32 upstream loop), with every op of prefill and step on the CUDA kernels; 4 heads, 2
     KV heads, ragged batch of 3. (float16 EmuDecoders exist on CUDA only; its kernels are
     tested op by op above.)"""
-    from test_decoder import PROMPTS, Setup
-
     s = Setup(kind, emu_tokenizer, kv_heads=2, n=6, dtype=dtype, hidden=hidden, out_dim=96)
     dec = s.decoder()
     dec.fused_cpu_step = False
@@ -331,7 +254,7 @@ def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_k
     from emu_fast.testing import rel_err
 
     err = rel_err(out, s.expected(PROMPTS[3]))
-    assert err < {torch.float32: 1e-4, torch.bfloat16: 6e-2}[dtype]
+    assert err < LOOP_TOL[dtype]
     calls = cuda_kernels_as_cpu_ops
     for op in ("gemv", "decode_attention", "add_rms_norm", "silu_mul", "regression_head", "rms_norm"):
         assert calls[op] > 0, op

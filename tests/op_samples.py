@@ -1,0 +1,293 @@
+"""Per-op sample inputs and checks, in one place (extension-cpp style): one list of samples per
+op drives the correctness tests against emu_fast.reference on the CPU and a GPU
+(tests/test_ops.py), torch.library.opcheck (tests/test_ops.py, tests/test_cuda.py) and the CUDA
+kernels on the emulator (tests/test_cuda_emulation.py). Tolerances are stated here, by dtype.
+Test modules import this, never each other."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from emu_fast import reference
+
+# (rtol, atol) against a float32 reference computed from the same (rounded) inputs.
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+# float32 on a GPU: the samples taken from tests/test_cuda.py (long dot products and softmaxes with
+# __expf and fused multiply-adds) allow this; the others keep TOL.
+GPU_FP32_TOL = (1e-4, 1e-4)
+# flash-attention's rule for low precision: the error against float32 is at most this multiple
+# of what the same computation in plain PyTorch at that dtype makes (applied on top of TOL where
+# plain PyTorch states the computation directly).
+PLAIN_TORCH_FACTOR = 3
+
+CPU_DTYPES = [torch.float32, torch.bfloat16]
+CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def close(actual, expected, dtype, tol=None):
+    rtol, atol = tol or TOL[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def within_plain_torch_error(actual, expected32, plain):
+    """flash-attention's bound: |actual - expected32| <= k * |plain - expected32| (max over all
+    elements), plain being the computation in plain PyTorch at actual's dtype."""
+    if actual.dtype == torch.float32 or actual.numel() == 0:
+        return
+    ours = (actual.float() - expected32.float()).abs().max().item()
+    theirs = (plain.float() - expected32.float()).abs().max().item()
+    assert ours <= PLAIN_TORCH_FACTOR * theirs + 1e-6, (ours, theirs)
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0, g=None):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def attention_case(B, Hq, Hkv, D, S, lens, dtype, device="cpu", seed=0, spare_slots=0, cache_offset=0,
+                   position_offsets=None):
+    """q, k, v (strided slices of one fused QKV projection, as in the decoder), caches of
+    B + spare_slots rows (cache_offset elements into their buffers: misaligned for vector loads),
+    lengths, positions (lens + position_offsets, default 7), RoPE tables."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = rand(B, (Hq + 2 * Hkv) * D, dtype=dtype, device=device, g=g)
+    q = qkv[:, : Hq * D].view(B, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(B, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(B, Hkv, D)
+    rows = B + spare_slots
+    n = rows * Hkv * S * D
+
+    def cache():
+        return rand(n + cache_offset, dtype=dtype, device=device, g=g)[cache_offset:].view(rows, Hkv, S, D)
+
+    kc, vc = cache(), cache()
+    cos, sin = reference.rope_tables(D, 2 * S, 10000.0)
+    lens = torch.tensor(lens, dtype=torch.long, device=device)
+    offsets = torch.full((B,), 7) if position_offsets is None else torch.tensor(position_offsets)
+    return q, k, v, kc, vc, lens, lens + offsets.to(device), cos.to(device), sin.to(device)
+
+
+def _splice(B, T, H, fixed=False, seed=0):
+    def build(device, dtype):
+        g = torch.Generator().manual_seed(seed)
+        V, slot = 50, 49
+        if fixed:
+            ids = torch.randint(0, V - 1, (B, T), generator=g)
+            ids[:, 2:5] = slot
+            ids[B - 1, T - 1] = slot
+        else:
+            ids = torch.randint(0, V - 1, (B, T), generator=g)
+            ids[torch.rand(B, T, generator=g) < 0.4] = slot
+        n = int((ids == slot).sum())
+        table, values = rand(V, H, dtype=dtype, device=device, g=g), rand(n, H, dtype=dtype, device=device, g=g)
+        return ids.to(device), table, values, slot
+    return build
+
+
+def _splice_no_slots(device, dtype):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (2, 3), generator=g).to(device)
+    table = rand(6, 5, dtype=dtype, device=device, g=g)
+    return ids, table, table.new_empty(0, 5), -1
+
+
+def _attention(B, Hq, Hkv, D, S, lens, **kw):
+    def build(device, dtype):
+        return attention_case(B, Hq, Hkv, D, S, lens, dtype, device, **kw)
+    return build
+
+
+def _head(B, H, Dout, up, hidden_scale=1.0, w_scale=None, seed=0):
+    def build(device, dtype):
+        g = torch.Generator().manual_seed(seed)
+        hidden = rand(B, H, dtype=dtype, device=device, scale=hidden_scale, g=g)
+        norm_w = (1 + 0.2 * torch.randn(H, generator=g)).to(dtype=dtype, device=device)
+        head = rand(Dout, H, dtype=dtype, device=device, scale=w_scale or H ** -0.5, g=g)
+        up_w = rand(H, Dout, dtype=dtype, device=device, scale=w_scale or Dout ** -0.5, g=g) if up else None
+        return hidden, norm_w, 1e-6, head, up_w
+    return build
+
+
+def _gemv(B, K, N, seed=0):
+    def build(device, dtype):
+        g = torch.Generator().manual_seed(seed)
+        return rand(B, K, dtype=dtype, device=device, g=g), rand(N, K, dtype=dtype, device=device, scale=K ** -0.5, g=g)
+    return build
+
+
+def _norm(B, H, eps=1e-6, residual=False, seed=0):
+    def build(device, dtype):
+        g = torch.Generator().manual_seed(seed)
+        x = rand(B, H, dtype=dtype, device=device, scale=2, g=g)
+        r = rand(B, H, dtype=dtype, device=device, g=g)
+        w = (1 + 0.2 * torch.randn(H, generator=g)).to(dtype=dtype, device=device)
+        return (x, r, w, eps) if residual else (x, w, eps)
+    return build
+
+
+def _silu(B, I, seed=0):
+    def build(device, dtype):
+        return (rand(B, 2 * I, dtype=dtype, device=device, scale=2, g=torch.Generator().manual_seed(seed)),)
+    return build
+
+
+# ------------------------------------------------------------------------------ the samples
+
+
+@dataclasses.dataclass
+class Sample:
+    op: str
+    name: str
+    build: Callable  # (device, dtype) -> the op's arguments
+    cuda: bool = True        # within what the CUDA kernels take (op_limits.h)
+    emulate: bool = True     # run on the emulator too (False: too slow there, GPU and CPU only)
+    gpu_fp32_tol: Optional[tuple] = None
+    opcheck: bool = False    # the op's sample for torch.library.opcheck
+
+    def __str__(self):
+        return f"{self.op}-{self.name}"
+
+
+_GPU = dict(gpu_fp32_tol=GPU_FP32_TOL)
+
+SAMPLES = [
+    # splice_embeddings: a copy, exact.
+    Sample("splice_embeddings", "1x1x8", _splice(1, 1, 8)),
+    Sample("splice_embeddings", "2x7x33", _splice(2, 7, 33), opcheck=True),
+    Sample("splice_embeddings", "3x16x64", _splice(3, 16, 64)),
+    Sample("splice_embeddings", "3x9x33-runs", _splice(3, 9, 33, fixed=True)),
+    Sample("splice_embeddings", "no-slots", _splice_no_slots),
+    # decode_attention (B, Hq, Hkv, D, S, lens)
+    Sample("decode_attention", "empty-cache-d16", _attention(1, 4, 4, 16, 8, [0], spare_slots=1), cuda=False),
+    Sample("decode_attention", "last-slot-d64", _attention(1, 2, 2, 64, 40, [39], spare_slots=1)),
+    Sample("decode_attention", "gqa-ragged-d32", _attention(3, 6, 2, 32, 33, [5, 0, 17], spare_slots=1,
+                                                             position_offsets=[0, 3, 6]), cuda=False),
+    Sample("decode_attention", "mqa-d128", _attention(2, 8, 1, 128, 20, [11, 3], spare_slots=1,
+                                                        position_offsets=[0, 3])),
+    Sample("decode_attention", "odd-heads-d10", _attention(4, 3, 3, 10, 9, [1, 2, 8, 4], spare_slots=1), cuda=False),
+    Sample("decode_attention", "gqa-d8", _attention(2, 4, 2, 8, 6, [1, 2], spare_slots=1), cuda=False, opcheck=True),
+    Sample("decode_attention", "d64-opcheck", _attention(2, 4, 4, 64, 16, [3, 0]), opcheck=True, **_GPU),
+    Sample("decode_attention", "empty-cache-d64", _attention(1, 4, 4, 64, 8, [0]), **_GPU),
+    Sample("decode_attention", "emu1-heads-7-splits", _attention(1, 40, 40, 128, 2048, [1700]), **_GPU),
+    Sample("decode_attention", "gqa-ragged-d128", _attention(3, 8, 2, 128, 300, [5, 0, 299]), **_GPU),
+    Sample("decode_attention", "ragged-d64", _attention(5, 6, 6, 64, 77, [76, 1, 30, 64, 2]), **_GPU),
+    Sample("decode_attention", "group-8-33-splits", _attention(2, 32, 4, 64, 4096, [4000, 3]), **_GPU),
+    # regression_head (B, H, Dout, up)
+    Sample("regression_head", "emu1-64", _head(1, 64, 64, False, hidden_scale=3, w_scale=0.1)),
+    Sample("regression_head", "odd-33-17", _head(3, 33, 17, True, hidden_scale=3, w_scale=0.1), opcheck=True),
+    Sample("regression_head", "no-up", _head(2, 8, 5, False), opcheck=True),
+    Sample("regression_head", "5-128-40", _head(5, 128, 40, True, hidden_scale=3, w_scale=0.1)),
+    Sample("regression_head", "1x5120x1000", _head(1, 5120, 1000, True, seed=1), **_GPU),
+    Sample("regression_head", "2x4096x300", _head(2, 4096, 300, True, seed=2), **_GPU),
+    Sample("regression_head", "3x520x33", _head(3, 520, 33, True, seed=3), **_GPU),
+    Sample("regression_head", "5x100x7", _head(5, 100, 7, True, seed=5), **_GPU),
+    Sample("regression_head", "8x33x17", _head(8, 33, 17, True, seed=8), **_GPU),
+    Sample("regression_head", "9x256x300-gemm", _head(9, 256, 300, True, seed=9), **_GPU),
+    Sample("regression_head", "1x5120x5120", _head(1, 5120, 5120, True), emulate=False, **_GPU),
+    Sample("regression_head", "3x4096x1000", _head(3, 4096, 1000, True), emulate=False, **_GPU),
+    Sample("regression_head", "8x520x33", _head(8, 520, 33, True), **_GPU),
+    Sample("regression_head", "2x100x7", _head(2, 100, 7, True), **_GPU),
+    # gemv (B, K, N)
+    Sample("gemv", "1x1x1", _gemv(1, 1, 1)),
+    Sample("gemv", "1x512x512", _gemv(1, 512, 512)),
+    Sample("gemv", "2x31x65", _gemv(2, 31, 65)),
+    Sample("gemv", "7x100x3", _gemv(7, 100, 3)),
+    Sample("gemv", "16x257x129-gemm", _gemv(16, 257, 129)),
+    Sample("gemv", "2x8x3", _gemv(2, 8, 3), opcheck=True),
+    Sample("gemv", "1x5120x1000", _gemv(1, 5120, 1000, seed=1), **_GPU),
+    Sample("gemv", "2x4096x300", _gemv(2, 4096, 300, seed=2), **_GPU),
+    Sample("gemv", "3x520x33", _gemv(3, 520, 33, seed=3), **_GPU),
+    Sample("gemv", "5x100x7", _gemv(5, 100, 7, seed=5), **_GPU),
+    Sample("gemv", "8x33x17", _gemv(8, 33, 17, seed=8), **_GPU),
+    Sample("gemv", "9x256x300-gemm", _gemv(9, 256, 300, seed=9), **_GPU),
+    Sample("gemv", "1x5120x5120", _gemv(1, 5120, 5120), emulate=False, **_GPU),
+    Sample("gemv", "3x4096x1000", _gemv(3, 4096, 1000), emulate=False, **_GPU),
+    Sample("gemv", "8x520x33", _gemv(8, 520, 33), emulate=False, **_GPU),
+    Sample("gemv", "2x100x7", _gemv(2, 100, 7), emulate=False, **_GPU),
+    # rms_norm, add_rms_norm (B, H), silu_mul (B, I)
+    *[Sample("rms_norm", f"{B}x{H}", _norm(B, H, seed=H), opcheck=(B, H) == (2, 8))
+      for B, H in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 8)]],
+    Sample("rms_norm", "3x5120", _norm(3, 5120), **_GPU),
+    *[Sample("add_rms_norm", f"{B}x{H}", _norm(B, H, eps=1e-5, residual=True, seed=H), opcheck=(B, H) == (2, 8))
+      for B, H in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 8)]],
+    Sample("add_rms_norm", "3x5120", _norm(3, 5120, residual=True), **_GPU),
+    *[Sample("silu_mul", f"{B}x{I}", _silu(B, I, seed=I), opcheck=(B, I) == (2, 4))
+      for B, I in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 4)]],
+    Sample("silu_mul", "3x1377", _silu(3, 1377), **_GPU),
+    Sample("silu_mul", "2x600000-grid-stride", _silu(2, 600_000), **_GPU),
+]
+
+OPS = sorted({s.op for s in SAMPLES})
+
+
+def samples(cuda=False, emulate=False):
+    return [s for s in SAMPLES if (not cuda or s.cuda) and (not emulate or s.emulate)]
+
+
+def opcheck_samples(device):
+    """(op, args) for torch.library.opcheck: each op's opcheck samples that the device takes,
+    float32, every tensor contiguous."""
+    for s in SAMPLES:
+        if s.opcheck and (device == "cpu" or s.cuda):
+            args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in s.build(device, torch.float32))
+            if s.op == "decode_attention":  # the schema's scale (the Python wrapper defaults it)
+                args = (*args, args[0].shape[-1] ** -0.5)
+            yield s.op, args
+
+
+# ------------------------------------------------------------------------------ the checks
+
+
+def _clone(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def check(sample: Sample, fn, args, dtype, gpu=False):
+    """Runs fn (the op, on whichever backend) on args and asserts what the op promises against
+    emu_fast.reference (which runs on clones of the inputs it mutates)."""
+    tol = sample.gpu_fp32_tol if gpu and dtype == torch.float32 and sample.gpu_fp32_tol else TOL[dtype]
+    op = sample.op
+    if op == "splice_embeddings":
+        out = fn(*args)
+        assert out.dtype == dtype and out.shape == (*args[0].shape, args[1].shape[1])
+        torch.testing.assert_close(out, reference.splice_embeddings(*args), rtol=0, atol=0)
+    elif op == "decode_attention":
+        q, k, v, kc, vc, cl, pos, cos, sin = args
+        kc_ref, vc_ref = kc.clone(), vc.clone()
+        expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, cl, pos, cos, sin, q.shape[-1] ** -0.5)
+        out = fn(q, k, v, kc, vc, cl, pos, cos, sin)
+        assert out.shape == q.shape and out.dtype == dtype
+        close(out, expected, dtype, tol)
+        close(kc, kc_ref, dtype, tol)
+        torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)  # values are copied
+    elif op == "regression_head":
+        hidden, norm_w, eps, head, up = args
+        out, nxt = fn(*args)
+        close(out, reference.regression_head(*_clone(args))[0], dtype, tol)
+        assert nxt.shape == ((hidden.shape[0], hidden.shape[1]) if up is not None else (hidden.shape[0], 0))
+        if up is not None:  # our own output into the reference up-projection: tests the GEMV, not rounding
+            close(nxt, reference.gemv(out, up), dtype, tol)
+    elif op == "gemv":
+        x, w = args
+        out = fn(x, w)
+        expected = reference.gemv(x, w)
+        close(out, expected, dtype, tol)
+        within_plain_torch_error(out, x.float() @ w.float().t(), x @ w.t())
+    elif op == "rms_norm":
+        close(fn(*args), reference.rms_norm(*args), dtype, tol)
+    elif op == "add_rms_norm":
+        normed, s = fn(*args)
+        ref_normed, ref_s = reference.add_rms_norm(*args)
+        close(normed, ref_normed, dtype, tol)
+        torch.testing.assert_close(s, ref_s, rtol=0, atol=0)  # one rounding of x + residual
+    elif op == "silu_mul":
+        (gate_up,) = args
+        out = fn(gate_up)
+        close(out, reference.silu_mul(gate_up), dtype, tol)
+        within_plain_torch_error(out, reference.silu_mul(gate_up.float()), reference.silu_mul(gate_up))
+    else:  # pragma: no cover
+        raise KeyError(op)
