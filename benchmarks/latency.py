@@ -41,7 +41,7 @@ import emu_fast  # noqa: E402
 from emu_fast.families import family_named, family_of  # noqa: E402
 from emu_fast.testing import rel_err, tiny_emu  # noqa: E402
 
-from benchmarks.machine import busy_warning, describe, one_line, read_bandwidth, sync, timed  # noqa: E402
+from benchmarks.machine import OtherWork, busy_warning, describe, one_line, read_bandwidth, sync, timed  # noqa: E402
 from benchmarks.peers import StaticCacheLoop, hf_kv_cache_generate_image, tokenized_prompt  # noqa: E402
 
 SHAPES = {
@@ -59,6 +59,9 @@ UPSTREAM, HF, EAGER, COMPILED, FAST = ("upstream recompute", "HF KV-cache loop",
 # Largest relative error per output vector that still counts as "the same result": float32
 # as the tests require; half precision rounds every op and the fed-back loop compounds it.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
+# Other processes using more CPUs than this, on average, while a point was measured make its
+# figures suspect (the benchmark's threads wait for cores): such points are marked.
+BUSY = 0.25
 
 
 def int_list(text: str) -> List[int]:
@@ -193,12 +196,16 @@ class Bench:
         embeds, mask = tokenized_prompt(self.model, texts)
         lens = mask.sum(1).tolist()
         rows: Dict[str, dict] = {}
+        others = OtherWork().start()
         for name, method in ((UPSTREAM, self.upstream_row), (HF, self.hf_row), (EAGER, self.eager_row),
                              (COMPILED, self.compiled_row), (FAST, self.emu_fast_row)):
             if progress is not None:
                 progress.set_postfix_str(f"batch {batch}, prompt {max(lens)}: {name}")
             rows[name] = method(texts, embeds, mask, rows)
-        return {"batch": batch, "prompt_len": prompt_len, "prompt_tokens": lens, "methods": rows}
+        # (on a GPU other CPU work matters little; not reported there)
+        busy = others.stop() if self.args.device == "cpu" else None
+        return {"batch": batch, "prompt_len": prompt_len, "prompt_tokens": lens, "methods": rows,
+                "other_cpus_busy": busy}
 
     def upstream_row(self, texts, embeds, mask, rows) -> dict:
         """n full forward passes over the re-tokenized, growing prompt."""
@@ -360,7 +367,8 @@ def sweep_table(title: str, points: List[dict], key: str, methods: List[str]):
                 mark = "" if f["matches_reference"] else " !"
                 cells.append(f"{f['step_ms']:.2f} ({f['image_ms']:.0f}){mark}")
         x = p["batch"] if key == "batch" else max(p["prompt_tokens"])
-        print(f"{x:>8}" + "".join(f"{c:>26}" for c in cells))
+        busy = p["other_cpus_busy"] is not None and p["other_cpus_busy"] > BUSY
+        print(f"{'*' if busy else '':>2}{x:>6}" + "".join(f"{c:>26}" for c in cells))
     for m, note in why:
         if len(note) > 25:
             print(f"  {m}: {note}")
@@ -393,11 +401,15 @@ def run_sweep(args, machine):
     bad = sorted({m for ps in done.values() for p in ps for m, f in p["methods"].items()
                   if f["status"] == "ok" and not f["matches_reference"]})
     print("all results match the reference" if not bad else f"'!': DOES NOT MATCH the reference: {', '.join(bad)}")
+    busy = [p for ps in done.values() for p in ps if (p["other_cpus_busy"] or 0) > BUSY]
+    if busy:
+        print(f"'*': other processes kept {min(p['other_cpus_busy'] for p in busy):.1f} to "
+              f"{max(p['other_cpus_busy'] for p in busy):.1f} CPUs busy while this point was measured: noisy")
     if args.plot:
         from benchmarks.plot import methods_in, plot_sweep
 
-        as_plot = {k: [{"batch": p["batch"], "prompt_tokens": max(p["prompt_tokens"]), "methods": p["methods"]}
-                       for p in ps] for k, ps in done.items()}
+        as_plot = {k: [{"batch": p["batch"], "prompt_tokens": max(p["prompt_tokens"]), "methods": p["methods"],
+                        "busy": (p["other_cpus_busy"] or 0) > BUSY} for p in ps] for k, ps in done.items()}
         shown = methods_in(as_plot["batch"] + as_plot["prompt"])
         # Say why a method is missing, or has gaps, rather than leave the reader to guess.
         why: Dict[str, Dict[str, None]] = {}
@@ -410,6 +422,8 @@ def run_sweep(args, machine):
                 f"{bench.bandwidth / 1e9:.1f} GB/s measured bandwidth (KV-cache reads not counted)")
         for m, notes in why.items():
             note += f"\n{m}: {'not shown' if m not in shown else 'gaps'}, {'; '.join(notes)}"
+        if any(p["busy"] for ps in as_plot.values() for p in ps):
+            note += "\nhollow markers: other processes kept CPUs busy while that point was measured (noisy)"
         plot_sweep(args.plot, as_plot["batch"], as_plot["prompt"], shown, floor_ms, note,
                    f"Emu generate_image decode step | {args.shape} ({args.kind}) {args.dtype}, {bench.n} outputs | "
                    f"{one_line(machine)}")
@@ -436,9 +450,12 @@ def run_point(args, machine):
           f"{bench.bandwidth / 1e9:.1f} GB/s; step floor at that bandwidth: "
           f"{bench.weight_bytes / bench.bandwidth * 1e3:.2f} ms")
     print_table(figs, args.dtype)
+    if (point["other_cpus_busy"] or 0) > BUSY:
+        print(f"warning: other processes kept {point['other_cpus_busy']:.1f} CPUs busy during the measurement: "
+              "the figures are noisy")
     if args.profile:
         profile_steps(bench.model.emu_fast_decoder, *bench.profile_inputs, args.profile, args.device)
-    return bench, {"prompt_tokens": lens, "methods": figs}
+    return bench, {"prompt_tokens": lens, "methods": figs, "other_cpus_busy": point["other_cpus_busy"]}
 
 
 @torch.no_grad()

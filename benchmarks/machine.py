@@ -121,22 +121,46 @@ def one_line(machine: dict) -> str:
             f"transformers {machine['transformers']} | emu_fast {commit}")
 
 
+def _system_busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values) - values[3] - (values[4] if len(values) > 4 else 0)  # all but idle, iowait
+
+
+def _own_ticks() -> int:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, all of this process's threads
+
+
+class OtherWork:
+    """How many CPUs other processes kept busy between start() and stop(): the system's busy
+    time (/proc/stat) less this process's own (/proc/self/stat), per second of wall time. None
+    where /proc is not there. Unlike the load average it is not an echo of the last minute,
+    and it can run while this process measures."""
+
+    def start(self) -> "OtherWork":
+        try:
+            self.t0, self.sys0, self.own0 = time.perf_counter(), _system_busy_ticks(), _own_ticks()
+        except (OSError, ValueError, IndexError):
+            self.t0 = None
+        return self
+
+    def stop(self) -> Optional[float]:
+        if self.t0 is None:
+            return None
+        try:
+            others = (_system_busy_ticks() - self.sys0) - (_own_ticks() - self.own0)
+        except (OSError, ValueError, IndexError):
+            return None
+        return max(0.0, others / os.sysconf("SC_CLK_TCK") / max(1e-9, time.perf_counter() - self.t0))
+
+
 def cpus_busy(seconds: float = 0.5) -> Optional[float]:
-    """How many CPUs other processes kept busy over `seconds` (this one sleeps meanwhile), from
-    /proc/stat; None where there is none. Unlike the load average, it is not an echo of the
-    last minute (a previous benchmark run, say)."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        return sum(values) - idle, sum(values)
-    try:
-        busy0, total0 = sample()
-        time.sleep(seconds)
-        busy1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+    """CPUs other processes keep busy right now, over `seconds`."""
+    work = OtherWork().start()
+    time.sleep(seconds)
+    return work.stop()
 
 
 def busy_warning(machine: dict) -> str:

@@ -8,7 +8,10 @@ from typing import Dict, List, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # no display needed; must precede pyplot
+import math  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 # One fixed style per method, so the two panels (and different runs) read the same.
 STYLES = {
@@ -20,20 +23,40 @@ STYLES = {
 }
 
 
+def _plain(value, _pos=None) -> str:
+    return f"{value:g}"
+
+
+def _plain_2_5(value, _pos=None) -> str:
+    """Minor ticks of a log axis: label 2x and 5x the power of ten, so short ranges get labels."""
+    if value <= 0:
+        return ""
+    lead = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}" if lead in (2, 5) else ""
+
+
 def _panel(ax, points: Sequence[dict], x_key: str, methods: Sequence[str], floor_ms: float, xlabel: str, title: str):
     xs_all = [p[x_key] for p in points]
     for name in methods:
-        xs, ys = [], []
+        xs, ys, noisy = [], [], []
         for p in points:
             step = p["methods"].get(name, {}).get("step_ms")
             if step is not None:  # skipped or failed points leave a gap, not a zero
                 xs.append(p[x_key])
                 ys.append(step)
+                if p.get("busy"):
+                    noisy.append((p[x_key], step))
         if xs:
-            ax.plot(xs, ys, label=name, **STYLES.get(name, {}))
+            style = STYLES.get(name, {})
+            ax.plot(xs, ys, label=name, **style)
+            if noisy:  # hollow: measured while other processes used the CPUs
+                ax.scatter(*zip(*noisy), s=70, facecolors="white", edgecolors=style.get("color"),
+                           marker=style.get("marker", "o"), zorder=3)
     ax.axhline(floor_ms, color="black", linestyle="--", linewidth=1, label="weight-read floor")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain))
+    ax.yaxis.set_minor_formatter(FuncFormatter(_plain_2_5))
     ax.set_xticks(xs_all)
     ax.set_xticklabels([str(x) for x in xs_all])
     ax.set_xlabel(xlabel)
@@ -44,8 +67,9 @@ def _panel(ax, points: Sequence[dict], x_key: str, methods: Sequence[str], floor
 
 def plot_sweep(path: str, batch_points: List[dict], prompt_points: List[dict], methods: Sequence[str],
                floor_ms: float, floor_note: str, title: str) -> None:
-    """batch_points / prompt_points: sweep points ({"batch", "prompt_tokens", "methods": {name:
-    {"step_ms": float or None}}}); floor_ms: the weight-read floor of one step."""
+    """batch_points / prompt_points: sweep points ({"batch", "prompt_tokens", "busy": bool,
+    "methods": {name: {"step_ms": float or None}}}); floor_ms: the weight-read floor of one
+    step; floor_note: lines under the panels (what the floor is, what is missing and why)."""
     panels = [(batch_points, "batch", "batch size (images generated at once)", "vs batch"),
               (prompt_points, "prompt_tokens", "prompt length (tokens, longest row)", "vs prompt length")]
     panels = [p for p in panels if p[0]]
