@@ -18,7 +18,13 @@ Per-step times: the static-cache loops and emu_fast time their n-1 decode steps 
 upstream loop has no decode step, its figure is image / n (each one a full pass).
 
 --sweep measures batch 1..16 at the default prompt length and prompt length 64..1024 at batch
-1 (not the full grid), with the same methods; --plot draws it.
+1 (not the full grid), with the same methods; --plot draws it. The upstream loop re-runs the
+whole sequence n times, minutes per point at the larger sizes: --skip-upstream leaves it out.
+On the CPU, the CPUs other processes used while each point ran are recorded and such points
+are marked: the figures of a shared machine are only as good as its quiet moments.
+
+The compared loops live in benchmarks/peers.py, the machine description and bandwidth in
+benchmarks/machine.py, the figure in benchmarks/plot.py.
 """
 from __future__ import annotations
 
