@@ -1,6 +1,7 @@
 #include "decoder.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
@@ -10,13 +11,66 @@
 
 #include "checks.h"
 #include "cpu/fused_step.h"
-#include "ops_api.h"
 #include "prompt_mask.h"
 
 namespace emu_fast {
 namespace {
 
 constexpr const char* kWho = "emu_fast.EmuDecoder";
+
+}  // namespace
+
+// The emu_fast ops the decoder's prefill and op-by-op step call, through the dispatcher, so each
+// runs the CPU or CUDA kernel by its tensors' device (and a CUDA graph captures them).
+namespace ops {
+namespace {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using T = at::Tensor;
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+
+T decode_attention(const T& q, const T& k, const T& v, T& k_cache, T& v_cache, const T& cache_lens, const T& positions,
+                   const T& rope_cos, const T& rope_sin, double scale) {
+  static const auto op = handle<T(const T&, const T&, const T&, T&, T&, const T&, const T&, const T&, const T&, double)>(
+      "emu_fast::decode_attention");
+  return op.call(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale);
+}
+
+Pair regression_head(const T& hidden, const T& norm_weight, double eps, const T& head_weight,
+                     const c10::optional<T>& up_weight) {
+  static const auto op =
+      handle<Pair(const T&, const T&, double, const T&, const c10::optional<T>&)>("emu_fast::regression_head");
+  return op.call(hidden, norm_weight, eps, head_weight, up_weight);
+}
+
+T gemv(const T& x, const T& weight) {
+  static const auto op = handle<T(const T&, const T&)>("emu_fast::gemv");
+  return op.call(x, weight);
+}
+
+T rms_norm(const T& x, const T& weight, double eps) {
+  static const auto op = handle<T(const T&, const T&, double)>("emu_fast::rms_norm");
+  return op.call(x, weight, eps);
+}
+
+Pair add_rms_norm(const T& x, const T& residual, const T& weight, double eps) {
+  static const auto op = handle<Pair(const T&, const T&, const T&, double)>("emu_fast::add_rms_norm");
+  return op.call(x, residual, weight, eps);
+}
+
+T silu_mul(const T& gate_up) {
+  static const auto op = handle<T(const T&)>("emu_fast::silu_mul");
+  return op.call(gate_up);
+}
+
+}  // namespace
+}  // namespace ops
+
+namespace {
 
 void check_weight(const at::Tensor& t, const char* name, int64_t layer, at::IntArrayRef shape,
                   const at::Tensor& ref) {
