@@ -98,25 +98,11 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const cuda::DecodeAttentionPlan plan =
       cuda::plan_decode_attention(B, Hq, Hkv, S, static_cast<int>(D), sm_count(q.get_device()));
   const at::Tensor workspace = at::empty({plan.workspace_floats}, q.options().dtype(at::kFloat));
-  cuda::DecodeAttentionParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = q.stride(0);
-  p.k_stride = k.stride(0);
-  p.v_stride = v.stride(0);
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.cache_lens = cache_lens.data_ptr<int64_t>();
-  p.positions = positions.data_ptr<int64_t>();
-  p.rope_cos = rope_cos.data_ptr<float>();
-  p.rope_sin = rope_sin.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.num_heads = static_cast<int>(Hq);
-  p.num_kv_heads = static_cast<int>(Hkv);
-  p.capacity = static_cast<int>(S);
-  p.max_position = rope_cos.size(0);
-  p.scale = static_cast<float>(scale);
+  const cuda::DecodeAttentionParams p = cuda::decode_attention_params(
+      q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0), k_cache.data_ptr(),
+      v_cache.data_ptr(), cache_lens.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), rope_cos.data_ptr<float>(),
+      rope_sin.data_ptr<float>(), rope_cos.size(0), out.data_ptr(), static_cast<int>(Hq), static_cast<int>(Hkv),
+      static_cast<int>(S), static_cast<float>(scale));
   dispatch_float(q.scalar_type(), [&](auto tag) {
     check_launch(cuda::launch_decode_attention<decltype(tag)>(plan, p, static_cast<int>(B), static_cast<int>(D),
                                                               workspace.data_ptr<float>(),

@@ -97,25 +97,9 @@ int emu_decode_attention(int dtype, int head_dim, int batch, const void* q, cons
                          const float* rope_sin, int64_t max_position, void* out, float* workspace, int num_heads,
                          int num_kv_heads, int capacity, float scale, int sm_count) {
   const DecodeAttentionPlan plan = plan_decode_attention(batch, num_heads, num_kv_heads, capacity, head_dim, sm_count);
-  DecodeAttentionParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.q_stride = q_stride;
-  p.k_stride = k_stride;
-  p.v_stride = v_stride;
-  p.k_cache = k_cache;
-  p.v_cache = v_cache;
-  p.cache_lens = cache_lens;
-  p.positions = positions;
-  p.rope_cos = rope_cos;
-  p.rope_sin = rope_sin;
-  p.out = out;
-  p.num_heads = num_heads;
-  p.num_kv_heads = num_kv_heads;
-  p.capacity = capacity;
-  p.max_position = max_position;
-  p.scale = scale;
+  const DecodeAttentionParams p =
+      decode_attention_params(q, k, v, q_stride, k_stride, v_stride, k_cache, v_cache, cache_lens, positions, rope_cos,
+                              rope_sin, max_position, out, num_heads, num_kv_heads, capacity, scale);
   return dispatch(dtype, [&](auto tag) {
     return static_cast<int>(launch_decode_attention<decltype(tag)>(plan, p, batch, head_dim, workspace, nullptr));
   });

@@ -281,6 +281,35 @@ inline int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_head
   return splits > 1 ? batch * num_heads * splits * (head_dim + 2) : 0;
 }
 
+// The op's arguments as the kernels take them (the glue and the emulator both pack them here).
+inline DecodeAttentionParams decode_attention_params(const void* q, const void* k, const void* v, int64_t q_stride,
+                                                     int64_t k_stride, int64_t v_stride, void* k_cache, void* v_cache,
+                                                     const int64_t* cache_lens, const int64_t* positions,
+                                                     const float* rope_cos, const float* rope_sin,
+                                                     int64_t max_position, void* out, int num_heads, int num_kv_heads,
+                                                     int capacity, float scale) {
+  DecodeAttentionParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.q_stride = q_stride;
+  p.k_stride = k_stride;
+  p.v_stride = v_stride;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.cache_lens = cache_lens;
+  p.positions = positions;
+  p.rope_cos = rope_cos;
+  p.rope_sin = rope_sin;
+  p.max_position = max_position;
+  p.out = out;
+  p.num_heads = num_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.capacity = capacity;
+  p.scale = scale;
+  return p;
+}
+
 // The launch plan of one call: the split count and the workspace it needs.
 struct DecodeAttentionPlan {
   int splits;
