@@ -41,6 +41,27 @@ def within_plain_torch_error(actual, expected32, plain):
     assert ours <= PLAIN_TORCH_FACTOR * theirs + 1e-6, (ours, theirs)
 
 
+def plain_decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale):
+    """decode_attention in plain PyTorch at q's dtype (RoPE, scores, softmax and the weighted sum
+    all in that dtype), on copies: the yardstick of within_plain_torch_error."""
+    B, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    out = torch.empty_like(q)
+
+    def rotate(x, c, s):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    for b in range(B):
+        n, p = int(cache_lens[b]), int(positions[b])
+        c, s = rope_cos[p].to(q.dtype), rope_sin[p].to(q.dtype)
+        keys = torch.cat([k_cache[b, :, :n], rotate(k[b], c, s).unsqueeze(1)], 1).repeat_interleave(group, 0)
+        vals = torch.cat([v_cache[b, :, :n], v[b].unsqueeze(1)], 1).repeat_interleave(group, 0)
+        scores = (keys @ rotate(q[b], c, s).unsqueeze(-1)).squeeze(-1) * scale
+        out[b] = (scores.softmax(-1).unsqueeze(1) @ vals).squeeze(1)
+    return out
+
+
 def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0, g=None):
     return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
 
@@ -259,9 +280,14 @@ def check(sample: Sample, fn, args, dtype, gpu=False):
         q, k, v, kc, vc, cl, pos, cos, sin = args
         kc_ref, vc_ref = kc.clone(), vc.clone()
         expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, cl, pos, cos, sin, q.shape[-1] ** -0.5)
+        kc32, vc32 = kc.float(), vc.float()
+        expected32 = reference.decode_attention(q.float(), k.float(), v.float(), kc32, vc32, cl, pos, cos, sin,
+                                                q.shape[-1] ** -0.5)
+        plain = plain_decode_attention(q, k, v, kc, vc, cl, pos, cos, sin, q.shape[-1] ** -0.5)
         out = fn(q, k, v, kc, vc, cl, pos, cos, sin)
         assert out.shape == q.shape and out.dtype == dtype
         close(out, expected, dtype, tol)
+        within_plain_torch_error(out, expected32, plain)
         close(kc, kc_ref, dtype, tol)
         torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)  # values are copied
     elif op == "regression_head":
