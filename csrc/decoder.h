@@ -121,7 +121,7 @@ class EmuDecoder {
   bool fused_cpu_step_ = true;
   std::shared_ptr<const cpu::FusedStep> fused_;  // the CPU step's layer table, built once (null off the CPU)
   std::mutex mutex_;  // one call at a time: prefill/step/decode mutate the cache and lengths
-  struct Graph;                                    // defined in decoder_cuda_graph.cpp
+  struct Graph;                                    // defined in cuda/decoder_graph.cpp
   std::vector<std::shared_ptr<Graph>> graphs_;     // one per batch size, captured on first use
 };
 
