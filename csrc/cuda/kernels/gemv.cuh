@@ -95,6 +95,7 @@ cudaError_t launch_gemv_kernel(const T* w, const T* x, T* y, const T* norm_w, fl
 }
 
 constexpr int kGemvMaxBatch = limits::kGemvMaxBatch;  // the largest template above
+static_assert(kGemvMaxBatch == 8, "launch_gemv_kernel's largest batch template is 8");
 
 // Batches above kGemvMaxBatch are GEMMs: the caller supplies one (cuBLAS in the torch glue, a
 // plain loop in the emulator). y[b * ldy + n] = sum_k x[b * ldx + k] w[n * k_dim + k], T storage.
