@@ -394,7 +394,8 @@ def run_sweep(args, machine):
             # the result tensors give way to their errors
             point["methods"] = figures(point, bench.weight_bytes, bench.bandwidth, args.dtype)
             done[axis].append(point)
-    bench.measure_bandwidth_again()
+            # after every point (40 ms): the floor drawn is then the best reading of the sweep
+            bench.measure_bandwidth_again()
     for points in done.values():  # fractions of the final (larger) bandwidth
         for p in points:
             p["methods"] = _refraction(p["methods"], bench.bandwidth)
