@@ -432,7 +432,7 @@ def run_sweep(args, machine):
         if any(p["busy"] for ps in as_plot.values() for p in ps):
             note += "\nhollow markers: other processes kept CPUs busy while that point was measured (noisy)"
         plot_sweep(args.plot, as_plot["batch"], as_plot["prompt"], shown, floor_ms, note,
-                   f"Emu generate_image decode step | {args.shape} ({args.kind}) {args.dtype}, {bench.n} outputs | "
+                   f"Emu generate_image decode step | {args.shape} ({args.kind}) {args.dtype}, {bench.n} outputs\n"
                    f"{one_line(machine)}")
         print(f"wrote {args.plot}")
     return bench, {"sweep": {"batch": done["batch"], "prompt_len": done["prompt"]}}
