@@ -1,5 +1,5 @@
 # Fresh machine:  make test        (install what is missing, build, run the test suite)
-#                 make bench       (the same setup, then the latency benchmark)
+#                 make bench       (the same setup, then the latency benchmark: a table, a sweep, a PNG)
 #                 make test-transformers-4.31   (the suite again under Emu2's pinned transformers)
 #                 make cuda-check  (compile every CUDA source with nvcc for sm_80/sm_90a; no GPU needed)
 # The install step reruns only when a source, the build files or the setup script changed
@@ -34,8 +34,11 @@ test-transformers-4.31: $(OLD_VENV)/.ready
 	$(OLD_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLD_TRANSFORMERS)', transformers.__version__"
 	$(OLD_VENV)/bin/python -m pytest -q tests
 
+# The issue-2 point (a table, all five methods), then the sweep over batch and prompt length
+# without the slow upstream loop, drawn as a PNG (about 3 minutes on 2 cores in all).
 bench: $(STAMP)
-	$(PYTHON) benchmarks/latency.py
+	$(PYTHON) benchmarks/latency.py --json build/bench.json
+	$(PYTHON) benchmarks/latency.py --sweep --skip-upstream --plot build/bench-sweep.png --json build/bench-sweep.json
 
 cuda-check: $(STAMP)
 	PYTHON=$(PYTHON) bash scripts/cuda_check.sh

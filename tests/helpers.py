@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real Emu language-model configs (and Emu2's checkpoint index), carried in tests/data as

@@ -77,7 +77,6 @@ def test_benchmark_point_json(tmp_path, capsys):
 
 
 def test_benchmark_sweep_plot_json(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     png, path = tmp_path / "sweep.png", tmp_path / "sweep.json"
     latency.main(["--shape", "tiny", "--n", "4", "--reps", "1", "--no-compile", "--skip-upstream", "--sweep",
                   "--prompt-len", "16", "--sweep-batches", "1,3", "--sweep-prompt-lens", "16,40",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import emu_fast  # noqa: F401
-from emu_fast import ops, reference
+from emu_fast import ops
 
 from op_samples import CPU_DTYPES, CUDA_DTYPES, attention_case, check, opcheck_samples, rand, samples
 
