@@ -5,8 +5,8 @@
 # The install step reruns only when a source, the build files or the setup script changed
 # (a stamp per interpreter under build/), so repeated targets start at once.
 PYTHON ?= python3
-# The transformers Emu2 pins (Emu1's code is of the same era); a venv that sees everything else
-# installed for $(PYTHON) and overrides only transformers and its tokenizers.
+# The transformers Emu2 pins (Emu1's code is of the same era): a venv that sees everything else
+# installed for $(PYTHON) and overrides only transformers (scripts/transformers_env.sh).
 OLD_TRANSFORMERS := 4.31.0
 OLD_VENV := build/venv-transformers-$(OLD_TRANSFORMERS)
 
@@ -25,13 +25,11 @@ setup build: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
-$(OLD_VENV)/.ready: $(STAMP)
-	$(PYTHON) -m venv --system-site-packages $(OLD_VENV)
-	$(OLD_VENV)/bin/python -m pip install -q "transformers==$(OLD_TRANSFORMERS)"
+$(OLD_VENV)/.ready: $(STAMP) scripts/transformers_env.sh
+	PYTHON=$(PYTHON) bash scripts/transformers_env.sh $(OLD_TRANSFORMERS) $(OLD_VENV)
 	@touch $@
 
 test-transformers-4.31: $(OLD_VENV)/.ready
-	$(OLD_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLD_TRANSFORMERS)', transformers.__version__"
 	$(OLD_VENV)/bin/python -m pytest -q tests
 
 # The issue-2 point (a table, all five methods), then the sweep over batch and prompt length

@@ -32,6 +32,7 @@ from torch import nn
 
 from emu_fast.families import DEFAULT_PLACEHOLDER, family_of
 from emu_fast.reference import rms_norm
+from emu_fast.rope import model_rope_tables
 
 
 def tokenized_prompt(model, text: Sequence[str], image: Optional[torch.Tensor] = None,
@@ -141,11 +142,11 @@ class StaticCacheLoop(nn.Module):
         for i in range(len(self.layers)):
             self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
             self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # The model's own RoPE tables (its rotary module, in its dtype: what its attention uses).
-        positions = torch.arange(max_seq_len, device=device)[None]
-        cos, sin = lm.model.rotary_emb(weight[:1], position_ids=positions)
-        self.register_buffer("cos", cos[0].contiguous(), persistent=False)  # [S, D]
-        self.register_buffer("sin", sin[0].contiguous(), persistent=False)
+        # The model's own RoPE tables (its rotary module, whichever transformers built it; rounded
+        # to its dtype, as its attention uses them), both halves as rotate-half wants them.
+        cos, sin = model_rope_tables(lm, max_seq_len, self.head_dim)
+        self.register_buffer("cos", torch.cat([cos, cos], -1).to(dtype), persistent=False)  # [S, D]
+        self.register_buffer("sin", torch.cat([sin, sin], -1).to(dtype), persistent=False)
         self.register_buffer("valid", torch.zeros(batch, max_seq_len, dtype=torch.bool, device=device),
                              persistent=False)
         # position of slot s for row b during decode: first_pos[b] + s (set by prefill)
