@@ -14,15 +14,8 @@ import torch
 
 from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
 from .families import DEFAULT_PLACEHOLDER, EmuFamily, family_of
+from .model_checks import check_linear, check_weights_loaded
 from .packing import llama_body_of
-
-
-def _linear_weight(module, name: str) -> torch.Tensor:
-    if not isinstance(module, torch.nn.Linear):
-        raise TypeError(f"emu_fast.accelerate: {name} must be a torch.nn.Linear, got {type(module).__name__}")
-    if module.bias is not None:
-        raise TypeError(f"emu_fast.accelerate: {name} has a bias; Emu's is bias-free and emu_fast assumes so")
-    return module.weight
 
 
 def _weight_addresses(model, family: EmuFamily):
@@ -39,9 +32,13 @@ def accelerate(model, *, max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int = 
     generated embeddings); larger requests raise ValueError. The original method stays at
     `model._emu_fast_original_generate_image`; `model.emu_fast_decoder` is the EmuDecoder."""
     family = family_of(model)
-    head = _linear_weight(family.head(model), family.head_name(model))
+    head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)
-    up = None if up_module is None else _linear_weight(up_module, "project_up")
+    up = None if up_module is None else check_linear(up_module, "project_up")
+    body = llama_body_of(model.decoder.lm)
+    check_weights_loaded([("model.layers", body.layers), ("model.norm", body.norm),
+                          ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
+                         + ([("project_up", up_module)] if up_module is not None else []))
     decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len)
     if not hasattr(model, "_emu_fast_original_generate_image"):
         model._emu_fast_original_generate_image = model.generate_image

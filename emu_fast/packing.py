@@ -15,6 +15,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .model_checks import check_llama_modules
+
 
 def _packed_base(linears: Sequence[nn.Linear]):
     """The packed tensor these linears' weights are consecutive views of, or None."""
@@ -61,9 +63,12 @@ def pack_linears(linears: Sequence[nn.Linear]) -> torch.Tensor:
 @torch.no_grad()
 def pack_llama_layers(lm) -> List[List[torch.Tensor]]:
     """Per decoder layer of a Hugging Face LLaMA, [input_norm, qkv, o, post_norm, gate_up, down]
-    as EmuDecoder takes them; packs QKV and gate/up in place."""
+    as EmuDecoder takes them; packs QKV and gate/up in place. Every layer is checked before the
+    first is packed (model_checks: quantized or non-Linear projections, non-float weights)."""
+    body = llama_body_of(lm)
+    check_llama_modules(body)
     layers = []
-    for layer in llama_body_of(lm).layers:
+    for layer in body.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
             raise ValueError("emu_fast: biased o_proj/down_proj are not LLaMA's; not supported")

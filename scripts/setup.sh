@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 missing=()
 have() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
 have torch || missing+=("torch==2.13.0")
-# tqdm and matplotlib: the benchmark's progress bar and --plot.
-for mod in pybind11 numpy pytest tqdm matplotlib; do
+# hypothesis: the fuzz tests; tqdm and matplotlib: the benchmark's progress bar and --plot.
+for mod in pybind11 numpy pytest hypothesis tqdm matplotlib; do
   have "$mod" || missing+=("$mod")
 done
 # The version the tests were last run against; an installed one (say, a GPU machine's) is kept.
