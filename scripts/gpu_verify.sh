@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session with a GPU should run, in one go (device time is short): build, the
-# whole test suite, compute-sanitizer (memcheck, racecheck) on the CUDA tests, and the two
-# benchmark points of the CUDA issue. Results land in benchmarks/results/ as JSON plus the
+# whole test suite, compute-sanitizer (memcheck, racecheck, synccheck, initcheck) on the CUDA
+# tests, and the two benchmark points of the CUDA issue. Results land in benchmarks/results/ as JSON plus the
 # printed tables, named after the GPU and the date; commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,10 @@ run_to() {
 
 run_to "$OUT/$TAG-tests.txt" "$PYTHON" -m pytest -q tests
 if command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck; do
+  # memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory races; synccheck:
+  # barriers and warp syncs reached by the wrong threads; initcheck: reads of uninitialized
+  # device memory (the split-KV workspace, the cache past each row's length).
+  for tool in memcheck racecheck synccheck initcheck; do
     run_to "$OUT/$TAG-sanitizer-$tool.txt" compute-sanitizer --tool "$tool" --error-exitcode 1 \
       "$PYTHON" -m pytest -q -x tests/test_cuda.py -k "decode_attention or gemv or glue or graph_equals"
   done

@@ -19,6 +19,14 @@ have transformers || missing+=("transformers==5.24.0")
 for tool in ninja cmake; do
   command -v "$tool" >/dev/null 2>&1 || have "$tool" || missing+=("$tool")
 done
+# With a CUDA build of torch, CMake must know nvcc's C++20 flag: Debian's 3.25 does not for
+# nvcc 13 ("CUDA20 ... not supported" at generate time); the PyPI wheel (4.x) does.
+if "$PYTHON" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
+  cmake_version=$(cmake --version 2>/dev/null | head -1 | grep -oE '[0-9]+\.[0-9]+' | head -1 || true)
+  if [ -z "$cmake_version" ] || [ "$(printf '%s\n' 3.28 "$cmake_version" | sort -V | head -1)" != 3.28 ]; then
+    missing+=("cmake>=3.28")
+  fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   "$PYTHON" -m pip install -q "${missing[@]}"

@@ -50,7 +50,10 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     g->x = at::empty({B, hidden_}, x.options());
     {
       const c10::cuda::CUDAStreamGuard stream_guard(side);
-      g->graph.capture_begin();
+      // Thread-local capture: with the default global mode, an unrelated thread's CUDA call
+      // that is illegal during capture (cudaMalloc, a sync) would invalidate ours, or fail
+      // itself. Our own thread makes no such call between begin and end.
+      g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
       try {
         std::tie(g->out, g->next) = run_step(g->x);
       } catch (...) {
@@ -77,8 +80,6 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     next = g.next;
     result.select(1, i).copy_(out);
   }
-  // The graph's buffers are overwritten by the next replay: keep copies for step().
-  remember(out.clone(), next.clone());
 }
 
 }  // namespace emu_fast
