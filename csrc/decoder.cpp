@@ -202,9 +202,6 @@ void EmuDecoder::reset_locked() {
   batch_ = 0;
   std::fill(lengths_.begin(), lengths_.end(), 0);
   std::fill(starts_.begin(), starts_.end(), 0);
-  last_out_ = at::Tensor();
-  next_in_ = at::Tensor();
-  last_out_version_ = -1;
   lengths_dev_.zero_();
   starts_dev_.zero_();
 }
@@ -291,7 +288,7 @@ at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayo
     h = h + at::linear(ops::silu_mul(at::linear(y, w.gate_up)), w.down);
   }
   const at::Tensor last = h.view({B, L, H}).index({at::arange(B, i64.device(dev)), lens_t - 1});
-  auto [out, next] = ops::regression_head(last, final_norm_, eps_, head_, up_);
+  const at::Tensor out = std::get<0>(ops::regression_head(last, final_norm_, eps_, head_, up_));
 
   batch_ = B;
   for (int64_t b = 0; b < B; ++b) {
@@ -300,15 +297,7 @@ at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayo
   }
   lengths_dev_.narrow(0, 0, B).copy_(lens_t);
   starts_dev_.narrow(0, 0, B).copy_(starts_t);
-  remember(out, next);
   return out;
-}
-
-void EmuDecoder::remember(const at::Tensor& out, const at::Tensor& next) {
-  last_out_ = out;
-  next_in_ = next;
-  // Inference-mode tensors carry no version counter; then the reuse below is simply skipped.
-  last_out_version_ = out.is_inference() ? -1 : static_cast<int64_t>(out._version());
 }
 
 void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64_t steps) const {
@@ -328,13 +317,11 @@ void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64
                       steps == 1 ? " (no room for another step)" : "");
 }
 
-// The next step's input: the previous output itself (Emu1) or its project_up (Emu2), reused
-// when prev is the unmodified tensor the last call returned.
+// The next step's input: the previous output itself (Emu1) or its project_up (Emu2), always
+// computed from prev's current contents (one small GEMV). Nothing is cached across calls: the
+// caller's tensor may have been written in ways no version counter sees (.numpy(), .data).
 at::Tensor EmuDecoder::next_input(const at::Tensor& prev) {
   if (!up_.has_value()) return prev.contiguous();
-  if (last_out_version_ >= 0 && prev.is_same(last_out_) && !prev.is_inference() &&
-      static_cast<int64_t>(prev._version()) == last_out_version_)
-    return next_in_;
   return ops::gemv(prev.contiguous(), *up_);
 }
 
@@ -385,9 +372,8 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
   const std::lock_guard<std::mutex> lock(mutex_);
   const c10::NoGradGuard no_grad;
   check_step_input(prev, "step", 1);
-  auto [out, next] = run_step(next_input(prev));
+  at::Tensor out = std::get<0>(run_step(next_input(prev)));
   for (int64_t b = 0; b < batch_; ++b) lengths_[b] += 1;
-  remember(out, next);
   return out;
 }
 
@@ -410,7 +396,6 @@ void EmuDecoder::decode_into(const at::Tensor& prev, const at::Tensor& result) {
     auto [out, next] = run_step(x);
     for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
     result.select(1, i).copy_(out);
-    remember(out, next);
     x = up_.has_value() ? next : out;
   }
 }

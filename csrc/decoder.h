@@ -93,7 +93,6 @@ class EmuDecoder {
   // The body of a step from its input x [B, H]: every layer, the head; advances the device-side
   // lengths. Only device work (capturable); returns (output, next input or [B,0]).
   std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
-  void remember(const at::Tensor& out, const at::Tensor& next);
   void reset_locked();
   void decode_with_graph(at::Tensor x, const at::Tensor& result);
 
@@ -112,10 +111,6 @@ class EmuDecoder {
   int64_t batch_ = 0;
   std::vector<int64_t> lengths_, starts_;       // host copies, for checks without a device sync
   at::Tensor lengths_dev_, starts_dev_;         // int64 [max_batch] on the weights' device
-  // The last output and its project_up, so step() need not recompute project_up when it is
-  // handed back the very tensor it returned.
-  at::Tensor last_out_, next_in_;
-  int64_t last_out_version_ = -1;
 
   bool use_cuda_graphs_ = true;
   bool fused_cpu_step_ = true;

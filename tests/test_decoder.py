@@ -58,8 +58,8 @@ def test_prefill_then_steps_by_hand(emu_tokenizer):
 
 
 def test_step_takes_any_previous_output(emu_tokenizer):
-    """Emu2's project_up of the last output is reused only when step gets that very tensor,
-    unmodified; a copy or an in-place edit is projected afresh."""
+    """Emu2's project_up is computed from whatever step is handed: the returned tensor, a copy
+    or an in-place edit of it give the same as a fresh tensor with those values."""
     s = Setup("emu2", emu_tokenizer)
     embeds, mask = s.inputs(PROMPTS[3])
     a, b = s.decoder(), s.decoder()
@@ -68,6 +68,26 @@ def test_step_takes_any_previous_output(emu_tokenizer):
     out_a, out_b = a.step(out_a), b.step(out_b)
     out_a.mul_(0.5)
     torch.testing.assert_close(a.step(out_a), b.step(out_b.clone() * 0.5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("write", ["numpy", "data"])
+def test_step_sees_writes_that_bump_no_version_counter(emu_tokenizer, write):
+    """Writes through .numpy() or .data leave the version counter alone: step must still use
+    the tensor's current values (it used to reuse a stale cached project_up)."""
+    s = Setup("emu2", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    a, b = s.decoder(), s.decoder()
+    out_a, out_b = a.prefill(embeds, mask), b.prefill(embeds, mask)
+    version = out_a._version
+    if write == "numpy":
+        out_a.numpy()[:] *= -3.0
+    else:
+        out_a.data.mul_(-3.0)
+    assert out_a._version == version  # the write is invisible to the version counter
+    step_a, step_b = a.step(out_a), b.step(out_b.clone() * -3.0)
+    torch.testing.assert_close(step_a, step_b, rtol=0, atol=0)
+    step_a.numpy()[:] *= 2.0  # decode, too, reads prev afresh
+    torch.testing.assert_close(a.decode(step_a, 2), b.decode(step_b.clone() * 2.0, 2), rtol=0, atol=0)
 
 
 def test_reset_and_reuse_without_reallocating(emu_tokenizer):
