@@ -51,6 +51,42 @@ static void check_same_dtype(const char* op, const at::Tensor& ref, const char* 
                    py_dtype(t.scalar_type()), " but must match the other inputs' ", py_dtype(ref.scalar_type()));
 }
 
+// The bytes [lo, hi) a tensor's elements span within its storage; empty for no elements.
+static std::pair<int64_t, int64_t> byte_span(const at::Tensor& t) {
+  if (t.numel() == 0) return {0, 0};
+  int64_t lo = t.storage_offset(), hi = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t reach = (t.size(d) - 1) * t.stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  return {lo * item, (hi + 1) * item};
+}
+
+void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                      const at::Tensor& b) {
+  if (!a.has_storage() || !b.has_storage() || a.numel() == 0 || b.numel() == 0) return;
+  // Same storage (meta and fake tensors too), or two storages over the same memory.
+  const bool same = a.storage().is_alias_of(b.storage());
+  const char *base_a = nullptr, *base_b = nullptr;
+  if (!same && a.device() == b.device() && !a.is_meta()) {
+    try {  // some storages (fake tensors') refuse data-pointer access; then only aliasing counts
+      base_a = static_cast<const char*>(a.storage().data());
+      base_b = static_cast<const char*>(b.storage().data());
+    } catch (const c10::Error&) {
+      base_a = base_b = nullptr;
+    }
+  }
+  if (!same && (base_a == nullptr || base_b == nullptr)) return;
+  const auto [lo_a, hi_a] = byte_span(a);
+  const auto [lo_b, hi_b] = byte_span(b);
+  // Offsets relative to one base: a's storage start, b's shifted by the distance between them.
+  const int64_t shift = same ? 0 : static_cast<int64_t>(base_b - base_a);
+  const bool disjoint = hi_a <= lo_b + shift || hi_b + shift <= lo_a;
+  TORCH_CHECK_VALUE(disjoint, "emu_fast.", op, ": ", name_a, " and ", name_b, " overlap in memory; the op writes ",
+                    name_b, ", so they must be separate tensors");
+}
+
 static void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.is_contiguous(), "emu_fast.", op, ": ", name, " must be contiguous");
 }
@@ -137,13 +173,14 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                       " must have contiguous heads (strides [*, ", D, ", 1]), got ", t.strides());
   check_contiguous(op, "k_cache", k_cache);
   check_contiguous(op, "v_cache", v_cache);
-  {  // the op writes both caches: they must not share memory
-    const auto* k0 = static_cast<const char*>(k_cache.data_ptr());
-    const auto* v0 = static_cast<const char*>(v_cache.data_ptr());
-    const auto bytes = static_cast<size_t>(k_cache.numel()) * k_cache.element_size();
-    TORCH_CHECK_VALUE(bytes == 0 || k0 + bytes <= v0 || v0 + bytes <= k0, "emu_fast.", op,
-                      ": k_cache and v_cache overlap in memory; they must be separate tensors");
+  // The op writes both caches: no input may share memory with them, nor they with each other.
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v},
+                         {"cache_lens", cache_lens}, {"positions", positions}, {"rope_cos", rope_cos},
+                         {"rope_sin", rope_sin}}) {
+    check_no_overlap(op, name, t, "k_cache", k_cache);
+    check_no_overlap(op, name, t, "v_cache", v_cache);
   }
+  check_no_overlap(op, "k_cache", k_cache, "v_cache", v_cache);
   check_contiguous(op, "rope_cos", rope_cos);
   check_contiguous(op, "rope_sin", rope_sin);
   check_contiguous(op, "cache_lens", cache_lens);

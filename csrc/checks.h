@@ -16,6 +16,10 @@ std::string py_dtype(at::ScalarType s);
 void check_float_dtype(const char* op, const char* name, const at::Tensor& t, bool allow_half);
 void check_same_device(const char* op, const at::Tensor& ref, const char* name, const at::Tensor& t);
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim);
+// ValueError unless a and b share no byte of memory (the op writes b). Reads only metadata and
+// storage pointers, so it also holds for meta/fake tensors (same storage, overlapping ranges).
+void check_no_overlap(const char* op, const char* name_a, const at::Tensor& a, const char* name_b,
+                      const at::Tensor& b);
 
 // What the CUDA decode attention supports (op_limits.h): `who` is "emu_fast.decode_attention" or
 // "emu_fast.EmuDecoder"; group = query heads per KV head.

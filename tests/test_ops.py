@@ -127,6 +127,35 @@ def test_decode_attention_rejects_zero_kv_heads_and_shared_caches():
         ops.decode_attention(q, k, v, kc, kc, cl, pos, cos, sin)
 
 
+def test_decode_attention_rejects_inputs_sharing_memory_with_the_caches():
+    """The op appends to both caches: an input that is a view of one (q of k_cache, cache_lens
+    of v_cache, ...) would be corrupted or steer the write out of bounds; each is refused, naming
+    both arguments, before anything is written."""
+    q, k, v, kc, vc, cl, pos, cos, sin = _attention_case(2, 4, 2, 8, 6, [1, 2], torch.float32, "cpu")
+    kc0, vc0 = kc.clone(), vc.clone()
+    q_in_kc = kc.view(-1)[: q.numel()].view(q.shape)
+    with pytest.raises(ValueError, match="q and k_cache overlap in memory"):
+        ops.decode_attention(q_in_kc, k, v, kc, vc, cl, pos, cos, sin)
+    with pytest.raises(ValueError, match="k and v_cache overlap in memory"):
+        ops.decode_attention(q, vc.view(-1)[-k.numel():].view(k.shape), v, kc, vc, cl, pos, cos, sin)
+    lens_in_vc = vc.view(-1).view(torch.int64)[-2:]
+    lens_in_vc.copy_(cl)
+    vc0 = vc.clone()
+    with pytest.raises(ValueError, match="cache_lens and v_cache overlap in memory"):
+        ops.decode_attention(q, k, v, kc, vc, lens_in_vc, pos, cos, sin)
+    with pytest.raises(ValueError, match="positions and k_cache overlap in memory"):
+        ops.decode_attention(q, k, v, kc, vc, cl, kc.view(-1).view(torch.int64)[:2], cos, sin)
+    with pytest.raises(ValueError, match="k_cache and v_cache overlap in memory"):
+        ops.decode_attention(q, k, v, kc, kc, cl, pos, cos, sin)
+    torch.testing.assert_close(kc, kc0, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc0, rtol=0, atol=0)
+    # views of one buffer that do not overlap are fine
+    buf = torch.zeros(2, *kc.shape)
+    buf[0].copy_(kc0)
+    buf[1].copy_(vc0)
+    ops.decode_attention(q, k, v, buf[0], buf[1], cl, pos, cos, sin)
+
+
 def test_fake_kernels_check_devices_and_shapes():
     """Meta tensors route to the fake kernels; a mix of devices or a bad shape fails there too."""
     with pytest.raises(ValueError, match="different devices"):

@@ -88,8 +88,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   check_decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, false);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), P = rope_cos.size(0);
-  const int64_t* lens = cache_lens.data_ptr<int64_t>();
-  const int64_t* pos = positions.data_ptr<int64_t>();
+  // Private copies: what is validated is what the kernel reads, whatever else writes the
+  // caller's tensors meanwhile.
+  const std::vector<int64_t> lens_copy(cache_lens.data_ptr<int64_t>(), cache_lens.data_ptr<int64_t>() + B);
+  const std::vector<int64_t> pos_copy(positions.data_ptr<int64_t>(), positions.data_ptr<int64_t>() + B);
+  const int64_t* lens = lens_copy.data();
+  const int64_t* pos = pos_copy.data();
   // Validate every row before writing any: a rejected call leaves the caches untouched.
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] < S, "emu_fast.decode_attention: sequence ", b, " has ",
