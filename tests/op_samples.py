@@ -156,6 +156,15 @@ def _silu(B, I, seed=0):
     return build
 
 
+def _silu_extremes(device, dtype):
+    """Gates where exp(-|g|) leaves float's normal range (silu(-1e30) is -0 in torch, so
+    silu(-1e30) * -1e30 is 0, not 1.6e22), next to ordinary ones."""
+    big = 6e4 if dtype == torch.float16 else 1e30  # float16 tops out at 65504
+    gate = [-big, -big, -1e4, -200.0, -100.0, -88.0, -87.5, -87.0, -86.0, -20.0, -1.0, 0.0, 1.0, 20.0, 1e4, big]
+    up = [-big, big, big, -big, -big, big, big, big, big, 3.0, 2.0, big, -2.0, 1.0, 0.5, 1.0]
+    return (torch.tensor([gate + up], dtype=torch.float32).to(dtype=dtype, device=device),)
+
+
 # ------------------------------------------------------------------------------ the samples
 
 
@@ -238,6 +247,7 @@ SAMPLES = [
     Sample("add_rms_norm", "3x5120", _norm(3, 5120, residual=True), **_GPU),
     *[Sample("silu_mul", f"{B}x{I}", _silu(B, I, seed=I), opcheck=(B, I) == (2, 4))
       for B, I in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 4)]],
+    Sample("silu_mul", "extremes", _silu_extremes),
     Sample("silu_mul", "3x1377", _silu(3, 1377), **_GPU),
     Sample("silu_mul", "2x600000-grid-stride", _silu(2, 600_000), **_GPU),
 ]

@@ -12,8 +12,11 @@ namespace emu_fast::kernels {
 // exp(x) for x <= 0 (softmax after subtracting the max), to about 2 ulp, written so the loop
 // around it vectorizes (std::exp does not without -ffast-math): x = n ln2 + r with |r| <= ln2/2,
 // exp(r) by its degree-6 Taylor-like minimax polynomial, 2^n put into the exponent bits.
-EMU_ALWAYS_INLINE float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // below this exp underflows float's normal range; the weight is 0 anyway
+EMU_ALWAYS_INLINE float exp_nonpositive(float x_in) {
+  // Below -87 exp leaves float's normal range: evaluate at -87 (keeps 2^n a normal float) and
+  // return 0, which is what exp rounds to at the extremes (silu(-1e30) must be -0, not
+  // -1e30 * 1.6e-38; a softmax weight there is 0 anyway).
+  const float x = x_in < -87.0f ? -87.0f : x_in;
   // Round to nearest by adding and subtracting 1.5 * 2^23 (std::floor only vectorizes under
   // -fno-trapping-math); exact for |x * log2(e)| < 2^22.
   constexpr float kRound = 12582912.0f;
@@ -29,7 +32,7 @@ EMU_ALWAYS_INLINE float exp_nonpositive(float x) {
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return er * scale;
+  return x_in < -87.0f ? 0.0f : er * scale;
 }
 
 // silu(x) = x * sigmoid(x), with the exponential always of a non-positive argument.
