@@ -108,7 +108,8 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                     hidden_, " must split into ", num_heads, " heads of even size");
   TORCH_CHECK_VALUE(max_batch > 0 && max_seq_len > 0, kWho, ": max_batch and max_seq_len must be positive, got ",
                     max_batch, " and ", max_seq_len);
-  TORCH_CHECK_VALUE(rms_eps > 0, kWho, ": rms_eps must be positive");
+  TORCH_CHECK_VALUE(rms_eps > 0 && std::isfinite(rms_eps), kWho, ": rms_eps must be positive and finite, got ",
+                    rms_eps);
   head_dim_ = hidden_ / num_heads;
   const at::Tensor& ref = final_norm_;
   const auto st = ref.scalar_type();

@@ -78,9 +78,6 @@ class EmuDecoder(_C.EmuDecoder):
         GPU), each fed the previous output. Returns [B, n, out]."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"emu_fast: n must be a positive int, got {n!r}")
-        lens = attention_mask.sum(1) if attention_mask.dim() == 2 else None
-        if lens is not None and int(lens.max()) + n - 1 > self.max_seq_len:
-            raise ValueError(
-                f"emu_fast: a prompt of {int(lens.max())} tokens plus {n - 1} generated embeddings "
-                f"exceeds the decoder's max_seq_len of {self.max_seq_len}")
+        # The prompts, the mask and every prompt's room for n - 1 steps are checked in C++
+        # (csrc/prompt_mask.cpp, EmuDecoder::generate) before anything runs.
         return super().generate(inputs_embeds, attention_mask, n)

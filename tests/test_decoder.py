@@ -285,6 +285,33 @@ def test_generate_checks_n_before_running(emu_tokenizer):
     assert dec.batch_size == 0  # nothing ran
 
 
+def test_generate_reports_bad_prompts_with_the_cpp_checks(emu_tokenizer):
+    """generate leaves the prompt checks to C++ (prompt_mask.cpp): an empty batch, a mask on
+    meta or a mask value of 2 get those clear messages, not torch's reduction/item errors or a
+    too-long-prompt report."""
+    s = Setup("emu1", emu_tokenizer)
+    embeds, mask = s.inputs(PROMPTS[3])
+    dec = s.decoder()
+    with pytest.raises(ValueError, match="empty batch"):
+        dec.generate(embeds[:0], mask[:0], 2)
+    with pytest.raises(ValueError, match="attention_mask is on meta"):
+        dec.generate(embeds, mask.to("meta"), 2)
+    bad = mask.clone()
+    bad[0, 0] = 2
+    with pytest.raises(ValueError, match=r"attention_mask holds 2 at \(0, 0\); only 0 and 1"):
+        dec.generate(embeds, bad, 2)
+    assert dec.batch_size == 0  # nothing ran
+    assert rel_err(dec.generate(embeds, mask, 2), s.expected(PROMPTS[3])[:, :2]) < FP32_TOL
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), 0.0, -1e-6])
+def test_constructor_rejects_non_finite_or_non_positive_eps(emu_tokenizer, eps):
+    s = Setup("emu1", emu_tokenizer)
+    with pytest.raises(ValueError, match="rms_eps must be positive and finite"):
+        EmuDecoder(_layers(s), s.lm.model.norm.weight.detach(), s.head, None, num_heads=4, num_kv_heads=4,
+                   rms_eps=eps, rope_theta=1e4, max_batch=1, max_seq_len=8)
+
+
 def test_wrong_device_inputs_are_rejected(emu_tokenizer):
     s = Setup("emu2", emu_tokenizer)
     embeds, mask = s.inputs(PROMPTS[1])
