@@ -168,9 +168,14 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                     rope_sin.sizes());
   // Row-major heads with contiguous head_dim; the batch stride is free, so q/k/v may be
   // slices of one fused QKV projection.
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}})
-    TORCH_CHECK_VALUE(t.stride(2) == 1 && t.stride(1) == D, "emu_fast.", op, ": ", name,
-                      " must have contiguous heads (strides [*, ", D, ", 1]), got ", t.strides());
+  // The stride of a size-1 dimension is never used, and an empty tensor has no elements to
+  // lay out: neither constrains the layout.
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    const bool heads_ok = t.numel() == 0 || ((t.size(2) == 1 || t.stride(2) == 1) &&
+                                             (t.size(1) == 1 || t.stride(1) == D));
+    TORCH_CHECK_VALUE(heads_ok, "emu_fast.", op, ": ", name, " must have contiguous heads (strides [*, ", D,
+                      ", 1]), got ", t.strides());
+  }
   check_contiguous(op, "k_cache", k_cache);
   check_contiguous(op, "v_cache", v_cache);
   // The op writes both caches: no input may share memory with them, nor they with each other.

@@ -156,6 +156,27 @@ def test_decode_attention_rejects_inputs_sharing_memory_with_the_caches():
     ops.decode_attention(q, k, v, buf[0], buf[1], cl, pos, cos, sin)
 
 
+def test_decode_attention_ignores_strides_of_size_one_dims_and_empty_tensors():
+    """Strides of size-1 dims are arbitrary (a contiguous [B, 1, D] k may have strides
+    (D, 1, 1)), and an empty batch has no layout at all: both are taken, with the same results."""
+    q, k, v, kc, vc, cl, pos, cos, sin = _attention_case(2, 4, 1, 8, 6, [1, 2], torch.float32, "cpu")
+    k1 = k.contiguous().as_strided(k.shape, (8, 1, 1))
+    v1 = v.contiguous().as_strided(v.shape, (8, 1, 1))
+    assert k1.is_contiguous() and k1.stride() == (8, 1, 1)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    expected = ops.decode_attention(q, k.contiguous(), v.contiguous(), kc_ref, vc_ref, cl, pos, cos, sin)
+    out = ops.decode_attention(q, k1, v1, kc, vc, cl, pos, cos, sin)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
+    # an empty batch with one KV head, whatever its strides
+    q0 = torch.empty_strided((0, 4, 8), (1, 1, 1))
+    k0 = torch.empty_strided((0, 1, 8), (1, 1, 1))
+    out = ops.decode_attention(q0, k0, k0.clone(), kc, vc, cl[:0], pos[:0], cos, sin)
+    assert out.shape == (0, 4, 8)
+    torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0)
+
+
 def test_fake_kernels_check_devices_and_shapes():
     """Meta tensors route to the fake kernels; a mix of devices or a bad shape fails there too."""
     with pytest.raises(ValueError, match="different devices"):
