@@ -2,6 +2,7 @@
 // The only file that includes pybind11.
 #include <torch/python.h>
 
+#include "checks.h"
 #include "decoder.h"
 
 namespace py = pybind11;
@@ -27,6 +28,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     }
   });
+
+  // The ops' argument checks (csrc/checks.cpp), for the fake kernels in emu_fast/ops.py: meta
+  // and fake tensors are refused as the CPU and CUDA kernels refuse them (metadata only).
+  // cuda: check as the CUDA kernels do (float16 taken, op_limits.h), else as the CPU's.
+  using T = const at::Tensor&;
+  m.def("check_splice_embeddings", [](T ids, T table, T values, bool cuda) {
+    emu_fast::check_splice(ids, table, values, /*allow_half=*/true);
+  });
+  m.def("check_decode_attention", [](T q, T k, T v, T kc, T vc, T lens, T pos, T cos, T sin, bool cuda) {
+    emu_fast::check_decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, cuda);
+    if (cuda) emu_fast::check_cuda_attention_limits("emu_fast.decode_attention", q.size(2), q.size(1) / kc.size(1));
+  });
+  m.def("check_regression_head", [](T hidden, T norm_w, T head_w, const c10::optional<at::Tensor>& up, bool cuda) {
+    emu_fast::check_regression_head(hidden, norm_w, head_w, up, cuda);
+  });
+  m.def("check_gemv", [](T x, T w, bool cuda) { emu_fast::check_gemv(x, w, cuda); });
+  m.def("check_rms_norm", [](T x, T w, bool cuda) { emu_fast::check_rms_norm("rms_norm", x, w, cuda); });
+  m.def("check_add_rms_norm", [](T x, T r, T w, bool cuda) { emu_fast::check_add_rms_norm(x, r, w, cuda); });
+  m.def("check_silu_mul", [](T gate_up, bool cuda) { emu_fast::check_silu_mul(gate_up, cuda); });
 
   py::class_<EmuDecoder>(m, "EmuDecoder", R"doc(
 A LLaMA decoder with a preallocated KV cache for Emu's causal image-embedding loop.

@@ -258,8 +258,8 @@ void check_silu_mul(const at::Tensor& gate_up, bool allow_half) {
   const char* op = "silu_mul";
   check_dim(op, "gate_up", gate_up, 2);
   check_float_dtype(op, "gate_up", gate_up, allow_half);
-  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, "emu_fast.", op, ": gate_up width ", gate_up.size(1),
-                    " is odd; it must be [gate | up]");
+  TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, "emu_fast.", op, ": gate_up must be [gate | up]; its width ",
+                    gate_up.size(1), " is odd");
 }
 
 }  // namespace emu_fast

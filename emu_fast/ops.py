@@ -24,31 +24,64 @@ def _same_device(op: str, *tensors) -> None:
     _check(op, len(devices) <= 1, f"inputs are on different devices: {sorted(map(str, devices))}")
 
 
+def _checkable(*args):
+    """args for the C++ checks, which read concrete sizes: as they are, or, when a tensor has
+    symbolic sizes (torch.compile with dynamic shapes), meta stand-ins of the hinted sizes
+    (no guards are added). None when a size has no hint (unbacked): the kernel checks at run time."""
+    def symbolic(t):
+        return any(isinstance(x, torch.SymInt) for x in (*t.shape, *t.stride()))
+
+    if not any(isinstance(a, torch.Tensor) and symbolic(a) for a in args):
+        return args
+
+    def hint(x):
+        return x.node.hint if isinstance(x, torch.SymInt) else x
+
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            size, stride = [hint(x) for x in a.shape], [hint(x) for x in a.stride()]
+            if any(x is None for x in (*size, *stride)):
+                return None
+            a = torch.empty_strided(size, stride, dtype=a.dtype, device="meta")
+        out.append(a)
+    return out
+
+
+def _run_check(check, *args, cuda: bool) -> None:
+    args = _checkable(*args)
+    if args is not None:
+        check(*args, cuda)
+
+
+def _cuda(t) -> bool:
+    """Check as the CUDA kernels do (float16, op_limits.h) for CUDA tensors, else as the CPU's."""
+    return t.device.type == "cuda"
+
+
+# Each fake kernel runs the op's own C++ argument checks (csrc/checks.cpp, through _C), so meta
+# and fake tensors (torch.compile) are refused at trace time exactly as the kernels refuse them.
+
+
 @torch.library.register_fake("emu_fast::splice_embeddings")
 def _(input_ids, embed_table, slot_values, slot_token_id):
     _same_device("splice_embeddings", input_ids, embed_table, slot_values)
-    _check("splice_embeddings", input_ids.dim() == 2 and embed_table.dim() == 2 and slot_values.dim() == 2,
-           "input_ids, embed_table and slot_values must be 2-D")
-    _check("splice_embeddings", slot_values.shape[1] == embed_table.shape[1], "slot_values width != hidden size")
+    _run_check(_C.check_splice_embeddings, input_ids, embed_table, slot_values, cuda=_cuda(embed_table))
     return embed_table.new_empty(input_ids.shape[0], input_ids.shape[1], embed_table.shape[1])
 
 
 @torch.library.register_fake("emu_fast::decode_attention")
 def _(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale):
     _same_device("decode_attention", q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin)
-    _check("decode_attention", q.dim() == 3 and k.dim() == 3 and k_cache.dim() == 4, "q/k must be 3-D, caches 4-D")
-    _check("decode_attention", k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
-           "query heads must be a positive multiple of KV heads")
+    _run_check(_C.check_decode_attention, q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin,
+               cuda=_cuda(q))
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("emu_fast::regression_head")
 def _(hidden, norm_weight, eps, head_weight, up_weight):
     _same_device("regression_head", hidden, norm_weight, head_weight, up_weight)
-    _check("regression_head", hidden.dim() == 2 and head_weight.dim() == 2 and head_weight.shape[1] == hidden.shape[1],
-           "head_weight must be [out, hidden] for hidden [B, hidden]")
-    _check("regression_head", up_weight is None or (up_weight.dim() == 2 and up_weight.shape[1] == head_weight.shape[0]),
-           "up_weight must take the head's output")
+    _run_check(_C.check_regression_head, hidden, norm_weight, head_weight, up_weight, cuda=_cuda(hidden))
     out = hidden.new_empty(hidden.shape[0], head_weight.shape[0])
     nxt = hidden.new_empty(hidden.shape[0], up_weight.shape[0] if up_weight is not None else 0)
     return out, nxt
@@ -57,29 +90,27 @@ def _(hidden, norm_weight, eps, head_weight, up_weight):
 @torch.library.register_fake("emu_fast::gemv")
 def _(x, weight):
     _same_device("gemv", x, weight)
-    _check("gemv", x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1],
-           f"x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    _run_check(_C.check_gemv, x, weight, cuda=_cuda(x))
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("emu_fast::rms_norm")
 def _(x, weight, eps):
     _same_device("rms_norm", x, weight)
-    _check("rms_norm", x.dim() == 2 and weight.shape == (x.shape[1],), "weight must be [hidden] for x [B, hidden]")
+    _run_check(_C.check_rms_norm, x, weight, cuda=_cuda(x))
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("emu_fast::add_rms_norm")
 def _(x, residual, weight, eps):
     _same_device("add_rms_norm", x, residual, weight)
-    _check("add_rms_norm", x.dim() == 2 and residual.shape == x.shape and weight.shape == (x.shape[1],),
-           "x and residual must be [B, hidden] and weight [hidden]")
+    _run_check(_C.check_add_rms_norm, x, residual, weight, cuda=_cuda(x))
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("emu_fast::silu_mul")
 def _(gate_up):
-    _check("silu_mul", gate_up.dim() == 2 and gate_up.shape[1] % 2 == 0, "gate_up must be [B, 2 * intermediate]")
+    _run_check(_C.check_silu_mul, gate_up, cuda=_cuda(gate_up))
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 

@@ -186,3 +186,65 @@ def test_fake_kernels_check_devices_and_shapes():
     with pytest.raises(ValueError, match="gate_up must be"):
         ops.silu_mul(torch.randn(2, 5, device="meta"))
     assert ops.gemv(torch.randn(2, 4, device="meta"), torch.randn(3, 4, device="meta")).shape == (2, 3)
+
+
+def _bad_calls():
+    """(name, op, args) that every backend must refuse: the inputs the fake kernels used to let
+    through."""
+    q, k, v, kc, vc, cl, pos, cos, sin = _attention_case(2, 4, 2, 8, 6, [1, 2], torch.float32, "cpu")
+    attn = (q, k, v, kc, vc, cl, pos, cos, sin)
+
+    def swap(i, t):
+        return tuple(t if j == i else a for j, a in enumerate(attn))
+
+    odd = _attention_case(2, 2, 2, 7, 6, [1, 2], torch.float32, "cpu")  # head_dim 7 (the builder takes it)
+    big = tuple(t.repeat(2, *[1] * (t.dim() - 1)) for t in (q, k, v))
+    ids = torch.tensor([[1, 2]])
+    table = torch.randn(4, 6)
+    return [
+        ("gemv-float64", ops.gemv, (torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64))),
+        ("rms_norm-int64", ops.rms_norm, (torch.ones(2, 4, dtype=torch.int64), torch.ones(4, dtype=torch.int64), 1e-6)),
+        ("add_rms_norm-float64", ops.add_rms_norm, (torch.randn(2, 4).double(), torch.randn(2, 4).double(),
+                                                    torch.randn(4).double(), 1e-6)),
+        ("silu_mul-float64", ops.silu_mul, (torch.randn(2, 4, dtype=torch.float64),)),
+        ("regression_head-float64", ops.regression_head, (torch.randn(2, 4).double(), torch.randn(4).double(), 1e-6,
+                                                          torch.randn(3, 4).double(), None)),
+        ("regression_head-non-contiguous", ops.regression_head, (torch.randn(2, 4), torch.randn(4), 1e-6,
+                                                                 torch.randn(4, 3).t(), None)),
+        ("decode_attention-odd-head-dim", ops.decode_attention, odd),
+        ("decode_attention-cache-dtype", ops.decode_attention, swap(3, kc.double())),
+        ("decode_attention-int32-cache_lens", ops.decode_attention, swap(5, cl.int())),
+        ("decode_attention-rope-width", ops.decode_attention, swap(7, cos[:, :3].contiguous())),
+        ("decode_attention-batch-over-cache", ops.decode_attention, (*big, kc, vc, cl.repeat(2), pos.repeat(2), cos, sin)),
+        ("decode_attention-q-in-k_cache", ops.decode_attention, swap(0, kc.view(-1)[: q.numel()].view(q.shape))),
+        ("splice-float-ids", ops.splice_embeddings, (ids.float(), table, torch.randn(0, 6), 3)),
+        ("splice-width", ops.splice_embeddings, (ids, table, torch.randn(0, 5), 3)),
+    ]
+
+
+def _to_meta(args):
+    """args on meta, views kept as views of one meta storage where they share one on the CPU."""
+    bases = {}
+    out = []
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            out.append(a)
+            continue
+        key = a.untyped_storage().data_ptr()
+        if key not in bases:
+            bases[key] = torch.empty(a.untyped_storage().nbytes(), dtype=torch.uint8, device="meta")
+        base = bases[key]
+        out.append(base.view(a.dtype)[: base.numel() // a.element_size()].as_strided(a.shape, a.stride(), a.storage_offset()))
+    return out
+
+
+@pytest.mark.parametrize("name,fn,args", _bad_calls(), ids=lambda c: c if isinstance(c, str) else "")
+def test_fake_kernels_refuse_what_the_cpu_kernels_refuse(name, fn, args):
+    """The fake (meta) kernels run the same C++ checks as the CPU kernels: each bad input raises
+    the same error type, with the same message, at trace time rather than at run time."""
+    with pytest.raises((ValueError, TypeError)) as cpu:
+        fn(*args)
+    with pytest.raises(cpu.type) as meta:
+        fn(*_to_meta(args))
+    assert str(meta.value) == str(cpu.value)
+
