@@ -242,9 +242,12 @@ SAMPLES = [
     *[Sample("rms_norm", f"{B}x{H}", _norm(B, H, seed=H), opcheck=(B, H) == (2, 8))
       for B, H in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 8)]],
     Sample("rms_norm", "3x5120", _norm(3, 5120), **_GPU),
+    # rows kept in registers up to 256 threads x 32 = 8192 wide; wider ones take the other path
+    *[Sample("rms_norm", f"2x{H}-row-path", _norm(2, H, seed=H), **_GPU) for H in (8192, 8193)],
     *[Sample("add_rms_norm", f"{B}x{H}", _norm(B, H, eps=1e-5, residual=True, seed=H), opcheck=(B, H) == (2, 8))
       for B, H in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 8)]],
     Sample("add_rms_norm", "3x5120", _norm(3, 5120, residual=True), **_GPU),
+    *[Sample("add_rms_norm", f"2x{H}-row-path", _norm(2, H, residual=True, seed=H), **_GPU) for H in (8192, 8193)],
     *[Sample("silu_mul", f"{B}x{I}", _silu(B, I, seed=I), opcheck=(B, I) == (2, 4))
       for B, I in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 4)]],
     Sample("silu_mul", "extremes", _silu_extremes),

@@ -8,7 +8,15 @@ namespace emu_fast::cuda {
 
 constexpr int kRowThreads = 256;
 
+// Values a thread keeps in registers between the sum of squares and the scaling: rows up to
+// kRowThreads * kRowRegs = 8192 wide (Emu1 5120, Emu2 6656) are read once.
+constexpr int kRowRegs = 32;
+
 // One block per row. With `residual`, sum = x + residual is stored first and normalized.
+// Each thread keeps its (rounded) inputs in registers and scales those: reading back the sums it
+// stored would go through the read-only path the compiler picks for const __restrict__ inputs
+// (ld.global.nc), which is not coherent with this kernel's own stores. Wider rows re-read them
+// with a coherent load (__ldcg, L2).
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
 rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ w, float eps,
@@ -16,19 +24,42 @@ rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * hidden;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+  // This row's input at i, rounded as Hugging Face rounds it; with residual, stores the sum.
+  auto input = [&](int i) {
     float v = to_f(xr[i]);
     if (residual != nullptr) {
       v = round_to<T>(v + to_f(residual[row * hidden + i]));
       sum_out[row * hidden + i] = from_f<T>(v);
     }
+    return v;
+  };
+  auto store = [&](int i, float v, float r) { y[row * hidden + i] = from_f<T>(to_f(w[i]) * round_to<T>(v * r)); };
+  const int stride = static_cast<int>(blockDim.x);
+  if (hidden <= kRowRegs * stride) {  // the same for the whole block
+    float kept[kRowRegs];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRowRegs; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * stride;
+      kept[k] = i < hidden ? input(i) : 0.f;
+      ss += kept[k] * kept[k];
+    }
+    const float r = rsqrtf(block_sum(ss, red) / static_cast<float>(hidden) + eps);
+#pragma unroll
+    for (int k = 0; k < kRowRegs; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * stride;
+      if (i < hidden) store(i, kept[k], r);
+    }
+    return;
+  }
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += stride) {
+    const float v = input(i);
     ss += v * v;
   }
   const float r = rsqrtf(block_sum(ss, red) / static_cast<float>(hidden) + eps);
-  const T* src = residual != nullptr ? sum_out + row * hidden : xr;  // this thread wrote these
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-    y[row * hidden + i] = from_f<T>(to_f(w[i]) * round_to<T>(to_f(src[i]) * r));
+  for (int i = threadIdx.x; i < hidden; i += stride)
+    store(i, residual != nullptr ? to_f(__ldcg(sum_out + row * hidden + i)) : to_f(xr[i]), r);
 }
 
 // gate_up rows [gate | up] of width 2*inter -> silu(gate) * up.

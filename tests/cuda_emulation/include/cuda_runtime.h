@@ -54,11 +54,13 @@ inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
 template <typename A, typename B>
 inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
 
-// Read-only / streaming loads are plain loads here.
+// Read-only / streaming / L2-only loads are plain loads here.
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 template <typename T>
 inline T __ldcs(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
 
 #include "emulator.h"
 
