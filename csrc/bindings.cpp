@@ -1,5 +1,7 @@
 // The Python module emu_fast._C: EmuDecoder. (The ops are reached through torch.ops.emu_fast.)
 // The only file that includes pybind11.
+#include <pybind11/functional.h>
+#include <pybind11/stl.h>
 #include <torch/python.h>
 
 #include "checks.h"
@@ -49,22 +51,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_silu_mul", [](T gate_up, bool cuda) { emu_fast::check_silu_mul(gate_up, cuda); });
 
   py::class_<EmuDecoder>(m, "EmuDecoder", R"doc(
-A LLaMA decoder with a preallocated KV cache for Emu's causal image-embedding loop.
+A LLaMA decoder with a KV cache sized to the requests for Emu's causal image-embedding loop.
 
 EmuDecoder(layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads,
-           rms_eps, rope_cos, rope_sin, max_batch, max_seq_len)
+           rms_eps, rope_cos, rope_sin, max_batch=None, max_seq_len=None, rope_fn=None)
 
 layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] (qkv = q,k,v projections
 stacked on dim 0, gate_up = gate,up stacked). The weights are used in place, not copied.
-rope_cos/rope_sin: float32 [positions >= 2 * max_seq_len, head_dim / 2], the model's own
-RoPE tables (emu_fast.rope.model_rope_tables).
+rope_cos/rope_sin: float32 [positions, head_dim / 2], the model's own RoPE tables
+(emu_fast.rope.model_rope_tables); rope_fn(P) -> (cos, sin) for P positions extends them as
+requests need. max_batch / max_seq_len: upper limits (None: no limit besides memory); the
+KV cache grows to the largest request.
 )doc")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor,
-                    c10::optional<at::Tensor>, int64_t, int64_t, double, at::Tensor, at::Tensor, int64_t,
-                    int64_t>(),
+                    c10::optional<at::Tensor>, int64_t, int64_t, double, at::Tensor, at::Tensor,
+                    c10::optional<int64_t>, c10::optional<int64_t>, EmuDecoder::RopeFn>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("head_weight"), py::arg("up_weight") = py::none(),
            py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("rms_eps"),
-           py::arg("rope_cos"), py::arg("rope_sin"), py::arg("max_batch"), py::arg("max_seq_len"))
+           py::arg("rope_cos"), py::arg("rope_sin"), py::arg("max_batch") = py::none(),
+           py::arg("max_seq_len") = py::none(), py::arg("rope_fn") = py::none())
       .def("prefill", &EmuDecoder::prefill, py::arg("inputs_embeds"), py::arg("attention_mask"),
            py::call_guard<py::gil_scoped_release>(),
            "Prompts [B,T,H] with a [B,T] 0/1 mask (left or right padding) -> output 0 [B, out].")
@@ -83,10 +88,19 @@ RoPE tables (emu_fast.rope.model_rope_tables).
                     "On the CPU, run each step in one parallel region (default True) or op by op "
                     "through the dispatcher, as on CUDA.")
       .def("reset", &EmuDecoder::reset, "Forget the active batch; keeps the KV cache allocation.")
+      .def("reserve", &EmuDecoder::reserve, py::arg("batch"), py::arg("seq_len"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Grow the KV cache to at least batch x seq_len now (within the limits); never shrinks it.")
+      .def_property_readonly("capacity", [](const EmuDecoder& d) {
+        return std::make_tuple(d.capacity_batch(), d.capacity_seq_len());
+      }, "(batch, seq_len) the KV cache holds now.")
+      .def_property_readonly("rope_positions", &EmuDecoder::rope_positions)
+      .def_property_readonly("weight_bytes", &EmuDecoder::weight_bytes)
+      .def_property_readonly("scratch_bytes", &EmuDecoder::scratch_bytes)
       .def_property_readonly("batch_size", &EmuDecoder::batch_size)
       .def_property_readonly("lengths", &EmuDecoder::lengths, "Tokens cached per active sequence.")
-      .def_property_readonly("max_batch", &EmuDecoder::max_batch)
-      .def_property_readonly("max_seq_len", &EmuDecoder::max_seq_len)
+      .def_property_readonly("max_batch", &EmuDecoder::max_batch, "The batch limit, or None.")
+      .def_property_readonly("max_seq_len", &EmuDecoder::max_seq_len, "The length limit, or None.")
       .def_property_readonly("num_layers", &EmuDecoder::num_layers)
       .def_property_readonly("hidden_size", &EmuDecoder::hidden_size)
       .def_property_readonly("output_size", &EmuDecoder::output_size)
@@ -94,5 +108,5 @@ RoPE tables (emu_fast.rope.model_rope_tables).
       .def_property_readonly("num_kv_heads", &EmuDecoder::num_kv_heads)
       .def_property_readonly("head_dim", &EmuDecoder::head_dim)
       .def_property_readonly("kv_cache", &EmuDecoder::kv_cache,
-                             "The KV cache [layers, 2, max_batch, kv_heads, max_seq_len, head_dim].");
+                             "The KV cache [layers, 2, capacity batch, kv_heads, capacity seq_len, head_dim].");
 }

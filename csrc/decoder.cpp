@@ -88,15 +88,16 @@ void check_weight(const at::Tensor& t, const char* name, int64_t layer, at::IntA
 EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
                        at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
                        int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
-                       int64_t max_batch, int64_t max_seq_len)
+                       c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn)
     : final_norm_(std::move(final_norm)),
       head_(std::move(head_weight)),
       up_(std::move(up_weight)),
       num_heads_(num_heads),
       num_kv_heads_(num_kv_heads),
       eps_(rms_eps),
-      max_batch_(max_batch),
-      max_seq_len_(max_seq_len) {
+      max_batch_(max_batch.value_or(kNoLimit)),
+      max_seq_len_(max_seq_len.value_or(kNoLimit)),
+      rope_fn_(std::move(rope_fn)) {
   TORCH_CHECK_VALUE(!layers.empty(), kWho, ": needs at least one layer");
   TORCH_CHECK_VALUE(final_norm_.defined() && final_norm_.dim() == 1, kWho, ": final_norm must be 1-D");
   hidden_ = final_norm_.size(0);
@@ -106,8 +107,9 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                     num_kv_heads, ")");
   TORCH_CHECK_VALUE(hidden_ % num_heads == 0 && (hidden_ / num_heads) % 2 == 0, kWho, ": hidden size ",
                     hidden_, " must split into ", num_heads, " heads of even size");
-  TORCH_CHECK_VALUE(max_batch > 0 && max_seq_len > 0, kWho, ": max_batch and max_seq_len must be positive, got ",
-                    max_batch, " and ", max_seq_len);
+  TORCH_CHECK_VALUE(max_batch_ > 0 && max_seq_len_ > 0, kWho,
+                    ": max_batch and max_seq_len must be positive (or None: no limit), got ",
+                    max_batch.value_or(1), " and ", max_seq_len.value_or(1));
   TORCH_CHECK_VALUE(rms_eps > 0 && std::isfinite(rms_eps), kWho, ": rms_eps must be positive and finite, got ",
                     rms_eps);
   head_dim_ = hidden_ / num_heads;
@@ -148,31 +150,17 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   }
 
   if (ref.is_cuda()) check_cuda_attention_limits(kWho, D, num_heads / num_kv_heads);
-  {
-    // The KV cache, checked for overflow and allocated with a message that says what it is.
-    const double elems = static_cast<double>(num_layers()) * 2 * max_batch * num_kv_heads * max_seq_len * D;
-    TORCH_CHECK_VALUE(elems < 9.0e18 / 8, kWho, ": a KV cache for max_batch ", max_batch, " x max_seq_len ",
-                      max_seq_len, " is too large to address");
-    try {
-      kv_ = at::empty({num_layers(), 2, max_batch, num_kv_heads, max_seq_len, D}, ref.options());
-    } catch (const c10::Error& e) {
-      TORCH_CHECK_VALUE(false, kWho, ": cannot allocate the KV cache (", elems * ref.element_size() / 1e9,
-                        " GB for max_batch ", max_batch, " x max_seq_len ", max_seq_len, "): ",
-                        e.what_without_backtrace());
-    }
-  }
-  for (int64_t l = 0; l < num_layers(); ++l) {
-    k_cache_.push_back(kv_[l][0]);
-    v_cache_.push_back(kv_[l][1]);
-  }
-
   // RoPE tables, as the model's rotary module gives them. Positions go up to a prompt's padded
-  // length plus max_seq_len.
+  // length plus the steps after it; rope_fn_ extends them when a request needs more.
   for (const auto* t : {&rope_cos, &rope_sin}) {
     const char* name = t == &rope_cos ? "rope_cos" : "rope_sin";
-    TORCH_CHECK_VALUE(t->defined() && t->dim() == 2 && t->size(1) == D / 2 && t->size(0) >= 2 * max_seq_len, kWho,
-                      ": ", name, " must be [positions >= 2 * max_seq_len = ", 2 * max_seq_len, ", head_dim / 2 = ",
-                      D / 2, "], got ", t->defined() ? t->sizes() : at::IntArrayRef{});
+    TORCH_CHECK_VALUE(t->defined() && t->dim() == 2 && t->size(1) == D / 2, kWho, ": ", name,
+                      " must be [positions, head_dim / 2 = ", D / 2, "], got ",
+                      t->defined() ? t->sizes() : at::IntArrayRef{});
+    // Tables that cannot grow (no rope_fn) must cover the length limit, if there is one.
+    TORCH_CHECK_VALUE(rope_fn_ || max_seq_len_ == kNoLimit || t->size(0) >= 2 * max_seq_len_, kWho, ": ", name,
+                      " must be [positions >= 2 * max_seq_len = ", 2 * max_seq_len_, ", head_dim / 2 = ", D / 2,
+                      "] (or pass rope_fn), got ", t->sizes());
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kWho, ": ", name, " must be torch.float32, got ",
                      py_dtype(t->scalar_type()));
     TORCH_CHECK_VALUE(t->device() == ref.device(), kWho, ": ", name, " is on ", t->device(),
@@ -182,12 +170,159 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                     " and rope_sin ", rope_sin.sizes(), " differ in shape");
   rope_cos_ = rope_cos.clone(at::MemoryFormat::Contiguous);  // its own copy: the caller's may change
   rope_sin_ = rope_sin.clone(at::MemoryFormat::Contiguous);
-  lengths_.assign(max_batch, 0);
-  starts_.assign(max_batch, 0);
-  lengths_dev_ = at::zeros({max_batch}, ref.options().dtype(at::kLong));
-  starts_dev_ = at::zeros({max_batch}, ref.options().dtype(at::kLong));
-  fused_ = cpu::make_fused_step(layers_, k_cache_, v_cache_, final_norm_, head_, up_, rope_cos_, rope_sin_, num_heads_,
-                                num_kv_heads_, eps_);
+  // No capacity guessing: the cache starts empty and grows to what requests need.
+  kv_ = at::empty({num_layers(), 2, 0, num_kv_heads, 0, D}, ref.options());
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    k_cache_.push_back(kv_[l][0]);
+    v_cache_.push_back(kv_[l][1]);
+  }
+  lengths_dev_ = at::zeros({0}, ref.options().dtype(at::kLong));
+  starts_dev_ = at::zeros({0}, ref.options().dtype(at::kLong));
+}
+
+namespace {
+// Sequence capacity is rounded up to a multiple of 128 positions (so a run of similar requests,
+// or a step past the end, does not reallocate every time); batch capacity is the request's own
+// batch (batches are few and known). Both are capped at the limits.
+constexpr int64_t kSeqRound = 128;
+int64_t round_seq(int64_t n, int64_t limit) {
+  const int64_t r = n > INT64_MAX - kSeqRound ? n : (n + kSeqRound - 1) / kSeqRound * kSeqRound;
+  return std::min(r, limit);
+}
+}  // namespace
+
+#ifndef EMU_FAST_WITH_CUDA
+int64_t EmuDecoder::graph_bytes() const { return 0; }
+int64_t cuda_free_bytes(const at::Device&) { return -1; }
+#else
+int64_t cuda_free_bytes(const at::Device& device);  // cuda/decoder_graph.cpp
+#endif
+
+void EmuDecoder::rebuild_step_locked() {
+  graphs_.clear();  // captured graphs hold the old cache and table addresses
+  fused_ = cap_batch_ > 0 && cap_seq_ > 0
+               ? cpu::make_fused_step(layers_, k_cache_, v_cache_, final_norm_, head_, up_, rope_cos_, rope_sin_,
+                                      num_heads_, num_kv_heads_, eps_)
+               : nullptr;
+}
+
+void EmuDecoder::reserve(int64_t batch, int64_t seq_len) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const c10::NoGradGuard no_grad;
+  TORCH_CHECK_VALUE(batch >= 0 && seq_len >= 0, kWho, ".reserve: batch and seq_len must be >= 0, got ", batch,
+                    " and ", seq_len);
+  TORCH_CHECK_VALUE(batch <= max_batch_, kWho, ".reserve: batch of ", batch, " exceeds the decoder's max_batch of ",
+                    max_batch_);
+  TORCH_CHECK_VALUE(seq_len <= max_seq_len_, kWho, ".reserve: ", seq_len,
+                    " positions exceed the decoder's max_seq_len of ", max_seq_len_);
+  grow_locked(batch, seq_len, true);
+  int64_t positions = 0;
+  for (int64_t b = 0; b < batch_; ++b) positions = std::max(positions, starts_[b] + lengths_[b]);
+  ensure_rope_locked("emu_fast.EmuDecoder.reserve", std::max(positions, seq_len));
+}
+
+void EmuDecoder::grow_locked(int64_t batch, int64_t seq_len, bool keep) {
+  if (batch <= cap_batch_ && seq_len <= cap_seq_) return;
+  const int64_t B = std::max(batch, cap_batch_);
+  const int64_t S = std::max(round_seq(seq_len, max_seq_len_), cap_seq_);
+  const int64_t D = head_dim_, Hkv = num_kv_heads_;
+  const at::Tensor& ref = final_norm_;
+  const double elems = static_cast<double>(num_layers()) * 2 * B * Hkv * S * D;
+  TORCH_CHECK_VALUE(elems < 9.0e18 / 8, kWho, ": a KV cache for batch ", B, " x seq_len ", S,
+                    " is too large to address");
+  const int64_t bytes = static_cast<int64_t>(elems) * ref.element_size();
+  if (!keep || batch_ == 0) {
+    // Nothing to carry over: free the old cache first so the new one can reuse its memory. The
+    // decoder stays consistent (an empty cache, no batch) if the allocation below fails.
+    reset_locked();
+    fused_ = nullptr;
+    graphs_.clear();
+    k_cache_.clear();
+    v_cache_.clear();
+    kv_ = at::empty({num_layers(), 2, cap_batch_, Hkv, 0, D}, ref.options());
+    for (int64_t l = 0; l < num_layers(); ++l) {
+      k_cache_.push_back(kv_[l][0]);
+      v_cache_.push_back(kv_[l][1]);
+    }
+    cap_seq_ = 0;
+  }
+  if (ref.is_cuda()) {
+    const int64_t free = cuda_free_bytes(ref.device());
+    TORCH_CHECK_VALUE(free < 0 || bytes <= free, kWho, ": the KV cache for batch ", B, " x seq_len ", S, " needs ",
+                      bytes, " bytes but only ", free, " bytes are free on ", ref.device(),
+                      " (set max_batch / max_seq_len, or send smaller requests)");
+  }
+  at::Tensor kv;
+  try {
+    kv = at::empty({num_layers(), 2, B, Hkv, S, D}, ref.options());
+  } catch (const c10::Error& e) {
+    TORCH_CHECK_VALUE(false, kWho, ": cannot allocate the KV cache (", bytes, " bytes for batch ", B, " x seq_len ",
+                      S, "): ", e.what_without_backtrace());
+  }
+  if (kv_.defined() && batch_ > 0) {
+    // Growing mid-sequence: the active rows' cached keys/values carry over unchanged.
+    int64_t used = 0;
+    for (int64_t b = 0; b < batch_; ++b) used = std::max(used, lengths_[b]);
+    if (used > 0)
+      kv.narrow(2, 0, batch_).narrow(4, 0, used).copy_(kv_.narrow(2, 0, batch_).narrow(4, 0, used));
+  }
+  kv_ = kv;
+  k_cache_.clear();
+  v_cache_.clear();
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    k_cache_.push_back(kv_[l][0]);
+    v_cache_.push_back(kv_[l][1]);
+  }
+  if (B > cap_batch_) {
+    lengths_.resize(B, 0);
+    starts_.resize(B, 0);
+    at::Tensor lens = at::zeros({B}, ref.options().dtype(at::kLong)), sts = at::zeros_like(lens);
+    lens.narrow(0, 0, cap_batch_).copy_(lengths_dev_);
+    sts.narrow(0, 0, cap_batch_).copy_(starts_dev_);
+    lengths_dev_ = lens;
+    starts_dev_ = sts;
+  }
+  cap_batch_ = B;
+  cap_seq_ = S;
+  rebuild_step_locked();
+}
+
+void EmuDecoder::ensure_rope_locked(const char* who, int64_t positions) {
+  if (positions <= rope_cos_.size(0)) return;
+  TORCH_CHECK_VALUE(static_cast<bool>(rope_fn_), who, ": needs RoPE tables for ", positions,
+                    " positions but the decoder was given ", rope_cos_.size(0), " (pass longer rope_cos/rope_sin)");
+  // Rounded like the cache, and at least twice its length (a prompt's padding plus its steps),
+  // so tables are rarely rebuilt.
+  const int64_t P = std::max(round_seq(positions, kNoLimit), 2 * cap_seq_);
+  at::Tensor cos, sin;
+  std::tie(cos, sin) = rope_fn_(P);
+  const int64_t D = head_dim_;
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK_VALUE(t->defined() && t->dim() == 2 && t->size(0) >= positions && t->size(1) == D / 2 &&
+                          t->scalar_type() == at::kFloat && t->device() == final_norm_.device(),
+                      kWho, ": rope_fn(", P, ") must return float32 [", P, ", ", D / 2, "] tables on ",
+                      final_norm_.device(), ", got ", t->defined() ? t->sizes() : at::IntArrayRef{});
+  rope_cos_ = cos.contiguous().clone();
+  rope_sin_ = sin.contiguous().clone();
+  rebuild_step_locked();
+}
+
+int64_t EmuDecoder::weight_bytes() const {
+  int64_t n = 0;
+  auto add = [&n](const at::Tensor& t) { n += static_cast<int64_t>(t.numel()) * t.element_size(); };
+  for (const auto& w : layers_)
+    for (const auto* t : {&w.input_norm, &w.qkv, &w.o, &w.post_norm, &w.gate_up, &w.down}) add(*t);
+  add(final_norm_);
+  add(head_);
+  if (up_.has_value()) add(*up_);
+  return n;
+}
+
+int64_t EmuDecoder::scratch_bytes() const {
+  int64_t n = graph_bytes();
+  for (const auto* t : {&rope_cos_, &rope_sin_, &lengths_dev_, &starts_dev_})
+    n += static_cast<int64_t>(t->numel()) * t->element_size();
+  return n;
 }
 
 std::vector<int64_t> EmuDecoder::lengths() const {
@@ -222,7 +357,32 @@ PromptLayout EmuDecoder::parse(const char* who, const at::Tensor& embeds, const 
 at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& attention_mask) {
   const std::lock_guard<std::mutex> lock(mutex_);
   const c10::NoGradGuard no_grad;  // inference only: never chain autograd history onto the cache
-  return prefill_locked(embeds, parse("emu_fast.EmuDecoder.prefill", embeds, attention_mask));
+  const PromptLayout prompts = parse("emu_fast.EmuDecoder.prefill", embeds, attention_mask);
+  fit_prompts_locked("emu_fast.EmuDecoder.prefill", prompts, 0);
+  return prefill_locked(embeds, prompts);
+}
+
+// Grows the cache (nothing to keep: a prefill starts a new batch) and the RoPE tables for the
+// prompts plus `steps` decode steps after them.
+void EmuDecoder::fit_prompts_locked(const char* who, const PromptLayout& prompts, int64_t steps) {
+  int64_t len = 0, positions = 0;
+  for (int64_t b = 0; b < prompts.batch; ++b) {
+    len = std::max(len, prompts.lens[b]);
+    positions = std::max(positions, prompts.starts[b] + prompts.lens[b]);
+  }
+  grow_locked(prompts.batch, len + steps, false);
+  ensure_rope_locked(who, positions + steps);
+}
+
+// Grows the cache (keeping the active rows) and the RoPE tables for `steps` more steps.
+void EmuDecoder::fit_steps_locked(const char* who, int64_t steps) {
+  int64_t len = 0, positions = 0;
+  for (int64_t b = 0; b < batch_; ++b) {
+    len = std::max(len, lengths_[b]);
+    positions = std::max(positions, starts_[b] + lengths_[b]);
+  }
+  grow_locked(batch_, len + steps, true);
+  ensure_rope_locked(who, positions + steps);
 }
 
 at::Tensor EmuDecoder::generate(const at::Tensor& embeds, const at::Tensor& attention_mask, int64_t n) {
@@ -231,9 +391,10 @@ at::Tensor EmuDecoder::generate(const at::Tensor& embeds, const at::Tensor& atte
   TORCH_CHECK_VALUE(n >= 1, kWho, ".generate: n must be positive, got ", n);
   const PromptLayout prompts = parse("emu_fast.EmuDecoder.generate", embeds, attention_mask);
   for (int64_t b = 0; b < prompts.batch; ++b)
-    TORCH_CHECK_VALUE(prompts.lens[b] + n - 1 <= max_seq_len_, kWho, ".generate: prompt ", b, " of ",
+    TORCH_CHECK_VALUE(n - 1 <= max_seq_len_ - prompts.lens[b], kWho, ".generate: prompt ", b, " of ",
                       prompts.lens[b], " tokens plus ", n - 1, " generated embeddings exceeds the decoder's max_seq_len of ",
                       max_seq_len_);
+  fit_prompts_locked("emu_fast.EmuDecoder.generate", prompts, n - 1);
   at::Tensor result = at::empty({prompts.batch, n, output_size()}, embeds.options());
   const at::Tensor first = prefill_locked(embeds, prompts);
   result.select(1, 0).copy_(first);
@@ -310,10 +471,14 @@ void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64
                    py_dtype(prev.scalar_type()), " but the decoder's weights are ", py_dtype(final_norm_.scalar_type()));
   TORCH_CHECK_VALUE(prev.device() == final_norm_.device(), kWho, ".", who, ": the previous output is on ",
                     prev.device(), " but the decoder is on ", final_norm_.device());
-  TORCH_CHECK_VALUE(steps >= 0 && steps <= max_seq_len_, kWho, ".", who, ": steps must be in [0, max_seq_len = ",
-                    max_seq_len_, "], got ", steps);
+  if (max_seq_len_ == kNoLimit) {
+    TORCH_CHECK_VALUE(steps >= 0, kWho, ".", who, ": steps must be >= 0, got ", steps);
+  } else {
+    TORCH_CHECK_VALUE(steps >= 0 && steps <= max_seq_len_, kWho, ".", who, ": steps must be in [0, max_seq_len = ",
+                      max_seq_len_, "], got ", steps);
+  }
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(lengths_[b] + steps <= max_seq_len_, kWho, ".", who, ": sequence ", b, " holds ", lengths_[b],
+    TORCH_CHECK_VALUE(steps <= max_seq_len_ - lengths_[b], kWho, ".", who, ": sequence ", b, " holds ", lengths_[b],
                       " tokens; ", steps, " more step(s) would pass the decoder's max_seq_len of ", max_seq_len_,
                       steps == 1 ? " (no room for another step)" : "");
 }
@@ -373,6 +538,7 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
   const std::lock_guard<std::mutex> lock(mutex_);
   const c10::NoGradGuard no_grad;
   check_step_input(prev, "step", 1);
+  fit_steps_locked("emu_fast.EmuDecoder.step", 1);
   at::Tensor out = std::get<0>(run_step(next_input(prev)));
   for (int64_t b = 0; b < batch_; ++b) lengths_[b] += 1;
   return out;
@@ -382,6 +548,7 @@ at::Tensor EmuDecoder::decode(const at::Tensor& prev, int64_t steps) {
   const std::lock_guard<std::mutex> lock(mutex_);
   const c10::NoGradGuard no_grad;
   check_step_input(prev, "decode", steps);
+  fit_steps_locked("emu_fast.EmuDecoder.decode", steps);
   at::Tensor result = at::empty({batch_, steps, output_size()}, prev.options());
   if (steps > 0) decode_into(prev, result);
   return result;

@@ -2,13 +2,17 @@
 // image-embedding loop, one whole decoder step per call, with no Python per layer.
 //
 // It borrows the weights it is given (no copy): pass packed tensors (fused QKV, fused
-// gate/up) that the caller's model already points at. It owns only its KV cache, sized
-// max_batch x max_seq_len once, and its copy of the RoPE tables. No global state: several decoders may
-// live side by side; reset() forgets the batch without reallocating.
+// gate/up) that the caller's model already points at. It owns only its KV cache and its copy of
+// the RoPE tables. The cache is sized to the requests: it starts empty and grows (reallocated,
+// the active rows copied over) only when a request needs more batch rows or positions than it
+// holds; max_batch / max_seq_len are optional upper limits, not sizes. No global state: several
+// decoders may live side by side; reset() forgets the batch without reallocating.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <tuple>
@@ -32,17 +36,21 @@ struct DecoderLayerWeights {
 
 class EmuDecoder {
  public:
+  // rope_fn(P) returns the model's (cos, sin) float32 [P, D/2] for positions 0..P-1; the decoder
+  // calls it when its tables are too short. Empty: the tables given are all there is.
+  using RopeFn = std::function<std::tuple<at::Tensor, at::Tensor>(int64_t)>;
+
   // layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] as above.
   // head_weight [Dout, H] is the regression head (Emu1 stu_regress_head, Emu2 project_down);
   // up_weight [H, Dout] maps an output back to the next input (Emu2 project_up), or none (Emu1).
-  // rope_cos/rope_sin: float32 [P, D/2] for positions 0..P-1, P >= 2 * max_seq_len (a prompt's
-  // padded length plus the steps after it). They come from the model's own rotary module, not
+  // rope_cos/rope_sin: float32 [P, D/2] for positions 0..P-1 (P may be 0 with a rope_fn, which
+  // extends them as requests need: a prompt's padded length plus the steps after it). They come from the model's own rotary module, not
   // from rope_theta: a model whose frequencies were rounded (upstream Emu1 casts its LLaMA to
   // bfloat16 once, which rounds the non-persistent inv_freq for good) runs with those.
   EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
              at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
              int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
-             int64_t max_batch, int64_t max_seq_len);
+             c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn = {});
 
   // Runs the prompts ([B,T,H] embeddings, [B,T] 0/1 attention mask: each row one run of
   // ones, left or right padded) through the decoder, fills the KV cache, and returns the
@@ -60,22 +68,34 @@ class EmuDecoder {
   at::Tensor decode(const at::Tensor& prev_output, int64_t steps);
 
   // prefill + n - 1 decode steps under one lock: [B, n, Dout], written into one tensor. Checks
-  // that every prompt plus n - 1 steps fits max_seq_len before running anything.
+  // that every prompt plus n - 1 steps fits max_seq_len (if set) before running anything.
   at::Tensor generate(const at::Tensor& inputs_embeds, const at::Tensor& attention_mask, int64_t n);
 
   void reset();  // (all public calls are serialized by a per-decoder mutex)
 
+  // Grows the KV cache to hold at least `batch` rows of `seq_len` positions (within the limits),
+  // keeping the active batch; never shrinks it. prefill/generate/step/decode call it themselves.
+  void reserve(int64_t batch, int64_t seq_len);
+
   int64_t batch_size() const { return batch_; }
   std::vector<int64_t> lengths() const;
-  int64_t max_batch() const { return max_batch_; }
-  int64_t max_seq_len() const { return max_seq_len_; }
+  // The limits (none: nothing but memory) and the cache's current capacity.
+  c10::optional<int64_t> max_batch() const { return limited(max_batch_); }
+  c10::optional<int64_t> max_seq_len() const { return limited(max_seq_len_); }
+  int64_t capacity_batch() const { return cap_batch_; }
+  int64_t capacity_seq_len() const { return cap_seq_; }
+  int64_t rope_positions() const { return rope_cos_.size(0); }
+  // Bytes of the weights the decoder reads, and of what else it holds beside the KV cache (RoPE
+  // tables, per-row lengths, CUDA graph buffers).
+  int64_t weight_bytes() const;
+  int64_t scratch_bytes() const;
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   int64_t hidden_size() const { return hidden_; }
   int64_t output_size() const { return head_.size(0); }
   int64_t num_heads() const { return num_heads_; }
   int64_t num_kv_heads() const { return num_kv_heads_; }
   int64_t head_dim() const { return head_dim_; }
-  at::Tensor kv_cache() const { return kv_; }  // [L, 2, max_batch, Hkv, max_seq_len, D]
+  at::Tensor kv_cache() const { return kv_; }  // [L, 2, capacity_batch, Hkv, capacity_seq_len, D]
   bool use_cuda_graphs() const { return use_cuda_graphs_; }
   void set_use_cuda_graphs(bool on) { use_cuda_graphs_ = on; }
   // On the CPU, run a step as one parallel region (default) or op by op like on CUDA.
@@ -94,6 +114,19 @@ class EmuDecoder {
   // lengths. Only device work (capturable); returns (output, next input or [B,0]).
   std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
   void reset_locked();
+  static constexpr int64_t kNoLimit = INT64_MAX;
+  static c10::optional<int64_t> limited(int64_t v) {
+    return v == kNoLimit ? c10::nullopt : c10::optional<int64_t>(v);
+  }
+  // Makes the cache hold batch x seq_len (rounded up; see decoder.cpp), copying the active rows
+  // when keep is set; drops CUDA graphs and rebuilds the CPU step after any reallocation.
+  void grow_locked(int64_t batch, int64_t seq_len, bool keep);
+  // Makes the RoPE tables cover positions 0..positions-1 (through rope_fn_).
+  void ensure_rope_locked(const char* who, int64_t positions);
+  void rebuild_step_locked();
+  void fit_prompts_locked(const char* who, const PromptLayout& prompts, int64_t steps);
+  void fit_steps_locked(const char* who, int64_t steps);
+  int64_t graph_bytes() const;  // cuda/decoder_graph.cpp; 0 without CUDA
   void decode_with_graph(at::Tensor x, const at::Tensor& result);
 
   std::vector<DecoderLayerWeights> layers_;
@@ -101,16 +134,18 @@ class EmuDecoder {
   c10::optional<at::Tensor> up_;
   int64_t num_heads_, num_kv_heads_, head_dim_, hidden_;
   double eps_;
-  int64_t max_batch_, max_seq_len_;
+  int64_t max_batch_, max_seq_len_;  // limits; kNoLimit when none
+  int64_t cap_batch_ = 0, cap_seq_ = 0;  // the cache's capacity
   at::Tensor kv_;                  // the whole KV cache, one allocation
-  std::vector<at::Tensor> k_cache_, v_cache_;  // per-layer views of kv_ [max_batch, Hkv, S, D]
-  at::Tensor rope_cos_, rope_sin_;  // float32 [P >= 2 * max_seq_len, D/2] on the weights' device
+  std::vector<at::Tensor> k_cache_, v_cache_;  // per-layer views of kv_ [cap_batch, Hkv, cap_seq, D]
+  at::Tensor rope_cos_, rope_sin_;  // float32 [P, D/2] on the weights' device
+  RopeFn rope_fn_;
 
   // The active batch: 0 before prefill. Row b's cache holds lengths_[b] entries, the first at
   // RoPE position starts_[b] (its left padding in the prompt).
   int64_t batch_ = 0;
   std::vector<int64_t> lengths_, starts_;       // host copies, for checks without a device sync
-  at::Tensor lengths_dev_, starts_dev_;         // int64 [max_batch] on the weights' device
+  at::Tensor lengths_dev_, starts_dev_;         // int64 [cap_batch] on the weights' device
 
   bool use_cuda_graphs_ = true;
   bool fused_cpu_step_ = true;

@@ -26,10 +26,12 @@ def _weight_addresses(model, family: EmuFamily):
     return addresses + [m.weight.data_ptr() for m in (family.head(model), family.project_up(model)) if m is not None]
 
 
-def accelerate(model, *, max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int = DEFAULT_MAX_SEQ_LEN):
+def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
+               max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN):
     """Replace `model.generate_image` (this instance only) with the emu_fast path and return the
-    model. The KV cache holds `max_batch` prompts of up to `max_seq_len` tokens (prompt + n
-    generated embeddings); larger requests raise ValueError. The original method stays at
+    model. The KV cache grows to the largest request; `max_batch` prompts of up to `max_seq_len`
+    tokens (prompt + n generated embeddings) are optional limits (None: no limit besides
+    memory), and requests over them raise ValueError. The original method stays at
     `model._emu_fast_original_generate_image`; `model.emu_fast_decoder` is the EmuDecoder."""
     family = family_of(model)
     head = check_linear(family.head(model), family.head_name(model))
@@ -63,7 +65,7 @@ def _generate_image(self, text: List[str], image: Optional[torch.Tensor] = None,
     if _weight_addresses(self, family) != self._emu_fast_weights:
         raise RuntimeError("emu_fast: the model's weights were replaced or moved after emu_fast.accelerate "
                            "(load_state_dict(assign=True), .to(), ...); call emu_fast.accelerate(model) again")
-    if len(text) > decoder.max_batch:
+    if decoder.max_batch is not None and len(text) > decoder.max_batch:
         raise ValueError(f"emu_fast: {len(text)} prompts exceed the decoder's max_batch of {decoder.max_batch} "
                          f"(pass a larger max_batch to emu_fast.accelerate)")
     tokenizer = self.decoder.tokenizer

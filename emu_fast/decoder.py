@@ -9,12 +9,18 @@ import torch
 from . import _C
 from .config import LlamaShape, check_llama_config
 from .packing import llama_body_of, pack_llama_layers
-from .rope import model_rope_tables, theta_rope_tables
+from .rope import model_rope_fn, theta_rope_tables
 
-# A KV cache for 4 prompts of up to 1024 tokens each (prompt + n outputs); Emu's prompts are
-# tens to a few hundred tokens. Emu1-13B in bfloat16: 3.4 GB; pass other sizes to fit yours.
-DEFAULT_MAX_BATCH = 4
-DEFAULT_MAX_SEQ_LEN = 1024
+# No capacity is guessed: the KV cache grows to the largest request (batch x prompt + n
+# outputs, lengths rounded up to a multiple of 128). max_batch / max_seq_len are optional upper
+# limits (None: none besides memory).
+DEFAULT_MAX_BATCH = None
+DEFAULT_MAX_SEQ_LEN = None
+
+
+def _check_limit(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"emu_fast: {name} must be a positive int or None (no limit), got {value!r}")
 
 
 class EmuDecoder(_C.EmuDecoder):
@@ -22,31 +28,41 @@ class EmuDecoder(_C.EmuDecoder):
 
     def __init__(self, layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads, rms_eps,
                  max_batch=DEFAULT_MAX_BATCH, max_seq_len=DEFAULT_MAX_SEQ_LEN, rope_cos=None, rope_sin=None,
-                 rope_theta=None):
-        # By hand, without a model: tables from rope_theta (from_llama takes the model's own).
+                 rope_theta=None, rope_fn=None):
+        # By hand, without a model: tables from rope_theta, extended on demand (from_llama passes
+        # the model's own through rope_fn). Tables passed without rope_fn are all there is.
         if rope_cos is None and rope_sin is None:
             head_dim = final_norm.shape[0] // num_heads
-            rope_cos, rope_sin = theta_rope_tables(head_dim, 2 * max_seq_len, 10000.0 if rope_theta is None else rope_theta,
-                                                   final_norm.device)
+            if rope_fn is None:
+                theta = 10000.0 if rope_theta is None else rope_theta
+                device = final_norm.device
+
+                def rope_fn(positions):
+                    return theta_rope_tables(head_dim, positions, theta, device)
+            elif rope_theta is not None:
+                raise ValueError("emu_fast.EmuDecoder: pass either rope_fn or rope_theta, not both")
+            rope_cos = rope_sin = torch.empty(0, head_dim // 2, dtype=torch.float32, device=final_norm.device)
         elif rope_theta is not None:
             raise ValueError("emu_fast.EmuDecoder: pass either rope_cos/rope_sin or rope_theta, not both")
         super().__init__(layers, final_norm, head_weight, up_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          rms_eps=rms_eps, rope_cos=rope_cos, rope_sin=rope_sin, max_batch=max_batch,
-                         max_seq_len=max_seq_len)
+                         max_seq_len=max_seq_len, rope_fn=rope_fn)
 
     @classmethod
     def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
-                   max_batch: int = DEFAULT_MAX_BATCH, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> "EmuDecoder":
+                   max_batch: Optional[int] = DEFAULT_MAX_BATCH,
+                   max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN) -> "EmuDecoder":
         """A decoder over a Hugging Face LlamaForCausalLM's body, with the given regression head
         (and Emu2's project_up). Packs QKV and gate/up in place (the model keeps working); no
-        weight is copied. Allocates the KV cache for max_batch prompts of up to max_seq_len
-        tokens each (prompt + generated embeddings). RoPE comes from the model's own rotary
-        module (emu_fast.rope), so a model whose frequencies were rounded runs as it is."""
+        weight is copied. The KV cache grows to the largest request; max_batch prompts of up to
+        max_seq_len tokens each (prompt + generated embeddings) are optional limits (None: no
+        limit). RoPE comes from the model's own rotary module (emu_fast.rope), asked for more
+        positions as requests need, so a model whose frequencies were rounded runs as it is."""
         check_llama_config(lm.config)
         shape = LlamaShape.from_hf(lm.config)
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-            raise ValueError(f"emu_fast: max_seq_len must be a positive int, got {max_seq_len!r}")
-        rope_cos, rope_sin = model_rope_tables(lm, 2 * max_seq_len, shape.head_dim)
+        _check_limit("max_batch", max_batch)
+        _check_limit("max_seq_len", max_seq_len)
+        rope_fn = model_rope_fn(lm, shape.head_dim)
         return cls(
             pack_llama_layers(lm),
             llama_body_of(lm).norm.weight.detach(),
@@ -55,10 +71,9 @@ class EmuDecoder(_C.EmuDecoder):
             num_heads=shape.heads,
             num_kv_heads=shape.kv_heads,
             rms_eps=shape.eps,
-            rope_cos=rope_cos,
-            rope_sin=rope_sin,
             max_batch=max_batch,
             max_seq_len=max_seq_len,
+            rope_fn=rope_fn,
         )
 
     @property
@@ -72,6 +87,14 @@ class EmuDecoder(_C.EmuDecoder):
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def memory_summary(self) -> dict:
+        """Bytes the decoder holds: weights (the tensors it reads, borrowed from the model),
+        kv_cache (allocated now), scratch (everything else it holds: RoPE tables, per-row lengths,
+        CUDA graph buffers), and the cache's current capacity (batch, seq_len)."""
+        batch, seq_len = self.capacity
+        return {"weights": self.weight_bytes, "kv_cache": self.kv_cache_bytes, "scratch": self.scratch_bytes,
+                "batch": batch, "seq_len": seq_len}
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
         """The causal loop, in C++ under one lock: prefill, then n-1 steps (a CUDA graph on the

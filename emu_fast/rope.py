@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -80,7 +80,28 @@ def model_rope_tables(lm, positions: int, head_dim: int) -> Tuple[torch.Tensor, 
         if not _same_buffers(modules[0], other):
             raise TypeError(f"emu_fast: layer {i}'s rotary embedding differs from layer 0's; emu_fast runs every "
                             "layer with one RoPE table")
-    cos, sin = _call_rotary(modules[0], positions, head_dim, weight.dtype, weight.device)
+    return _half_tables(*_call_rotary(modules[0], positions, head_dim, weight.dtype, weight.device), head_dim)
+
+
+def model_rope_fn(lm, head_dim: int) -> Callable[[int], Tuple[torch.Tensor, torch.Tensor]]:
+    """positions -> (cos, sin) as model_rope_tables(lm, positions, head_dim) gives them, checked
+    now, for a decoder to extend its tables as requests grow. It keeps a copy of the rotary
+    module (a few small buffers), not the model: a decoder holding it keeps no model alive."""
+    from .config import rope_theta
+
+    model_rope_tables(lm, 1, head_dim)  # refuses an unusable rotary module now
+    body = lm.model if hasattr(lm, "model") else lm
+    weight = body.embed_tokens.weight
+    dtype, device = weight.dtype, weight.device
+    modules = rotary_modules(lm)
+    if not modules:
+        theta = rope_theta(lm.config)
+        return lambda positions: theta_rope_tables(head_dim, positions, theta, device)
+    module = copy.deepcopy(modules[0])
+    return lambda positions: _half_tables(*_call_rotary(module, positions, head_dim, dtype, device), head_dim)
+
+
+def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos.float(), sin.float()
     half = head_dim // 2
     # LLaMA's rotate-half RoPE repeats each frequency in both halves; our kernels keep one half.

@@ -77,6 +77,7 @@ def test_model_keeps_working_and_weights_are_not_copied(emu_tokenizer):
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
     assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
     dec = model.emu_fast_decoder
+    model.generate_image(TEXTS[:2])  # the cache grows to the request: 2 rows, 128 capped at 64
     assert dec.kv_cache.shape == (2, 2, 2, 4, 64, 16)  # layers, k/v, batch, kv heads, seq, head dim
     # accelerating again re-uses the packing and still matches
     emu_fast.accelerate(model, max_batch=2, max_seq_len=64)

@@ -248,3 +248,39 @@ def test_decode_attention_cuda_misaligned_cache_uses_scalar_loads(dtype):
     kr, vr = kc.clone(), vc.clone()
     expected = reference.decode_attention(q, k, v, kr, vr, lens, lens, cos, sin, D ** -0.5)
     close(ops.decode_attention(q, k, v, kc, vc, lens, lens, cos, sin), expected, dtype)
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+def test_decoder_cuda_grows_mid_sequence_and_recaptures_graphs(emu_tokenizer, kind):
+    """No capacity arguments: the cache grows while decoding (graphs hold the old cache's
+    addresses, so they are dropped and captured again); graphed equals eager bitwise and the
+    first outputs match a decoder that was big enough from the start."""
+    dtype = torch.float32
+    lm, head, up = _decoder_setup(kind, dtype, emu_tokenizer)
+    tok = emu_tokenizer(["a photo of a cat", "hi"], padding="longest", return_tensors="pt")
+    embeds = lm.model.embed_tokens.weight.detach()[tok.input_ids.cuda()]
+    graphed, eager, big = (EmuDecoder.from_llama(lm, head, up) for _ in range(3))
+    eager.use_cuda_graphs = False
+    big.reserve(2, 512)
+    outs = []
+    for d in (graphed, eager, big):
+        first = d.prefill(embeds, tok.attention_mask)
+        assert d.capacity[1] >= 128
+        part = torch.cat([first[:, None], d.decode(first, 8)], 1)
+        outs.append(torch.cat([part, d.decode(part[:, -1], 300)], 1))  # grows to 384 mid-sequence
+    assert graphed.capacity == eager.capacity and graphed.capacity[1] >= 384
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    close(outs[0][:, :9], outs[2][:, :9], dtype)
+
+
+def test_decoder_cuda_refuses_a_cache_larger_than_free_memory(emu_tokenizer):
+    lm, head, up = _decoder_setup("emu1", torch.float32, emu_tokenizer)
+    dec = EmuDecoder.from_llama(lm, head, up)
+    with pytest.raises(ValueError, match=r"needs \d+ bytes but only \d+ bytes are free on cuda"):
+        dec.reserve(1, 10**9)
+    assert dec.capacity == (0, 0)
+    tok = emu_tokenizer(["a photo of a cat"], return_tensors="pt")
+    embeds = lm.model.embed_tokens.weight.detach()[tok.input_ids.cuda()]
+    assert dec.generate(embeds, tok.attention_mask, 4).shape == (1, 4, 256)
+    m = dec.memory_summary()
+    assert m["kv_cache"] == dec.kv_cache.numel() * 4 and m["scratch"] > 0

@@ -93,8 +93,8 @@ def test_step_sees_writes_that_bump_no_version_counter(emu_tokenizer, write):
 def test_reset_and_reuse_without_reallocating(emu_tokenizer):
     s = Setup("emu1", emu_tokenizer)
     dec = s.decoder()
-    cache_ptr = dec.kv_cache.data_ptr()
     first = dec.generate(*s.inputs(PROMPTS[3]), s.n)
+    cache_ptr = dec.kv_cache.data_ptr()  # the cache is allocated by the first request
     other = dec.generate(*s.inputs(PROMPTS[1]), s.n)
     again = dec.generate(*s.inputs(PROMPTS[3]), s.n)
     torch.testing.assert_close(first, again, rtol=0, atol=0)

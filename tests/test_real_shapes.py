@@ -30,6 +30,8 @@ def test_real_shapes_build_a_decoder(name, out_dim, layers, heads):
         up = None if out_dim == H else torch.empty(H, out_dim, dtype=torch.bfloat16)
     dec = emu_fast.EmuDecoder.from_llama(lm, head, up, max_batch=8, max_seq_len=1024)
     assert (dec.num_layers, dec.num_heads, dec.head_dim, dec.output_size) == (layers, heads, 128, out_dim)
+    assert dec.capacity == (0, 0)  # the cache is sized to requests, allocated on the first
+    dec.reserve(8, 1024)
     assert dec.kv_cache.shape == (layers, 2, 8, heads, 1024, 128)
     qkv = lm.model.layers[0].self_attn
     assert qkv.q_proj.weight.shape == qkv.k_proj.weight.shape == (H, H)  # views of the packed tensor

@@ -3,8 +3,13 @@
 // the host. Compiled only into CUDA builds.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
 
 #include "decoder.h"
 
@@ -80,6 +85,32 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     next = g.next;
     result.select(1, i).copy_(out);
   }
+}
+
+// The bytes a new allocation on `device` can get: what the driver has free plus what the
+// caching allocator holds reserved but unused (index 0 of its stats: all pools). -1 when the
+// driver cannot say (the allocation then reports its own failure).
+int64_t cuda_free_bytes(const at::Device& device) {
+  const c10::cuda::CUDAGuard guard(device);
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  const int64_t cached = stats.reserved_bytes[0].current - stats.allocated_bytes[0].current;
+  return static_cast<int64_t>(free) + std::max<int64_t>(cached, 0);
+}
+
+// The static buffers of the captured graphs (their private pools are the allocator's to report).
+int64_t EmuDecoder::graph_bytes() const {
+  int64_t n = 0;
+  for (const auto& g : graphs_) {
+    if (!g) continue;
+    for (const auto* t : {&g->x, &g->out, &g->next})
+      if (t->defined()) n += static_cast<int64_t>(t->numel()) * t->element_size();
+  }
+  return n;
 }
 
 }  // namespace emu_fast
