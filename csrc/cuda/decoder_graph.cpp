@@ -3,6 +3,7 @@
 // the host. Compiled only into CUDA builds.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,10 +20,35 @@ namespace emu_fast {
 // are static buffers (the latter two live in the graph's private memory pool). The KV cache,
 // the device-side lengths and the weights are fixed addresses too, so one capture serves
 // every later call with the same batch size.
+// It is replayed on the stream it was captured on: the cuBLAS calls it holds (GEMMs for batches
+// above limits::kGemvMaxBatch) use the workspace cuBLAS keeps for that stream, so replaying on
+// another stream could overlap them with other work using the same workspace there.
 struct EmuDecoder::Graph {
+  explicit Graph(c10::cuda::CUDAStream s) : stream(s) {}
+  c10::cuda::CUDAStream stream;
   at::cuda::CUDAGraph graph;
   at::Tensor x, out, next;
 };
+
+namespace {
+
+// Tells the allocator `t` (made on another stream) is in use on `stream` until then.
+void used_on(const at::Tensor& t, c10::cuda::CUDAStream stream) {
+  if (t.defined() && t.numel() > 0) t.record_stream(stream);
+}
+
+// Work queued on `waiter` from now on starts after what is queued on `first` now. (A plain CUDA
+// event: ATen's CUDAEvent header pulls in all of ATen's CUDA context.)
+void order_after(c10::cuda::CUDAStream first, c10::cuda::CUDAStream waiter) {
+  cudaEvent_t event;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  const cudaError_t recorded = cudaEventRecord(event, first.stream());
+  const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(waiter.stream(), event, 0) : recorded;
+  C10_CUDA_CHECK(cudaEventDestroy(event));  // released once the wait is satisfied
+  C10_CUDA_CHECK(waited);
+}
+
+}  // namespace
 
 void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
   const int64_t B = batch_, steps = result.size(1);
@@ -51,7 +77,7 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
   result.select(1, 0).copy_(out);
 
   if (capture) {
-    auto g = std::make_shared<Graph>();
+    auto g = std::make_shared<Graph>(side);
     g->x = at::empty({B, hidden_}, x.options());
     {
       const c10::cuda::CUDAStreamGuard stream_guard(side);
@@ -76,15 +102,27 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     graphs_[B] = std::move(g);
   }
 
+  if (steps == 1) return;
   Graph& g = *graphs_[B];
-  for (int64_t i = 1; i < steps; ++i) {
-    g.x.copy_(up_.has_value() ? next : out);
-    g.graph.replay();
-    for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
-    out = g.out;
-    next = g.next;
-    result.select(1, i).copy_(out);
+  // The replays run on g.stream, after what is queued on `current` (step 1, the result's
+  // allocation); `current` waits for them before returning. Tensors made on `current` that the
+  // replays read or write are marked as used on g.stream.
+  order_after(current, g.stream);
+  used_on(out, g.stream);
+  used_on(next, g.stream);
+  used_on(result, g.stream);
+  {
+    const c10::cuda::CUDAStreamGuard stream_guard(g.stream);
+    for (int64_t i = 1; i < steps; ++i) {
+      g.x.copy_(up_.has_value() ? next : out);
+      g.graph.replay();
+      for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
+      out = g.out;
+      next = g.next;
+      result.select(1, i).copy_(out);
+    }
   }
+  order_after(g.stream, current);
 }
 
 // The bytes a new allocation on `device` can get: what the driver has free plus what the
