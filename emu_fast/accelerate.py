@@ -36,11 +36,11 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     family = family_of(model)
     head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)
-    up = None if up_module is None else check_linear(up_module, "project_up")
+    up = None if up_module is None else check_linear(up_module, family.up_name(model))
     body = llama_body_of(model.decoder.lm)
     check_weights_loaded([("model.layers", body.layers), ("model.norm", body.norm),
                           ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
-                         + ([("project_up", up_module)] if up_module is not None else []))
+                         + ([(family.up_name(model), up_module)] if up_module is not None else []))
     decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len)
     if not hasattr(model, "_emu_fast_original_generate_image"):
         model._emu_fast_original_generate_image = model.generate_image

@@ -54,16 +54,22 @@ class EmuFamily:
     def n(self, model) -> int:
         return int(getattr(model, self.n_attribute))
 
-    def head(self, model) -> nn.Module:
-        """The regression head: hidden state -> output vector."""
+    def head_name(self, model) -> str:
+        """Where the regression head (hidden state -> output vector) sits, e.g.
+        "decoder.lm.stu_regress_head"."""
         raise NotImplementedError
 
-    def head_name(self, model) -> str:
-        raise NotImplementedError
+    def up_name(self, model) -> Optional[str]:
+        """Where `project_up` (output vector -> next input embedding) sits, or None when the
+        output is fed back as is."""
+        return None
+
+    def head(self, model) -> nn.Module:
+        return find(model, self.head_name(model))
 
     def project_up(self, model) -> Optional[nn.Module]:
-        """output vector -> next input embedding, or None when the output is fed back as is."""
-        return None
+        name = self.up_name(model)
+        return None if name is None else find(model, name)
 
     def prompt_image_embeds(self, model, image: torch.Tensor) -> torch.Tensor:
         """Prompt images [N, 3, h, w] -> [N * n, hidden] vectors for the `<image>` slots, as
@@ -88,9 +94,6 @@ class Emu1(EmuFamily):
     n_attribute = "n_causal"
     default_n = 32
     required = ["decoder.lm.stu_regress_head", "n_causal"]
-
-    def head(self, model):
-        return model.decoder.lm.stu_regress_head
 
     def head_name(self, model):
         return "decoder.lm.stu_regress_head"
@@ -122,18 +125,14 @@ class Emu2(EmuFamily):
                 lacking.append(name)
         return lacking
 
-    def _owner(self, model):
-        lm = model.decoder.lm
-        return lm if hasattr(lm, "project_up") else model
-
-    def head(self, model):
-        return self._owner(model).project_down
+    def _prefix(self, model):
+        return "decoder.lm." if hasattr(model.decoder.lm, "project_up") else ""
 
     def head_name(self, model):
-        return "decoder.lm.project_down" if self._owner(model) is not model else "project_down"
+        return self._prefix(model) + "project_down"
 
-    def project_up(self, model):
-        return self._owner(model).project_up
+    def up_name(self, model):
+        return self._prefix(model) + "project_up"
 
     def prompt_image_embeds(self, model, image):
         x = model.encode_image(image)

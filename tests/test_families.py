@@ -37,14 +37,12 @@ def test_emu2_heads_may_sit_on_the_model():
 
 
 class _Emu3(families.Emu1):
-    """A made-up third variant: Emu1's loop, its head and n under other names."""
+    """A made-up third variant: Emu1's loop, its head and n under other names (the head
+    module is found from head_name)."""
 
     name = "emu3"
     n_attribute = "n_tokens"
     required = ["decoder.lm.regress", "n_tokens"]
-
-    def head(self, model):
-        return model.decoder.lm.regress
 
     def head_name(self, model):
         return "decoder.lm.regress"
