@@ -16,11 +16,13 @@ from typing import Callable, List, Tuple
 
 import torch
 
+from .packing import llama_body_of
+
 
 def rotary_modules(lm) -> List[torch.nn.Module]:
     """The rotary-embedding modules of a Hugging Face LLaMA: one shared by all layers
     (transformers >= 4.38: `model.rotary_emb`) or one per layer (older: `self_attn.rotary_emb`)."""
-    body = lm.model if hasattr(lm, "model") else lm
+    body = llama_body_of(lm)
     shared = getattr(body, "rotary_emb", None)
     if shared is not None:
         return [shared]
@@ -69,36 +71,32 @@ def model_rope_tables(lm, positions: int, head_dim: int) -> Tuple[torch.Tensor, 
     model's own rotary module gives them for its dtype (the tables rounded to that dtype, as the
     model's attention uses them), on the model's device. A model without a rotary module gets
     tables from its config's rope_theta."""
-    from .config import rope_theta
-
-    body = lm.model if hasattr(lm, "model") else lm
-    weight = body.embed_tokens.weight
-    modules = rotary_modules(lm)
-    if not modules:
-        return theta_rope_tables(head_dim, positions, rope_theta(lm.config), weight.device)
-    for i, other in enumerate(modules[1:], start=1):
-        if not _same_buffers(modules[0], other):
-            raise TypeError(f"emu_fast: layer {i}'s rotary embedding differs from layer 0's; emu_fast runs every "
-                            "layer with one RoPE table")
-    return _half_tables(*_call_rotary(modules[0], positions, head_dim, weight.dtype, weight.device), head_dim)
+    return model_rope_fn(lm, head_dim)(positions)
 
 
 def model_rope_fn(lm, head_dim: int) -> Callable[[int], Tuple[torch.Tensor, torch.Tensor]]:
-    """positions -> (cos, sin) as model_rope_tables(lm, positions, head_dim) gives them, checked
-    now, for a decoder to extend its tables as requests grow. It keeps a copy of the rotary
+    """positions -> (cos, sin) as model_rope_tables gives them, for a decoder to extend its
+    tables as requests grow; the rotary module is checked now. It keeps a copy of the rotary
     module (a few small buffers), not the model: a decoder holding it keeps no model alive."""
     from .config import rope_theta
 
-    model_rope_tables(lm, 1, head_dim)  # refuses an unusable rotary module now
-    body = lm.model if hasattr(lm, "model") else lm
-    weight = body.embed_tokens.weight
+    weight = llama_body_of(lm).embed_tokens.weight
     dtype, device = weight.dtype, weight.device
     modules = rotary_modules(lm)
     if not modules:
         theta = rope_theta(lm.config)
         return lambda positions: theta_rope_tables(head_dim, positions, theta, device)
+    for i, other in enumerate(modules[1:], start=1):
+        if not _same_buffers(modules[0], other):
+            raise TypeError(f"emu_fast: layer {i}'s rotary embedding differs from layer 0's; emu_fast runs every "
+                            "layer with one RoPE table")
     module = copy.deepcopy(modules[0])
-    return lambda positions: _half_tables(*_call_rotary(module, positions, head_dim, dtype, device), head_dim)
+
+    def tables(positions: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _half_tables(*_call_rotary(module, positions, head_dim, dtype, device), head_dim)
+
+    tables(1)  # refuses an unusable rotary module now, not at the first request
+    return tables
 
 
 def _half_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
