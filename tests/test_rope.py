@@ -87,3 +87,21 @@ def test_decoder_refuses_bad_rope_tables():
     with pytest.raises(ValueError, match="either rope_cos/rope_sin or rope_theta"):
         build(cos, sin, rope_theta=1e4)
     build(cos, sin)  # and the right tables are taken
+
+
+def test_layers_are_one_rope_when_frequencies_match():
+    """transformers 4.31 keeps a rotary module per layer; their cached tables may differ by one
+    rounding of the angle, their frequencies may not."""
+    from emu_fast.rope import TABLE_TOLERANCE, _same_buffers
+
+    def rotary(inv_freq, cos):
+        m = torch.nn.Module()
+        m.register_buffer("inv_freq", inv_freq)
+        m.register_buffer("cos_cached", cos)
+        return m
+
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    cos = torch.outer(torch.arange(2048.0), inv_freq).cos()
+    assert _same_buffers(rotary(inv_freq, cos), rotary(inv_freq.clone(), cos + 0.5 * TABLE_TOLERANCE))
+    assert not _same_buffers(rotary(inv_freq, cos), rotary(inv_freq, cos + 2 * TABLE_TOLERANCE))
+    assert not _same_buffers(rotary(inv_freq, cos), rotary(inv_freq.bfloat16().float(), cos))
