@@ -171,11 +171,7 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   rope_cos_ = rope_cos.clone(at::MemoryFormat::Contiguous);  // its own copy: the caller's may change
   rope_sin_ = rope_sin.clone(at::MemoryFormat::Contiguous);
   // No capacity guessing: the cache starts empty and grows to what requests need.
-  kv_ = at::empty({num_layers(), 2, 0, num_kv_heads, 0, D}, ref.options());
-  for (int64_t l = 0; l < num_layers(); ++l) {
-    k_cache_.push_back(kv_[l][0]);
-    v_cache_.push_back(kv_[l][1]);
-  }
+  set_cache_locked(at::empty({num_layers(), 2, 0, num_kv_heads, 0, D}, ref.options()));
   lengths_dev_ = at::zeros({0}, ref.options().dtype(at::kLong));
   starts_dev_ = at::zeros({0}, ref.options().dtype(at::kLong));
 }
@@ -221,6 +217,16 @@ void EmuDecoder::reserve(int64_t batch, int64_t seq_len) {
   ensure_rope_locked("emu_fast.EmuDecoder.reserve", std::max(positions, seq_len));
 }
 
+void EmuDecoder::set_cache_locked(at::Tensor kv) {
+  kv_ = std::move(kv);
+  k_cache_.clear();
+  v_cache_.clear();
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    k_cache_.push_back(kv_[l][0]);
+    v_cache_.push_back(kv_[l][1]);
+  }
+}
+
 void EmuDecoder::grow_locked(int64_t batch, int64_t seq_len, bool keep) {
   if (batch <= cap_batch_ && seq_len <= cap_seq_) return;
   const int64_t B = std::max(batch, cap_batch_);
@@ -237,13 +243,7 @@ void EmuDecoder::grow_locked(int64_t batch, int64_t seq_len, bool keep) {
     reset_locked();
     fused_ = nullptr;
     graphs_.clear();
-    k_cache_.clear();
-    v_cache_.clear();
-    kv_ = at::empty({num_layers(), 2, cap_batch_, Hkv, 0, D}, ref.options());
-    for (int64_t l = 0; l < num_layers(); ++l) {
-      k_cache_.push_back(kv_[l][0]);
-      v_cache_.push_back(kv_[l][1]);
-    }
+    set_cache_locked(at::empty({num_layers(), 2, cap_batch_, Hkv, 0, D}, ref.options()));
     cap_seq_ = 0;
   }
   if (ref.is_cuda()) {
@@ -266,13 +266,7 @@ void EmuDecoder::grow_locked(int64_t batch, int64_t seq_len, bool keep) {
     if (used > 0)
       kv.narrow(2, 0, batch_).narrow(4, 0, used).copy_(kv_.narrow(2, 0, batch_).narrow(4, 0, used));
   }
-  kv_ = kv;
-  k_cache_.clear();
-  v_cache_.clear();
-  for (int64_t l = 0; l < num_layers(); ++l) {
-    k_cache_.push_back(kv_[l][0]);
-    v_cache_.push_back(kv_[l][1]);
-  }
+  set_cache_locked(kv);
   if (B > cap_batch_) {
     lengths_.resize(B, 0);
     starts_.resize(B, 0);
@@ -302,8 +296,8 @@ void EmuDecoder::ensure_rope_locked(const char* who, int64_t positions) {
                           t->scalar_type() == at::kFloat && t->device() == final_norm_.device(),
                       kWho, ": rope_fn(", P, ") must return float32 [", P, ", ", D / 2, "] tables on ",
                       final_norm_.device(), ", got ", t->defined() ? t->sizes() : at::IntArrayRef{});
-  rope_cos_ = cos.contiguous().clone();
-  rope_sin_ = sin.contiguous().clone();
+  rope_cos_ = cos.clone(at::MemoryFormat::Contiguous);
+  rope_sin_ = sin.clone(at::MemoryFormat::Contiguous);
   rebuild_step_locked();
 }
 
@@ -362,27 +356,25 @@ at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& atten
   return prefill_locked(embeds, prompts);
 }
 
-// Grows the cache (nothing to keep: a prefill starts a new batch) and the RoPE tables for the
-// prompts plus `steps` decode steps after them.
-void EmuDecoder::fit_prompts_locked(const char* who, const PromptLayout& prompts, int64_t steps) {
+// Grows the cache and the RoPE tables for rows (starts, lens) plus `steps` decode steps after
+// them: a new batch's prompts (nothing to keep: a prefill starts afresh) or the active rows.
+void EmuDecoder::fit_locked(const char* who, int64_t batch, const int64_t* starts, const int64_t* lens,
+                            int64_t steps, bool keep) {
   int64_t len = 0, positions = 0;
-  for (int64_t b = 0; b < prompts.batch; ++b) {
-    len = std::max(len, prompts.lens[b]);
-    positions = std::max(positions, prompts.starts[b] + prompts.lens[b]);
+  for (int64_t b = 0; b < batch; ++b) {
+    len = std::max(len, lens[b]);
+    positions = std::max(positions, starts[b] + lens[b]);
   }
-  grow_locked(prompts.batch, len + steps, false);
+  grow_locked(batch, len + steps, keep);
   ensure_rope_locked(who, positions + steps);
 }
 
-// Grows the cache (keeping the active rows) and the RoPE tables for `steps` more steps.
+void EmuDecoder::fit_prompts_locked(const char* who, const PromptLayout& prompts, int64_t steps) {
+  fit_locked(who, prompts.batch, prompts.starts.data(), prompts.lens.data(), steps, false);
+}
+
 void EmuDecoder::fit_steps_locked(const char* who, int64_t steps) {
-  int64_t len = 0, positions = 0;
-  for (int64_t b = 0; b < batch_; ++b) {
-    len = std::max(len, lengths_[b]);
-    positions = std::max(positions, starts_[b] + lengths_[b]);
-  }
-  grow_locked(batch_, len + steps, true);
-  ensure_rope_locked(who, positions + steps);
+  fit_locked(who, batch_, starts_.data(), lengths_.data(), steps, true);
 }
 
 at::Tensor EmuDecoder::generate(const at::Tensor& embeds, const at::Tensor& attention_mask, int64_t n) {

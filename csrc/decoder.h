@@ -44,9 +44,10 @@ class EmuDecoder {
   // head_weight [Dout, H] is the regression head (Emu1 stu_regress_head, Emu2 project_down);
   // up_weight [H, Dout] maps an output back to the next input (Emu2 project_up), or none (Emu1).
   // rope_cos/rope_sin: float32 [P, D/2] for positions 0..P-1 (P may be 0 with a rope_fn, which
-  // extends them as requests need: a prompt's padded length plus the steps after it). They come from the model's own rotary module, not
-  // from rope_theta: a model whose frequencies were rounded (upstream Emu1 casts its LLaMA to
-  // bfloat16 once, which rounds the non-persistent inv_freq for good) runs with those.
+  // extends them as requests need: a prompt's padded length plus the steps after it). They
+  // come from the model's own rotary module, not from rope_theta: a model whose frequencies
+  // were rounded (upstream Emu1 casts its LLaMA to bfloat16 once, which rounds the
+  // non-persistent inv_freq for good) runs with those.
   EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
              at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
              int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
@@ -124,6 +125,10 @@ class EmuDecoder {
   // Makes the RoPE tables cover positions 0..positions-1 (through rope_fn_).
   void ensure_rope_locked(const char* who, int64_t positions);
   void rebuild_step_locked();
+  // Replaces the cache with kv and rebuilds the per-layer views of it.
+  void set_cache_locked(at::Tensor kv);
+  void fit_locked(const char* who, int64_t batch, const int64_t* starts, const int64_t* lens, int64_t steps,
+                  bool keep);
   void fit_prompts_locked(const char* who, const PromptLayout& prompts, int64_t steps);
   void fit_steps_locked(const char* who, int64_t steps);
   int64_t graph_bytes() const;  // cuda/decoder_graph.cpp; 0 without CUDA
