@@ -6,6 +6,7 @@
 
 #include "checks.h"
 #include "decoder.h"
+#include "step_kernels.h"
 
 namespace py = pybind11;
 using emu_fast::EmuDecoder;
@@ -50,26 +51,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_add_rms_norm", [](T x, T r, T w, bool cuda) { emu_fast::check_add_rms_norm(x, r, w, cuda); });
   m.def("check_silu_mul", [](T gate_up, bool cuda) { emu_fast::check_silu_mul(gate_up, cuda); });
 
+  // Test-only (tests/test_self_check.py): make one custom kernel wrong on purpose; "" clears.
+  m.def("_set_test_fault", &emu_fast::set_test_fault, py::arg("op"));
+
   py::class_<EmuDecoder>(m, "EmuDecoder", R"doc(
 A LLaMA decoder with a KV cache sized to the requests for Emu's causal image-embedding loop.
 
 EmuDecoder(layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads,
-           rms_eps, rope_cos, rope_sin, max_batch=None, max_seq_len=None, rope_fn=None)
+           rms_eps, rope_cos, rope_sin, max_batch=None, max_seq_len=None, rope_fn=None,
+           kernels="auto", segment_starts=None)
 
 layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] (qkv = q,k,v projections
 stacked on dim 0, gate_up = gate,up stacked). The weights are used in place, not copied.
 rope_cos/rope_sin: float32 [positions, head_dim / 2], the model's own RoPE tables
 (emu_fast.rope.model_rope_tables); rope_fn(P) -> (cos, sin) for P positions extends them as
 requests need. max_batch / max_seq_len: upper limits (None: no limit besides memory); the
-KV cache grows to the largest request.
+KV cache grows to the largest request. kernels: "custom" (ours), "aten" (the portable step:
+any torch device) or "auto" (ours where we have them, checked against ATen at first use per
+batch size; ATen elsewhere or after a failed check). segment_starts: the first layer of each
+run of layers on one device (a model split over devices); each segment keeps its own cache.
 )doc")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor,
                     c10::optional<at::Tensor>, int64_t, int64_t, double, at::Tensor, at::Tensor,
-                    c10::optional<int64_t>, c10::optional<int64_t>, EmuDecoder::RopeFn>(),
+                    c10::optional<int64_t>, c10::optional<int64_t>, EmuDecoder::RopeFn, const std::string&,
+                    std::vector<int64_t>>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("head_weight"), py::arg("up_weight") = py::none(),
            py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("rms_eps"),
            py::arg("rope_cos"), py::arg("rope_sin"), py::arg("max_batch") = py::none(),
-           py::arg("max_seq_len") = py::none(), py::arg("rope_fn") = py::none())
+           py::arg("max_seq_len") = py::none(), py::arg("rope_fn") = py::none(), py::arg("kernels") = "auto",
+           py::arg("segment_starts") = std::vector<int64_t>{})
       .def("prefill", &EmuDecoder::prefill, py::arg("inputs_embeds"), py::arg("attention_mask"),
            py::call_guard<py::gil_scoped_release>(),
            "Prompts [B,T,H] with a [B,T] 0/1 mask (left or right padding) -> output 0 [B, out].")
@@ -108,5 +118,19 @@ KV cache grows to the largest request.
       .def_property_readonly("num_kv_heads", &EmuDecoder::num_kv_heads)
       .def_property_readonly("head_dim", &EmuDecoder::head_dim)
       .def_property_readonly("kv_cache", &EmuDecoder::kv_cache,
-                             "The KV cache [layers, 2, capacity batch, kv_heads, capacity seq_len, head_dim].");
+                             "The KV cache [layers, 2, capacity batch, kv_heads, capacity seq_len, head_dim] "
+                             "(one segment; see kv_caches).")
+      .def_property_readonly("kv_caches", &EmuDecoder::kv_caches,
+                             "Per segment, its KV cache [its layers, 2, batch, kv_heads, seq_len, head_dim].")
+      .def_property_readonly("kv_cache_bytes", &EmuDecoder::kv_cache_bytes)
+      .def_property_readonly("segments", &EmuDecoder::segments,
+                             "Per segment: (first layer, end layer, device as a string).")
+      .def_property_readonly("input_device", [](const EmuDecoder& d) { return d.input_device().str(); },
+                             "Where prompts go in: the first layer's device.")
+      .def_property_readonly("output_device", [](const EmuDecoder& d) { return d.output_device().str(); },
+                             "Where outputs come out: the regression head's device.")
+      .def_property_readonly("kernel_mode", &EmuDecoder::kernel_mode, "The kernels asked for: auto, custom or aten.")
+      .def_property_readonly("kernels", &EmuDecoder::kernels, "The kernels in use now: custom or aten.")
+      .def_property_readonly("fallback_reason", &EmuDecoder::fallback_reason,
+                             "Why the self-check moved this decoder to the ATen step ('' if it did not).");
 }

@@ -1,16 +1,18 @@
 #include "decoder.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 
 #include "checks.h"
 #include "cpu/fused_step.h"
 #include "prompt_mask.h"
+#include "self_check.h"
+#include "step_kernels.h"
 
 namespace emu_fast {
 namespace {
@@ -19,76 +21,30 @@ constexpr const char* kWho = "emu_fast.EmuDecoder";
 
 }  // namespace
 
-// The emu_fast ops the decoder's prefill and op-by-op step call, through the dispatcher, so each
-// runs the CPU or CUDA kernel by its tensors' device (and a CUDA graph captures them).
-namespace ops {
 namespace {
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+// `where`: "layer 3 " or "" (the head's weights). Same dtype as the decoder's, on `device`.
+void check_weight(const at::Tensor& t, const std::string& where, const char* name, at::IntArrayRef shape,
+                  at::ScalarType dtype, const at::Device& device, const char* device_owner) {
+  TORCH_CHECK_VALUE(t.defined(), kWho, ": ", where, name, " is missing");
+  TORCH_CHECK_VALUE(t.sizes() == shape, kWho, ": ", where, name, " has shape ", t.sizes(), ", expected ", shape);
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kWho, ": ", where, name, " is ", py_dtype(t.scalar_type()),
+                   " but the decoder's weights are ", py_dtype(dtype));
+  TORCH_CHECK_VALUE(t.device() == device, kWho, ": ", where, name, " is on ", t.device(), " but ", device_owner,
+                    " is on ", device,
+                    " (a model split over devices needs segment_starts: EmuDecoder.from_llama passes them)");
+  TORCH_CHECK_VALUE(t.is_contiguous(), kWho, ": ", where, name, " must be contiguous");
 }
 
-using T = at::Tensor;
-using Pair = std::tuple<at::Tensor, at::Tensor>;
-
-T decode_attention(const T& q, const T& k, const T& v, T& k_cache, T& v_cache, const T& cache_lens, const T& positions,
-                   const T& rope_cos, const T& rope_sin, double scale) {
-  static const auto op = handle<T(const T&, const T&, const T&, T&, T&, const T&, const T&, const T&, const T&, double)>(
-      "emu_fast::decode_attention");
-  return op.call(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale);
-}
-
-Pair regression_head(const T& hidden, const T& norm_weight, double eps, const T& head_weight,
-                     const c10::optional<T>& up_weight) {
-  static const auto op =
-      handle<Pair(const T&, const T&, double, const T&, const c10::optional<T>&)>("emu_fast::regression_head");
-  return op.call(hidden, norm_weight, eps, head_weight, up_weight);
-}
-
-T gemv(const T& x, const T& weight) {
-  static const auto op = handle<T(const T&, const T&)>("emu_fast::gemv");
-  return op.call(x, weight);
-}
-
-T rms_norm(const T& x, const T& weight, double eps) {
-  static const auto op = handle<T(const T&, const T&, double)>("emu_fast::rms_norm");
-  return op.call(x, weight, eps);
-}
-
-Pair add_rms_norm(const T& x, const T& residual, const T& weight, double eps) {
-  static const auto op = handle<Pair(const T&, const T&, const T&, double)>("emu_fast::add_rms_norm");
-  return op.call(x, residual, weight, eps);
-}
-
-T silu_mul(const T& gate_up) {
-  static const auto op = handle<T(const T&)>("emu_fast::silu_mul");
-  return op.call(gate_up);
-}
-
-}  // namespace
-}  // namespace ops
-
-namespace {
-
-void check_weight(const at::Tensor& t, const char* name, int64_t layer, at::IntArrayRef shape,
-                  const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.defined(), kWho, ": layer ", layer, " ", name, " is missing");
-  TORCH_CHECK_VALUE(t.sizes() == shape, kWho, ": layer ", layer, " ", name, " has shape ", t.sizes(),
-                    ", expected ", shape);
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), kWho, ": layer ", layer, " ", name, " is ",
-                   py_dtype(t.scalar_type()), " but the decoder's weights are ", py_dtype(ref.scalar_type()));
-  TORCH_CHECK_VALUE(t.device() == ref.device(), kWho, ": layer ", layer, " ", name, " is on ", t.device(),
-                    " but the decoder's weights are on ", ref.device());
-  TORCH_CHECK_VALUE(t.is_contiguous(), kWho, ": layer ", layer, " ", name, " must be contiguous");
-}
+std::string layer_name(size_t l) { return "layer " + std::to_string(l) + " "; }
 
 }  // namespace
 
 EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
                        at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
                        int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
-                       c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn)
+                       c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn,
+                       const std::string& kernels, std::vector<int64_t> segment_starts)
     : final_norm_(std::move(final_norm)),
       head_(std::move(head_weight)),
       up_(std::move(up_weight)),
@@ -97,7 +53,10 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
       eps_(rms_eps),
       max_batch_(max_batch.value_or(kNoLimit)),
       max_seq_len_(max_seq_len.value_or(kNoLimit)),
-      rope_fn_(std::move(rope_fn)) {
+      rope_fn_(std::move(rope_fn)),
+      mode_(kernels) {
+  TORCH_CHECK_VALUE(mode_ == "auto" || mode_ == "custom" || mode_ == "aten", kWho,
+                    ": kernels must be \"auto\", \"custom\" or \"aten\", got \"", mode_, "\"");
   TORCH_CHECK_VALUE(!layers.empty(), kWho, ": needs at least one layer");
   TORCH_CHECK_VALUE(final_norm_.defined() && final_norm_.dim() == 1, kWho, ": final_norm must be 1-D");
   hidden_ = final_norm_.size(0);
@@ -113,43 +72,69 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   TORCH_CHECK_VALUE(rms_eps > 0 && std::isfinite(rms_eps), kWho, ": rms_eps must be positive and finite, got ",
                     rms_eps);
   head_dim_ = hidden_ / num_heads;
-  const at::Tensor& ref = final_norm_;
-  const auto st = ref.scalar_type();
+  const auto st = final_norm_.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kWho,
                    ": weights must be float32, bfloat16 or float16, got ", py_dtype(st));
-  TORCH_CHECK_TYPE(st != at::kHalf || !ref.device().is_cpu(), kWho,
-                   ": float16 weights are supported on CUDA only; use float32 or bfloat16 on the CPU");
+
+  // Segments: runs of consecutive layers, each on one device.
+  const int64_t L = static_cast<int64_t>(layers.size());
+  if (segment_starts.empty()) segment_starts = {0};
+  TORCH_CHECK_VALUE(segment_starts.front() == 0, kWho, ": segment_starts must begin with layer 0, got ",
+                    segment_starts.front());
+  for (size_t i = 1; i < segment_starts.size(); ++i)
+    TORCH_CHECK_VALUE(segment_starts[i] > segment_starts[i - 1] && segment_starts[i] < L, kWho,
+                      ": segment_starts must be increasing layer indices below ", L, ", got ",
+                      c10::IntArrayRef(segment_starts));
 
   const int64_t H = hidden_, D = head_dim_;
   const int64_t qkv_rows = (num_heads + 2 * num_kv_heads) * D;
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const auto& w = layers[l];
-    const int64_t li = static_cast<int64_t>(l);
-    TORCH_CHECK_VALUE(w.size() == 6, kWho, ": layer ", l,
-                      " needs 6 tensors [input_norm, qkv, o, post_norm, gate_up, down], got ", w.size());
-    TORCH_CHECK_VALUE(w[4].defined() && w[4].dim() == 2 && w[4].size(0) % 2 == 0, kWho, ": layer ", l,
-                      " gate_up must be [2*intermediate, hidden]");
-    const int64_t I = w[4].size(0) / 2;
-    TORCH_CHECK_VALUE(l == 0 || I == layers_[0].down.size(1), kWho, ": layer ", l, " has intermediate size ", I,
-                      " but layer 0 has ", layers_.empty() ? 0 : layers_[0].down.size(1), "; LLaMA's are all equal");
-    check_weight(w[0], "input_norm", li, {H}, ref);
-    check_weight(w[1], "qkv", li, {qkv_rows, H}, ref);
-    check_weight(w[2], "o", li, {H, num_heads * D}, ref);
-    check_weight(w[3], "post_norm", li, {H}, ref);
-    check_weight(w[4], "gate_up", li, {2 * I, H}, ref);
-    check_weight(w[5], "down", li, {H, I}, ref);
-    layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+  for (size_t i = 0; i < segment_starts.size(); ++i) {
+    const int64_t begin = segment_starts[i], end = i + 1 < segment_starts.size() ? segment_starts[i + 1] : L;
+    TORCH_CHECK_VALUE(layers[begin].size() == 6 && layers[begin][0].defined(), kWho, ": layer ", begin,
+                      " needs 6 tensors [input_norm, qkv, o, post_norm, gate_up, down], got ", layers[begin].size());
+    const at::Device device = layers[begin][0].device();
+    const std::string owner = "segment " + std::to_string(i) + " (from layer " + std::to_string(begin) + ")";
+    for (int64_t l = begin; l < end; ++l) {
+      const auto& w = layers[l];
+      const std::string where = layer_name(l);
+      TORCH_CHECK_VALUE(w.size() == 6, kWho, ": layer ", l,
+                        " needs 6 tensors [input_norm, qkv, o, post_norm, gate_up, down], got ", w.size());
+      TORCH_CHECK_VALUE(w[4].defined() && w[4].dim() == 2 && w[4].size(0) % 2 == 0, kWho, ": layer ", l,
+                        " gate_up must be [2*intermediate, hidden]");
+      const int64_t I = w[4].size(0) / 2;
+      TORCH_CHECK_VALUE(l == 0 || I == layers_[0].down.size(1), kWho, ": layer ", l, " has intermediate size ", I,
+                        " but layer 0 has ", layers_.empty() ? 0 : layers_[0].down.size(1), "; LLaMA's are all equal");
+      check_weight(w[0], where, "input_norm", {H}, st, device, owner.c_str());
+      check_weight(w[1], where, "qkv", {qkv_rows, H}, st, device, owner.c_str());
+      check_weight(w[2], where, "o", {H, num_heads * D}, st, device, owner.c_str());
+      check_weight(w[3], where, "post_norm", {H}, st, device, owner.c_str());
+      check_weight(w[4], where, "gate_up", {2 * I, H}, st, device, owner.c_str());
+      check_weight(w[5], where, "down", {H, I}, st, device, owner.c_str());
+      layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+    }
+    segs_.push_back(Segment{begin, end, device});
   }
+  const at::Device out_device = final_norm_.device();
   TORCH_CHECK_VALUE(head_.defined() && head_.dim() == 2, kWho, ": head_weight must be [out, hidden]");
-  check_weight(head_, "head_weight", -1, {head_.size(0), H}, ref);
+  check_weight(final_norm_, "", "final_norm", {H}, st, out_device, "final_norm");
+  check_weight(head_, "", "head_weight", {head_.size(0), H}, st, out_device, "final_norm");
   if (up_.has_value()) {
-    check_weight(*up_, "up_weight", -1, {H, head_.size(0)}, ref);
+    check_weight(*up_, "", "up_weight", {H, head_.size(0)}, st, out_device, "final_norm");
   } else {
     TORCH_CHECK_VALUE(head_.size(0) == H, kWho, ": without up_weight the head's output is the next input, so "
                       "head_weight must be [", H, ", ", H, "], got ", head_.sizes());
   }
 
-  if (ref.is_cuda()) check_cuda_attention_limits(kWho, D, num_heads / num_kv_heads);
+  // Kernels: ours where every segment's device has them, else ATen (or an error, if asked for ours).
+  const int64_t group = num_heads / num_kv_heads;
+  std::string why;
+  bool ours = mode_ != "aten";
+  for (const Segment& seg : segs_) ours = ours && custom_kernels_support(seg.device, st, D, group, &why);
+  ours = ours && custom_kernels_support(out_device, st, D, group, &why);
+  TORCH_CHECK_VALUE(ours || mode_ != "custom", kWho, ": kernels=\"custom\" cannot run here: ", why,
+                    " (use kernels=\"auto\" or \"aten\")");
+  kernels_ = ours ? &custom_kernels() : &aten_kernels();
+
   // RoPE tables, as the model's rotary module gives them. Positions go up to a prompt's padded
   // length plus the steps after it; rope_fn_ extends them when a request needs more.
   for (const auto* t : {&rope_cos, &rope_sin}) {
@@ -163,17 +148,18 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                       "] (or pass rope_fn), got ", t->sizes());
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kWho, ": ", name, " must be torch.float32, got ",
                      py_dtype(t->scalar_type()));
-    TORCH_CHECK_VALUE(t->device() == ref.device(), kWho, ": ", name, " is on ", t->device(),
-                      " but the decoder's weights are on ", ref.device());
   }
   TORCH_CHECK_VALUE(rope_cos.sizes() == rope_sin.sizes(), kWho, ": rope_cos ", rope_cos.sizes(),
                     " and rope_sin ", rope_sin.sizes(), " differ in shape");
-  rope_cos_ = rope_cos.clone(at::MemoryFormat::Contiguous);  // its own copy: the caller's may change
-  rope_sin_ = rope_sin.clone(at::MemoryFormat::Contiguous);
-  // No capacity guessing: the cache starts empty and grows to what requests need.
-  set_cache_locked(at::empty({num_layers(), 2, 0, num_kv_heads, 0, D}, ref.options()));
-  lengths_dev_ = at::zeros({0}, ref.options().dtype(at::kLong));
-  starts_dev_ = at::zeros({0}, ref.options().dtype(at::kLong));
+  set_rope_locked(rope_cos, rope_sin);  // its own copies: the caller's may change
+  // No capacity guessing: the caches start empty and grow to what requests need.
+  std::vector<at::Tensor> empty;
+  for (Segment& seg : segs_) {
+    empty.push_back(at::empty({seg.end - seg.begin, 2, 0, num_kv_heads, 0, D}, final_norm_.options().device(seg.device)));
+    seg.lengths_dev = at::zeros({0}, at::TensorOptions().dtype(at::kLong).device(seg.device));
+    seg.starts_dev = seg.lengths_dev.clone();
+  }
+  set_caches_locked(std::move(empty));
 }
 
 namespace {
@@ -194,12 +180,22 @@ int64_t cuda_free_bytes(const at::Device&) { return -1; }
 int64_t cuda_free_bytes(const at::Device& device);  // cuda/decoder_graph.cpp
 #endif
 
+
 void EmuDecoder::rebuild_step_locked() {
   graphs_.clear();  // captured graphs hold the old cache and table addresses
-  fused_ = cap_batch_ > 0 && cap_seq_ > 0
-               ? cpu::make_fused_step(layers_, k_cache_, v_cache_, final_norm_, head_, up_, rope_cos_, rope_sin_,
-                                      num_heads_, num_kv_heads_, eps_)
-               : nullptr;
+  const bool ours = kernels_ == &custom_kernels();
+  for (size_t i = 0; i < segs_.size(); ++i) {
+    Segment& seg = segs_[i];
+    // The fused CPU step covers the head too when the head sits with the last segment.
+    seg.fused_head = i + 1 == segs_.size() && seg.device == output_device();
+    seg.fused = nullptr;
+    if (!ours || cap_batch_ == 0 || cap_seq_ == 0) continue;
+    const std::vector<DecoderLayerWeights> layers(layers_.begin() + seg.begin, layers_.begin() + seg.end);
+    const std::vector<at::Tensor> kc(k_cache_.begin() + seg.begin, k_cache_.begin() + seg.end);
+    const std::vector<at::Tensor> vc(v_cache_.begin() + seg.begin, v_cache_.begin() + seg.end);
+    seg.fused = cpu::make_fused_step(layers, kc, vc, final_norm_, seg.fused_head ? head_ : at::Tensor(), up_,
+                                     seg.rope_cos, seg.rope_sin, num_heads_, num_kv_heads_, eps_);
+  }
 }
 
 void EmuDecoder::reserve(int64_t batch, int64_t seq_len) {
@@ -217,13 +213,24 @@ void EmuDecoder::reserve(int64_t batch, int64_t seq_len) {
   ensure_rope_locked("emu_fast.EmuDecoder.reserve", std::max(positions, seq_len));
 }
 
-void EmuDecoder::set_cache_locked(at::Tensor kv) {
-  kv_ = std::move(kv);
+void EmuDecoder::set_caches_locked(std::vector<at::Tensor> kv) {
   k_cache_.clear();
   v_cache_.clear();
-  for (int64_t l = 0; l < num_layers(); ++l) {
-    k_cache_.push_back(kv_[l][0]);
-    v_cache_.push_back(kv_[l][1]);
+  for (size_t i = 0; i < segs_.size(); ++i) {
+    segs_[i].kv = std::move(kv[i]);
+    for (int64_t l = 0; l < segs_[i].end - segs_[i].begin; ++l) {
+      k_cache_.push_back(segs_[i].kv[l][0]);
+      v_cache_.push_back(segs_[i].kv[l][1]);
+    }
+  }
+}
+
+void EmuDecoder::set_rope_locked(const at::Tensor& cos, const at::Tensor& sin) {
+  rope_cos_ = cos.clone(at::MemoryFormat::Contiguous);
+  rope_sin_ = sin.clone(at::MemoryFormat::Contiguous);
+  for (Segment& seg : segs_) {
+    seg.rope_cos = rope_cos_.to(seg.device);  // the same tensor where the device is the same
+    seg.rope_sin = rope_sin_.to(seg.device);
   }
 }
 
@@ -232,49 +239,62 @@ void EmuDecoder::grow_locked(int64_t batch, int64_t seq_len, bool keep) {
   const int64_t B = std::max(batch, cap_batch_);
   const int64_t S = std::max(round_seq(seq_len, max_seq_len_), cap_seq_);
   const int64_t D = head_dim_, Hkv = num_kv_heads_;
-  const at::Tensor& ref = final_norm_;
   const double elems = static_cast<double>(num_layers()) * 2 * B * Hkv * S * D;
   TORCH_CHECK_VALUE(elems < 9.0e18 / 8, kWho, ": a KV cache for batch ", B, " x seq_len ", S,
                     " is too large to address");
-  const int64_t bytes = static_cast<int64_t>(elems) * ref.element_size();
+  const int64_t per_layer = 2 * B * Hkv * S * D * static_cast<int64_t>(final_norm_.element_size());
   if (!keep || batch_ == 0) {
-    // Nothing to carry over: free the old cache first so the new one can reuse its memory. The
-    // decoder stays consistent (an empty cache, no batch) if the allocation below fails.
+    // Nothing to carry over: free the old caches first so the new ones can reuse their memory.
+    // The decoder stays consistent (empty caches, no batch) if an allocation below fails.
     reset_locked();
-    fused_ = nullptr;
     graphs_.clear();
-    set_cache_locked(at::empty({num_layers(), 2, cap_batch_, Hkv, 0, D}, ref.options()));
+    std::vector<at::Tensor> empty;
+    for (const Segment& seg : segs_)
+      empty.push_back(at::empty({seg.end - seg.begin, 2, cap_batch_, Hkv, 0, D}, final_norm_.options().device(seg.device)));
+    set_caches_locked(std::move(empty));
     cap_seq_ = 0;
+    rebuild_step_locked();
   }
-  if (ref.is_cuda()) {
-    const int64_t free = cuda_free_bytes(ref.device());
-    TORCH_CHECK_VALUE(free < 0 || bytes <= free, kWho, ": the KV cache for batch ", B, " x seq_len ", S, " needs ",
-                      bytes, " bytes but only ", free, " bytes are free on ", ref.device(),
-                      " (set max_batch / max_seq_len, or send smaller requests)");
+  std::vector<at::Tensor> caches;
+  for (const Segment& seg : segs_) {
+    const int64_t bytes = per_layer * (seg.end - seg.begin);
+    if (seg.device.is_cuda()) {
+      // What this device's other segments already took in this loop counts against it too.
+      int64_t taken = 0;
+      for (size_t j = 0; j < caches.size(); ++j)
+        if (segs_[j].device == seg.device) taken += caches[j].numel() * caches[j].element_size();
+      const int64_t free = cuda_free_bytes(seg.device);
+      TORCH_CHECK_VALUE(free < 0 || bytes <= free, kWho, ": the KV cache for batch ", B, " x seq_len ", S, " needs ",
+                        bytes, " bytes on ", seg.device, " (layers ", seg.begin, "-", seg.end - 1, ") but only ",
+                        free, " bytes are free there", taken > 0 ? " after this decoder's other layers" : "",
+                        " (set max_batch / max_seq_len, or send smaller requests)");
+    }
+    try {
+      caches.push_back(at::empty({seg.end - seg.begin, 2, B, Hkv, S, D}, final_norm_.options().device(seg.device)));
+    } catch (const c10::Error& e) {
+      TORCH_CHECK_VALUE(false, kWho, ": cannot allocate the KV cache (", bytes, " bytes on ", seg.device,
+                        " for batch ", B, " x seq_len ", S, "): ", e.what_without_backtrace());
+    }
   }
-  at::Tensor kv;
-  try {
-    kv = at::empty({num_layers(), 2, B, Hkv, S, D}, ref.options());
-  } catch (const c10::Error& e) {
-    TORCH_CHECK_VALUE(false, kWho, ": cannot allocate the KV cache (", bytes, " bytes for batch ", B, " x seq_len ",
-                      S, "): ", e.what_without_backtrace());
-  }
-  if (kv_.defined() && batch_ > 0) {
+  if (keep && batch_ > 0) {
     // Growing mid-sequence: the active rows' cached keys/values carry over unchanged.
     int64_t used = 0;
     for (int64_t b = 0; b < batch_; ++b) used = std::max(used, lengths_[b]);
     if (used > 0)
-      kv.narrow(2, 0, batch_).narrow(4, 0, used).copy_(kv_.narrow(2, 0, batch_).narrow(4, 0, used));
+      for (size_t i = 0; i < segs_.size(); ++i)
+        caches[i].narrow(2, 0, batch_).narrow(4, 0, used).copy_(segs_[i].kv.narrow(2, 0, batch_).narrow(4, 0, used));
   }
-  set_cache_locked(kv);
+  set_caches_locked(std::move(caches));
   if (B > cap_batch_) {
     lengths_.resize(B, 0);
     starts_.resize(B, 0);
-    at::Tensor lens = at::zeros({B}, ref.options().dtype(at::kLong)), sts = at::zeros_like(lens);
-    lens.narrow(0, 0, cap_batch_).copy_(lengths_dev_);
-    sts.narrow(0, 0, cap_batch_).copy_(starts_dev_);
-    lengths_dev_ = lens;
-    starts_dev_ = sts;
+    for (Segment& seg : segs_) {
+      at::Tensor lens = at::zeros({B}, seg.lengths_dev.options()), sts = at::zeros_like(lens);
+      lens.narrow(0, 0, cap_batch_).copy_(seg.lengths_dev);
+      sts.narrow(0, 0, cap_batch_).copy_(seg.starts_dev);
+      seg.lengths_dev = lens;
+      seg.starts_dev = sts;
+    }
   }
   cap_batch_ = B;
   cap_seq_ = S;
@@ -293,11 +313,10 @@ void EmuDecoder::ensure_rope_locked(const char* who, int64_t positions) {
   const int64_t D = head_dim_;
   for (const auto* t : {&cos, &sin})
     TORCH_CHECK_VALUE(t->defined() && t->dim() == 2 && t->size(0) >= positions && t->size(1) == D / 2 &&
-                          t->scalar_type() == at::kFloat && t->device() == final_norm_.device(),
-                      kWho, ": rope_fn(", P, ") must return float32 [", P, ", ", D / 2, "] tables on ",
-                      final_norm_.device(), ", got ", t->defined() ? t->sizes() : at::IntArrayRef{});
-  rope_cos_ = cos.clone(at::MemoryFormat::Contiguous);
-  rope_sin_ = sin.clone(at::MemoryFormat::Contiguous);
+                          t->scalar_type() == at::kFloat,
+                      kWho, ": rope_fn(", P, ") must return float32 [", P, ", ", D / 2, "] tables, got ",
+                      t->defined() ? t->sizes() : at::IntArrayRef{});
+  set_rope_locked(cos, sin);
   rebuild_step_locked();
 }
 
@@ -314,10 +333,47 @@ int64_t EmuDecoder::weight_bytes() const {
 
 int64_t EmuDecoder::scratch_bytes() const {
   int64_t n = graph_bytes();
-  for (const auto* t : {&rope_cos_, &rope_sin_, &lengths_dev_, &starts_dev_})
-    n += static_cast<int64_t>(t->numel()) * t->element_size();
+  auto add = [&n](const at::Tensor& t) { n += static_cast<int64_t>(t.numel()) * t.element_size(); };
+  add(rope_cos_);
+  add(rope_sin_);
+  for (const Segment& seg : segs_) {
+    if (seg.rope_cos.data_ptr() != rope_cos_.data_ptr()) {
+      add(seg.rope_cos);
+      add(seg.rope_sin);
+    }
+    add(seg.lengths_dev);
+    add(seg.starts_dev);
+  }
   return n;
 }
+
+at::Tensor EmuDecoder::kv_cache() const {
+  TORCH_CHECK_VALUE(segs_.size() == 1, kWho, ": this decoder is split into ", segs_.size(),
+                    " segments, each with its own KV cache: use kv_caches");
+  return segs_.front().kv;
+}
+
+std::vector<at::Tensor> EmuDecoder::kv_caches() const {
+  std::vector<at::Tensor> out;
+  for (const Segment& seg : segs_) out.push_back(seg.kv);
+  return out;
+}
+
+int64_t EmuDecoder::kv_cache_bytes() const {
+  int64_t n = 0;
+  for (const Segment& seg : segs_) n += static_cast<int64_t>(seg.kv.numel()) * seg.kv.element_size();
+  return n;
+}
+
+std::vector<std::tuple<int64_t, int64_t, std::string>> EmuDecoder::segments() const {
+  std::vector<std::tuple<int64_t, int64_t, std::string>> out;
+  for (const Segment& seg : segs_) out.emplace_back(seg.begin, seg.end, seg.device.str());
+  return out;
+}
+
+std::string EmuDecoder::kernels() const { return kernels_->name(); }
+
+std::string EmuDecoder::fallback_reason() const { return fallback_reason_; }
 
 std::vector<int64_t> EmuDecoder::lengths() const {
   return std::vector<int64_t>(lengths_.begin(), lengths_.begin() + batch_);
@@ -332,8 +388,10 @@ void EmuDecoder::reset_locked() {
   batch_ = 0;
   std::fill(lengths_.begin(), lengths_.end(), 0);
   std::fill(starts_.begin(), starts_.end(), 0);
-  lengths_dev_.zero_();
-  starts_dev_.zero_();
+  for (Segment& seg : segs_) {
+    seg.lengths_dev.zero_();
+    seg.starts_dev.zero_();
+  }
 }
 
 // x [B, T, heads, D] rotated by cos/sin [B, T, 1, D/2], in float32, back to x's dtype.
@@ -345,7 +403,7 @@ at::Tensor EmuDecoder::rope_prefill(const at::Tensor& x, const at::Tensor& cos, 
 
 PromptLayout EmuDecoder::parse(const char* who, const at::Tensor& embeds, const at::Tensor& attention_mask) const {
   return parse_prompts(who, embeds, attention_mask,
-                       {hidden_, max_batch_, max_seq_len_, final_norm_.scalar_type(), final_norm_.device()});
+                       {hidden_, max_batch_, max_seq_len_, final_norm_.scalar_type(), input_device()});
 }
 
 at::Tensor EmuDecoder::prefill(const at::Tensor& embeds, const at::Tensor& attention_mask) {
@@ -387,7 +445,7 @@ at::Tensor EmuDecoder::generate(const at::Tensor& embeds, const at::Tensor& atte
                       prompts.lens[b], " tokens plus ", n - 1, " generated embeddings exceeds the decoder's max_seq_len of ",
                       max_seq_len_);
   fit_prompts_locked("emu_fast.EmuDecoder.generate", prompts, n - 1);
-  at::Tensor result = at::empty({prompts.batch, n, output_size()}, embeds.options());
+  at::Tensor result = at::empty({prompts.batch, n, output_size()}, final_norm_.options());
   const at::Tensor first = prefill_locked(embeds, prompts);
   result.select(1, 0).copy_(first);
   if (n > 1) decode_into(first, result.narrow(1, 1, n - 1));
@@ -399,58 +457,70 @@ at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayo
   const std::vector<int64_t>& starts = prompts.starts;
   const std::vector<int64_t>& lens = prompts.lens;
   reset_locked();
+  // Prefill is GEMM-bound; its glue (norms, SiLU, the head) runs on our kernels only when they
+  // were asked for by name. In "auto" mode it is ATen's: it runs before any self-check, and a
+  // wrong kernel here would poison the cache every later step reads.
+  const StepKernels& k = mode_ == "custom" ? custom_kernels() : aten_kernels();
 
   // --- Lay each prompt's valid tokens out from index 0 (the cache's layout), RoPE positions
   // starting at its left padding so the arithmetic is upstream's.
   const int64_t L = *std::max_element(lens.begin(), lens.end());
-  const auto dev = embeds.device();
   const auto i64 = at::TensorOptions().dtype(at::kLong);
-  const at::Tensor starts_t = at::tensor(starts, i64).to(dev), lens_t = at::tensor(lens, i64).to(dev);
-  const at::Tensor offs = at::arange(L, i64.device(dev));
+  const at::Tensor starts_host = at::tensor(starts, i64), lens_host = at::tensor(lens, i64);
+  const at::Tensor offs_host = at::arange(L, i64);
   // Rows past a prompt's end repeat its last token; the key mask hides them.
-  const at::Tensor src = starts_t.unsqueeze(1) + at::minimum(offs.unsqueeze(0), lens_t.unsqueeze(1) - 1);
-  at::Tensor h = embeds.gather(1, src.unsqueeze(-1).expand({B, L, H})).reshape({B * L, H});
-  const at::Tensor cos = rope_cos_.index_select(0, src.reshape(-1)).view({B, L, 1, D / 2});
-  const at::Tensor sin = rope_sin_.index_select(0, src.reshape(-1)).view({B, L, 1, D / 2});
+  const at::Tensor src_host =
+      starts_host.unsqueeze(1) + at::minimum(offs_host.unsqueeze(0), lens_host.unsqueeze(1) - 1);
+  at::Tensor h = embeds.gather(1, src_host.to(embeds.device()).unsqueeze(-1).expand({B, L, H})).reshape({B * L, H});
   // With no padding the mask is plain causal: is_causal lets SDPA pick its flash kernel, which
   // takes no explicit mask.
   const bool unpadded = std::all_of(lens.begin(), lens.end(), [L](int64_t n) { return n == L; });
-  at::Tensor attn_mask;
+  at::Tensor attn_mask_host;
   if (!unpadded) {
-    const at::Tensor key_valid = offs.unsqueeze(0) < lens_t.unsqueeze(1);                     // [B, L]
-    const at::Tensor causal = at::ones({L, L}, i64.device(dev).dtype(at::kBool)).tril();      // [L, L]
-    attn_mask = causal.unsqueeze(0).unsqueeze(0) & key_valid.view({B, 1, 1, L});
+    const at::Tensor key_valid = offs_host.unsqueeze(0) < lens_host.unsqueeze(1);        // [B, L]
+    const at::Tensor causal = at::ones({L, L}, i64.dtype(at::kBool)).tril();              // [L, L]
+    attn_mask_host = causal.unsqueeze(0).unsqueeze(0) & key_valid.view({B, 1, 1, L});
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const int64_t Hq = num_heads_, Hkv = num_kv_heads_;
 
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const auto& w = layers_[l];
-    const at::Tensor x = ops::rms_norm(h, w.input_norm, eps_);
-    const at::Tensor qkv = at::linear(x, w.qkv).view({B, L, Hq + 2 * Hkv, D});
-    const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
-    const at::Tensor k = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
-    const at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2);
-    k_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(k);
-    v_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(v);
-    const at::Tensor kx = Hq == Hkv ? k : k.repeat_interleave(Hq / Hkv, 1);
-    const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
-    const at::Tensor o = unpadded ? at::scaled_dot_product_attention(q, kx, vx, {}, 0.0, true, scale)
-                                  : at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
-    h = h + at::linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o);
-    const at::Tensor y = ops::rms_norm(h, w.post_norm, eps_);
-    h = h + at::linear(ops::silu_mul(at::linear(y, w.gate_up)), w.down);
+  for (Segment& seg : segs_) {
+    const at::Device dev = seg.device;
+    h = h.to(dev);
+    const at::Tensor src = src_host.to(dev).reshape(-1);
+    const at::Tensor cos = seg.rope_cos.index_select(0, src).view({B, L, 1, D / 2});
+    const at::Tensor sin = seg.rope_sin.index_select(0, src).view({B, L, 1, D / 2});
+    const at::Tensor attn_mask = unpadded ? at::Tensor() : attn_mask_host.to(dev);
+    for (int64_t l = seg.begin; l < seg.end; ++l) {
+      const auto& w = layers_[l];
+      const at::Tensor x = k.rms_norm(h, w.input_norm, eps_);
+      const at::Tensor qkv = at::linear(x, w.qkv).view({B, L, Hq + 2 * Hkv, D});
+      const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
+      const at::Tensor kk = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
+      const at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2);
+      k_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(kk);
+      v_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(v);
+      const at::Tensor kx = Hq == Hkv ? kk : kk.repeat_interleave(Hq / Hkv, 1);
+      const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
+      const at::Tensor o = unpadded ? at::scaled_dot_product_attention(q, kx, vx, {}, 0.0, true, scale)
+                                    : at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
+      h = h + at::linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o);
+      const at::Tensor y = k.rms_norm(h, w.post_norm, eps_);
+      h = h + at::linear(k.silu_mul(at::linear(y, w.gate_up)), w.down);
+    }
+    seg.lengths_dev.narrow(0, 0, B).copy_(lens_host);
+    seg.starts_dev.narrow(0, 0, B).copy_(starts_host);
   }
-  const at::Tensor last = h.view({B, L, H}).index({at::arange(B, i64.device(dev)), lens_t - 1});
-  const at::Tensor out = std::get<0>(ops::regression_head(last, final_norm_, eps_, head_, up_));
+  const at::Device out_dev = output_device();
+  const at::Tensor last = h.to(out_dev).view({B, L, H}).index(
+      {at::arange(B, i64.device(out_dev)), (lens_host - 1).to(out_dev)});
+  const at::Tensor out = std::get<0>(k.regression_head(last, final_norm_, eps_, head_, up_));
 
   batch_ = B;
   for (int64_t b = 0; b < B; ++b) {
     lengths_[b] = lens[b];
     starts_[b] = starts[b];
   }
-  lengths_dev_.narrow(0, 0, B).copy_(lens_t);
-  starts_dev_.narrow(0, 0, B).copy_(starts_t);
   return out;
 }
 
@@ -461,8 +531,8 @@ void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64
                     ": the previous output must be [", B, ", ", Dout, "], got ", prev.sizes());
   TORCH_CHECK_TYPE(prev.scalar_type() == final_norm_.scalar_type(), kWho, ".", who, ": the previous output is ",
                    py_dtype(prev.scalar_type()), " but the decoder's weights are ", py_dtype(final_norm_.scalar_type()));
-  TORCH_CHECK_VALUE(prev.device() == final_norm_.device(), kWho, ".", who, ": the previous output is on ",
-                    prev.device(), " but the decoder is on ", final_norm_.device());
+  TORCH_CHECK_VALUE(prev.device() == output_device(), kWho, ".", who, ": the previous output is on ",
+                    prev.device(), " but the decoder's outputs are on ", output_device());
   if (max_seq_len_ == kNoLimit) {
     TORCH_CHECK_VALUE(steps >= 0, kWho, ".", who, ": steps must be >= 0, got ", steps);
   } else {
@@ -480,50 +550,127 @@ void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64
 // caller's tensor may have been written in ways no version counter sees (.numpy(), .data).
 at::Tensor EmuDecoder::next_input(const at::Tensor& prev) {
   if (!up_.has_value()) return prev.contiguous();
-  return ops::gemv(prev.contiguous(), *up_);
+  return kernels_->gemv(prev.contiguous(), *up_);
 }
 
 std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
-  // On the CPU the whole step runs in one parallel region (cpu/decode_step.cpp); elsewhere op
-  // by op through the dispatcher, which on CUDA is what a graph captures.
-  if (fused_ && fused_cpu_step_) {
-    const int64_t B = x.size(0);
-    std::vector<int64_t> positions(B);
-    for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
-    at::Tensor out = at::empty({B, output_size()}, x.options());
-    at::Tensor next = at::empty({B, up_.has_value() ? hidden_ : 0}, x.options());
-    fused_->run(x, lengths_.data(), positions.data(), out, next);
-    lengths_dev_.narrow(0, 0, B).add_(1);
-    return {out, next};
-  }
+  return run_step_with(x, *kernels_, fused_cpu_step_);
+}
+
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_with(const at::Tensor& x, const StepKernels& k, bool fused) {
+  // On the CPU each segment runs in one parallel region (cpu/decode_step.cpp); elsewhere op by
+  // op, which on CUDA is what a graph captures.
   const int64_t B = x.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-  const at::Tensor lens = lengths_dev_.narrow(0, 0, B);
-  const at::Tensor positions = starts_dev_.narrow(0, 0, B) + lens;
-
   at::Tensor h = x, branch;  // residual stream and the last sub-layer's output not yet added
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const auto& w = layers_[l];
-    at::Tensor xn;
-    if (branch.defined()) {
-      std::tie(xn, h) = ops::add_rms_norm(branch, h, w.input_norm, eps_);
+  std::tuple<at::Tensor, at::Tensor> result;
+  bool head_done = false;
+  for (Segment& seg : segs_) {
+    h = h.to(seg.device);  // once per boundary (a no-op within one device)
+    if (branch.defined()) branch = branch.to(seg.device);
+    if (fused && seg.fused) {
+      // The fused step starts from the whole residual: fold the pending branch in (rounded as
+      // add_rms_norm rounds its sum, so a split step equals the unsplit one bit for bit).
+      if (branch.defined()) h = h + branch;
+      branch = at::Tensor();
+      std::vector<int64_t> positions(B);
+      for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
+      if (seg.fused_head) {
+        at::Tensor out = at::empty({B, output_size()}, h.options());
+        at::Tensor next = at::empty({B, up_.has_value() ? hidden_ : 0}, h.options());
+        seg.fused->run(h, lengths_.data(), positions.data(), out, next);
+        if (test_fault("decode_step")) out.add_(1.0);
+        result = {out, next};
+        head_done = true;
+      } else {
+        at::Tensor hidden = at::empty({B, hidden_}, h.options());
+        seg.fused->run(h, lengths_.data(), positions.data(), hidden, at::Tensor());
+        if (test_fault("decode_step")) hidden.add_(1.0);
+        h = hidden;
+      }
     } else {
-      xn = ops::rms_norm(h, w.input_norm, eps_);
+      const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
+      const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
+      for (int64_t l = seg.begin; l < seg.end; ++l) {
+        const auto& w = layers_[l];
+        at::Tensor xn;
+        if (branch.defined()) {
+          std::tie(xn, h) = k.add_rms_norm(branch, h, w.input_norm, eps_);
+        } else {
+          xn = k.rms_norm(h, w.input_norm, eps_);
+        }
+        const at::Tensor qkv = k.gemv(xn, w.qkv);  // [B, (Hq + 2 Hkv) D]
+        const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
+        const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
+        const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
+        const at::Tensor attn = k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos,
+                                                   seg.rope_sin, scale);
+        const at::Tensor o = k.gemv(attn.view({B, Hq * D}), w.o);
+        std::tie(xn, h) = k.add_rms_norm(o, h, w.post_norm, eps_);
+        branch = k.gemv(k.silu_mul(k.gemv(xn, w.gate_up)), w.down);
+      }
     }
-    const at::Tensor qkv = ops::gemv(xn, w.qkv);  // [B, (Hq + 2 Hkv) D]
-    const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
-    const at::Tensor k = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
-    const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
-    const at::Tensor attn =
-        ops::decode_attention(q, k, v, k_cache_[l], v_cache_[l], lens, positions, rope_cos_, rope_sin_, scale);
-    const at::Tensor o = ops::gemv(attn.view({B, Hq * D}), w.o);
-    std::tie(xn, h) = ops::add_rms_norm(o, h, w.post_norm, eps_);
-    branch = ops::gemv(ops::silu_mul(ops::gemv(xn, w.gate_up)), w.down);
+    seg.lengths_dev.narrow(0, 0, B).add_(1);
   }
-  h = h + branch;
-  auto result = ops::regression_head(h, final_norm_, eps_, head_, up_);
-  lengths_dev_.narrow(0, 0, B).add_(1);
+  if (!head_done) {
+    h = h.to(output_device());
+    if (branch.defined()) h = h + branch.to(output_device());
+    result = k.regression_head(h, final_norm_, eps_, head_, up_);
+  }
   return result;
+}
+
+void EmuDecoder::rewind_lengths_locked(int64_t batch) {
+  for (Segment& seg : segs_) seg.lengths_dev.narrow(0, 0, batch).sub_(1);
+}
+
+bool EmuDecoder::self_check_due(int64_t batch) const {
+  return mode_ == "auto" && kernels_ == &custom_kernels() &&
+         (static_cast<size_t>(batch) >= self_checked_.size() || !self_checked_[batch]) && self_check_enabled();
+}
+
+void EmuDecoder::fall_back_locked(const std::string& reason) {
+  fallback_reason_ = reason;
+  kernels_ = &aten_kernels();
+  rebuild_step_locked();  // drops the fused CPU steps and the captured graphs
+}
+
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& x) {
+  const int64_t B = x.size(0);
+  const bool fused = fused_cpu_step_ && segs_.front().fused != nullptr;
+  // The step through CheckedKernels first: every op ours and ATen's on the same inputs, ATen's
+  // result carried on, so what comes out is the ATen step's. Then, from the same cache, our step
+  // as it runs for real (the fused CPU step, or op by op): it writes its cache entries last, so
+  // a passing check leaves the decoder exactly as an unchecked step would.
+  const double bound = self_check_bound(final_norm_.scalar_type());
+  const CheckedKernels checked(bound);
+  const auto ref = run_step_with(x, checked, /*fused=*/false);
+  rewind_lengths_locked(B);
+  auto ours = run_step(x);
+  double op_error = 0.0;
+  const std::string op = checked.worst_op(&op_error);
+  const double step_error = std::max(relative_error(std::get<0>(ours), std::get<0>(ref)),
+                                     relative_error(std::get<1>(ours), std::get<1>(ref)));
+  if (op.empty() && step_error <= bound) {
+    if (self_checked_.size() <= static_cast<size_t>(B)) self_checked_.resize(B + 1, false);
+    self_checked_[B] = true;
+    return ours;
+  }
+  std::ostringstream why;
+  why << "emu_fast: self-check failed at batch size " << B << ": ";
+  if (!op.empty()) {
+    why << "the custom " << op << " kernel disagrees with ATen (relative error " << op_error;
+  } else {
+    why << "the " << (fused ? "fused CPU decode step" : "decode step")
+        << " disagrees with the ATen step although each op agrees (relative error " << step_error;
+  }
+  why << " > " << bound << " for " << py_dtype(final_norm_.scalar_type()) << ") on "
+      << segs_.front().device << ". This decoder now runs the ATen step (same results, slower). Please report "
+      << "this with your GPU, driver and torch versions; EMU_FAST_SELF_CHECK=0 skips the check.";
+  fall_back_locked(why.str());
+  // Our step's cache entries may be wrong: the ATen step once more, from the same cache.
+  rewind_lengths_locked(B);
+  return run_step(x);
 }
 
 at::Tensor EmuDecoder::step(const at::Tensor& prev) {
@@ -531,7 +678,8 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
   const c10::NoGradGuard no_grad;
   check_step_input(prev, "step", 1);
   fit_steps_locked("emu_fast.EmuDecoder.step", 1);
-  at::Tensor out = std::get<0>(run_step(next_input(prev)));
+  const at::Tensor x = next_input(prev);
+  at::Tensor out = std::get<0>(self_check_due(batch_) ? checked_step(x) : run_step(x));
   for (int64_t b = 0; b < batch_; ++b) lengths_[b] += 1;
   return out;
 }
@@ -546,13 +694,36 @@ at::Tensor EmuDecoder::decode(const at::Tensor& prev, int64_t steps) {
   return result;
 }
 
+bool EmuDecoder::on_one_device() const {
+  for (const Segment& seg : segs_)
+    if (seg.device != output_device()) return false;
+  return true;
+}
+
 void EmuDecoder::decode_into(const at::Tensor& prev, const at::Tensor& result) {
   const int64_t B = batch_, steps = result.size(1);
   at::Tensor x = next_input(prev);
+  int64_t i = 0;
+  if (self_check_due(B)) {
+    auto [out, next] = checked_step(x);
+    for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
+    result.select(1, 0).copy_(out);
+    x = up_.has_value() ? next : out;
+    i = 1;
+  }
 #ifdef EMU_FAST_WITH_CUDA
-  if (prev.is_cuda() && use_cuda_graphs_ && steps > 1) return decode_with_graph(x, result);
+  // One graph for the whole step where the model sits on one GPU (a split model runs eagerly).
+  if (prev.is_cuda() && use_cuda_graphs_ && steps - i > 1 && on_one_device()) {
+    const at::Tensor rest = result.narrow(1, i, steps - i);
+    const int64_t ran = decode_with_graph(x, rest);
+    if (ran == steps - i) return;
+    // The graph's own check failed after `ran` steps: finish on the ATen step from there.
+    const at::Tensor last = rest.select(1, ran - 1);
+    x = up_.has_value() ? kernels_->gemv(last, *up_) : last;
+    i += ran;
+  }
 #endif
-  for (int64_t i = 0; i < steps; ++i) {
+  for (; i < steps; ++i) {
     auto [out, next] = run_step(x);
     for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
     result.select(1, i).copy_(out);

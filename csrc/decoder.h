@@ -7,6 +7,15 @@
 // the active rows copied over) only when a request needs more batch rows or positions than it
 // holds; max_batch / max_seq_len are optional upper limits, not sizes. No global state: several
 // decoders may live side by side; reset() forgets the batch without reallocating.
+//
+// Kernels: "custom" (ours), "aten" (the portable step, step_kernels.h: any torch device) or
+// "auto" (ours where we have them, checked against ATen at first use for each batch size,
+// self_check.h; ATen elsewhere or after a failed check).
+//
+// Segments: the layers may sit on several devices (a model split by Hugging Face accelerate's
+// device_map). Each run of consecutive layers on one device is a segment with its own KV cache,
+// lengths and RoPE tables on that device; the hidden state moves once per boundary. The
+// regression head (final norm, head, up) sits on one device, where outputs are returned.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -15,6 +24,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -24,6 +34,7 @@ namespace cpu {
 class FusedStep;  // cpu/fused_step.h
 }
 struct PromptLayout;  // prompt_mask.h
+class StepKernels;    // step_kernels.h
 
 struct DecoderLayerWeights {
   at::Tensor input_norm;  // [H]
@@ -51,7 +62,10 @@ class EmuDecoder {
   EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
              at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
              int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
-             c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn = {});
+             c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn = {},
+             const std::string& kernels = "auto", std::vector<int64_t> segment_starts = {});
+  // kernels: "auto", "custom" or "aten" (above). segment_starts: the first layer of each segment
+  // (empty: one segment, every layer on one device); each segment's weights share a device.
 
   // Runs the prompts ([B,T,H] embeddings, [B,T] 0/1 attention mask: each row one run of
   // ones, left or right padded) through the decoder, fills the KV cache, and returns the
@@ -96,7 +110,21 @@ class EmuDecoder {
   int64_t num_heads() const { return num_heads_; }
   int64_t num_kv_heads() const { return num_kv_heads_; }
   int64_t head_dim() const { return head_dim_; }
-  at::Tensor kv_cache() const { return kv_; }  // [L, 2, capacity_batch, Hkv, capacity_seq_len, D]
+  // The whole KV cache of a decoder with one segment: [L, 2, capacity_batch, Hkv, capacity_seq_len, D].
+  at::Tensor kv_cache() const;
+  // Per segment: [layers in it, 2, capacity_batch, Hkv, capacity_seq_len, D] on its device.
+  std::vector<at::Tensor> kv_caches() const;
+  int64_t kv_cache_bytes() const;
+  // Per segment: (first layer, end layer, device).
+  std::vector<std::tuple<int64_t, int64_t, std::string>> segments() const;
+  // Where prompts go in (the first segment's device) and outputs come out (the head's).
+  at::Device input_device() const { return segs_.front().device; }
+  at::Device output_device() const { return final_norm_.device(); }
+  // The kernels asked for ("auto", "custom", "aten"), the ones in use now ("custom", "aten"),
+  // and why a self-check moved this decoder to ATen ("" if it did not).
+  const std::string& kernel_mode() const { return mode_; }
+  std::string kernels() const;
+  std::string fallback_reason() const;
   bool use_cuda_graphs() const { return use_cuda_graphs_; }
   void set_use_cuda_graphs(bool on) { use_cuda_graphs_ = on; }
   // On the CPU, run a step as one parallel region (default) or op by op like on CUDA.
@@ -114,6 +142,7 @@ class EmuDecoder {
   // The body of a step from its input x [B, H]: every layer, the head; advances the device-side
   // lengths. Only device work (capturable); returns (output, next input or [B,0]).
   std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
+  std::tuple<at::Tensor, at::Tensor> run_step_with(const at::Tensor& x, const StepKernels& kernels, bool fused);
   void reset_locked();
   static constexpr int64_t kNoLimit = INT64_MAX;
   static c10::optional<int64_t> limited(int64_t v) {
@@ -125,14 +154,35 @@ class EmuDecoder {
   // Makes the RoPE tables cover positions 0..positions-1 (through rope_fn_).
   void ensure_rope_locked(const char* who, int64_t positions);
   void rebuild_step_locked();
-  // Replaces the cache with kv and rebuilds the per-layer views of it.
-  void set_cache_locked(at::Tensor kv);
+  void set_rope_locked(const at::Tensor& cos, const at::Tensor& sin);
+  bool on_one_device() const;
+  // A run of consecutive layers on one device and what the step keeps there.
+  struct Segment {
+    int64_t begin, end;  // layers [begin, end)
+    at::Device device;
+    at::Tensor kv;       // [end - begin, 2, cap_batch, Hkv, cap_seq, D]
+    at::Tensor rope_cos, rope_sin;          // this device's copy of the RoPE tables
+    at::Tensor lengths_dev, starts_dev;     // int64 [cap_batch]: cached entries, first position
+    std::shared_ptr<const cpu::FusedStep> fused;  // the CPU step over these layers (null off the CPU)
+    bool fused_head = false;                      // ... and the regression head after them
+  };
+  // Installs per-segment caches (one tensor per segment) and rebuilds the per-layer views.
+  void set_caches_locked(std::vector<at::Tensor> kv);
+  // The first step at a batch size, in "auto" mode: the checked ATen step, then ours from the
+  // same cache; returns ours if they agree, else falls back to ATen for good and returns its.
+  std::tuple<at::Tensor, at::Tensor> checked_step(const at::Tensor& x);
+  void fall_back_locked(const std::string& reason);
+  bool self_check_due(int64_t batch) const;
+  // Undoes run_step's device-side length increment (to run a step again from the same cache).
+  void rewind_lengths_locked(int64_t batch);
   void fit_locked(const char* who, int64_t batch, const int64_t* starts, const int64_t* lens, int64_t steps,
                   bool keep);
   void fit_prompts_locked(const char* who, const PromptLayout& prompts, int64_t steps);
   void fit_steps_locked(const char* who, int64_t steps);
   int64_t graph_bytes() const;  // cuda/decoder_graph.cpp; 0 without CUDA
-  void decode_with_graph(at::Tensor x, const at::Tensor& result);
+  // Runs result.size(1) steps from x through a CUDA graph; returns how many it ran (fewer when
+  // the graph's own self-check failed: the caller finishes on the ATen step).
+  int64_t decode_with_graph(at::Tensor x, const at::Tensor& result);
 
   std::vector<DecoderLayerWeights> layers_;
   at::Tensor final_norm_, head_;
@@ -141,20 +191,22 @@ class EmuDecoder {
   double eps_;
   int64_t max_batch_, max_seq_len_;  // limits; kNoLimit when none
   int64_t cap_batch_ = 0, cap_seq_ = 0;  // the cache's capacity
-  at::Tensor kv_;                  // the whole KV cache, one allocation
-  std::vector<at::Tensor> k_cache_, v_cache_;  // per-layer views of kv_ [cap_batch, Hkv, cap_seq, D]
-  at::Tensor rope_cos_, rope_sin_;  // float32 [P, D/2] on the weights' device
+  std::vector<Segment> segs_;
+  std::vector<at::Tensor> k_cache_, v_cache_;  // per-layer views of the segments' caches [cap_batch, Hkv, cap_seq, D]
+  at::Tensor rope_cos_, rope_sin_;  // float32 [P, D/2] as rope_fn gave them (each segment has its copy)
   RopeFn rope_fn_;
+  std::string mode_;                    // "auto", "custom", "aten"
+  const StepKernels* kernels_;          // in use now
+  std::vector<bool> self_checked_;      // per batch size: our step matched ATen's
+  std::string fallback_reason_;
 
   // The active batch: 0 before prefill. Row b's cache holds lengths_[b] entries, the first at
   // RoPE position starts_[b] (its left padding in the prompt).
   int64_t batch_ = 0;
   std::vector<int64_t> lengths_, starts_;       // host copies, for checks without a device sync
-  at::Tensor lengths_dev_, starts_dev_;         // int64 [cap_batch] on the weights' device
 
   bool use_cuda_graphs_ = true;
   bool fused_cpu_step_ = true;
-  std::shared_ptr<const cpu::FusedStep> fused_;  // the CPU step's layer table, built once (null off the CPU)
   std::mutex mutex_;  // one call at a time: prefill/step/decode mutate the cache and lengths
   struct Graph;                                    // defined in cuda/decoder_graph.cpp
   std::vector<std::shared_ptr<Graph>> graphs_;     // one per batch size, captured on first use

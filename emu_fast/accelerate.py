@@ -27,12 +27,18 @@ def _weight_addresses(model, family: EmuFamily):
 
 
 def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
-               max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN):
+               max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto"):
     """Replace `model.generate_image` (this instance only) with the emu_fast path and return the
     model. The KV cache grows to the largest request; `max_batch` prompts of up to `max_seq_len`
     tokens (prompt + n generated embeddings) are optional limits (None: no limit besides
     memory), and requests over them raise ValueError. The original method stays at
-    `model._emu_fast_original_generate_image`; `model.emu_fast_decoder` is the EmuDecoder."""
+    `model._emu_fast_original_generate_image`; `model.emu_fast_decoder` is the EmuDecoder.
+
+    kernels: "auto" (default: our kernels where we have them, each batch size's first step
+    checked against ATen, falling back to ATen with a warning on a mismatch; ATen on devices we
+    have no kernels for), "custom" (ours, unchecked) or "aten" (the portable step, any device).
+    A model split over devices (Hugging Face accelerate's device_map, as in the Emu2 README)
+    runs each layer where its weights are; offloaded (meta) weights are refused."""
     family = family_of(model)
     head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)
@@ -41,7 +47,8 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     check_weights_loaded([("model.layers", body.layers), ("model.norm", body.norm),
                           ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
                          + ([(family.up_name(model), up_module)] if up_module is not None else []))
-    decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len)
+    decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len,
+                                    kernels=kernels)
     if not hasattr(model, "_emu_fast_original_generate_image"):
         model._emu_fast_original_generate_image = model.generate_image
     model.emu_fast_decoder = decoder
@@ -89,4 +96,5 @@ def _generate_image(self, text: List[str], image: Optional[torch.Tensor] = None,
     else:
         # Upstream leaves the <image> token's own embedding in unfilled prompt slots.
         embeds = torch.ops.emu_fast.splice_embeddings(ids, table.detach(), table.new_empty(0, table.shape[1]), -1)
-    return decoder.generate(embeds, mask, self._emu_fast_n)
+    # A split model: prompts go in on the first layer's device, outputs come out on the head's.
+    return decoder.generate(embeds.to(decoder.input_device), mask, self._emu_fast_n)

@@ -2,7 +2,8 @@
 LLaMA, and the thin causal loop that drives it."""
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Iterable, Optional
 
 import torch
 
@@ -10,12 +11,20 @@ from . import _C
 from .config import LlamaShape, check_llama_config
 from .packing import llama_body_of, pack_llama_layers
 from .rope import model_rope_fn, theta_rope_tables
+from .segments import layer_devices, plan_segments
+
+KERNELS = ("auto", "custom", "aten")
 
 # No capacity is guessed: the KV cache grows to the largest request (batch x prompt + n
 # outputs, lengths rounded up to a multiple of 128). max_batch / max_seq_len are optional upper
 # limits (None: none besides memory).
 DEFAULT_MAX_BATCH = None
 DEFAULT_MAX_SEQ_LEN = None
+
+
+def _check_kernels(kernels):
+    if kernels not in KERNELS:
+        raise ValueError(f"emu_fast: kernels must be one of {KERNELS}, got {kernels!r}")
 
 
 def _check_limit(name, value):
@@ -28,7 +37,9 @@ class EmuDecoder(_C.EmuDecoder):
 
     def __init__(self, layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads, rms_eps,
                  max_batch=DEFAULT_MAX_BATCH, max_seq_len=DEFAULT_MAX_SEQ_LEN, rope_cos=None, rope_sin=None,
-                 rope_theta=None, rope_fn=None):
+                 rope_theta=None, rope_fn=None, kernels="auto", segment_starts=None):
+        _check_kernels(kernels)
+        self._warned_fallback = False
         # By hand, without a model: tables from rope_theta, extended on demand (from_llama passes
         # the model's own through rope_fn). Tables passed without rope_fn are all there is.
         if rope_cos is None and rope_sin is None:
@@ -46,61 +57,102 @@ class EmuDecoder(_C.EmuDecoder):
             raise ValueError("emu_fast.EmuDecoder: pass either rope_cos/rope_sin or rope_theta, not both")
         super().__init__(layers, final_norm, head_weight, up_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          rms_eps=rms_eps, rope_cos=rope_cos, rope_sin=rope_sin, max_batch=max_batch,
-                         max_seq_len=max_seq_len, rope_fn=rope_fn)
+                         max_seq_len=max_seq_len, rope_fn=rope_fn, kernels=kernels,
+                         segment_starts=list(segment_starts or []))
 
     @classmethod
     def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
                    max_batch: Optional[int] = DEFAULT_MAX_BATCH,
-                   max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN) -> "EmuDecoder":
+                   max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto",
+                   split_before: Iterable[int] = ()) -> "EmuDecoder":
         """A decoder over a Hugging Face LlamaForCausalLM's body, with the given regression head
         (and Emu2's project_up). Packs QKV and gate/up in place (the model keeps working); no
-        weight is copied. The KV cache grows to the largest request; max_batch prompts of up to
-        max_seq_len tokens each (prompt + generated embeddings) are optional limits (None: no
+        layer weight is copied. The KV cache grows to the largest request; max_batch prompts of up
+        to max_seq_len tokens each (prompt + generated embeddings) are optional limits (None: no
         limit). RoPE comes from the model's own rotary module (emu_fast.rope), asked for more
-        positions as requests need, so a model whose frequencies were rounded runs as it is."""
+        positions as requests need, so a model whose frequencies were rounded runs as it is.
+
+        kernels: "auto" (ours, checked against ATen at first use; ATen where we have none),
+        "custom" or "aten" (the portable step: any torch device).
+
+        A model split over devices (accelerate's device_map) runs each layer where its weights are
+        (emu_fast.segments); the head runs on the head's device, with copies there of the final
+        norm's weight and of up_weight when those sit elsewhere (a few MB). split_before: more
+        segment cuts, at these layer indices, on one device (tests run the split path so)."""
         check_llama_config(lm.config)
         shape = LlamaShape.from_hf(lm.config)
         _check_limit("max_batch", max_batch)
         _check_limit("max_seq_len", max_seq_len)
+        _check_kernels(kernels)
+        body = llama_body_of(lm)
+        plan = plan_segments(layer_devices(body.layers), split_before)
+        head = head_weight.detach()
+        final_norm = body.norm.weight.detach().to(head.device)
+        up = None if up_weight is None else up_weight.detach().to(head.device)
         rope_fn = model_rope_fn(lm, shape.head_dim)
         return cls(
             pack_llama_layers(lm),
-            llama_body_of(lm).norm.weight.detach(),
-            head_weight.detach(),
-            None if up_weight is None else up_weight.detach(),
+            final_norm,
+            head,
+            up,
             num_heads=shape.heads,
             num_kv_heads=shape.kv_heads,
             rms_eps=shape.eps,
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             rope_fn=rope_fn,
+            kernels=kernels,
+            segment_starts=[seg.start for seg in plan],
         )
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.kv_cache.dtype
+        return self.kv_caches[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.kv_cache.device
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.kv_cache.numel() * self.kv_cache.element_size()
+        """Where outputs come out (the regression head's device)."""
+        return torch.device(self.output_device)
 
     def memory_summary(self) -> dict:
         """Bytes the decoder holds: weights (the tensors it reads, borrowed from the model),
-        kv_cache (allocated now), scratch (everything else it holds: RoPE tables, per-row lengths,
-        CUDA graph buffers), and the cache's current capacity (batch, seq_len)."""
+        kv_cache (allocated now, all segments), scratch (everything else it holds: RoPE tables,
+        per-row lengths, CUDA graph buffers), the cache's current capacity (batch, seq_len), and
+        the KV cache bytes per device."""
         batch, seq_len = self.capacity
+        per_device = {}
+        for (_, _, device), kv in zip(self.segments, self.kv_caches):
+            per_device[device] = per_device.get(device, 0) + kv.numel() * kv.element_size()
         return {"weights": self.weight_bytes, "kv_cache": self.kv_cache_bytes, "scratch": self.scratch_bytes,
-                "batch": batch, "seq_len": seq_len}
+                "batch": batch, "seq_len": seq_len, "kv_cache_per_device": per_device}
+
+    def _warn_if_fell_back(self):
+        """The self-check's fallback, as a Python warning, once per decoder."""
+        reason = self.fallback_reason
+        if reason and not getattr(self, "_warned_fallback", False):
+            self._warned_fallback = True
+            warnings.warn(reason, RuntimeWarning, stacklevel=3)
+
+    def step(self, prev_output: torch.Tensor) -> torch.Tensor:
+        try:
+            return super().step(prev_output)
+        finally:
+            self._warn_if_fell_back()
+
+    def decode(self, prev_output: torch.Tensor, steps: int) -> torch.Tensor:
+        try:
+            return super().decode(prev_output, steps)
+        finally:
+            self._warn_if_fell_back()
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
         """The causal loop, in C++ under one lock: prefill, then n-1 steps (a CUDA graph on the
-        GPU), each fed the previous output. Returns [B, n, out]."""
+        GPU), each fed the previous output. Returns [B, n, out] on output_device."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"emu_fast: n must be a positive int, got {n!r}")
         # The prompts, the mask and every prompt's room for n - 1 steps are checked in C++
         # (csrc/prompt_mask.cpp, EmuDecoder::generate) before anything runs.
-        return super().generate(inputs_embeds, attention_mask, n)
+        try:
+            return super().generate(inputs_embeds, attention_mask, n)
+        finally:
+            self._warn_if_fell_back()

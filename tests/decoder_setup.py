@@ -35,8 +35,9 @@ class Setup:
         self.placeholder = "[IMG]" + "<image>" * n + "[/IMG]"
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
 
-    def decoder(self, max_batch=4, max_seq_len=128):
-        return EmuDecoder.from_llama(self.lm, self.head, self.up, max_batch=max_batch, max_seq_len=max_seq_len)
+    def decoder(self, max_batch=4, max_seq_len=128, **kwargs):
+        return EmuDecoder.from_llama(self.lm, self.head, self.up, max_batch=max_batch, max_seq_len=max_seq_len,
+                                     **kwargs)
 
     def inputs(self, texts, images=None):
         texts = [t.replace("[<IMG_PLH>]", self.placeholder) + "[IMG]" for t in texts]

@@ -152,7 +152,8 @@ def test_memory_summary_adds_up(emu_tokenizer):
     weights = sum(p.numel() * p.element_size() for p in body.parameters() if p is not body.embed_tokens.weight)
     weights += sum(t.numel() * t.element_size() for t in (s.head, s.up))
     m = dec.memory_summary()
-    assert m == {"weights": weights, "kv_cache": 0, "scratch": 0, "batch": 0, "seq_len": 0}
+    assert m == {"weights": weights, "kv_cache": 0, "scratch": 0, "batch": 0, "seq_len": 0,
+                 "kv_cache_per_device": {"cpu": 0}}
     dec.generate(*s.inputs(PROMPTS[3]), s.n)
     m = dec.memory_summary()
     assert m["weights"] == weights

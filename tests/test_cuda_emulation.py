@@ -248,7 +248,7 @@ def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_k
     KV heads, ragged batch of 3. (float16 EmuDecoders exist on CUDA only; its kernels are
     tested op by op above.)"""
     s = Setup(kind, emu_tokenizer, kv_heads=2, n=6, dtype=dtype, hidden=hidden, out_dim=96)
-    dec = s.decoder()
+    dec = s.decoder(kernels="custom")  # ours in prefill too, and no self-check step
     dec.fused_cpu_step = False
     out = dec.generate(*s.inputs(PROMPTS[3]), s.n)
     from emu_fast.testing import rel_err

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from emu_fast import EmuDecoder
+from emu_fast.packing import pack_llama_layers
 from emu_fast.testing import rel_err
 
 from decoder_setup import LOOP_TOL, PROMPTS, Setup
@@ -349,11 +350,21 @@ def test_constructor_rejects_uneven_intermediate_sizes(emu_tokenizer):
                    rms_eps=1e-6, rope_theta=1e4, max_batch=1, max_seq_len=8)
 
 
-def test_model_split_across_devices_is_refused(emu_tokenizer):
+def test_offloaded_layer_is_refused_by_name(emu_tokenizer):
     s = Setup("emu1", emu_tokenizer)
-    s.lm.model.layers[1].to("meta")  # stands in for a second GPU
-    with pytest.raises(ValueError, match="layer 1 input_norm is on meta but the decoder's weights are on cpu"):
+    s.lm.model.layers[1].to("meta")  # as accelerate leaves a layer it offloaded to CPU or disk
+    with pytest.raises(TypeError, match=r"model\.layers\.1\.\S+ has no data"):
         EmuDecoder.from_llama(s.lm, s.head, None, max_batch=1, max_seq_len=8)
+
+
+def test_layers_on_two_devices_need_segments(emu_tokenizer):
+    """By hand, a decoder whose layers differ in device must be told its segments."""
+    s = Setup("emu1", emu_tokenizer)
+    layers = pack_llama_layers(s.lm)
+    layers[1] = [w.to("meta") for w in layers[1]]  # stands in for a second GPU
+    with pytest.raises(ValueError, match=r"layer 1 input_norm is on meta but segment 0 \(from layer 0\) is on cpu"):
+        EmuDecoder(layers, s.lm.model.norm.weight.detach(), s.head, None, num_heads=4, num_kv_heads=4,
+                   rms_eps=1e-6, rope_theta=1e4)
 
 
 def test_generate_runs_in_cpp_and_checks_capacity_before_running(emu_tokenizer):

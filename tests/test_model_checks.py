@@ -91,7 +91,17 @@ def test_meta_model_is_refused_by_accelerate():
         emu_fast.accelerate(model)
 
 
-def test_float16_on_the_cpu_is_refused():
+def test_float16_on_the_cpu_runs_on_aten_unless_ours_are_asked_for():
+    """Our CPU kernels take float32 and bfloat16: asked for by name they refuse float16 (and
+    say what to use); "auto" runs it on the ATen step and matches the model's own loop."""
     model = tiny_emu("emu1").half()
-    with pytest.raises(TypeError, match="float16 weights are supported on CUDA only"):
-        emu_fast.accelerate(model)
+    with pytest.raises(ValueError, match=r'kernels="custom" cannot run here: the CPU kernels take float32 and '
+                                         r'bfloat16 only \(use kernels="auto" or "aten"\)'):
+        emu_fast.accelerate(model, kernels="custom")
+    texts = ["a cat [<IMG_PLH>]", "two dogs"]
+    expected = model.generate_image(texts)
+    emu_fast.accelerate(model)
+    assert model.emu_fast_decoder.kernels == "aten"
+    got = model.generate_image(texts)
+    assert got.dtype == torch.float16
+    assert rel_err(got, expected) < 2e-2

@@ -114,16 +114,21 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
       gemv(w.down, H, I, s.branch.data());
 #pragma omp barrier
     }
-    // The head: the residual stream's last add, RMSNorm, the head GEMV, and Emu2's project_up.
+    // The residual stream's last add (rounded as add_rms_norm rounds it), then the head: RMSNorm,
+    // the head GEMV and Emu2's project_up; without a head (a segment of a split model), the
+    // residual stream itself is the output.
 #pragma omp single
     {
+      T* h = a.head != nullptr ? s.h.data() : io.out;
       for (int64_t i = 0; i < B * H; ++i)
-        s.h[i] = kernels::from_float<T>(kernels::to_float(s.h[i]) + kernels::to_float(s.branch[i]));
-      for (int64_t b = 0; b < B; ++b) kernels::rms_norm_row_cpu(&s.h[b * H], a.final_norm, a.eps, H, &s.xn[b * H]);
-      widen(s.xn.data(), B * H, s.xf.data());
+        h[i] = kernels::from_float<T>(kernels::to_float(s.h[i]) + kernels::to_float(s.branch[i]));
+      if (a.head != nullptr) {
+        for (int64_t b = 0; b < B; ++b) kernels::rms_norm_row_cpu(&s.h[b * H], a.final_norm, a.eps, H, &s.xn[b * H]);
+        widen(s.xn.data(), B * H, s.xf.data());
+      }
     }
-    gemv(a.head, a.out_dim, H, io.out);
-    if (a.up != nullptr) {
+    if (a.head != nullptr) gemv(a.head, a.out_dim, H, io.out);
+    if (a.head != nullptr && a.up != nullptr) {
 #pragma omp barrier
 #pragma omp single
       widen(io.out, B * a.out_dim, s.xf.data());

@@ -21,7 +21,9 @@ struct StepModel {
   int64_t hidden, heads, kv_heads, head_dim, intermediate, capacity, out_dim;
   float eps, scale;
   std::vector<StepLayer<T>> layers;
-  const T *final_norm, *head, *up;  // up: nullptr when the output is the next input
+  // head: nullptr for a segment of a split model that ends before the head (the output is then
+  // the residual stream [batch, hidden]); up: nullptr when the output is the next input.
+  const T *final_norm, *head, *up;
   const float *rope_cos, *rope_sin; // [P, D/2]
 };
 
@@ -32,7 +34,7 @@ struct StepIO {
   const int64_t* lengths;           // [batch] cached entries per sequence (the new one goes there)
   const int64_t* positions;         // [batch] RoPE position of the new token
   const T* x;                       // [batch, hidden] the step's input
-  T* out;                           // [batch, out_dim]
+  T* out;                           // [batch, out_dim], or [batch, hidden] without a head
   T* next;                          // [batch, hidden] when up != nullptr
   int threads;
 };

@@ -30,7 +30,7 @@ class FusedStepT final : public FusedStep {
     io.positions = positions;
     io.x = ptr<T>(xc);
     io.out = ptr<T>(out);
-    io.next = model_.up != nullptr ? ptr<T>(next) : nullptr;
+    io.next = model_.head != nullptr && model_.up != nullptr ? ptr<T>(next) : nullptr;
     io.threads = at::in_parallel_region() ? 1 : at::get_num_threads();
     decode_step(model_, io);
   }
@@ -53,7 +53,7 @@ std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& la
   m.head_dim = m.hidden / num_heads;
   m.intermediate = layers[0].down.size(1);
   m.capacity = k_cache[0].size(2);
-  m.out_dim = head.size(0);
+  m.out_dim = head.defined() ? head.size(0) : m.hidden;
   m.eps = static_cast<float>(eps);
   m.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.head_dim)));
   for (size_t l = 0; l < layers.size(); ++l) {
@@ -62,8 +62,8 @@ std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& la
                         ptr<T>(w.down), ptr<T>(k_cache[l]), ptr<T>(v_cache[l])});
   }
   m.final_norm = ptr<T>(final_norm);
-  m.head = ptr<T>(head);
-  m.up = up.has_value() ? ptr<T>(*up) : nullptr;
+  m.head = head.defined() ? ptr<T>(head) : nullptr;
+  m.up = head.defined() && up.has_value() ? ptr<T>(*up) : nullptr;
   m.rope_cos = rope_cos.data_ptr<float>();
   m.rope_sin = rope_sin.data_ptr<float>();
   return std::make_shared<FusedStepT<T>>(std::move(m));

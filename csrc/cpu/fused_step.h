@@ -16,12 +16,14 @@ class FusedStep {
  public:
   virtual ~FusedStep() = default;
   // One step for x [B, H] (B <= max_batch): lengths/positions are host arrays [B]; writes
-  // out [B, Dout] and, with an up projection, next [B, H]. Appends to the KV cache.
+  // out [B, Dout] and, with an up projection, next [B, H]. Appends to the KV cache. Without a
+  // head, out is the residual stream [B, H] after the last layer.
   virtual void run(const at::Tensor& x, const int64_t* lengths, const int64_t* positions, const at::Tensor& out,
                    const at::Tensor& next) const = 0;
 };
 
-// nullptr where there is no fused step (weights not on the CPU, or float16).
+// nullptr where there is no fused step (weights not on the CPU, or float16). layers and caches:
+// the ones this step runs (a segment's); head undefined: the step ends at the residual stream.
 std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerWeights>& layers,
                                                  const std::vector<at::Tensor>& k_cache,
                                                  const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,

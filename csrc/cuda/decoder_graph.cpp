@@ -11,8 +11,11 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <sstream>
 
 #include "decoder.h"
+#include "self_check.h"
+#include "step_kernels.h"
 
 namespace emu_fast {
 
@@ -50,7 +53,7 @@ void order_after(c10::cuda::CUDAStream first, c10::cuda::CUDAStream waiter) {
 
 }  // namespace
 
-void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
+int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
   const int64_t B = batch_, steps = result.size(1);
   const c10::cuda::CUDAGuard guard(x.device());
   if (graphs_.size() <= static_cast<size_t>(B)) graphs_.resize(B + 1);
@@ -102,8 +105,13 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     graphs_[B] = std::move(g);
   }
 
-  if (steps == 1) return;
-  Graph& g = *graphs_[B];
+  if (steps == 1) return 1;
+  // Hold the graph: a failed check below drops graphs_.
+  const std::shared_ptr<Graph> held = graphs_[B];
+  Graph& g = *held;
+  // The graph's own self-check ("auto" mode, first replay after a capture): the same step eagerly
+  // and replayed from the same cache must agree, or the decoder falls back to the ATen step.
+  const bool check = capture && mode_ == "auto" && kernels_ == &custom_kernels() && self_check_enabled();
   // The replays run on g.stream, after what is queued on `current` (step 1, the result's
   // allocation); `current` waits for them before returning. Tensors made on `current` that the
   // replays read or write are marked as used on g.stream.
@@ -111,11 +119,37 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
   used_on(out, g.stream);
   used_on(next, g.stream);
   used_on(result, g.stream);
+  int64_t ran = steps;
   {
     const c10::cuda::CUDAStreamGuard stream_guard(g.stream);
     for (int64_t i = 1; i < steps; ++i) {
-      g.x.copy_(up_.has_value() ? next : out);
+      const at::Tensor input = up_.has_value() ? next : out;
+      at::Tensor eager;
+      if (check && i == 1) {
+        eager = std::get<0>(run_step(input)).clone();
+        rewind_lengths_locked(B);
+      }
+      g.x.copy_(input);
       g.graph.replay();
+      if (eager.defined()) {
+        const double bound = self_check_bound(final_norm_.scalar_type());
+        const double error = relative_error(g.out, eager);
+        if (!(error <= bound)) {
+          std::ostringstream why;
+          why << "emu_fast: self-check failed at batch size " << B << ": the CUDA graph replay of the decode step "
+              << "disagrees with the same step run eagerly (relative error " << error << " > " << bound << ") on "
+              << x.device() << ". This decoder now runs the ATen step without graphs (same results, slower). "
+              << "Please report this with your GPU, driver and torch versions; EMU_FAST_SELF_CHECK=0 skips the check.";
+          fall_back_locked(why.str());
+          use_cuda_graphs_ = false;
+          rewind_lengths_locked(B);
+          out = std::get<0>(run_step(input));  // the ATen step, from the same cache
+          for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
+          result.select(1, i).copy_(out);
+          ran = i + 1;
+          break;
+        }
+      }
       for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
       out = g.out;
       next = g.next;
@@ -123,6 +157,7 @@ void EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     }
   }
   order_after(g.stream, current);
+  return ran;
 }
 
 // The bytes a new allocation on `device` can get: what the driver has free plus what the

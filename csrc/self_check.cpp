@@ -1,0 +1,106 @@
+#include "self_check.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace emu_fast {
+
+bool self_check_enabled() {
+  const char* v = std::getenv("EMU_FAST_SELF_CHECK");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+double relative_error(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ad = a.to(at::kDouble), bd = b.to(at::kDouble);
+  const at::Tensor b_finite = at::isfinite(bd);
+  // Ours non-finite where ATen's is finite: wrong however small the rest of the error.
+  if (at::logical_and(b_finite, at::isfinite(ad).logical_not()).any().item<bool>())
+    return std::numeric_limits<double>::infinity();
+  // Where ATen's is not finite either (an overflowing model), only the finite part compares.
+  const at::Tensor zero = at::zeros({}, bd.options());
+  const at::Tensor diff = at::where(b_finite, ad - bd, zero), ref = at::where(b_finite, bd, zero);
+  const double num = diff.norm().item<double>(), den = ref.norm().item<double>();
+  if (num == 0.0) return 0.0;
+  return den == 0.0 ? std::numeric_limits<double>::infinity() : num / den;
+}
+
+double self_check_bound(at::ScalarType dtype) {
+  // float32: the 1e-4 every float32 test holds us to (observed ~1e-6). 16-bit types: rounding
+  // differences compound through the layers (observed up to ~1e-2 in bfloat16 on random tiny
+  // models); a wrong kernel is off by order one.
+  switch (dtype) {
+    case at::kFloat:
+      return 1e-4;
+    case at::kHalf:
+      return 2e-2;
+    default:
+      return 5e-2;
+  }
+}
+
+void CheckedKernels::record(const char* op, const Tensor& ours, const Tensor& aten) const {
+  const double e = relative_error(ours, aten);
+  if (e > bound_ && (worst_name_.empty() || e > worst_)) {
+    worst_name_ = op;
+    worst_ = e;
+  }
+}
+
+std::string CheckedKernels::worst_op(double* error) const {
+  if (error != nullptr) *error = worst_;
+  return worst_name_;
+}
+
+at::Tensor CheckedKernels::gemv(const Tensor& x, const Tensor& weight) const {
+  Tensor ref = aten_kernels().gemv(x, weight);
+  record("gemv", custom_kernels().gemv(x, weight), ref);
+  return ref;
+}
+
+at::Tensor CheckedKernels::rms_norm(const Tensor& x, const Tensor& weight, double eps) const {
+  Tensor ref = aten_kernels().rms_norm(x, weight, eps);
+  record("rms_norm", custom_kernels().rms_norm(x, weight, eps), ref);
+  return ref;
+}
+
+StepKernels::Pair CheckedKernels::add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                               double eps) const {
+  auto ref = aten_kernels().add_rms_norm(x, residual, weight, eps);
+  auto ours = custom_kernels().add_rms_norm(x, residual, weight, eps);
+  record("add_rms_norm", std::get<0>(ours), std::get<0>(ref));
+  record("add_rms_norm", std::get<1>(ours), std::get<1>(ref));
+  return ref;
+}
+
+at::Tensor CheckedKernels::silu_mul(const Tensor& gate_up) const {
+  Tensor ref = aten_kernels().silu_mul(gate_up);
+  record("silu_mul", custom_kernels().silu_mul(gate_up), ref);
+  return ref;
+}
+
+at::Tensor CheckedKernels::decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache,
+                                            Tensor& v_cache, const Tensor& cache_lens, const Tensor& positions,
+                                            const Tensor& rope_cos, const Tensor& rope_sin, double scale) const {
+  const Tensor ours =
+      custom_kernels().decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale);
+  Tensor ref =
+      aten_kernels().decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale);
+  record("decode_attention", ours, ref);
+  return ref;
+}
+
+StepKernels::Pair CheckedKernels::regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps,
+                                                  const Tensor& head_weight,
+                                                  const c10::optional<Tensor>& up_weight) const {
+  auto ref = aten_kernels().regression_head(hidden, norm_weight, eps, head_weight, up_weight);
+  auto ours = custom_kernels().regression_head(hidden, norm_weight, eps, head_weight, up_weight);
+  record("regression_head", std::get<0>(ours), std::get<0>(ref));
+  record("regression_head", std::get<1>(ours), std::get<1>(ref));
+  return ref;
+}
+
+}  // namespace emu_fast

@@ -1,0 +1,53 @@
+// The operations a decode step is made of (and the non-GEMM parts of prefill), behind one
+// interface, so the decoder runs the same step on our custom kernels, on plain ATen (any torch
+// device: CUDA without our kernels, MPS, XPU, CPU), or on both side by side (the self-check,
+// self_check.h). Every set has the emu_fast ops' semantics (ops_registration.cpp) and the
+// same KV-cache layout; emu_fast/reference.py is their oracle.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+
+namespace emu_fast {
+
+class StepKernels {
+ public:
+  using Tensor = at::Tensor;
+  using Pair = std::tuple<at::Tensor, at::Tensor>;
+  virtual ~StepKernels() = default;
+  virtual const char* name() const = 0;  // "custom" or "aten"
+
+  virtual Tensor gemv(const Tensor& x, const Tensor& weight) const = 0;
+  virtual Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const = 0;
+  virtual Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, double eps) const = 0;
+  virtual Tensor silu_mul(const Tensor& gate_up) const = 0;
+  // Appends the rotated k and v at cache_lens[b] and attends over entries [0, cache_lens[b]].
+  virtual Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache,
+                                  Tensor& v_cache, const Tensor& cache_lens, const Tensor& positions,
+                                  const Tensor& rope_cos, const Tensor& rope_sin, double scale) const = 0;
+  virtual Pair regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps, const Tensor& head_weight,
+                               const c10::optional<Tensor>& up_weight) const = 0;
+};
+
+// The emu_fast::* custom ops through the dispatcher (the CPU or CUDA kernel by device; a CUDA
+// graph captures them).
+const StepKernels& custom_kernels();
+// The same operations in plain ATen: linear, elementwise, matmul + softmax over the cache.
+// Capturable in a CUDA graph (no host syncs, fixed shapes for a fixed cache).
+const StepKernels& aten_kernels();
+
+// Whether our kernels run on `device` for `dtype` (with a head size and query group the CUDA
+// attention takes); if not, `why` says what is missing.
+bool custom_kernels_support(const at::Device& device, at::ScalarType dtype, int64_t head_dim, int64_t group,
+                            std::string* why);
+
+// Test-only: makes the named custom kernel wrong on purpose ("gemv", "rms_norm", "add_rms_norm",
+// "silu_mul", "decode_attention", "regression_head", or "decode_step": the fused CPU step), so
+// the tests can show the self-check catches it and the fallback gives the right answer. "" to
+// clear. Process-wide; never set outside tests.
+void set_test_fault(const std::string& op);
+bool test_fault(const char* op);
+
+}  // namespace emu_fast

@@ -1,0 +1,90 @@
+// The plain-ATen StepKernels: the portable step. Runs on any device torch runs on, with the
+// emu_fast ops' semantics (emu_fast/reference.py) and the same KV-cache layout, so a decoder can
+// switch to it mid-sequence. No host syncs and no data-dependent shapes (attention runs over the
+// whole cache capacity under a length mask), so a CUDA graph captures it like the custom step.
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+
+#include "step_kernels.h"
+
+namespace emu_fast {
+namespace {
+
+// Rotate-half RoPE in float32: x [..., D] with cos/sin broadcastable to [..., D/2].
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor x1 = xf.narrow(-1, 0, half), x2 = xf.narrow(-1, half, half);
+  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
+}
+
+class AtenKernels final : public StepKernels {
+ public:
+  const char* name() const override { return "aten"; }
+
+  // float32 accumulation, one rounding (as cuBLAS/oneDNN do for bf16 and as the reference does).
+  Tensor gemv(const Tensor& x, const Tensor& weight) const override { return at::linear(x, weight); }
+
+  // Hugging Face LlamaRMSNorm: normalize in float32, round to x's dtype, then scale.
+  Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const override {
+    const at::Tensor xf = x.to(at::kFloat);
+    const at::Tensor normed = xf * at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    return weight * normed.to(x.scalar_type());
+  }
+
+  Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, double eps) const override {
+    const at::Tensor sum = x + residual;  // rounded to the dtype before the norm, as the kernels do
+    return {rms_norm(sum, weight, eps), sum};
+  }
+
+  Tensor silu_mul(const Tensor& gate_up) const override {
+    const int64_t I = gate_up.size(-1) / 2;
+    return at::silu(gate_up.narrow(-1, 0, I)) * gate_up.narrow(-1, I, I);
+  }
+
+  Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
+                          const Tensor& cache_lens, const Tensor& positions, const Tensor& rope_cos,
+                          const Tensor& rope_sin, double scale) const override {
+    const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k_cache.size(2);
+    const at::Tensor cos = rope_cos.index_select(0, positions).unsqueeze(1);  // [B, 1, D/2]
+    const at::Tensor sin = rope_sin.index_select(0, positions).unsqueeze(1);
+    const at::Tensor q_rot = rotate(q, cos, sin);  // kept in float32, as the kernels keep it
+    const at::Tensor k_rot = rotate(k, cos, sin).to(k_cache.scalar_type());
+
+    // Append at each row's own length: a scatter along the sequence dim (no host sync).
+    at::Tensor kc = k_cache.narrow(0, 0, B), vc = v_cache.narrow(0, 0, B);
+    const at::Tensor at_len = cache_lens.view({B, 1, 1, 1}).expand({B, Hkv, 1, D});
+    kc.scatter_(2, at_len, k_rot.unsqueeze(2));
+    vc.scatter_(2, at_len, v.to(v_cache.scalar_type()).unsqueeze(2));
+
+    // Attend over the whole capacity under a length mask (fixed shapes for a graph). A row's
+    // G query heads of one KV head share its keys: [B, Hkv, G, D] x [B, Hkv, D, S].
+    const at::Tensor valid = at::arange(S, cache_lens.options()).view({1, 1, 1, S}) <= cache_lens.view({B, 1, 1, 1});
+    const at::Tensor scores =
+        at::matmul(q_rot.reshape({B, Hkv, Hq / Hkv, D}), kc.to(at::kFloat).transpose(-1, -2)).mul_(scale);
+    const at::Tensor probs = scores.masked_fill(valid.logical_not(), -std::numeric_limits<float>::infinity())
+                                 .softmax(-1);
+    // Entries past a row's length may hold anything (an earlier request's, or never written):
+    // zero them so 0 * garbage cannot make a NaN.
+    const at::Tensor values = at::where(valid.view({B, 1, S, 1}), vc.to(at::kFloat), at::zeros({}, probs.options()));
+    return at::matmul(probs, values).reshape({B, Hq, D}).to(q.scalar_type());
+  }
+
+  Pair regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps, const Tensor& head_weight,
+                       const c10::optional<Tensor>& up_weight) const override {
+    const at::Tensor out = gemv(rms_norm(hidden, norm_weight, eps), head_weight);
+    if (!up_weight.has_value()) return {out, hidden.new_empty({hidden.size(0), 0})};
+    return {out, gemv(out, *up_weight)};
+  }
+};
+
+}  // namespace
+
+const StepKernels& aten_kernels() {
+  static const AtenKernels k;
+  return k;
+}
+
+}  // namespace emu_fast

@@ -1,0 +1,117 @@
+// The custom-kernel StepKernels: each operation is the emu_fast::* op, called through the
+// dispatcher so it runs the CPU or CUDA kernel by its tensors' device (and a CUDA graph
+// captures it). Also what the decoder asks before choosing them, and the test-only faults.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
+
+#include <atomic>
+#include <mutex>
+#include <string>
+
+#include "op_limits.h"
+#include "step_kernels.h"
+
+namespace emu_fast {
+namespace {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+std::mutex fault_mutex;
+std::string fault_op;                     // guarded by fault_mutex
+std::atomic<bool> fault_set{false};       // fast path: no lock while no fault is set
+
+// A wrong kernel, on purpose (tests only): its output shifted by one.
+at::Tensor faulty(const char* op, at::Tensor t) {
+  return test_fault(op) ? t.add(1.0) : t;
+}
+
+class CustomKernels final : public StepKernels {
+ public:
+  const char* name() const override { return "custom"; }
+
+  Tensor gemv(const Tensor& x, const Tensor& weight) const override {
+    static const auto op = handle<Tensor(const Tensor&, const Tensor&)>("emu_fast::gemv");
+    return faulty("gemv", op.call(x, weight));
+  }
+  Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const override {
+    static const auto op = handle<Tensor(const Tensor&, const Tensor&, double)>("emu_fast::rms_norm");
+    return faulty("rms_norm", op.call(x, weight, eps));
+  }
+  Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, double eps) const override {
+    static const auto op =
+        handle<Pair(const Tensor&, const Tensor&, const Tensor&, double)>("emu_fast::add_rms_norm");
+    auto [y, sum] = op.call(x, residual, weight, eps);
+    return {faulty("add_rms_norm", y), sum};
+  }
+  Tensor silu_mul(const Tensor& gate_up) const override {
+    static const auto op = handle<Tensor(const Tensor&)>("emu_fast::silu_mul");
+    return faulty("silu_mul", op.call(gate_up));
+  }
+  Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
+                          const Tensor& cache_lens, const Tensor& positions, const Tensor& rope_cos,
+                          const Tensor& rope_sin, double scale) const override {
+    static const auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, const Tensor&, double)>(
+        "emu_fast::decode_attention");
+    return faulty("decode_attention",
+                  op.call(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale));
+  }
+  Pair regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps, const Tensor& head_weight,
+                       const c10::optional<Tensor>& up_weight) const override {
+    static const auto op =
+        handle<Pair(const Tensor&, const Tensor&, double, const Tensor&, const c10::optional<Tensor>&)>(
+            "emu_fast::regression_head");
+    auto [out, next] = op.call(hidden, norm_weight, eps, head_weight, up_weight);
+    return {faulty("regression_head", out), next};
+  }
+};
+
+}  // namespace
+
+const StepKernels& custom_kernels() {
+  static const CustomKernels k;
+  return k;
+}
+
+bool custom_kernels_support(const at::Device& device, at::ScalarType dtype, int64_t head_dim, int64_t group,
+                            std::string* why) {
+  auto no = [why](std::string reason) {
+    if (why != nullptr) *why = std::move(reason);
+    return false;
+  };
+  if (device.is_cpu()) {
+    if (dtype == at::kFloat || dtype == at::kBFloat16) return true;
+    return no("the CPU kernels take float32 and bfloat16 only");
+  }
+  if (device.is_cuda()) {
+#ifdef EMU_FAST_WITH_CUDA
+    if (!limits::cuda_head_dim_supported(head_dim))
+      return no("the CUDA attention is compiled for head_dim " + std::string(limits::kCudaHeadDimsText) +
+                ", not " + std::to_string(head_dim));
+    if (group > limits::kMaxQueryGroup)
+      return no(std::to_string(group) + " query heads per KV head; the CUDA attention takes at most " +
+                std::to_string(limits::kMaxQueryGroup));
+    return true;
+#else
+    return no("this emu_fast build has no CUDA kernels (it was built against a CPU-only torch)");
+#endif
+  }
+  return no("emu_fast has no kernels for " + device.str() + " devices");
+}
+
+void set_test_fault(const std::string& op) {
+  const std::lock_guard<std::mutex> lock(fault_mutex);
+  fault_op = op;
+  fault_set.store(!op.empty());
+}
+
+bool test_fault(const char* op) {
+  if (!fault_set.load(std::memory_order_relaxed)) return false;
+  const std::lock_guard<std::mutex> lock(fault_mutex);
+  return fault_op == op;
+}
+
+}  // namespace emu_fast
