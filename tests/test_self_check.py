@@ -1,0 +1,189 @@
+"""The first-use self-check (csrc/self_check.h, EmuDecoder::checked_step): in kernels="auto" mode
+the first decode step at each batch size runs on our kernels and on ATen's from the same cache;
+on a mismatch the decoder warns once (naming the op, or the fused CPU step, and the batch size)
+and runs the ATen step for good. On the CPU a test-only switch (emu_fast._C._set_test_fault)
+makes one of our kernels wrong on purpose (its output + 1): the fallback still gives the
+upstream loop's answer, while the same fault unchecked (EMU_FAST_SELF_CHECK=0, or
+kernels="custom") gives a wrong one. Without a fault the check changes nothing, bit for bit."""
+import warnings
+
+import pytest
+import torch
+
+import emu_fast
+from emu_fast import _C
+from emu_fast.testing import rel_err, tiny_emu
+
+from decoder_setup import LOOP_TOL, PROMPTS, Setup
+
+OPS = ["gemv", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "regression_head"]
+FUSED = "decode_step"  # the fused CPU step (decoder.fused_cpu_step, the default on the CPU)
+TEXTS = PROMPTS[3]  # ragged: three prompts of different lengths
+
+# Every custom decode-step kernel made wrong, with the fused CPU step off so the step runs op by op.
+GEMV_EMU2_BUG = ("EmuDecoder::next_input computes Emu2's project_up of the previous output with the "
+                 "decoder's current kernels (our gemv) before the self-check runs, so the checked first step "
+                 "(and the ATen step it falls back to) starts from a wrong input and the cache is poisoned: "
+                 "the fallback's output is off by ~1.1 relative to the upstream loop")
+
+
+def _message(op):
+    return "the fused CPU decode step disagrees" if op == FUSED else f"the custom {op} kernel disagrees"
+
+
+@pytest.fixture(autouse=True)
+def _check_on(monkeypatch):
+    """The check as it runs by default, whatever the caller's environment says."""
+    monkeypatch.delenv("EMU_FAST_SELF_CHECK", raising=False)
+
+
+@pytest.fixture
+def fault():
+    """Sets the process-wide test fault; always cleared afterwards."""
+    try:
+        yield _C._set_test_fault
+    finally:
+        _C._set_test_fault("")
+
+
+def _runtime_warnings(fn, *args):
+    """fn(*args) and the RuntimeWarnings it raised (every one, none filtered or deduplicated)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = fn(*args)
+    return result, [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def _decoder(s, op, **kwargs):
+    """A decoder whose step takes the faulty kernel: the fused CPU step for "decode_step", op by
+    op for the others (the fused step does not call the custom ops)."""
+    dec = s.decoder(**kwargs)
+    dec.fused_cpu_step = op == FUSED
+    return dec
+
+
+def _assert_fell_back(dec, messages, op, batch):
+    assert len(messages) == 1, messages
+    assert _message(op) in messages[0] and f"at batch size {batch}" in messages[0], messages[0]
+    assert dec.kernels == "aten" and dec.kernel_mode == "auto"
+    assert dec.fallback_reason == messages[0]
+
+
+FALLBACK_CASES = (
+    [pytest.param("emu1", op, torch.float32, id=f"emu1-{op}-float32") for op in OPS + [FUSED]]
+    + [pytest.param("emu2", "gemv", torch.float32, id="emu2-gemv-float32",
+                    marks=pytest.mark.xfail(strict=True, reason=GEMV_EMU2_BUG))]
+    + [pytest.param("emu2", op, torch.float32, id=f"emu2-{op}-float32")
+       for op in ["rms_norm", "decode_attention", "regression_head", FUSED]]
+    + [pytest.param(kind, op, torch.bfloat16, id=f"{kind}-{op}-bfloat16")
+       for kind, op in [("emu1", "add_rms_norm"), ("emu2", "silu_mul"), ("emu2", FUSED)]]
+)
+
+
+@pytest.mark.parametrize("kind, op, dtype", FALLBACK_CASES)
+def test_wrong_kernel_falls_back_with_one_warning(emu_tokenizer, fault, kind, op, dtype):
+    s = Setup(kind, emu_tokenizer, kv_heads=2, dtype=dtype)
+    dec = _decoder(s, op)
+    assert dec.kernels == "custom" and dec.fallback_reason == ""
+    inputs, expected, tol = s.inputs(TEXTS), s.expected(TEXTS), LOOP_TOL[dtype]
+    fault(op)
+    out, messages = _runtime_warnings(dec.generate, *inputs, s.n)
+    _assert_fell_back(dec, messages, op, 3)
+    # The fault is still set: the ATen step is what gives the right answer.
+    again, more = _runtime_warnings(dec.generate, *inputs, s.n)
+    assert more == []  # once per decoder
+    assert dec.kernels == "aten"
+    assert rel_err(out, expected) < tol
+    assert rel_err(again, expected) < tol
+
+
+@pytest.mark.parametrize("kind, op", [("emu1", "rms_norm"), ("emu2", "decode_attention"), ("emu2", FUSED)])
+@pytest.mark.parametrize("unchecked", ["EMU_FAST_SELF_CHECK=0", "kernels=custom"])
+def test_unchecked_fault_gives_a_wrong_answer(emu_tokenizer, fault, monkeypatch, kind, op, unchecked):
+    """The control: the switch really breaks the kernel, and only the check saves the answer."""
+    s = Setup(kind, emu_tokenizer, kv_heads=2)
+    if unchecked == "kernels=custom":
+        dec = _decoder(s, op, kernels="custom")
+    else:
+        monkeypatch.setenv("EMU_FAST_SELF_CHECK", "0")
+        dec = _decoder(s, op)
+    fault(op)
+    out, messages = _runtime_warnings(dec.generate, *s.inputs(TEXTS), s.n)
+    assert messages == []
+    assert dec.kernels == "custom" and dec.fallback_reason == ""
+    assert rel_err(out, s.expected(TEXTS)) > 100 * LOOP_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op_by_op"])
+def test_passing_check_changes_nothing(emu_tokenizer, monkeypatch, kind, dtype, fused):
+    """No fault: the check passes, and the checked decoder's outputs equal an unchecked one's bit
+    for bit (our step writes its cache entries last)."""
+    s = Setup(kind, emu_tokenizer, kv_heads=2, dtype=dtype)
+    checked, unchecked = s.decoder(), s.decoder()
+    checked.fused_cpu_step = unchecked.fused_cpu_step = fused
+    inputs = s.inputs(TEXTS)
+    out, messages = _runtime_warnings(checked.generate, *inputs, s.n)
+    assert messages == []
+    assert checked.kernels == "custom" and checked.kernel_mode == "auto" and checked.fallback_reason == ""
+    monkeypatch.setenv("EMU_FAST_SELF_CHECK", "0")
+    reference = unchecked.generate(*inputs, s.n)
+    assert torch.equal(out, reference)
+    assert rel_err(out, s.expected(TEXTS)) < LOOP_TOL[dtype]
+
+
+def test_check_runs_once_per_batch_size(emu_tokenizer, fault):
+    """The contract: each batch size is checked at its first decode only. A kernel that turns
+    wrong later is not caught at a batch size already checked, and is at a new one."""
+    s = Setup("emu2", emu_tokenizer, kv_heads=2)
+    dec = _decoder(s, "silu_mul")
+    three, two = TEXTS, TEXTS[:2]
+    _, messages = _runtime_warnings(dec.generate, *s.inputs(three), s.n)
+    assert messages == [] and dec.kernels == "custom"
+    fault("silu_mul")
+    out, messages = _runtime_warnings(dec.generate, *s.inputs(three), s.n)  # batch 3: checked already
+    assert messages == [] and dec.kernels == "custom"
+    assert rel_err(out, s.expected(three)) > 100 * LOOP_TOL[torch.float32]
+    out, messages = _runtime_warnings(dec.generate, *s.inputs(two), s.n)  # batch 2: new
+    _assert_fell_back(dec, messages, "silu_mul", 2)
+    assert rel_err(out, s.expected(two)) < LOOP_TOL[torch.float32]
+    out, messages = _runtime_warnings(dec.generate, *s.inputs(three), s.n)  # now on ATen
+    assert messages == [] and dec.kernels == "aten"
+    assert rel_err(out, s.expected(three)) < LOOP_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kind, op", [("emu1", "gemv"), ("emu2", "rms_norm"), ("emu2", FUSED),
+                                      pytest.param("emu2", "gemv",
+                                                   marks=pytest.mark.xfail(strict=True, reason=GEMV_EMU2_BUG))])
+def test_step_api_checks_a_new_batch_size(emu_tokenizer, fault, kind, op):
+    """prefill + step(), the service API: the first step() at a batch size runs the check and
+    raises the warning; the steps after it run on ATen."""
+    s = Setup(kind, emu_tokenizer, kv_heads=2)
+    dec = _decoder(s, op)
+    fault(op)
+    outs = [dec.prefill(*s.inputs(TEXTS))]  # prefill in "auto" mode runs ATen's glue: no check
+    assert dec.kernels == "custom" and dec.fallback_reason == ""
+    with pytest.warns(RuntimeWarning, match="at batch size 3") as record:
+        outs.append(dec.step(outs[-1]))
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    _assert_fell_back(dec, messages, op, 3)
+    for _ in range(s.n - 2):
+        out, messages = _runtime_warnings(dec.step, outs[-1])
+        assert messages == []
+        outs.append(out)
+    assert rel_err(torch.stack(outs, 1), s.expected(TEXTS)) < LOOP_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kind, op", [("emu1", FUSED), ("emu2", "decode_attention")])
+def test_accelerate_drop_in_falls_back(fault, kind, op):
+    model = tiny_emu(kind, kv_heads=2)
+    texts = ["a photo of a cat", "a red bicycle leaning on a wall at night"]
+    expected = model.generate_image(texts)  # upstream's loop, before accelerate
+    emu_fast.accelerate(model)
+    model.emu_fast_decoder.fused_cpu_step = op == FUSED
+    fault(op)
+    out, messages = _runtime_warnings(model.generate_image, texts)
+    _assert_fell_back(model.emu_fast_decoder, messages, op, 2)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
