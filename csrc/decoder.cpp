@@ -125,6 +125,17 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                       "head_weight must be [", H, ", ", H, "], got ", head_.sizes());
   }
 
+  // Parts: consecutive segments on one device; the head joins the last part on its device.
+  for (size_t i = 0; i < segs_.size(); ++i) {
+    if (parts_.empty() || parts_.back().device != segs_[i].device) parts_.push_back(Part{segs_[i].device, i, i, false});
+    parts_.back().end_seg = i + 1;
+  }
+  if (parts_.back().device == out_device) {
+    parts_.back().head = true;
+  } else {
+    parts_.push_back(Part{out_device, segs_.size(), segs_.size(), true});
+  }
+
   // Kernels: ours where every segment's device has them, else ATen (or an error, if asked for ours).
   const int64_t group = num_heads / num_kv_heads;
   std::string why;
@@ -559,65 +570,76 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_with(const at::Tensor& x, const StepKernels& k, bool fused) {
   // On the CPU each segment runs in one parallel region (cpu/decode_step.cpp); elsewhere op by
-  // op, which on CUDA is what a graph captures.
-  const int64_t B = x.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-  at::Tensor h = x, branch;  // residual stream and the last sub-layer's output not yet added
-  std::tuple<at::Tensor, at::Tensor> result;
-  bool head_done = false;
-  for (Segment& seg : segs_) {
-    h = h.to(seg.device);  // once per boundary (a no-op within one device)
-    if (branch.defined()) branch = branch.to(seg.device);
-    if (fused && seg.fused) {
-      // The fused step starts from the whole residual: fold the pending branch in (rounded as
-      // add_rms_norm rounds its sum, so a split step equals the unsplit one bit for bit).
-      if (branch.defined()) h = h + branch;
-      branch = at::Tensor();
-      std::vector<int64_t> positions(B);
-      for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
+  // op, part by part (what a CUDA graph captures). The residual stream moves between devices
+  // once per boundary.
+  if (fused && segs_.front().fused) {
+    const int64_t B = x.size(0);
+    std::vector<int64_t> positions(B);
+    for (int64_t b = 0; b < B; ++b) positions[b] = starts_[b] + lengths_[b];
+    at::Tensor h = x;
+    for (Segment& seg : segs_) {
+      h = h.to(seg.device);
       if (seg.fused_head) {
         at::Tensor out = at::empty({B, output_size()}, h.options());
         at::Tensor next = at::empty({B, up_.has_value() ? hidden_ : 0}, h.options());
         seg.fused->run(h, lengths_.data(), positions.data(), out, next);
         if (test_fault("decode_step")) out.add_(1.0);
-        result = {out, next};
-        head_done = true;
-      } else {
-        at::Tensor hidden = at::empty({B, hidden_}, h.options());
+        seg.lengths_dev.narrow(0, 0, B).add_(1);
+        return {out, next};
+      }
+      at::Tensor hidden = at::empty({B, hidden_}, h.options());
+      if (seg.fused) {
         seg.fused->run(h, lengths_.data(), positions.data(), hidden, at::Tensor());
         if (test_fault("decode_step")) hidden.add_(1.0);
-        h = hidden;
+        seg.lengths_dev.narrow(0, 0, B).add_(1);
+      } else {  // a segment off the CPU
+        hidden = run_layers(seg, k, h);
       }
-    } else {
-      const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
-      const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
-      for (int64_t l = seg.begin; l < seg.end; ++l) {
-        const auto& w = layers_[l];
-        at::Tensor xn;
-        if (branch.defined()) {
-          std::tie(xn, h) = k.add_rms_norm(branch, h, w.input_norm, eps_);
-        } else {
-          xn = k.rms_norm(h, w.input_norm, eps_);
-        }
-        const at::Tensor qkv = k.gemv(xn, w.qkv);  // [B, (Hq + 2 Hkv) D]
-        const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
-        const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
-        const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
-        const at::Tensor attn = k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos,
-                                                   seg.rope_sin, scale);
-        const at::Tensor o = k.gemv(attn.view({B, Hq * D}), w.o);
-        std::tie(xn, h) = k.add_rms_norm(o, h, w.post_norm, eps_);
-        branch = k.gemv(k.silu_mul(k.gemv(xn, w.gate_up)), w.down);
-      }
+      h = hidden;
     }
-    seg.lengths_dev.narrow(0, 0, B).add_(1);
+    return k.regression_head(h.to(output_device()), final_norm_, eps_, head_, up_);
   }
-  if (!head_done) {
-    h = h.to(output_device());
-    if (branch.defined()) h = h + branch.to(output_device());
-    result = k.regression_head(h, final_norm_, eps_, head_, up_);
+  at::Tensor h = x;
+  std::tuple<at::Tensor, at::Tensor> result;
+  for (const Part& part : parts_) {
+    result = run_part(part, k, h.to(part.device));
+    h = std::get<0>(result);
   }
   return result;
+}
+
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_part(const Part& part, const StepKernels& k, at::Tensor h) {
+  for (size_t i = part.first_seg; i < part.end_seg; ++i) h = run_layers(segs_[i], k, h);
+  if (!part.head) return {h, at::Tensor()};
+  return k.regression_head(h, final_norm_, eps_, head_, up_);
+}
+
+at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor h) {
+  const int64_t B = h.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
+  const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
+  at::Tensor branch;  // the last sub-layer's output, not yet added to h
+  for (int64_t l = seg.begin; l < seg.end; ++l) {
+    const auto& w = layers_[l];
+    at::Tensor xn;
+    if (branch.defined()) {
+      std::tie(xn, h) = k.add_rms_norm(branch, h, w.input_norm, eps_);
+    } else {
+      xn = k.rms_norm(h, w.input_norm, eps_);
+    }
+    const at::Tensor qkv = k.gemv(xn, w.qkv);  // [B, (Hq + 2 Hkv) D]
+    const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
+    const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
+    const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
+    const at::Tensor attn =
+        k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale);
+    const at::Tensor o = k.gemv(attn.view({B, Hq * D}), w.o);
+    std::tie(xn, h) = k.add_rms_norm(o, h, w.post_norm, eps_);
+    branch = k.gemv(k.silu_mul(k.gemv(xn, w.gate_up)), w.down);
+  }
+  seg.lengths_dev.narrow(0, 0, B).add_(1);
+  return h + branch;
 }
 
 void EmuDecoder::rewind_lengths_locked(int64_t batch) {
@@ -635,8 +657,8 @@ void EmuDecoder::fall_back_locked(const std::string& reason) {
   rebuild_step_locked();  // drops the fused CPU steps and the captured graphs
 }
 
-std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& x) {
-  const int64_t B = x.size(0);
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& prev) {
+  const int64_t B = prev.size(0);
   const bool fused = fused_cpu_step_ && segs_.front().fused != nullptr;
   // The step through CheckedKernels first: every op ours and ATen's on the same inputs, ATen's
   // result carried on, so what comes out is the ATen step's. Then, from the same cache, our step
@@ -644,9 +666,10 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& x)
   // a passing check leaves the decoder exactly as an unchecked step would.
   const double bound = self_check_bound(final_norm_.scalar_type());
   const CheckedKernels checked(bound);
-  const auto ref = run_step_with(x, checked, /*fused=*/false);
+  const at::Tensor x_ref = up_.has_value() ? checked.gemv(prev.contiguous(), *up_) : prev.contiguous();
+  const auto ref = run_step_with(x_ref, checked, /*fused=*/false);
   rewind_lengths_locked(B);
-  auto ours = run_step(x);
+  auto ours = run_step(next_input(prev));
   double op_error = 0.0;
   const std::string op = checked.worst_op(&op_error);
   const double step_error = std::max(relative_error(std::get<0>(ours), std::get<0>(ref)),
@@ -670,7 +693,7 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& x)
   fall_back_locked(why.str());
   // Our step's cache entries may be wrong: the ATen step once more, from the same cache.
   rewind_lengths_locked(B);
-  return run_step(x);
+  return run_step(x_ref);
 }
 
 at::Tensor EmuDecoder::step(const at::Tensor& prev) {
@@ -678,8 +701,7 @@ at::Tensor EmuDecoder::step(const at::Tensor& prev) {
   const c10::NoGradGuard no_grad;
   check_step_input(prev, "step", 1);
   fit_steps_locked("emu_fast.EmuDecoder.step", 1);
-  const at::Tensor x = next_input(prev);
-  at::Tensor out = std::get<0>(self_check_due(batch_) ? checked_step(x) : run_step(x));
+  at::Tensor out = std::get<0>(self_check_due(batch_) ? checked_step(prev) : run_step(next_input(prev)));
   for (int64_t b = 0; b < batch_; ++b) lengths_[b] += 1;
   return out;
 }
@@ -702,14 +724,16 @@ bool EmuDecoder::on_one_device() const {
 
 void EmuDecoder::decode_into(const at::Tensor& prev, const at::Tensor& result) {
   const int64_t B = batch_, steps = result.size(1);
-  at::Tensor x = next_input(prev);
+  at::Tensor x;
   int64_t i = 0;
   if (self_check_due(B)) {
-    auto [out, next] = checked_step(x);
+    auto [out, next] = checked_step(prev);
     for (int64_t b = 0; b < B; ++b) lengths_[b] += 1;
     result.select(1, 0).copy_(out);
     x = up_.has_value() ? next : out;
     i = 1;
+  } else {
+    x = next_input(prev);
   }
 #ifdef EMU_FAST_WITH_CUDA
   // One graph for the whole step where the model sits on one GPU (a split model runs eagerly).

@@ -166,11 +166,26 @@ class EmuDecoder {
     std::shared_ptr<const cpu::FusedStep> fused;  // the CPU step over these layers (null off the CPU)
     bool fused_head = false;                      // ... and the regression head after them
   };
+  // A part of the op-by-op step: consecutive segments on one device, and the head when it is
+  // the last part and the head sits there. On CUDA each part is one graph.
+  struct Part {
+    at::Device device;
+    size_t first_seg, end_seg;
+    bool head;
+  };
+  // Runs a part from the residual stream h [B, H] on its device: (the residual stream after its
+  // layers, undefined) or, with the head, (output, next input or [B, 0]).
+  std::tuple<at::Tensor, at::Tensor> run_part(const Part& part, const StepKernels& kernels, at::Tensor h);
+  // A segment's layers op by op from the residual stream; returns the residual stream after
+  // them (the last MLP output added: rounded as add_rms_norm rounds its sum, so cutting a model
+  // into segments changes no bit).
+  at::Tensor run_layers(Segment& seg, const StepKernels& kernels, at::Tensor h);
   // Installs per-segment caches (one tensor per segment) and rebuilds the per-layer views.
   void set_caches_locked(std::vector<at::Tensor> kv);
-  // The first step at a batch size, in "auto" mode: the checked ATen step, then ours from the
-  // same cache; returns ours if they agree, else falls back to ATen for good and returns its.
-  std::tuple<at::Tensor, at::Tensor> checked_step(const at::Tensor& x);
+  // The first step at a batch size, in "auto" mode, from the previous output (Emu2's project_up
+  // is checked too): the checked ATen step, then ours from the same cache; returns ours if they
+  // agree, else falls back to ATen for good and returns its.
+  std::tuple<at::Tensor, at::Tensor> checked_step(const at::Tensor& prev);
   void fall_back_locked(const std::string& reason);
   bool self_check_due(int64_t batch) const;
   // Undoes run_step's device-side length increment (to run a step again from the same cache).
@@ -192,6 +207,7 @@ class EmuDecoder {
   int64_t max_batch_, max_seq_len_;  // limits; kNoLimit when none
   int64_t cap_batch_ = 0, cap_seq_ = 0;  // the cache's capacity
   std::vector<Segment> segs_;
+  std::vector<Part> parts_;
   std::vector<at::Tensor> k_cache_, v_cache_;  // per-layer views of the segments' caches [cap_batch, Hkv, cap_seq, D]
   at::Tensor rope_cos_, rope_sin_;  // float32 [P, D/2] as rope_fn gave them (each segment has its copy)
   RopeFn rope_fn_;

@@ -16,16 +16,11 @@ from emu_fast.testing import rel_err, tiny_emu
 
 from decoder_setup import LOOP_TOL, PROMPTS, Setup
 
+# Every custom decode-step kernel, each made wrong in turn (with the fused CPU step off, so the
+# step runs op by op), and the fused CPU step itself.
 OPS = ["gemv", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "regression_head"]
 FUSED = "decode_step"  # the fused CPU step (decoder.fused_cpu_step, the default on the CPU)
 TEXTS = PROMPTS[3]  # ragged: three prompts of different lengths
-
-# Every custom decode-step kernel made wrong, with the fused CPU step off so the step runs op by op.
-GEMV_EMU2_BUG = ("EmuDecoder::next_input computes Emu2's project_up of the previous output with the "
-                 "decoder's current kernels (our gemv) before the self-check runs, so the checked first step "
-                 "(and the ATen step it falls back to) starts from a wrong input and the cache is poisoned: "
-                 "the fallback's output is off by ~1.1 relative to the upstream loop")
-
 
 def _message(op):
     return "the fused CPU decode step disagrees" if op == FUSED else f"the custom {op} kernel disagrees"
@@ -71,10 +66,8 @@ def _assert_fell_back(dec, messages, op, batch):
 
 FALLBACK_CASES = (
     [pytest.param("emu1", op, torch.float32, id=f"emu1-{op}-float32") for op in OPS + [FUSED]]
-    + [pytest.param("emu2", "gemv", torch.float32, id="emu2-gemv-float32",
-                    marks=pytest.mark.xfail(strict=True, reason=GEMV_EMU2_BUG))]
     + [pytest.param("emu2", op, torch.float32, id=f"emu2-{op}-float32")
-       for op in ["rms_norm", "decode_attention", "regression_head", FUSED]]
+       for op in ["gemv", "rms_norm", "decode_attention", "regression_head", FUSED]]
     + [pytest.param(kind, op, torch.bfloat16, id=f"{kind}-{op}-bfloat16")
        for kind, op in [("emu1", "add_rms_norm"), ("emu2", "silu_mul"), ("emu2", FUSED)]]
 )
@@ -153,9 +146,7 @@ def test_check_runs_once_per_batch_size(emu_tokenizer, fault):
     assert rel_err(out, s.expected(three)) < LOOP_TOL[torch.float32]
 
 
-@pytest.mark.parametrize("kind, op", [("emu1", "gemv"), ("emu2", "rms_norm"), ("emu2", FUSED),
-                                      pytest.param("emu2", "gemv",
-                                                   marks=pytest.mark.xfail(strict=True, reason=GEMV_EMU2_BUG))])
+@pytest.mark.parametrize("kind, op", [("emu1", "gemv"), ("emu2", "rms_norm"), ("emu2", FUSED), ("emu2", "gemv")])
 def test_step_api_checks_a_new_batch_size(emu_tokenizer, fault, kind, op):
     """prefill + step(), the service API: the first step() at a batch size runs the check and
     raises the warning; the steps after it run on ATen."""
