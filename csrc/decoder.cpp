@@ -716,12 +716,6 @@ at::Tensor EmuDecoder::decode(const at::Tensor& prev, int64_t steps) {
   return result;
 }
 
-bool EmuDecoder::on_one_device() const {
-  for (const Segment& seg : segs_)
-    if (seg.device != output_device()) return false;
-  return true;
-}
-
 void EmuDecoder::decode_into(const at::Tensor& prev, const at::Tensor& result) {
   const int64_t B = batch_, steps = result.size(1);
   at::Tensor x;
@@ -736,8 +730,8 @@ void EmuDecoder::decode_into(const at::Tensor& prev, const at::Tensor& result) {
     x = next_input(prev);
   }
 #ifdef EMU_FAST_WITH_CUDA
-  // One graph for the whole step where the model sits on one GPU (a split model runs eagerly).
-  if (prev.is_cuda() && use_cuda_graphs_ && steps - i > 1 && on_one_device()) {
+  // One graph per part: the whole step for a model on one GPU, one per GPU for a split model.
+  if (prev.is_cuda() && use_cuda_graphs_ && steps - i > 1 && graphs_possible()) {
     const at::Tensor rest = result.narrow(1, i, steps - i);
     const int64_t ran = decode_with_graph(x, rest);
     if (ran == steps - i) return;

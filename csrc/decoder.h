@@ -155,7 +155,7 @@ class EmuDecoder {
   void ensure_rope_locked(const char* who, int64_t positions);
   void rebuild_step_locked();
   void set_rope_locked(const at::Tensor& cos, const at::Tensor& sin);
-  bool on_one_device() const;
+  bool graphs_possible() const;  // every part on CUDA (cuda/decoder_graph.cpp)
   // A run of consecutive layers on one device and what the step keeps there.
   struct Segment {
     int64_t begin, end;  // layers [begin, end)
