@@ -60,8 +60,9 @@ SHAPES = {
 SWEEP_BATCHES = (1, 2, 4, 8, 16)
 SWEEP_PROMPT_LENS = (64, 128, 256, 512, 1024)
 # Methods, in the order they run and print.
-UPSTREAM, HF, EAGER, COMPILED, FAST = ("upstream recompute", "HF KV-cache loop", "static cache, eager",
-                                       "static cache, compiled", "emu_fast")
+UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST = ("upstream recompute", "HF KV-cache loop", "static cache, eager",
+                                                  "static cache, compiled", "emu_fast, ATen step", "emu_fast")
+METHODS = (UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST)
 # Largest relative error per output vector that still counts as "the same result": float32
 # as the tests require; half precision rounds every op and the fed-back loop compounds it.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
@@ -189,6 +190,10 @@ class Bench:
         self.bandwidth = read_bandwidth(args.device, self.weight_bytes)
         # +16: prompts() lands within a word (a few tokens) of its target
         emu_fast.accelerate(self.model, max_batch=max_batch, max_seq_len=max_prompt + 16 + self.n)
+        # The same decoder on the portable step (what runs where emu_fast has no kernels).
+        up = self.family.project_up(self.model)
+        self.aten = emu_fast.EmuDecoder.from_llama(self.model.decoder.lm, self.family.head(self.model).weight,
+                                                   None if up is None else up.weight, kernels="aten")
 
     def measure_bandwidth_again(self):
         # Measured around the step timings and the larger kept: fractions are then lower bounds.
@@ -204,7 +209,8 @@ class Bench:
         rows: Dict[str, dict] = {}
         others = OtherWork().start()
         for name, method in ((UPSTREAM, self.upstream_row), (HF, self.hf_row), (EAGER, self.eager_row),
-                             (COMPILED, self.compiled_row), (FAST, self.emu_fast_row)):
+                             (COMPILED, self.compiled_row), (FAST_ATEN, self.emu_fast_aten_row),
+                             (FAST, self.emu_fast_row)):
             if progress is not None:
                 progress.set_postfix_str(f"batch {batch}, prompt {max(lens)}: {name}")
             rows[name] = method(texts, embeds, mask, rows)
@@ -269,6 +275,16 @@ class Bench:
 
         t_prefill, t_steps = prefill_and_steps(lambda: loop.prefill(embeds, mask), steps, args.device, args.reps)
         return {"image_s": t, "step_s": t_steps / max(1, n - 1), "prefill_s": t_prefill, "result": out}
+
+    def emu_fast_aten_row(self, texts, embeds, mask, rows) -> dict:
+        """EmuDecoder with kernels="aten" (plain ATen ops over the same cache layout: Apple and
+        other GPUs), driven through its generate (the prompt already embedded)."""
+        args, n, dec = self.args, self.n, self.aten
+        t, out = timed(lambda: dec.generate(embeds, mask, n), args.device, args.reps)
+        t_prefill, t_steps = prefill_and_steps(lambda: dec.prefill(embeds, mask), lambda out0: dec.decode(out0, n - 1),
+                                               args.device, args.reps)
+        return {"image_s": t, "step_s": t_steps / max(1, n - 1), "prefill_s": t_prefill, "result": out,
+                "note": "EmuDecoder.generate: no tokenization"}
 
     def emu_fast_row(self, texts, embeds, mask, rows) -> dict:
         """The drop-in (the accelerated generate_image), and the decoder's prefill and steps timed
@@ -399,7 +415,7 @@ def run_sweep(args, machine):
     for points in done.values():  # fractions of the final (larger) bandwidth
         for p in points:
             p["methods"] = _refraction(p["methods"], bench.bandwidth)
-    methods = [UPSTREAM, HF, EAGER, COMPILED, FAST]
+    methods = list(METHODS)
     floor_ms = bench.weight_bytes / bench.bandwidth * 1e3
     print(f"decode-step weights: {bench.weight_bytes / 2**20:.1f} MiB; machine bandwidth {bench.bandwidth / 1e9:.1f} GB/s; "
           f"weight-read floor {floor_ms:.2f} ms per step")

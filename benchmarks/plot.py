@@ -19,6 +19,7 @@ STYLES = {
     "HF KV-cache loop": dict(color="tab:orange", marker="s"),
     "static cache, eager": dict(color="tab:purple", marker="^"),
     "static cache, compiled": dict(color="tab:green", marker="v"),
+    "emu_fast, ATen step": dict(color="tab:cyan", marker="D"),
     "emu_fast": dict(color="tab:blue", marker="o", linewidth=2.5),
 }
 

@@ -67,8 +67,8 @@ def test_benchmark_point_json(tmp_path, capsys):
     assert {"date", "commit", "device", "torch", "config", "prompt_tokens", "n", "step_weight_bytes",
             "read_bandwidth_GBps", "methods"} <= set(data)
     methods = data["methods"]
-    assert set(methods) == {latency.UPSTREAM, latency.HF, latency.EAGER, latency.COMPILED, latency.FAST}
-    for name in (latency.HF, latency.EAGER, latency.FAST):
+    assert set(methods) == set(latency.METHODS)
+    for name in (latency.HF, latency.EAGER, latency.FAST_ATEN, latency.FAST):
         assert methods[name]["status"] == "ok" and methods[name]["matches_reference"], name
         assert methods[name]["reference"] == latency.UPSTREAM
     assert methods[latency.COMPILED] == {"status": "skipped", "note": "skipped (--no-compile)",

@@ -205,10 +205,88 @@ def test_decoder_cuda_head_dim_128_big_batch_and_mixed_calls(emu_tokenizer):
         assert graphed.lengths == eager.lengths == (tok.attention_mask.sum(1) + 8).tolist()
 
 
-def test_decoder_cuda_rejects_unsupported_head_dim():
+def test_decoder_cuda_unsupported_head_dim_runs_on_aten():
+    """Our CUDA attention takes head_dim 64/128: asked for by name it refuses 32, "auto" runs it
+    on the ATen step."""
     lm = tiny_llama(hidden=128, layers=1, heads=4, intermediate=200).to("cuda")  # head dim 32
-    with pytest.raises(ValueError, match="head_dim 32 is not supported on CUDA"):
-        EmuDecoder.from_llama(lm, torch.randn(128, 128, device="cuda"), None, max_batch=1, max_seq_len=16)
+    head = torch.randn(128, 128, device="cuda")
+    with pytest.raises(ValueError, match='kernels="custom" cannot run here: the CUDA attention is compiled for '
+                                         "head_dim 64 or 128, not 32"):
+        EmuDecoder.from_llama(lm, head, None, kernels="custom")
+    assert EmuDecoder.from_llama(lm, head, None).kernels == "aten"
+
+
+def _cuda_inputs(lm, tok, texts):
+    batch = tok([t + "[IMG]" for t in texts], padding="longest", return_tensors="pt")
+    return lm.model.embed_tokens.weight.detach()[batch.input_ids.cuda()], batch.attention_mask
+
+
+TEXTS = ["a photo of a cat", "an oil painting of a dog riding a bicycle at dawn, detailed", "hi"]
+
+
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aten_step_on_cuda_matches_custom_and_graphs(emu_tokenizer, kind, dtype):
+    """The portable step on CUDA: graphed (captured like ours) equals eager bit for bit, and it
+    agrees with our kernels within the dtype's loop tolerance."""
+    lm, head, up = _decoder_setup(kind, dtype, emu_tokenizer)
+    embeds, mask = _cuda_inputs(lm, emu_tokenizer, TEXTS)
+    aten = EmuDecoder.from_llama(lm, head, up, kernels="aten")
+    aten_eager = EmuDecoder.from_llama(lm, head, up, kernels="aten")
+    aten_eager.use_cuda_graphs = False
+    ours = EmuDecoder.from_llama(lm, head, up, kernels="custom")
+    a = aten.generate(embeds, mask, 12)
+    torch.testing.assert_close(a, aten_eager.generate(embeds, mask, 12), rtol=0, atol=0)
+    assert rel_err(a.float(), ours.generate(embeds, mask, 12).float()) < LOOP_TOL[dtype]
+
+
+@pytest.mark.parametrize("op", ["gemv", "decode_attention", "add_rms_norm"])
+def test_self_check_on_cuda_falls_back(emu_tokenizer, op):
+    """A custom CUDA kernel made wrong on purpose: the first step warns, names the op, and the
+    decoder's answer (through graphs) is the ATen step's."""
+    from emu_fast import _C
+
+    lm, head, up = _decoder_setup("emu2", torch.float32, emu_tokenizer)
+    embeds, mask = _cuda_inputs(lm, emu_tokenizer, TEXTS)
+    expected = EmuDecoder.from_llama(lm, head, up, kernels="aten").generate(embeds, mask, 12)
+    dec = EmuDecoder.from_llama(lm, head, up)
+    _C._set_test_fault(op)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"at batch size 3: the custom {op} kernel disagrees"):
+            got = dec.generate(embeds, mask, 12)
+    finally:
+        _C._set_test_fault("")
+    assert dec.kernels == "aten"
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_split_before_on_one_gpu_is_one_graph_and_bitwise_equal(emu_tokenizer):
+    lm, head, up = _decoder_setup("emu2", torch.bfloat16, emu_tokenizer)
+    embeds, mask = _cuda_inputs(lm, emu_tokenizer, TEXTS)
+    whole = EmuDecoder.from_llama(lm, head, up).generate(embeds, mask, 12)
+    split = EmuDecoder.from_llama(lm, head, up, split_before=[1, 2])
+    assert len(split.segments) == 3
+    torch.testing.assert_close(split.generate(embeds, mask, 12), whole, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+def test_model_split_over_two_gpus_matches_one(emu_tokenizer, kind):
+    """Layers 1.. and the head on cuda:1 (as a device_map leaves them): one segment per GPU, the
+    cache of each beside its layers, one graph per GPU; the same result as on one GPU."""
+    lm, head, up = _decoder_setup(kind, torch.float32, emu_tokenizer)
+    embeds, mask = _cuda_inputs(lm, emu_tokenizer, TEXTS)
+    whole = EmuDecoder.from_llama(lm, head, up).generate(embeds, mask, 12)
+    for layer in lm.model.layers[1:]:
+        layer.to("cuda:1")
+    lm.model.norm.to("cuda:1")
+    head1, up1 = head.to("cuda:1"), None if up is None else up.to("cuda:1")
+    split = EmuDecoder.from_llama(lm, head1, up1)
+    assert [seg[2] for seg in split.segments] == ["cuda:0", "cuda:1"]
+    assert [kv.device.index for kv in split.kv_caches] == [0, 1]
+    got = split.generate(embeds, mask, 12)
+    assert got.device.index == 1
+    torch.testing.assert_close(got.cpu(), whole.cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_peak_gpu_memory_after_accelerate(emu_tokenizer):
