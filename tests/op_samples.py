@@ -233,6 +233,11 @@ SAMPLES = [
     Sample("gemv", "3x520x33", _gemv(3, 520, 33, seed=3), **_GPU),
     Sample("gemv", "5x100x7", _gemv(5, 100, 7, seed=5), **_GPU),
     Sample("gemv", "8x33x17", _gemv(8, 33, 17, seed=8), **_GPU),
+    # every exact-batch instance (1..8) through both its multi-vector loop and its tail: K of
+    # several 256-element strides plus a remainder (a lane's vectors in flight, then the rest)
+    Sample("gemv", "4x1288x40", _gemv(4, 1288, 40, seed=4), **_GPU),
+    Sample("gemv", "6x1800x24", _gemv(6, 1800, 24, seed=6), **_GPU),
+    Sample("gemv", "8x2056x20", _gemv(8, 2056, 20, seed=8), **_GPU),
     Sample("gemv", "9x256x300-gemm", _gemv(9, 256, 300, seed=9), **_GPU),
     Sample("gemv", "1x5120x5120", _gemv(1, 5120, 5120), emulate=False, **_GPU),
     Sample("gemv", "3x4096x1000", _gemv(3, 4096, 1000), emulate=False, **_GPU),

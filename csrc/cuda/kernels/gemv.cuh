@@ -12,15 +12,23 @@ namespace emu_fast::cuda {
 
 constexpr int kGemvWarps = 8;  // rows per block
 
-template <typename T, int kMaxBatch, bool kNorm>
+// 16-byte weight vectors each lane loads before using any (the loads in flight per lane): enough
+// that a warp keeps 1-2 KB of a row on its way from DRAM while it multiplies the previous ones.
+// Fewer at larger batches, whose accumulators and x loads take the registers.
+template <int kBatch>
+constexpr int kGemvVectorsInFlight = kBatch <= 2 ? 4 : 2;
+
+// kBatch is the exact number of batch rows (1..kGemvMaxBatch; one instance each), so no
+// per-row branch sits in the inner loop and each weight is converted to float once per load.
+template <typename T, int kBatch, bool kNorm>
 __global__ void __launch_bounds__(kGemvWarps * 32)
 gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
-            const T* __restrict__ norm_w, float eps, int batch, int k_dim, int n_rows,
-            int64_t ldx, int64_t ldy) {
-  __shared__ float inv_rms[kMaxBatch];
+            const T* __restrict__ norm_w, float eps, int k_dim, int n_rows, int64_t ldx, int64_t ldy) {
+  __shared__ float inv_rms[kBatch];
   __shared__ float red[32];
   if constexpr (kNorm) {
-    for (int b = 0; b < batch; ++b) {
+#pragma unroll 1
+    for (int b = 0; b < kBatch; ++b) {
       float ss = 0.f;
       for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
         const float v = to_f(x[b * ldx + k]);
@@ -41,41 +49,73 @@ gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
     else return raw;
   };
 
-  float acc[kMaxBatch];
+  float acc[kBatch];
 #pragma unroll
-  for (int b = 0; b < kMaxBatch; ++b) acc[b] = 0.f;
+  for (int b = 0; b < kBatch; ++b) acc[b] = 0.f;
 
   constexpr int kN = Vec16<T>::kN;
+  // acc[b] += w[k .. k+kN) . x'[b, k .. k+kN), the weights already in floats.
+  auto dot = [&](const float (&wf)[kN], int k) {
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const Vec16<T> xv = load_vec16(x + b * ldx + k);
+#pragma unroll
+      for (int i = 0; i < kN; ++i) acc[b] += wf[i] * xval(b, k + i, xv[i]);
+    }
+  };
   const bool vec_ok = (k_dim % kN == 0) && (ldx % kN == 0) &&
                       (reinterpret_cast<uintptr_t>(w) % 16 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   if (vec_ok) {
-#pragma unroll 4
-    for (int k = lane * kN; k < k_dim; k += 32 * kN) {
-      const Vec16<T> wv = load_vec16_stream(wr + k);
+    constexpr int kU = kGemvVectorsInFlight<kBatch>;
+    constexpr int kStride = 32 * kN;  // elements between a lane's consecutive vectors
+    int k = lane * kN;
+    // kU vectors per lane per iteration, all loaded before any is used (no branch between the
+    // loads: the loop bound keeps every one of them inside the row).
+    for (; k + (kU - 1) * kStride < k_dim; k += kU * kStride) {
+      Vec16<T> wv[kU];
 #pragma unroll
-      for (int b = 0; b < kMaxBatch; ++b) {
-        if (b < batch) {
-          const Vec16<T> xv = load_vec16(x + b * ldx + k);
+      for (int u = 0; u < kU; ++u) wv[u] = load_vec16_stream(wr + k + u * kStride);
 #pragma unroll
-          for (int i = 0; i < kN; ++i) acc[b] += wv[i] * xval(b, k + i, xv[i]);
-        }
+      for (int u = 0; u < kU; ++u) {
+        float wf[kN];
+#pragma unroll
+        for (int i = 0; i < kN; ++i) wf[i] = wv[u][i];
+        dot(wf, k + u * kStride);
       }
+    }
+    for (; k < k_dim; k += kStride) {  // the row's last vectors, fewer than kU per lane
+      const Vec16<T> wv = load_vec16_stream(wr + k);
+      float wf[kN];
+#pragma unroll
+      for (int i = 0; i < kN; ++i) wf[i] = wv[i];
+      dot(wf, k);
     }
   } else {
     for (int k = lane; k < k_dim; k += 32) {
       const float wk = to_f(wr[k]);
 #pragma unroll
-      for (int b = 0; b < kMaxBatch; ++b)
-        if (b < batch) acc[b] += wk * xval(b, k, to_f(x[b * ldx + k]));
+      for (int b = 0; b < kBatch; ++b) acc[b] += wk * xval(b, k, to_f(x[b * ldx + k]));
     }
   }
 #pragma unroll
-  for (int b = 0; b < kMaxBatch; ++b) {
-    if (b < batch) {
-      const float s = warp_sum(acc[b]);
-      if (lane == 0) y[b * ldy + row] = from_f<T>(s);
-    }
+  for (int b = 0; b < kBatch; ++b) {
+    const float s = warp_sum(acc[b]);
+    if (lane == 0) y[b * ldy + row] = from_f<T>(s);
   }
+}
+
+// The kernel for exactly `batch` rows, batch in [kBatch, kGemvMaxBatch] (recursion over the
+// instances, so each batch size has its own).
+template <typename T, bool kNorm, int kBatch = 1>
+cudaError_t launch_gemv_exact(dim3 grid, dim3 block, const T* w, const T* x, T* y, const T* norm_w, float eps,
+                              int batch, int k_dim, int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
+  if constexpr (kBatch < limits::kGemvMaxBatch) {
+    if (batch > kBatch)
+      return launch_gemv_exact<T, kNorm, kBatch + 1>(grid, block, w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx,
+                                                     ldy, stream);
+  }
+  EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, kBatch, kNorm>)(w, x, y, norm_w, eps, k_dim, n_rows, ldx, ldy);
+  return cudaGetLastError();
 }
 
 // Host-side launch of the kernel alone; batch must be in [1, kGemvMaxBatch].
@@ -83,19 +123,10 @@ template <typename T, bool kNorm>
 cudaError_t launch_gemv_kernel(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
                                int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
   const dim3 grid((n_rows + kGemvWarps - 1) / kGemvWarps), block(kGemvWarps * 32);
-  if (batch <= 1)
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 1, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
-  else if (batch <= 2)
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 2, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
-  else if (batch <= 4)
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 4, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
-  else
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, 8, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy);
-  return cudaGetLastError();
+  return launch_gemv_exact<T, kNorm>(grid, block, w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy, stream);
 }
 
 constexpr int kGemvMaxBatch = limits::kGemvMaxBatch;  // the largest template above
-static_assert(kGemvMaxBatch == 8, "launch_gemv_kernel's largest batch template is 8");
 
 // Batches above kGemvMaxBatch are GEMMs: the caller supplies one (cuBLAS in the torch glue, a
 // plain loop in the emulator). y[b * ldy + n] = sum_k x[b * ldx + k] w[n * k_dim + k], T storage.
