@@ -1,0 +1,462 @@
+#!/usr/bin/env python3
+"""Static performance report of the CUDA decode step: ESTIMATES FROM COMPILED CODE (no GPU ran this).
+
+One command: `python scripts/static_report.py` compiles csrc/cuda/kernels/kernels_check.cu (every
+kernel instantiation) for sm_90a and sm_80, reads ptxas -v (registers, spills, shared memory) and
+the SASS (nvdisasm on the cubin), and feeds a latency/issue model that estimates the time of every
+kernel the step launches and of the whole step, for Emu1-13B and Emu2 in bf16, batch 1 and 8, 160
+and 640 keys. Writes <out>-<arch>.json per arch and <out>.md (default out:
+benchmarks/results/static-report). --kernels-source DIR reads the kernels of another tree (a clean
+`git worktree` for a stable "before").
+
+The model (also written into the Markdown); sm_90a code is modelled on the H100 SXM (the primary, as
+in issue 9; --gpu h200 for the H200), sm_80 code on the A100 SXM 80GB (2.04 TB/s, 108 SMs, 1.41 GHz):
+  * Bandwidth: bytes / (peak x dram_eff). Peak 3.35 TB/s (H200 4.8), dram_eff 0.92 (what a pure
+    stream reaches); the weight-read floor is weight bytes / raw peak (25.4 GB -> 7.6 ms).
+  * Latency (Little's law, wave-aware): the main loop of each kernel (the backward branch with the
+    most wide global loads) is run as ONE warp in SASS order with a scoreboard: each instruction
+    issues one cycle after the previous, or when its source registers are ready; a DRAM-stream load
+    (the GEMV's evict-first weight loads, the attention's K/V loads) is ready after dram_ns, another
+    global load (cached x, tables) after l2_ns, shared memory after 30 cycles, anything else after
+    4 cycles. Branches inside the loop are taken (true at batch == the template batch). That gives
+    ns per iteration per warp; a kernel's latency time = waves x iterations per warp x that, with
+    waves = ceil(blocks / (resident blocks per SM x SMs)). Equivalent Little's-law bandwidth =
+    resident warps x 32 lanes x loads in flight x bytes per load x SMs / dram_ns (reported).
+  * Issue: warp-instructions of the main loop x iterations x warps / (4 per clock per SM x SMs x
+    clock); H100 clock 1.98 GHz (boost).
+  * Kernel time = max(bandwidth, latency, issue) + a fixed prologue/epilogue chain (DRAM round trips
+    read from the source, table KERNEL_CHAINS) + the launch gap inside a CUDA graph (2.0 us per
+    kernel: launch, fill and drain; no PDL today).
+  * Step = one layer's kernels x layers + the regression head (+ Emu2's project_up) + 3 small ATen
+    kernels (h + branch, lengths += 1, positions). KV bytes per layer per sequence = 2 x keys x
+    heads x head_dim x 2 B. Cache capacity = keys + 1 rounded up to 128 (the decoder's rounding),
+    which sets the split count through plan_decode_attention's rule (the modelled GPU's SMs).
+  * Optimistic where two terms are close (max, not sum; DRAM latency does not grow with load
+    here); a kernel whose chain + gap dominate is labelled "launch+chain".
+"""
+import argparse, json, math, os, re, shutil, subprocess, sys, tempfile
+
+LABEL = "estimate from compiled code (no GPU ran this)"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPUS = {  # spec sheet figures; the model's primary is the H100 SXM, as in issue 9
+    "h100": dict(name="H100 SXM", bw=3.35e12, sms=132, clock=1.98e9),
+    "h200": dict(name="H200", bw=4.8e12, sms=132, clock=1.98e9),
+    "a100": dict(name="A100 SXM 80GB", bw=2.039e12, sms=108, clock=1.41e9),
+}
+# Per-SM limits (CUDA occupancy calculator / programming guide tables for cc 9.0 and 8.0).
+SM_LIMITS = {
+    "sm_90a": dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32, smem=228 * 1024, smem_reserved=1024),
+    "sm_80": dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32, smem=164 * 1024, smem_reserved=1024),
+}
+MODELS = {
+    "Emu1-13B": dict(hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, inter=13824, head=(5120, 5120), up=None),
+    "Emu2": dict(hidden=6656, layers=60, heads=52, kv_heads=52, head_dim=128, inter=17920, head=(1792, 6656), up=(6656, 1792)),
+}
+# Block sizes (from the launchers) and the DRAM round trips outside the main loop, read from the
+# source: loads of lengths / inputs, the reductions' barriers, the final stores.
+KERNEL_CHAINS = {"gemv": 1, "gemv_norm": 3, "attention": 3, "combine": 3, "rms_norm": 2, "silu_mul": 2, "aten_small": 1}
+BLOCK = {"gemv": 256, "attention": 128, "combine": 128, "rms_norm": 256, "silu_mul": 256}
+
+
+def find_tool(name, pip_pkg):
+    """nvdisasm comes with the CUDA toolkit or as a PyPI wheel; look in $<NAME>, on PATH, next to
+    nvcc, in the wheels' nvidia/cu*/bin; if absent, try pip once; else say how to get it."""
+    def search():
+        nvcc = shutil.which("nvcc")
+        cands = [os.environ.get(name.upper()), shutil.which(name), nvcc and os.path.join(os.path.dirname(os.path.realpath(nvcc)), name)]
+        cands += [os.path.join(p, "nvidia", sub, "bin", name) for p in sys.path for sub in ("cu13", "cu12")]
+        return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    if tool := search():
+        return tool
+    print(f"static_report: {name} not found, trying `pip install {pip_pkg}`", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", pip_pkg], check=False)
+    import site
+    sys.path += site.getsitepackages() + [site.getusersitepackages()]
+    return search() or sys.exit(f"static_report: {name} is needed: `pip install {pip_pkg}` (or put the CUDA "
+                                f"toolkit's bin on PATH, or set {name.upper()}=/path/to/{name})")
+
+
+def compile_cubin(src, arch, workdir):
+    """Compiles every kernel instantiation of the tree `src` as the project does (cuda_check.sh
+    flags) into one cubin; returns (cubin path, ptxas -v text)."""
+    cubin = os.path.join(workdir, f"kernels-{arch}.cubin")
+    cmd = [os.environ.get("NVCC", "nvcc"), "-std=c++20", "-O3", f"-I{src}/csrc", "-cubin", f"-arch={arch}",
+           "-Xptxas", "-v", os.path.join(src, "csrc/cuda/kernels/kernels_check.cu"), "-o", cubin]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"static_report: nvcc failed:\n{r.stderr}")
+    return cubin, r.stdout + r.stderr
+
+
+def demangle(names):
+    """Readable kernel names: cu++filt if present, else c++filt (the Itanium ABI is the same)."""
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def parse_ptxas(text):
+    """Per mangled kernel: registers, spill bytes, stack, static shared memory, from ptxas -v."""
+    res, cur = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            cur = res.setdefault(m.group(1), dict(regs=0, spill_stores=0, spill_loads=0, stack=0, smem=0))
+        elif cur is not None:
+            if m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+                cur.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+            if m := re.search(r"Used (\d+) registers", line):
+                cur["regs"] = int(m[1])
+                s = re.search(r"(\d+) bytes smem", line)
+                cur["smem"] = int(s[1]) if s else 0
+    return res
+
+
+def occupancy(arch, regs, smem, threads):
+    """Resident blocks and warps per SM from registers (per-warp allocation rounded to 256),
+    static shared memory (+1 KB reserved per block) and the block/warp caps."""
+    L = SM_LIMITS[arch]
+    warps = math.ceil(threads / 32)
+    per_warp = math.ceil(max(regs, 1) * 32 / L["reg_unit"]) * L["reg_unit"]
+    by_regs = L["regs"] // (per_warp * warps)
+    by_smem = L["smem"] // (smem + L["smem_reserved"]) if smem else L["max_blocks"]
+    blocks = min(by_regs, by_smem, L["max_blocks"], L["max_warps"] // warps)
+    limiter = min((by_regs, "registers"), (by_smem, "shared memory"), (L["max_blocks"], "blocks"),
+                  (L["max_warps"] // warps, "warps"))[1]
+    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * warps, occupancy=blocks * warps / L["max_warps"], limiter=limiter)
+
+
+INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def parse_sass(dis):
+    """nvdisasm -c output -> {mangled: [(addr, opcode, operands)], labels} per function."""
+    funcs, cur, pending = {}, None, []
+    for line in dis.splitlines():
+        if m := re.match(r"^\.text\.(\w+):", line):
+            cur = funcs[m[1]] = dict(insns=[], labels={}, preds=[])
+            continue
+        if cur is None:
+            continue
+        if m := re.match(r"^(\.L_x_\d+):", line):
+            pending.append(m[1])
+        elif m := INSN.search(line):
+            for lab in pending:
+                cur["labels"][lab] = len(cur["insns"])
+            pending = []
+            cur["insns"].append((int(m[1], 16), m[3], m[4].strip()))
+            cur["preds"].append((m[2] or "").strip())
+    return funcs
+
+
+def load_bytes(op):
+    """Bytes per lane of a global load opcode (LDG.E.128 -> 16, .64 -> 8, .U16 -> 2, else 4)."""
+    for tag, n in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if tag in op:
+            return n
+    return 4
+
+
+def regs_of(tok):
+    """Registers named by one operand: R4 -> {4}; R4.64 -> {4, 5}."""
+    out = set()
+    for m in re.finditer(r"\bR(\d+)(\.64)?", tok):
+        out |= {int(m[1]), int(m[1]) + 1} if m[2] else {int(m[1])}
+    return out
+
+
+def dest_and_srcs(op, operands):
+    """Destination registers (first operand when it is a plain register, widened for vector loads)
+    and source registers (the rest; every operand for stores, branches and predicate writers)."""
+    parts = [p.strip() for p in operands.split(",")] if operands else []
+    if parts and re.fullmatch(r"R\d+", parts[0]) and not op.startswith(("ST", "RED", "ATOM", "BRA")):
+        r = int(parts[0][1:])
+        width = load_bytes(op) // 4 if op.startswith("LD") else (2 if ".WIDE" in op else 1)
+        return set(range(r, r + max(width, 1))), set().union(*[regs_of(p) for p in parts[1:]]) if parts[1:] else set()
+    return set(), set().union(*[regs_of(p) for p in parts]) if parts else set()
+
+
+def loops(fn):
+    """Loops as (head index, backward-branch index): a BRA whose target label precedes it."""
+    out = []
+    for i, (_, op, opnds) in enumerate(fn["insns"]):
+        if op.startswith("BRA") and (m := re.search(r"\(\s*(\.L_x_\d+)\s*\)", opnds)):
+            t = fn["labels"].get(m[1])
+            if t is not None and t <= i:
+                out.append((t, i))
+    return out
+
+
+def drop_fallback_blocks(fn, h, b, stream):
+    """The loop body fn[h..b] without the basic blocks that stream with loads narrower than its
+    widest (the scalar fall-back of a runtime `vector_loads` / alignment test inside the same
+    loop): the model follows the vector path, as on aligned tensors."""
+    body = fn["insns"][h:b + 1]
+    widest = max((load_bytes(op) for _, op, _ in body if op.startswith("LDG") and stream(op)), default=0)
+    starts, blocks = set(fn["labels"].values()), [[]]
+    for i, ins in zip(range(h, b + 1), body):
+        if i in starts and blocks[-1]:
+            blocks.append([])
+        blocks[-1].append(ins)
+        if ins[1].startswith(("BRA", "EXIT")):
+            blocks.append([])
+    is_narrow = lambda op: op.startswith("LDG") and stream(op) and load_bytes(op) < widest
+    # If-converted fall-backs: the narrow loads and everything under their predicate (@!P0 ...).
+    preds = {fn["preds"][i] for i in range(h, b + 1) if is_narrow(fn["insns"][i][1]) and fn["preds"][i]}
+    dropped = {id(fn["insns"][i]) for i in range(h, b + 1) if fn["preds"][i] in preds}
+    return [ins for blk in blocks if not any(is_narrow(op) and id(i) not in dropped for i in blk for op in [i[1]])
+            for ins in blk if id(ins) not in dropped]
+
+
+def analyse_loop(fn, stream):
+    """Picks the main loop (most global-load bytes per iteration, then the shortest) and counts its
+    instructions, global loads by width, the stream loads (DRAM) issued before the first instruction
+    that reads any loaded register, and runs the one-warp scoreboard over it (see the docstring)."""
+    best = None
+    for h, b in loops(fn):
+        body = fn["insns"][h:b + 1]
+        lb = [load_bytes(op) * (1 + 1000 * stream(op)) for _, op, _ in body if op.startswith("LDG")]
+        key = (sum(lb), -(b - h))
+        if best is None or key > best[0]:
+            best = (key, (h, b))
+    if best is None or best[0][0] == 0:
+        return None
+    body = drop_fallback_blocks(fn, *best[1], stream)
+    glds = [op for _, op, _ in body if op.startswith("LDG")]
+    streamed = [op for op in glds if stream(op)]
+    loaded, before = set(), 0
+    for _, op, opnds in body:
+        d, s = dest_and_srcs(op, opnds)
+        if s & loaded:
+            break
+        if op.startswith("LDG"):
+            loaded |= d
+            before += stream(op)
+    return dict(instructions=len(body), global_loads=len(glds), loads_128=sum(".128" in o for o in glds),
+                stream_loads=len(streamed), stream_bytes_per_lane=sum(load_bytes(o) for o in streamed),
+                stream_load_width=max((load_bytes(o) for o in streamed), default=0),
+                stream_loads_before_first_use=before,
+                load_opcodes=sorted(set(glds)), _body=body)
+
+
+def iteration_cycles(body, stream, dram_cyc, l2_cyc):
+    """Cycles one warp spends per loop iteration, alone on its scheduler: three passes of the body
+    in SASS order with a register scoreboard; the third pass is the steady state."""
+    ready, t, marks = {}, 0.0, []
+    for _ in range(3):
+        marks.append(t)
+        for _, op, opnds in body:
+            d, s = dest_and_srcs(op, opnds)
+            t = max([t + 1] + [ready.get(r, 0) for r in s])
+            lat = (dram_cyc if stream(op) else l2_cyc) if op.startswith("LDG") else 30 if op.startswith(("LDS", "SHFL")) else 4
+            for r in d:
+                ready[r] = t + lat
+    return t - marks[2]
+
+
+def kernel_table(arch, src, workdir, nvdisasm):
+    """Compiles, parses ptxas and SASS; returns {readable name: stats} for the bf16 kernels."""
+    cubin, ptx = compile_cubin(src, arch, workdir)
+    props = parse_ptxas(ptx)
+    dis = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    sass, names = parse_sass(dis), demangle(list(props))
+    out = {}
+    for mangled, p in props.items():
+        name = names[mangled]
+        if "bfloat16" not in name:
+            continue
+        kind = ("gemv" if "gemv_kernel" in name else "combine" if "combine" in name else
+                "attention" if "decode_attention" in name else "rms_norm" if "rms_norm" in name else
+                "silu_mul" if "silu_mul" in name else "splice")
+        stream = (lambda op: ".EF" in op) if kind == "gemv" else (lambda op: op.startswith("LDG"))
+        loop = analyse_loop(sass.get(mangled, dict(insns=[], labels={})), stream)
+        occ = occupancy(arch, p["regs"], p["smem"], BLOCK.get(kind, 256))
+        out[name] = dict(kind=kind, mangled=mangled, **p, **occ, loop=loop, _stream=stream,
+                         sass_instructions=len(sass.get(mangled, {}).get("insns", [])))
+    return out
+
+
+def find(kernels, kind, pred=lambda n: True):
+    """The kernel of a kind whose readable name satisfies pred (e.g. the batch-8 GEMV)."""
+    hits = [n for n, k in kernels.items() if k["kind"] == kind and pred(n)]
+    if not hits:
+        sys.exit(f"static_report: no bf16 {kind} kernel matches; kernels: {sorted(kernels)}")
+    return hits[0]
+
+
+def gemv_name(kernels, batch, norm):
+    """The instantiation launch_gemv_kernel picks: the smallest template batch >= batch."""
+    tb = {}
+    for n, k in kernels.items():
+        if k["kind"] == "gemv" and (m := re.search(r"bfloat16, (\d+), (true|false)>", n)) and (m[2] == "true") == norm:
+            tb[int(m[1])] = n
+    return tb[min(b for b in tb if b >= batch)]
+
+
+def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain):
+    """One launch: max(bandwidth, wave-aware latency, issue) + prologue/epilogue chain + gap (s)."""
+    g = a["gpu"]
+    t_bw = bytes_ / (g["bw"] * a["dram_eff"])
+    resident = max(k["blocks_per_sm"], 1) if k else 1
+    waves = math.ceil(blocks / (resident * g["sms"]))
+    t_lat = t_issue = cyc = 0.0
+    loop = k and k["loop"]
+    if loop and iters_per_warp:
+        cyc = iteration_cycles(loop["_body"], k["_stream"], a["dram_ns"] * g["clock"] / 1e9, a["l2_ns"] * g["clock"] / 1e9)
+        t_lat = waves * iters_per_warp * cyc / g["clock"]
+        t_issue = loop["instructions"] * iters_per_warp * blocks * warps_per_block / (4 * g["sms"] * g["clock"])
+    fixed = chain * a["dram_ns"] * 1e-9 + a["gap_us"] * 1e-6
+    t = max(t_bw, t_lat, t_issue) + fixed
+    bound = max((t_bw, "bandwidth"), (t_lat, "latency"), (t_issue, "issue"), (fixed, "launch+chain"))[1]
+    little = None
+    if loop and iters_per_warp and loop["stream_loads_before_first_use"]:
+        warps = min(resident * warps_per_block, blocks * warps_per_block / g["sms"])
+        little = warps * 32 * loop["stream_loads_before_first_use"] * loop["stream_load_width"] * g["sms"] / (a["dram_ns"] * 1e-9)
+    return dict(us=t * 1e6, little_tbps=little and little / 1e12, bw_us=t_bw * 1e6, latency_us=t_lat * 1e6, issue_us=t_issue * 1e6, bound=bound,
+                ns_per_iter_one_warp=cyc / g["clock"] * 1e9, bytes=bytes_, blocks=blocks, waves=waves, iters_per_warp=iters_per_warp)
+
+
+def step(kernels, a, model, batch, keys):
+    """The kernels of one layer and of the head, as EmuDecoder::run_layers and the regression head
+    launch them, each estimated; returns per-kernel rows and the per-step totals."""
+    m, g, B, E = MODELS[model], a["gpu"], batch, 2  # bf16 bytes
+    H, I, Hq, Hkv, D = m["hidden"], m["inter"], m["heads"], m["kv_heads"], m["head_dim"]
+
+    def gemv(label, n, kd, norm=False):
+        name = gemv_name(kernels, B, norm)
+        k, lp = kernels[name], kernels[name]["loop"]
+        w = n * kd * E
+        iters = math.ceil(kd * E / (32 * lp["stream_bytes_per_lane"])) if lp else 0
+        r = estimate(k, a, w + B * (kd + n) * E, math.ceil(n / 8), 8, iters, KERNEL_CHAINS["gemv_norm" if norm else "gemv"])
+        return dict(kernel=label, instance=name, weight_bytes=w, **r)
+
+    def simple(label, kind, bytes_, blocks):
+        name = find(kernels, kind) if kind != "aten_small" else None
+        r = estimate(kernels.get(name), a, bytes_, blocks, 8, 0, KERNEL_CHAINS[kind])
+        return dict(kernel=label, instance=name or "ATen elementwise", weight_bytes=0, **r)
+
+    cap = math.ceil((keys + 1) / 128) * 128
+    splits = max(1, min(math.ceil(2 * g["sms"] / (B * Hkv)), math.ceil(cap / 64)))  # decode_attention_splits
+    chunk = max(16, (keys + splits) // splits)
+    # decode_attention_kernel<T, D> today; <T, D, group> once the group is a template parameter.
+    att = find(kernels, "attention", lambda n: re.search(rf"kernel<__nv_bfloat16, {D}(, {Hq // Hkv})?>", n))
+    kv = 2 * keys * Hkv * D * E * B
+    layer = [simple("add_rms_norm (input)", "rms_norm", B * H * E * 4 + H * E, B),
+             gemv("gemv qkv", 3 * Hq * D if Hq == Hkv else (Hq + 2 * Hkv) * D, H)]
+    r = estimate(kernels[att], a, kv, B * Hkv * splits, 4, math.ceil(min(chunk, keys) / 16), KERNEL_CHAINS["attention"])
+    layer.append(dict(kernel="decode_attention", instance=att, weight_bytes=0, kv_bytes=kv, **r))
+    if splits > 1:
+        layer.append(simple("attention combine", "combine", B * Hq * splits * (D + 2) * 4 + B * Hq * D * E, B * Hq))
+    layer += [gemv("gemv o_proj", H, Hq * D), simple("add_rms_norm (post)", "rms_norm", B * H * E * 4 + H * E, B),
+              gemv("gemv gate_up", 2 * I, H),
+              simple("silu_mul", "silu_mul", B * I * E * 3, min(math.ceil(B * I / 256), 4096)), gemv("gemv down", H, I)]
+    head = [gemv("head (norm-fused gemv)", m["head"][0], m["head"][1], norm=True)]
+    if m["up"]:
+        head.append(gemv("project_up gemv", m["up"][0], m["up"][1]))
+    head += [simple(n, "aten_small", B * H * E * 3, 1) for n in ("h + branch (ATen)", "lengths += 1 (ATen)", "positions (ATen)")]
+    weights = m["layers"] * sum(r["weight_bytes"] for r in layer) + sum(r["weight_bytes"] for r in head)
+    total = m["layers"] * sum(r["us"] for r in layer) + sum(r["us"] for r in head)
+    floor = weights / g["bw"] * 1e6
+    return dict(model=model, batch=B, keys=keys, capacity=cap, splits=splits, layer=layer, head=head,
+                kernels_per_step=m["layers"] * len(layer) + len(head), step_ms=total / 1e3,
+                weight_bytes=weights, weight_floor_ms=floor / 1e3, fraction_of_floor=floor / total)
+
+
+def markdown(reports, a):
+    """The summary: per-arch kernel resources, per-kernel times of one layer, per-step totals."""
+    gpus = "; ".join(f"{arch} code on {r['gpu']['name']} ({r['gpu']['bw'] / 1e12:.2f} TB/s, {r['gpu']['sms']} SMs, "
+                     f"{r['gpu']['clock'] / 1e9:.2f} GHz)" for arch, r in reports.items())
+    L = [f"# Static performance report: {LABEL}\n",
+         f"Nothing here was measured: every figure is read from ptxas / nvdisasm output and a model. Modelled: {gpus}. "
+         f"Source: `{a['source']}`. Regenerate: `python scripts/static_report.py` (see its docstring).\n",
+         "## Model assumptions\n", "```", "The model" + __doc__.split("The model")[1].rstrip(), "```",
+         f"Parameters: dram_ns={a['dram_ns']}, l2_ns={a['l2_ns']}, dram_eff={a['dram_eff']}, gap_us={a['gap_us']}.\n"]
+    for arch, rep in reports.items():
+        L += [f"## Kernels, {arch} (bf16; ptxas -v and SASS main loop)\n",
+              "| kernel | regs | spill st/ld B | smem B | blocks/SM | occupancy (limiter) | loop instr | stream loads/iter (width B) | stream loads issued before first use | instr per 16 B streamed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for n, k in rep["kernels"].items():
+            lp = k["loop"] or {}
+            ipb = (f"{lp['instructions'] * 16 / lp['stream_bytes_per_lane']:.1f}" if lp.get("stream_bytes_per_lane") else "-")
+            L.append(f"| `{n.split('(')[0].replace('void emu_fast::cuda::', '')}` | {k['regs']} | {k['spill_stores']}/{k['spill_loads']} | "
+                     f"{k['smem']} | {k['blocks_per_sm']} | {k['occupancy']:.0%} ({k['limiter']}) | {lp.get('instructions', '-')} | "
+                     f"{lp.get('stream_loads', '-')} ({lp.get('stream_load_width', '-')}) | {lp.get('stream_loads_before_first_use', '-')} | {ipb} |")
+        L.append("\nThe loop columns describe the loop the model uses for the GEMVs and decode attention; the "
+                 "other kernels are timed from their bytes and KERNEL_CHAINS (rms_norm's loop is its >8192-wide "
+                 "fall-back; its fast path is unrolled).\n")
+    for arch, rep in reports.items():
+        g = rep["gpu"]
+        for model in MODELS:
+            steps = [x for x in rep["steps"] if x["model"] == model]
+            L += [f"## {model}, one layer and the head, per kernel, {arch} code on {g['name']}: us ({LABEL})\n",
+                  "| kernel | " + " | ".join(f"batch {x['batch']}, {x['keys']} keys" for x in steps) + " |",
+                  "|---" * (len(steps) + 1) + "|"]
+            names = list(dict.fromkeys(r["kernel"] for x in steps for r in x["layer"] + x["head"]))
+            for n in names:
+                cells = []
+                for x in steps:
+                    r = next((r for r in x["layer"] + x["head"] if r["kernel"] == n), None)
+                    cells.append(f"{r['us']:.1f} ({r['bound']})" if r else "-")
+                L.append(f"| {n} | " + " | ".join(cells) + " |")
+            L.append("| **one layer (sum of the layer rows above the head)** | " + " | ".join(f"**{sum(r['us'] for r in x['layer']):.1f}**" for x in steps) + " |")
+            L.append("")
+        L += [f"## Per step, {arch} code on {rep['gpu']['name']} ({LABEL})\n",
+              "| model | batch | keys | splits | kernels/step | weight floor ms | estimated step ms | fraction of floor |",
+              "|---|---|---|---|---|---|---|---|"]
+        for s in rep["steps"]:
+            L.append(f"| {s['model']} | {s['batch']} | {s['keys']} | {s['splits']} | {s['kernels_per_step']} | "
+                     f"{s['weight_floor_ms']:.2f} | {s['step_ms']:.2f} | {s['fraction_of_floor']:.0%} |")
+        L.append("")
+    return "\n".join(L)
+
+
+def describe(src):
+    """The compiled tree as `path @ commit (+ uncommitted changes)`, so before/after are traceable."""
+    git = lambda *c: subprocess.run(["git", "-C", src, *c], capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "csrc")
+    return f"{os.path.abspath(src)} @ {git('rev-parse', '--short', 'HEAD') or '?'}" + (" + uncommitted csrc changes" if dirty else "")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", action="append", choices=list(SM_LIMITS), help="repeatable; default sm_90a and sm_80")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/static-report"),
+                    help="prefix: writes <out>-<arch>.json and <out>.md")
+    ap.add_argument("--kernels-source", default=ROOT, help="tree whose csrc/ is compiled (before/after)")
+    ap.add_argument("--gpu", choices=list(GPUS), help="default: h100 for sm_90a, a100 for sm_80")
+    ap.add_argument("--dram-ns", type=float, default=700.0, help="loaded DRAM latency (600-800 ns on H100)")
+    ap.add_argument("--l2-ns", type=float, default=100.0, help="latency of a cached global load (x rows read by every warp: L1/L2 hits)")
+    ap.add_argument("--dram-eff", type=float, default=0.92, help="fraction of peak a pure stream reaches")
+    ap.add_argument("--gap-us", type=float, default=2.0, help="per-kernel launch gap + ramp inside a graph")
+    args = ap.parse_args()
+    a = dict(gpu=None, dram_ns=args.dram_ns, l2_ns=args.l2_ns, dram_eff=args.dram_eff, gap_us=args.gap_us,
+             source=describe(args.kernels_source))
+    nvdisasm = find_tool("nvdisasm", "nvidia-cuda-nvdisasm")
+    reports = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch or ["sm_90a", "sm_80"]:
+            kernels = kernel_table(arch, os.path.abspath(args.kernels_source), tmp, nvdisasm)
+            a["gpu"] = GPUS[args.gpu or ("h100" if arch == "sm_90a" else "a100")]
+            steps = [step(kernels, a, m, b, keys) for m in MODELS for b in (1, 8) for keys in (160, 640)]
+            reports[arch] = dict(label=LABEL, arch=arch, gpu=a["gpu"], params={k: v for k, v in a.items() if k != "gpu"},
+                                 kernels={n: {k: v for k, v in d.items() if not k.startswith("_")} | (
+                                     dict(loop={k: v for k, v in d["loop"].items() if not k.startswith("_")}) if d["loop"] else {})
+                                     for n, d in kernels.items()}, steps=steps)
+            path = f"{args.out}-{arch}.json"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(reports[arch], f, indent=1)
+            print(f"wrote {path}")
+    with open(f"{args.out}.md", "w") as f:
+        f.write(markdown(reports, a))
+    print(f"wrote {args.out}.md")
+    for arch, rep in reports.items():
+        for s in rep["steps"]:
+            print(f"{arch} {s['model']:9s} batch {s['batch']} keys {s['keys']}: {s['step_ms']:.2f} ms "
+                  f"(floor {s['weight_floor_ms']:.2f}, {s['fraction_of_floor']:.0%}) [{LABEL}]")
+
+
+if __name__ == "__main__":
+    main()
