@@ -202,10 +202,13 @@ SAMPLES = [
     Sample("decode_attention", "gqa-d8", _attention(2, 4, 2, 8, 6, [1, 2], spare_slots=1), cuda=False, opcheck=True),
     Sample("decode_attention", "d64-opcheck", _attention(2, 4, 4, 64, 16, [3, 0]), opcheck=True, **_GPU),
     Sample("decode_attention", "empty-cache-d64", _attention(1, 4, 4, 64, 8, [0]), **_GPU),
-    Sample("decode_attention", "emu1-heads-7-splits", _attention(1, 40, 40, 128, 2048, [1700]), **_GPU),
+    Sample("decode_attention", "emu1-heads-27-splits", _attention(1, 40, 40, 128, 2048, [1700]), **_GPU),
     Sample("decode_attention", "gqa-ragged-d128", _attention(3, 8, 2, 128, 300, [5, 0, 299]), **_GPU),
     Sample("decode_attention", "ragged-d64", _attention(5, 6, 6, 64, 77, [76, 1, 30, 64, 2]), **_GPU),
-    Sample("decode_attention", "group-8-33-splits", _attention(2, 32, 4, 64, 4096, [4000, 3]), **_GPU),
+    # groups between the kernel's instances (1, 2, 4, 8): 3 runs on the 4-wide one, 7 on the 8
+    Sample("decode_attention", "group-3-d64", _attention(2, 6, 2, 64, 70, [69, 10]), **_GPU),
+    Sample("decode_attention", "group-7-d128", _attention(1, 7, 1, 128, 50, [40]), **_GPU),
+    Sample("decode_attention", "group-8-64-splits", _attention(2, 32, 4, 64, 4096, [4000, 3]), **_GPU),
     # regression_head (B, H, Dout, up)
     Sample("regression_head", "emu1-64", _head(1, 64, 64, False, hidden_scale=3, w_scale=0.1)),
     Sample("regression_head", "odd-33-17", _head(3, 33, 17, True, hidden_scale=3, w_scale=0.1), opcheck=True),

@@ -41,7 +41,10 @@ struct DecodeAttentionParams {
   bool vector_loads;          // both caches aligned to E * sizeof(T) bytes (set by the launcher)
 };
 
-template <typename T, int D>
+// kGroup: the largest query group this instance takes (1, 2, 4 or kMaxGroup; the group's own
+// size is p.num_heads / p.num_kv_heads <= kGroup): Emu is multi-head (group 1), and arrays sized
+// for 8 would cost it registers and shared memory for nothing.
+template <typename T, int D, int kGroup>
 __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(DecodeAttentionParams p) {
   constexpr int E = D / 32;
   constexpr int kHalf = D / 2;
@@ -84,9 +87,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
     }
   };
 
-  float qf[kMaxGroup][E];
+  float qf[kGroup][E];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < kGroup; ++g) {
     if (g < group) {
       const T* qr = static_cast<const T*>(p.q) + b * p.q_stride + static_cast<int64_t>(h * group + g) * D;
 #pragma unroll
@@ -121,9 +124,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
     }
   }
 
-  float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][E];
+  float m[kGroup], l[kGroup], acc[kGroup][E];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < kGroup; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
   constexpr int kKeys = kKeysPerWarpStep;
   auto attend = [&](const float (&kr)[kKeys][E], const float (&vr)[kKeys][E], const bool (&valid)[kKeys]) {
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int g = 0; g < kGroup; ++g) {
       if (g < group) {
         float score[kKeys];
         float m_new = m[g];
@@ -164,25 +167,31 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
     }
   };
   for (int64_t j0 = start + warp; j0 < end; j0 += kAttnWarps * kKeys) {
+    // All kKeys rows loaded before any is used, unconditionally: an index past the slice reads
+    // row j0 again (valid, in the cache) and only its score is masked.
     float kr[kKeys][E], vr[kKeys][E];
     bool valid[kKeys];
+    int64_t row[kKeys];
 #pragma unroll
     for (int u = 0; u < kKeys; ++u) {
       const int64_t j = j0 + static_cast<int64_t>(u) * kAttnWarps;
       valid[u] = j < end;  // the same for the whole warp
-      if (!valid[u]) {
+      row[u] = (valid[u] ? j : j0) * D + lane * E;
+    }
+    if (p.vector_loads) {  // caches aligned: one load per lane per row
 #pragma unroll
-        for (int e = 0; e < E; ++e) kr[u][e] = vr[u][e] = 0.f;
-      } else if (p.vector_loads) {  // caches aligned: one load per lane per row
-        load_floats<T, E>(kc + j * D + lane * E, kr[u]);
-        load_floats<T, E>(vc + j * D + lane * E, vr[u]);
-      } else {
+      for (int u = 0; u < kKeys; ++u) {
+        load_floats<T, E>(kc + row[u], kr[u]);
+        load_floats<T, E>(vc + row[u], vr[u]);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u)
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-          kr[u][e] = to_f(kc[j * D + lane * E + e]);
-          vr[u][e] = to_f(vc[j * D + lane * E + e]);
+          kr[u][e] = to_f(kc[row[u] + e]);
+          vr[u][e] = to_f(vc[row[u] + e]);
         }
-      }
     }
     attend(kr, vr, valid);
   }
@@ -198,11 +207,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
   }
 
   // Merge the warps' softmax states.
-  __shared__ float sm_max[kAttnWarps][kMaxGroup];
-  __shared__ float sm_sum[kAttnWarps][kMaxGroup];
-  __shared__ float sm_acc[kAttnWarps][kMaxGroup][D];
+  __shared__ float sm_max[kAttnWarps][kGroup];
+  __shared__ float sm_sum[kAttnWarps][kGroup];
+  __shared__ float sm_acc[kAttnWarps][kGroup][D];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < kGroup; ++g) {
     if (g < group) {
       if (lane == 0) {
         sm_max[warp][g] = m[g];
@@ -266,12 +275,14 @@ __global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
   static_cast<T*>(p.out)[hq * D + d] = from_f<T>(a / sum);
 }
 
-// How many blocks share one (sequence, KV head): enough to fill the GPU twice over even at
-// batch 1 (flash-decoding), at most one per 64 cache rows. It depends only on shapes, never on
-// the lengths (which stay on the device), so a CUDA graph can capture the launch.
+// How many blocks share one (sequence, KV head): about 8 per SM at any batch (flash-decoding:
+// a block's warps walk their keys one dependent DRAM round trip after another, so more, shorter
+// slices finish sooner; at batch 8 with Emu's 40 heads, 2 per SM would leave each block 160
+// round trips per warp at 640 keys), at most one per 64 cache rows. It depends only on shapes,
+// never on the lengths (which stay on the device), so a CUDA graph can capture the launch.
 inline int decode_attention_splits(int64_t batch, int64_t num_kv_heads, int64_t capacity, int sm_count) {
   const int64_t blocks = batch * num_kv_heads;
-  const int64_t want = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
+  const int64_t want = (8 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
   const int64_t splits = want < (capacity + 63) / 64 ? want : (capacity + 63) / 64;
   return splits < 1 ? 1 : static_cast<int>(splits);
 }
@@ -336,7 +347,15 @@ cudaError_t launch_decode_attention(DecodeAttentionParams p, int batch, float* w
   p.part_max = p.splits > 1 ? workspace + rows * D : nullptr;
   p.part_sum = p.splits > 1 ? workspace + rows * (D + 1) : nullptr;
   const dim3 grid(static_cast<unsigned>(batch * p.num_kv_heads), static_cast<unsigned>(p.splits));
-  EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D>)(p);
+  const int group = p.num_heads / p.num_kv_heads;
+  if (group <= 1)
+    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 1>)(p);
+  else if (group <= 2)
+    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 2>)(p);
+  else if (group <= 4)
+    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 4>)(p);
+  else
+    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, kMaxGroup>)(p);
   if (p.splits > 1) {
     EMU_FAST_LAUNCH(static_cast<unsigned>(batch * p.num_heads), D, stream, decode_attention_combine_kernel<T, D>)(p);
   }
