@@ -318,6 +318,17 @@ def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain):
                 ns_per_iter_one_warp=cyc / g["clock"] * 1e9, bytes=bytes_, blocks=blocks, waves=waves, iters_per_warp=iters_per_warp)
 
 
+def split_blocks_per_sm(source_dir):
+    """The blocks per SM decode_attention_splits aims at, read from the source compiled (so a
+    before/after pair each models its own split rule)."""
+    text = open(os.path.join(source_dir, "csrc/cuda/kernels/decode_attention.cuh")).read()
+    m = re.search(r"want = \((\d+) \* static_cast<int64_t>\(sm_count\)", text)
+    if not m:
+        sys.exit("static_report: cannot find decode_attention_splits' rule in decode_attention.cuh; update "
+                 "split_blocks_per_sm()")
+    return int(m.group(1))
+
+
 def step(kernels, a, model, batch, keys):
     """The kernels of one layer and of the head, as EmuDecoder::run_layers and the regression head
     launch them, each estimated; returns per-kernel rows and the per-step totals."""
@@ -338,7 +349,8 @@ def step(kernels, a, model, batch, keys):
         return dict(kernel=label, instance=name or "ATen elementwise", weight_bytes=0, **r)
 
     cap = math.ceil((keys + 1) / 128) * 128
-    splits = max(1, min(math.ceil(2 * g["sms"] / (B * Hkv)), math.ceil(cap / 64)))  # decode_attention_splits
+    # decode_attention_splits: about blocks_per_sm blocks per SM, at most one split per 64 rows
+    splits = max(1, min(math.ceil(a["split_blocks_per_sm"] * g["sms"] / (B * Hkv)), math.ceil(cap / 64)))
     chunk = max(16, (keys + splits) // splits)
     # decode_attention_kernel<T, D> today; <T, D, group> once the group is a template parameter.
     att = find(kernels, "attention", lambda n: re.search(rf"kernel<__nv_bfloat16, {D}(, {Hq // Hkv})?>", n))
@@ -432,7 +444,7 @@ def main():
     ap.add_argument("--gap-us", type=float, default=2.0, help="per-kernel launch gap + ramp inside a graph")
     args = ap.parse_args()
     a = dict(gpu=None, dram_ns=args.dram_ns, l2_ns=args.l2_ns, dram_eff=args.dram_eff, gap_us=args.gap_us,
-             source=describe(args.kernels_source))
+             source=describe(args.kernels_source), split_blocks_per_sm=split_blocks_per_sm(args.kernels_source))
     nvdisasm = find_tool("nvdisasm", "nvidia-cuda-nvdisasm")
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
