@@ -18,8 +18,9 @@ constexpr bool cuda_head_dim_supported(int64_t d) {
   return false;
 }
 
-// Batch rows the CUDA GEMV kernel takes (its largest template); larger batches are GEMMs and
-// go to cuBLAS.
+// Batch rows the CUDA-core GEMV kernel takes (its largest template). 16-bit weights whose K is
+// a multiple of 32 go to the tensor-core GEMV up to 16 rows (cuda/kernels/gemv.cuh); larger
+// batches, and float32 above this, are GEMMs and go to cuBLAS.
 constexpr int kGemvMaxBatch = 8;
 
 }  // namespace emu_fast::limits

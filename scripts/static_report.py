@@ -55,7 +55,7 @@ MODELS = {
 # Block sizes (from the launchers) and the DRAM round trips outside the main loop, read from the
 # source: loads of lengths / inputs, the reductions' barriers, the final stores.
 KERNEL_CHAINS = {"gemv": 1, "gemv_norm": 3, "attention": 3, "combine": 3, "rms_norm": 2, "silu_mul": 2, "aten_small": 1}
-BLOCK = {"gemv": 256, "attention": 128, "combine": 128, "rms_norm": 256, "silu_mul": 256}
+BLOCK = {"gemv": 256, "gemv_mma": 256, "attention": 128, "combine": 128, "rms_norm": 256, "silu_mul": 256}
 
 
 def find_tool(name, pip_pkg):
@@ -267,10 +267,11 @@ def kernel_table(arch, src, workdir, nvdisasm):
         name = names[mangled]
         if "bfloat16" not in name:
             continue
-        kind = ("gemv" if "gemv_kernel" in name else "combine" if "combine" in name else
+        kind = ("gemv" if "gemv_kernel" in name else "gemv_mma" if "gemv_mma_kernel" in name else
+                "combine" if "combine" in name else
                 "attention" if "decode_attention" in name else "rms_norm" if "rms_norm" in name else
                 "silu_mul" if "silu_mul" in name else "splice")
-        stream = (lambda op: ".EF" in op) if kind == "gemv" else (lambda op: op.startswith("LDG"))
+        stream = (lambda op: ".EF" in op) if kind in ("gemv", "gemv_mma") else (lambda op: op.startswith("LDG"))
         loop = analyse_loop(sass.get(mangled, dict(insns=[], labels={})), stream)
         occ = occupancy(arch, p["regs"], p["smem"], BLOCK.get(kind, 256))
         out[name] = dict(kind=kind, mangled=mangled, **p, **occ, loop=loop, _stream=stream,
@@ -287,12 +288,21 @@ def find(kernels, kind, pred=lambda n: True):
 
 
 def gemv_name(kernels, batch, norm):
-    """The instantiation launch_gemv_kernel picks: the smallest template batch >= batch."""
+    """The instantiation launch_gemv picks for bf16 at the Emu shapes (K a multiple of 32): the
+    tensor-core kernel (one tile of 8 batch rows, two up to 16) where the tree has one, else the
+    CUDA-core kernel's smallest template batch >= batch. Returns (name, output rows per block)."""
+    mma = {}
+    for n, k in kernels.items():
+        if k["kind"] == "gemv_mma" and (m := re.search(r"bfloat16, (\d+), (true|false)>", n)) and (m[2] == "true") == norm:
+            mma[int(m[1])] = n
+    tiles = 1 if batch <= 8 else 2
+    if tiles in mma:
+        return mma[tiles], 16
     tb = {}
     for n, k in kernels.items():
         if k["kind"] == "gemv" and (m := re.search(r"bfloat16, (\d+), (true|false)>", n)) and (m[2] == "true") == norm:
             tb[int(m[1])] = n
-    return tb[min(b for b in tb if b >= batch)]
+    return tb[min(b for b in tb if b >= batch)], 8
 
 
 def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain):
@@ -336,11 +346,14 @@ def step(kernels, a, model, batch, keys):
     H, I, Hq, Hkv, D = m["hidden"], m["inter"], m["heads"], m["kv_heads"], m["head_dim"]
 
     def gemv(label, n, kd, norm=False):
-        name = gemv_name(kernels, B, norm)
+        name, rows = gemv_name(kernels, B, norm)
         k, lp = kernels[name], kernels[name]["loop"]
         w = n * kd * E
-        iters = math.ceil(kd * E / (32 * lp["stream_bytes_per_lane"])) if lp else 0
-        r = estimate(k, a, w + B * (kd + n) * E, math.ceil(n / 8), 8, iters, KERNEL_CHAINS["gemv_norm" if norm else "gemv"])
+        # A block's 8 warps share its rows' weights: one row each (CUDA cores), or the K of 16 rows
+        # split eight ways (tensor cores); bytes a warp streams / bytes it streams per loop trip.
+        iters = math.ceil(rows * kd * E / 8 / (32 * lp["stream_bytes_per_lane"])) if lp else 0
+        r = estimate(k, a, w + B * (kd + n) * E, math.ceil(n / rows), 8, iters,
+                     KERNEL_CHAINS["gemv_norm" if norm else "gemv"])
         return dict(kernel=label, instance=name, weight_bytes=w, **r)
 
     def simple(label, kind, bytes_, blocks):

@@ -224,6 +224,8 @@ SAMPLES = [
     Sample("regression_head", "3x4096x1000", _head(3, 4096, 1000, True), emulate=False, **_GPU),
     Sample("regression_head", "8x520x33", _head(8, 520, 33, True), **_GPU),
     Sample("regression_head", "2x100x7", _head(2, 100, 7, True), **_GPU),
+    Sample("regression_head", "3x544x40-mma", _head(3, 544, 40, True, seed=15), **_GPU),
+    Sample("regression_head", "11x256x20-mma", _head(11, 256, 20, True, seed=16), **_GPU),
     # gemv (B, K, N)
     Sample("gemv", "1x1x1", _gemv(1, 1, 1)),
     Sample("gemv", "1x512x512", _gemv(1, 512, 512)),
@@ -241,6 +243,12 @@ SAMPLES = [
     Sample("gemv", "4x1288x40", _gemv(4, 1288, 40, seed=4), **_GPU),
     Sample("gemv", "6x1800x24", _gemv(6, 1800, 24, seed=6), **_GPU),
     Sample("gemv", "8x2056x20", _gemv(8, 2056, 20, seed=8), **_GPU),
+    # the tensor-core kernel (16-bit types, K a multiple of 32, batch up to 16): rows not a
+    # multiple of 16, fewer chunks than warps, chunks in flight plus a tail, two batch tiles
+    Sample("gemv", "5x96x37-mma", _gemv(5, 96, 37, seed=11), **_GPU),
+    Sample("gemv", "1x2080x33-mma", _gemv(1, 2080, 33, seed=12), **_GPU),
+    Sample("gemv", "12x1056x50-mma", _gemv(12, 1056, 50, seed=13), **_GPU),
+    Sample("gemv", "16x320x17-mma", _gemv(16, 320, 17, seed=14), **_GPU),
     Sample("gemv", "9x256x300-gemm", _gemv(9, 256, 300, seed=9), **_GPU),
     Sample("gemv", "1x5120x5120", _gemv(1, 5120, 5120), emulate=False, **_GPU),
     Sample("gemv", "3x4096x1000", _gemv(3, 4096, 1000), emulate=False, **_GPU),

@@ -26,7 +26,7 @@ namespace emu_fast {
 // caches, the device-side lengths and the weights are fixed addresses too, so one capture
 // serves every later call with the same batch size.
 // A part is replayed on the stream it was captured on (one per device): the cuBLAS calls it
-// holds (GEMMs for batches above limits::kGemvMaxBatch) use the workspace cuBLAS keeps for that
+// holds (GEMMs for batches our GEMV kernels do not take) use the workspace cuBLAS keeps for that
 // stream, so replaying on another stream could overlap them with other work using the same
 // workspace there.
 struct EmuDecoder::Graph {
@@ -92,7 +92,7 @@ int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
 
   // Step 1 runs eagerly: it is a real step, and before a first capture it warms up, on the
   // capture streams themselves, everything a capture must not trigger for the first time
-  // (allocator pools, cuBLAS workspaces for batches above 8).
+  // (allocator pools, cuBLAS workspaces for large batches).
   at::Tensor out, next;
   if (capture) {
     for (const auto& s : current) s.synchronize();  // once per batch size: order the side streams after queued work

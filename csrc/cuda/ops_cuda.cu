@@ -50,7 +50,7 @@ int sm_count(int device) {
   return cached[device];
 }
 
-// cuBLAS for GEMV batches above cuda::kGemvMaxBatch (cuda::launch_gemv decides): the pointers
+// cuBLAS for the GEMV batches our kernels do not take (cuda::launch_gemv decides): the pointers
 // it is handed wrapped as tensors of `options` for at::mm_out.
 cudaError_t cublas_gemm(void* ctx, const void* w, const void* x, int64_t ldx, void* y, int64_t ldy, int64_t batch,
                         int64_t k_dim, int64_t n_rows, cudaStream_t) {

@@ -6,11 +6,30 @@
 #pragma once
 #include "common.cuh"
 #include "elementwise.cuh"
+#include "mma.cuh"
 #include "op_limits.h"
 
 namespace emu_fast::cuda {
 
 constexpr int kGemvWarps = 8;  // rows per block
+
+// The norm prologue: inv_rms[b] = 1 / sqrt(mean(x[b]^2) + eps) for each batch row, by the whole
+// block (`red`: 32 floats of shared scratch); every thread sees the results after the barrier.
+template <typename T>
+__device__ __forceinline__ void block_inv_rms(const T* x, int64_t ldx, int batch, int k_dim, float eps,
+                                              float* inv_rms, float* red) {
+#pragma unroll 1
+  for (int b = 0; b < batch; ++b) {
+    float ss = 0.f;
+    for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
+      const float v = to_f(x[b * ldx + k]);
+      ss += v * v;
+    }
+    ss = block_sum(ss, red);
+    if (threadIdx.x == 0) inv_rms[b] = rsqrtf(ss / static_cast<float>(k_dim) + eps);
+  }
+  __syncthreads();
+}
 
 // 16-byte weight vectors each lane loads before using any (the loads in flight per lane): enough
 // that a warp keeps 1-2 KB of a row on its way from DRAM while it multiplies the previous ones.
@@ -26,19 +45,7 @@ gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
             const T* __restrict__ norm_w, float eps, int k_dim, int n_rows, int64_t ldx, int64_t ldy) {
   __shared__ float inv_rms[kBatch];
   __shared__ float red[32];
-  if constexpr (kNorm) {
-#pragma unroll 1
-    for (int b = 0; b < kBatch; ++b) {
-      float ss = 0.f;
-      for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
-        const float v = to_f(x[b * ldx + k]);
-        ss += v * v;
-      }
-      ss = block_sum(ss, red);
-      if (threadIdx.x == 0) inv_rms[b] = rsqrtf(ss / static_cast<float>(k_dim) + eps);
-    }
-    __syncthreads();
-  }
+  if constexpr (kNorm) block_inv_rms(x, ldx, kBatch, k_dim, eps, inv_rms, red);
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
   if (row >= n_rows) return;
@@ -104,6 +111,133 @@ gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
   }
 }
 
+// 16-bit weights on tensor cores: one block of kGemvWarps warps per 16 output rows, the batch as
+// the mma's N (kTiles tiles of 8 rows: batches up to 8 or 16). Warp w takes the 32-element
+// chunks w, w + kGemvWarps, ... of K; per chunk, lane 4 g + t loads 16 bytes of weight row g and
+// of row g + 8 (elements 8t .. 8t+7) and 16 bytes of batch row g's x, and issues two m16n8k16
+// mmas. Any order of k inside a chunk gives the same sum, so A and B are loaded in the order
+// that makes each lane's loads 16 bytes wide: mma k pairs (2t, 2t+1 | 2t+8, 2t+9) stand for the
+// chunk's elements (8t, 8t+1 | 8t+2, 8t+3) in the first mma and (8t+4, 8t+5 | 8t+6, 8t+7) in the
+// second. A few instructions per 16 bytes of weight (the CUDA-core kernel above needs ~40 at
+// batch 1 and ~200 at batch 8, converting every element). The warps' partial tiles are summed
+// in shared memory. With kNorm, x is RMS-normalized on the way in, as gemv_kernel does.
+constexpr int kMmaRows = 16;   // output rows per block
+constexpr int kMmaChunk = 32;  // K elements per warp per step
+constexpr int kMmaChunksInFlight = 4;
+
+template <typename T, int kTiles, bool kNorm>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
+gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
+                const T* __restrict__ norm_w, float eps, int batch, int k_dim, int n_rows, int64_t ldx, int64_t ldy) {
+  __shared__ float inv_rms[8 * kTiles];
+  __shared__ float red[32];
+  __shared__ float tile[kGemvWarps][kMmaRows][8 * kTiles];
+  if constexpr (kNorm) block_inv_rms(x, ldx, batch, k_dim, eps, inv_rms, red);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kMmaRows;
+  // Rows past the end read the last row (a valid address) and are never written.
+  const T* w_lo = w + static_cast<int64_t>(min(row0 + g, n_rows - 1)) * k_dim + 8 * t;
+  const T* w_hi = w + static_cast<int64_t>(min(row0 + g + 8, n_rows - 1)) * k_dim + 8 * t;
+  // B's column g of tile j is batch row 8 j + g (zeros past the batch).
+  const T* x_row[kTiles];
+  bool x_live[kTiles];
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    x_live[j] = 8 * j + g < batch;
+    x_row[j] = x + (x_live[j] ? 8 * j + g : 0) * ldx + 8 * t;
+  }
+  float d[kTiles][4];
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[j][i] = 0.f;
+
+  // B for one chunk at k (this lane's 8 elements of x, normalized with kNorm), as mma pairs.
+  auto x_pairs = [&](int j, int k) {
+    uint4 v = x_live[j] ? __ldg(reinterpret_cast<const uint4*>(x_row[j] + k)) : make_uint4(0, 0, 0, 0);
+    if constexpr (kNorm) {
+      if (x_live[j]) {
+        const uint4 nw = __ldg(reinterpret_cast<const uint4*>(norm_w + k + 8 * t));
+        T* e = reinterpret_cast<T*>(&v);
+        const T* n = reinterpret_cast<const T*>(&nw);
+        const float r = inv_rms[8 * j + g];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = from_f<T>(to_f(n[i]) * round_to<T>(to_f(e[i]) * r));
+      }
+    }
+    return v;
+  };
+  auto step = [&](const uint4& lo, const uint4& hi, int k) {
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j) {
+      const uint4 xv = x_pairs(j, k);
+      const uint32_t a1[4] = {lo.x, hi.x, lo.y, hi.y}, b1[2] = {xv.x, xv.y};
+      const uint32_t a2[4] = {lo.z, hi.z, lo.w, hi.w}, b2[2] = {xv.z, xv.w};
+      mma_16816<T>(d[j], a1, b1);
+      mma_16816<T>(d[j], a2, b2);
+    }
+  };
+  const int chunks = k_dim / kMmaChunk;
+  int c = warp;
+  // kMmaChunksInFlight chunks per iteration, every weight load issued before the first mma.
+  for (; c + (kMmaChunksInFlight - 1) * kGemvWarps < chunks; c += kMmaChunksInFlight * kGemvWarps) {
+    uint4 lo[kMmaChunksInFlight], hi[kMmaChunksInFlight];
+#pragma unroll
+    for (int u = 0; u < kMmaChunksInFlight; ++u) {
+      const int k = (c + u * kGemvWarps) * kMmaChunk;
+      lo[u] = __ldcs(reinterpret_cast<const uint4*>(w_lo + k));
+      hi[u] = __ldcs(reinterpret_cast<const uint4*>(w_hi + k));
+    }
+#pragma unroll
+    for (int u = 0; u < kMmaChunksInFlight; ++u) step(lo[u], hi[u], (c + u * kGemvWarps) * kMmaChunk);
+  }
+  for (; c < chunks; c += kGemvWarps) {
+    const int k = c * kMmaChunk;
+    step(__ldcs(reinterpret_cast<const uint4*>(w_lo + k)), __ldcs(reinterpret_cast<const uint4*>(w_hi + k)), k);
+  }
+
+  // Sum the warps' tiles: lane 4 g + t holds D[g][2t, 2t+1] and D[g+8][2t, 2t+1] of each tile.
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    tile[warp][g][8 * j + 2 * t] = d[j][0];
+    tile[warp][g][8 * j + 2 * t + 1] = d[j][1];
+    tile[warp][g + 8][8 * j + 2 * t] = d[j][2];
+    tile[warp][g + 8][8 * j + 2 * t + 1] = d[j][3];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kMmaRows * 8 * kTiles; i += blockDim.x) {
+    const int m = i / (8 * kTiles), b = i % (8 * kTiles);
+    if (b >= batch || row0 + m >= n_rows) continue;
+    float sum = 0.f;
+#pragma unroll
+    for (int v = 0; v < kGemvWarps; ++v) sum += tile[v][m][b];
+    y[b * ldy + row0 + m] = from_f<T>(sum);
+  }
+}
+
+// Whether the tensor-core kernel takes this call: 16-bit types, K in whole chunks, 16-byte
+// aligned rows (x's and the norm weight's too) and batches up to kGemvMmaMaxBatch.
+constexpr int kGemvMmaMaxBatch = 16;
+template <typename T>
+bool gemv_mma_fits(const T* w, const T* x, const T* norm_w, int64_t batch, int64_t k_dim, int64_t ldx) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return batch >= 1 && batch <= kGemvMmaMaxBatch && k_dim % kMmaChunk == 0 && ldx % 8 == 0 && aligned(w) &&
+         aligned(x) && (norm_w == nullptr || aligned(norm_w));
+}
+
+template <typename T, bool kNorm>
+cudaError_t launch_gemv_mma(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
+                            int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
+  const dim3 grid((n_rows + kMmaRows - 1) / kMmaRows), block(kGemvWarps * 32);
+  if (batch <= 8)
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 1, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows,
+                                                                       ldx, ldy);
+  else
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 2, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows,
+                                                                       ldx, ldy);
+  return cudaGetLastError();
+}
+
 // The kernel for exactly `batch` rows, batch in [kBatch, kGemvMaxBatch] (recursion over the
 // instances, so each batch size has its own).
 template <typename T, bool kNorm, int kBatch = 1>
@@ -145,12 +279,19 @@ inline int64_t gemv_workspace_elems(int64_t batch, int64_t k_dim, int64_t ldx, b
 
 // y[B, N] = x' @ w^T with x' = x, or rms_norm(x; norm_w, eps) (kNorm): the one launch plan of
 // emu_fast::gemv and the regression head. x: unit column stride, row stride ldx; y: row stride
-// ldy. Up to kGemvMaxBatch rows the GEMV kernel (norm fused in); above, RMSNorm into `workspace`
-// (gemv_workspace_elems) and gemm. Nothing to do for an empty batch or output.
+// ldy. 16-bit weights in whole chunks, up to kGemvMmaMaxBatch rows: the tensor-core kernel;
+// otherwise up to kGemvMaxBatch rows the CUDA-core GEMV kernel (norm fused in either way);
+// above, RMSNorm into `workspace` (gemv_workspace_elems) and gemm. Nothing to do for an empty
+// batch or output.
 template <typename T, bool kNorm>
 cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps, int64_t batch, int64_t k_dim,
                         int64_t n_rows, int64_t ldx, int64_t ldy, T* workspace, Gemm gemm, cudaStream_t stream) {
   if (batch == 0 || n_rows == 0) return cudaSuccess;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (gemv_mma_fits(w, x, kNorm ? norm_w : nullptr, batch, k_dim, ldx))
+      return launch_gemv_mma<T, kNorm>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
+                                       static_cast<int>(n_rows), ldx, ldy, stream);
+  }
   if (batch <= kGemvMaxBatch)
     return launch_gemv_kernel<T, kNorm>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
                                         static_cast<int>(n_rows), ldx, ldy, stream);
