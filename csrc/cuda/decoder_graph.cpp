@@ -4,6 +4,15 @@
 // per part (a device's run of layers; the head), with the hidden state copied between them.
 // Compiled only into CUDA builds.
 #include <ATen/ATen.h>
+// (torch's header trips GCC 12's -Winterference-size; nothing of ours is affected)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winterference-size"
+#endif
+#include <ATen/core/CachingHostAllocator.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic pop
+#endif
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -14,6 +23,8 @@
 
 #include <algorithm>
 #include <sstream>
+#include <string>
+#include <utility>
 
 #include "decoder.h"
 #include "self_check.h"
@@ -44,6 +55,61 @@ struct EmuDecoder::Graph {
 };
 
 namespace {
+
+// The stream this thread captures on for `device`: its own, created once and never destroyed
+// (tensors recorded on it may outlive any decoder). A stream from ATen's shared pool could be
+// handed to another thread at the same time, whose work would then be captured into our graph.
+c10::cuda::CUDAStream capture_stream(const at::Device& device) {
+  thread_local std::vector<std::pair<c10::DeviceIndex, cudaStream_t>> streams;
+  for (const auto& [index, stream] : streams)
+    if (index == device.index()) return c10::cuda::getStreamFromExternal(stream, index);
+  const c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream;
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  streams.emplace_back(device.index(), stream);
+  return c10::cuda::getStreamFromExternal(stream, device.index());
+}
+
+// Captures run_part(part) into piece->graph on the current stream, in its own memory pool. On
+// any failure, ends what the capture began (the stream's capture mode, the allocator's routing
+// into the pool, the pool itself) so the process's allocator is left as it was, and returns the
+// error's text; "" on success.
+template <typename Run>
+std::string capture_piece(at::cuda::CUDAGraph& graph, const at::Device& device, Run&& run) {
+  const at::cuda::MempoolId_t pool = at::cuda::graph_pool_handle();
+  // Thread-local capture: with the default global mode, an unrelated thread's CUDA call that is
+  // illegal during capture (cudaMalloc, a sync) would invalidate ours, or fail itself. Our own
+  // thread makes no such call between begin and end.
+  graph.capture_begin(pool, cudaStreamCaptureModeThreadLocal);
+  std::string error;
+  try {
+    run();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  try {
+    graph.capture_end();
+    if (error.empty()) return "";
+  } catch (const std::exception& e) {
+    if (error.empty()) error = e.what();
+  }
+  // capture_end failed or the capture was abandoned: release what capture_begin set up (each
+  // may already be undone; a second undo throws, which is fine).
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(device.index(), pool);
+  } catch (...) {
+  }
+  try {
+    at::getHostAllocator(at::kCUDA)->end_allocate_to_pool(pool);
+  } catch (...) {
+  }
+  try {
+    c10::cuda::CUDACachingAllocator::releasePool(device.index(), pool);
+  } catch (...) {
+  }
+  (void)cudaGetLastError();  // a failed capture leaves a (non-sticky) error behind
+  return error;
+}
 
 // Tells the allocator `t` (made on another stream) is in use on `stream` until then.
 void used_on(const at::Tensor& t, c10::cuda::CUDAStream stream) {
@@ -82,7 +148,7 @@ int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     for (const auto& s : current) seen = seen || s.device() == p.device;
     if (seen) continue;
     current.push_back(c10::cuda::getCurrentCUDAStream(p.device.index()));
-    side.push_back(capture ? c10::cuda::getStreamFromPool(false, p.device.index()) : graphs_[B]->stream_on(p.device));
+    side.push_back(capture ? capture_stream(p.device) : graphs_[B]->stream_on(p.device));
   }
   auto current_on = [&current](const at::Device& d) {
     for (const auto& s : current)
@@ -113,27 +179,24 @@ int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
   if (capture) {
     auto g = std::make_shared<Graph>();
     g->streams = side;
+    std::string error;
     for (const Part& part : parts_) {
       auto piece = std::make_unique<Graph::Piece>();
       piece->in = at::empty({B, hidden_}, x.options().device(part.device));
       const c10::cuda::CUDAStreamGuard stream_guard(g->stream_on(part.device));
-      // Thread-local capture: with the default global mode, an unrelated thread's CUDA call
-      // that is illegal during capture (cudaMalloc, a sync) would invalidate ours, or fail
-      // itself. Our own thread makes no such call between begin and end.
-      piece->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
-      try {
+      error = capture_piece(piece->graph, part.device, [&] {
         std::tie(piece->out, piece->next) = run_part(part, *kernels_, piece->in);
-      } catch (...) {
-        // End the capture (stream, allocator pool) so the device stays usable, drop the
-        // partial graphs, and let the original error through; the next call captures anew.
-        try {
-          piece->graph.capture_end();
-        } catch (...) {
-        }
-        throw;
-      }
-      piece->graph.capture_end();
+      });
+      if (!error.empty()) break;
       g->pieces.push_back(std::move(piece));
+    }
+    if (!error.empty()) {
+      // Step 1 has run and is in `result`: rather than lose it (and the cache entry it wrote)
+      // to an exception, go on without graphs; the caller runs the remaining steps eagerly.
+      TORCH_WARN("emu_fast: capturing the decode step into a CUDA graph failed (", error,
+                 "); this decoder runs its steps without CUDA graphs from now on (same results, slower)");
+      use_cuda_graphs_ = false;
+      return 1;
     }
     // Capturing recorded the lengths increments without running them; nothing else changed.
     graphs_[B] = std::move(g);
@@ -150,6 +213,20 @@ int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
   // result's allocation); the caller's streams wait for them before returning. Tensors made on
   // the caller's streams that the replays read or write are marked as used on the graphs'.
   for (size_t d = 0; d < current.size(); ++d) order_after(current[d], g.streams[d]);
+  // However this function leaves (an exception included), the caller's streams wait for the
+  // replays before anything else of theirs touches the cache, the lengths or `held`'s buffers.
+  struct OrderBack {
+    const std::vector<c10::cuda::CUDAStream>& graphs;
+    const std::vector<c10::cuda::CUDAStream>& callers;
+    ~OrderBack() {
+      for (size_t d = 0; d < callers.size(); ++d) {
+        try {
+          order_after(graphs[d], callers[d]);
+        } catch (...) {
+        }
+      }
+    }
+  } order_back{g.streams, current};
   const c10::cuda::CUDAStream out_stream = g.stream_on(output_device());
   used_on(out, out_stream);
   used_on(next, out_stream);
@@ -161,9 +238,11 @@ int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
     const c10::cuda::CUDAMultiStreamGuard streams(g.streams);
     for (int64_t i = 1; i < steps; ++i) {
       const at::Tensor input = up_.has_value() ? next : out;
-      at::Tensor eager;
+      at::Tensor eager, eager_next;
       if (check && i == 1) {
-        eager = std::get<0>(run_step(input)).clone();
+        auto [o, n] = run_step(input);
+        eager = o.clone();
+        eager_next = n.clone();
         rewind_lengths_locked(B);
       }
       for (size_t k = 0; k < g.pieces.size(); ++k) {
@@ -174,7 +253,7 @@ int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
       const Graph::Piece& last = *g.pieces.back();
       if (eager.defined()) {
         const double bound = self_check_bound(final_norm_.scalar_type());
-        const double error = relative_error(last.out, eager);
+        const double error = std::max(relative_error(last.out, eager), relative_error(last.next, eager_next));
         if (!(error <= bound)) {
           std::ostringstream why;
           why << "emu_fast: self-check failed at batch size " << B << ": the CUDA graph replay of the decode step "
@@ -197,7 +276,6 @@ int64_t EmuDecoder::decode_with_graph(at::Tensor x, const at::Tensor& result) {
       result.select(1, i).copy_(out);
     }
   }
-  for (size_t d = 0; d < current.size(); ++d) order_after(g.streams[d], current[d]);
   return ran;
 }
 
