@@ -221,8 +221,9 @@ void check_regression_head(const at::Tensor& hidden, const at::Tensor& norm_weig
   }
 }
 
-void check_gemv(const at::Tensor& x, const at::Tensor& weight, bool allow_half) {
-  const char* op = "gemv";
+namespace {
+// x [B, K] @ weight [N, K]^T, for each GEMV op.
+void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, bool allow_half) {
   check_dim(op, "x", x, 2);
   check_dim(op, "weight", weight, 2);
   check_float_dtype(op, "x", x, allow_half);
@@ -231,6 +232,35 @@ void check_gemv(const at::Tensor& x, const at::Tensor& weight, bool allow_half) 
   TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "emu_fast.", op, ": x ", x.sizes(),
                     " does not match weight ", weight.sizes(), " (inner sizes differ)");
   check_contiguous(op, "weight", weight);
+}
+
+// A further operand of a GEMV op: `dim` dimensions, x's dtype and device.
+void check_operand(const char* op, const at::Tensor& x, const char* name, const at::Tensor& t, int64_t dim) {
+  check_dim(op, name, t, dim);
+  check_same_dtype(op, x, name, t);
+  check_same_device(op, x, name, t);
+}
+}  // namespace
+
+void check_gemv(const at::Tensor& x, const at::Tensor& weight, bool allow_half) {
+  check_gemv_operands("gemv", x, weight, allow_half);
+}
+
+void check_norm_gemv(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& weight, bool allow_half) {
+  const char* op = "norm_gemv";
+  check_gemv_operands(op, x, weight, allow_half);
+  check_operand(op, x, "norm_weight", norm_weight, 1);
+  TORCH_CHECK_VALUE(norm_weight.size(0) == x.size(1), "emu_fast.", op, ": norm_weight ", norm_weight.sizes(),
+                    " does not match x ", x.sizes());
+  check_contiguous(op, "norm_weight", norm_weight);
+}
+
+void check_gemv_add(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual, bool allow_half) {
+  const char* op = "gemv_add";
+  check_gemv_operands(op, x, weight, allow_half);
+  check_operand(op, x, "residual", residual, 2);
+  TORCH_CHECK_VALUE(residual.size(0) == x.size(0) && residual.size(1) == weight.size(0), "emu_fast.", op,
+                    ": residual ", residual.sizes(), " is not [", x.size(0), ", ", weight.size(0), "]");
 }
 
 void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weight, bool allow_half) {

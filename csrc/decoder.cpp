@@ -619,27 +619,22 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
   const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
-  at::Tensor branch;  // the last sub-layer's output, not yet added to h
+  // Per layer: the norms in the QKV and gate/up projections' prologue, the residual adds in the
+  // o and down projections' epilogue (rounded as the fused CPU step rounds them: the projection,
+  // then the sum), so h is the residual stream after every sub-layer.
   for (int64_t l = seg.begin; l < seg.end; ++l) {
     const auto& w = layers_[l];
-    at::Tensor xn;
-    if (branch.defined()) {
-      std::tie(xn, h) = k.add_rms_norm(branch, h, w.input_norm, eps_);
-    } else {
-      xn = k.rms_norm(h, w.input_norm, eps_);
-    }
-    const at::Tensor qkv = k.gemv(xn, w.qkv);  // [B, (Hq + 2 Hkv) D]
+    const at::Tensor qkv = k.norm_gemv(h, w.input_norm, eps_, w.qkv);  // [B, (Hq + 2 Hkv) D]
     const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
     const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
     const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
     const at::Tensor attn =
         k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale);
-    const at::Tensor o = k.gemv(attn.view({B, Hq * D}), w.o);
-    std::tie(xn, h) = k.add_rms_norm(o, h, w.post_norm, eps_);
-    branch = k.gemv(k.silu_mul(k.gemv(xn, w.gate_up)), w.down);
+    h = k.gemv_add(attn.view({B, Hq * D}), w.o, h);
+    h = k.gemv_add(k.silu_mul(k.norm_gemv(h, w.post_norm, eps_, w.gate_up)), w.down, h);
   }
   seg.lengths_dev.narrow(0, 0, B).add_(1);
-  return h + branch;
+  return h;
 }
 
 void EmuDecoder::rewind_lengths_locked(int64_t batch) {

@@ -177,8 +177,8 @@ class EmuDecoder {
   // layers, undefined) or, with the head, (output, next input or [B, 0]).
   std::tuple<at::Tensor, at::Tensor> run_part(const Part& part, const StepKernels& kernels, at::Tensor h);
   // A segment's layers op by op from the residual stream; returns the residual stream after
-  // them (the last MLP output added: rounded as add_rms_norm rounds its sum, so cutting a model
-  // into segments changes no bit).
+  // them (each projection added to it as it is computed, rounded as the fused CPU step rounds
+  // it, so cutting a model into segments changes no bit).
   at::Tensor run_layers(Segment& seg, const StepKernels& kernels, at::Tensor h);
   // Installs per-segment caches (one tensor per segment) and rebuilds the per-layer views.
   void set_caches_locked(std::vector<at::Tensor> kv);

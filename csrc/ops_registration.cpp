@@ -22,6 +22,13 @@ TORCH_LIBRARY(emu_fast, m) {
 
   // Per-step glue. gemv: x [B,K] @ weight[N,K]^T with float32 accumulation, for small B.
   m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+  // The decode step's fused projections. norm_gemv: rms_norm(x; norm_weight, eps) @ weight^T,
+  // the normalized rows rounded to the dtype as rms_norm rounds them (the QKV and gate/up
+  // projections with their norm as the GEMV's prologue). gemv_add: residual + x @ weight^T, the
+  // product rounded to the dtype, then the sum (the o and down projections with the residual
+  // add as their epilogue). residual is [B, N].
+  m.def("norm_gemv(Tensor x, Tensor norm_weight, float eps, Tensor weight) -> Tensor");
+  m.def("gemv_add(Tensor x, Tensor weight, Tensor residual) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // Returns (rms_norm(x + residual), x + residual).
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");

@@ -61,6 +61,19 @@ at::Tensor CheckedKernels::gemv(const Tensor& x, const Tensor& weight) const {
   return ref;
 }
 
+at::Tensor CheckedKernels::norm_gemv(const Tensor& x, const Tensor& norm_weight, double eps,
+                                     const Tensor& weight) const {
+  Tensor ref = aten_kernels().norm_gemv(x, norm_weight, eps, weight);
+  record("norm_gemv", custom_kernels().norm_gemv(x, norm_weight, eps, weight), ref);
+  return ref;
+}
+
+at::Tensor CheckedKernels::gemv_add(const Tensor& x, const Tensor& weight, const Tensor& residual) const {
+  Tensor ref = aten_kernels().gemv_add(x, weight, residual);
+  record("gemv_add", custom_kernels().gemv_add(x, weight, residual), ref);
+  return ref;
+}
+
 at::Tensor CheckedKernels::rms_norm(const Tensor& x, const Tensor& weight, double eps) const {
   Tensor ref = aten_kernels().rms_norm(x, weight, eps);
   record("rms_norm", custom_kernels().rms_norm(x, weight, eps), ref);

@@ -27,6 +27,15 @@ class AtenKernels final : public StepKernels {
   // float32 accumulation, one rounding (as cuBLAS/oneDNN do for bf16 and as the reference does).
   Tensor gemv(const Tensor& x, const Tensor& weight) const override { return at::linear(x, weight); }
 
+  Tensor norm_gemv(const Tensor& x, const Tensor& norm_weight, double eps, const Tensor& weight) const override {
+    return gemv(rms_norm(x, norm_weight, eps), weight);
+  }
+
+  // The product rounded to the dtype, then the sum: as the kernels' epilogue rounds it.
+  Tensor gemv_add(const Tensor& x, const Tensor& weight, const Tensor& residual) const override {
+    return residual + gemv(x, weight);
+  }
+
   // Hugging Face LlamaRMSNorm: normalize in float32, round to x's dtype, then scale.
   Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const override {
     const at::Tensor xf = x.to(at::kFloat);

@@ -36,6 +36,15 @@ class CustomKernels final : public StepKernels {
     static const auto op = handle<Tensor(const Tensor&, const Tensor&)>("emu_fast::gemv");
     return faulty("gemv", op.call(x, weight));
   }
+  Tensor norm_gemv(const Tensor& x, const Tensor& norm_weight, double eps, const Tensor& weight) const override {
+    static const auto op =
+        handle<Tensor(const Tensor&, const Tensor&, double, const Tensor&)>("emu_fast::norm_gemv");
+    return faulty("norm_gemv", op.call(x, norm_weight, eps, weight));
+  }
+  Tensor gemv_add(const Tensor& x, const Tensor& weight, const Tensor& residual) const override {
+    static const auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("emu_fast::gemv_add");
+    return faulty("gemv_add", op.call(x, weight, residual));
+  }
   Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const override {
     static const auto op = handle<Tensor(const Tensor&, const Tensor&, double)>("emu_fast::rms_norm");
     return faulty("rms_norm", op.call(x, weight, eps));

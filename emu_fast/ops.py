@@ -94,6 +94,20 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.register_fake("emu_fast::norm_gemv")
+def _(x, norm_weight, eps, weight):
+    _same_device("norm_gemv", x, norm_weight, weight)
+    _run_check(_C.check_norm_gemv, x, norm_weight, weight, cuda=_cuda(x))
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("emu_fast::gemv_add")
+def _(x, weight, residual):
+    _same_device("gemv_add", x, weight, residual)
+    _run_check(_C.check_gemv_add, x, weight, residual, cuda=_cuda(x))
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.register_fake("emu_fast::rms_norm")
 def _(x, weight, eps):
     _same_device("rms_norm", x, weight)
@@ -137,6 +151,16 @@ def regression_head(hidden, norm_weight, eps: float, head_weight,
 
 def gemv(x, weight) -> torch.Tensor:
     return _ops.gemv(x, weight)
+
+
+def norm_gemv(x, norm_weight, eps: float, weight) -> torch.Tensor:
+    """rms_norm(x; norm_weight, eps) @ weight^T, the norm fused into the GEMV."""
+    return _ops.norm_gemv(x, norm_weight, eps, weight)
+
+
+def gemv_add(x, weight, residual) -> torch.Tensor:
+    """residual + x @ weight^T, the add fused into the GEMV (the product rounded, then the sum)."""
+    return _ops.gemv_add(x, weight, residual)
 
 
 def rms_norm(x, weight, eps: float) -> torch.Tensor:

@@ -182,6 +182,15 @@ def gemv(x, weight):
     return (x.float() @ weight.float().t()).to(x.dtype)
 
 
+def norm_gemv(x, norm_weight, eps, weight):
+    return gemv(rms_norm(x, norm_weight, eps), weight)
+
+
+def gemv_add(x, weight, residual):
+    """The product rounded to the dtype, then the sum (ATen's residual + linear(x, weight))."""
+    return (residual.float() + gemv(x, weight).float()).to(x.dtype)
+
+
 def add_rms_norm(x, residual, weight, eps):
     s = x + residual
     return rms_norm(s, weight, eps), s

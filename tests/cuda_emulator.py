@@ -172,18 +172,37 @@ def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Te
     return out
 
 
-def gemv(x, w):
-    """emu_fast::gemv as csrc/cuda/ops_cuda.cu runs it: cuda::launch_gemv picks the kernel up to
-    batch 8 and a GEMM above (here a plain loop where the op calls cuBLAS)."""
+def _gemv(op, x, w, norm_weight=None, eps=0.0, residual=None):
+    """cuda::launch_gemv as csrc/cuda/ops_cuda.cu's gemv_impl runs it: the tensor-core or CUDA-core
+    kernel up to batch 16 / 8 and a GEMM above (here a plain loop where the op calls cuBLAS),
+    the norm in the prologue with norm_weight, the residual in the epilogue with residual."""
     x = x if x.stride(1) == 1 else x.contiguous()
     B, K = x.shape
     N = w.shape[0]
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
     y = torch.empty(B, N, dtype=x.dtype)
+    ldx = ctypes.c_int64(x.stride(0))
+    workspace = torch.empty(load().emu_gemv_workspace_elems(ctypes.c_int64(B), ctypes.c_int64(K), ldx,
+                                                            int(norm_weight is not None)), dtype=x.dtype)
     z = _RedZones()
-    _call("gemv", "emu_gemv", DTYPE_CODE[x.dtype], _ptr(z(w)), _ptr(z(x)), _ptr(z(y)), ctypes.c_int64(B),
-          ctypes.c_int64(K), ctypes.c_int64(N), ctypes.c_int64(x.stride(0)))
-    z.check("gemv")
+    _call(op, "emu_gemv", DTYPE_CODE[x.dtype], _ptr(z(w)), _ptr(z(x)), _ptr(z(y)), ctypes.c_int64(B),
+          ctypes.c_int64(K), ctypes.c_int64(N), ldx, _ptr(z(norm_weight)), ctypes.c_float(eps), _ptr(z(residual)),
+          ctypes.c_int64(residual.stride(0) if residual is not None else 0), _ptr(z(workspace)))
+    z.check(op)
     return y
+
+
+def gemv(x, w):
+    return _gemv("gemv", x, w)
+
+
+def norm_gemv(x, norm_weight, eps, weight):
+    return _gemv("norm_gemv", x, weight, norm_weight=norm_weight, eps=eps)
+
+
+def gemv_add(x, weight, residual):
+    return _gemv("gemv_add", x, weight, residual=residual)
 
 
 def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):

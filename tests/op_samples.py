@@ -140,6 +140,23 @@ def _gemv(B, K, N, seed=0):
     return build
 
 
+def _norm_gemv(B, K, N, seed=0, x_stride=None):
+    """x (a strided slice of a wider buffer when x_stride is given), norm weight, eps, weight."""
+    def build(device, dtype):
+        g = torch.Generator().manual_seed(seed)
+        x = rand(B, x_stride or K, dtype=dtype, device=device, scale=2, g=g)[:, :K]
+        norm_w = (1 + 0.2 * torch.randn(K, generator=g)).to(dtype=dtype, device=device)
+        return x, norm_w, 1e-6, rand(N, K, dtype=dtype, device=device, scale=K ** -0.5, g=g)
+    return build
+
+
+def _gemv_add(B, K, N, seed=0):
+    def build(device, dtype):
+        x, w = _gemv(B, K, N, seed)(device, dtype)
+        return x, w, rand(B, N, dtype=dtype, device=device, g=torch.Generator().manual_seed(seed + 100))
+    return build
+
+
 def _norm(B, H, eps=1e-6, residual=False, seed=0):
     def build(device, dtype):
         g = torch.Generator().manual_seed(seed)
@@ -254,6 +271,20 @@ SAMPLES = [
     Sample("gemv", "3x4096x1000", _gemv(3, 4096, 1000), emulate=False, **_GPU),
     Sample("gemv", "8x520x33", _gemv(8, 520, 33), emulate=False, **_GPU),
     Sample("gemv", "2x100x7", _gemv(2, 100, 7), emulate=False, **_GPU),
+    # norm_gemv, gemv_add (B, K, N): odd sizes, every CUDA-core batch instance (1..8) and the
+    # GEMM past it, K unaligned for 16-byte vectors and aligned, and the tensor-core kernel
+    # (16-bit types, K a multiple of 32, batch up to 16, one and two batch tiles)
+    *[Sample(op, f"{B}x{K}x{N}", build(B, K, N, seed=B), opcheck=(B, K, N) == (2, 8, 3))
+      for op, build in [("norm_gemv", _norm_gemv), ("gemv_add", _gemv_add)]
+      for B, K, N in [(1, 1, 1), (2, 8, 3), (3, 33, 17), (4, 1288, 40), (7, 100, 3), (8, 520, 33),
+                      (16, 257, 129), (9, 256, 30)]],
+    *[Sample(op, f"{B}x{K}x{N}-mma", build(B, K, N, seed=B), **_GPU)
+      for op, build in [("norm_gemv", _norm_gemv), ("gemv_add", _gemv_add)]
+      for B, K, N in [(1, 2080, 33), (5, 96, 37), (12, 1056, 50), (16, 320, 17)]],
+    Sample("norm_gemv", "3x64x20-strided-x", _norm_gemv(3, 64, 20, seed=3, x_stride=72), **_GPU),
+    Sample("norm_gemv", "17x64x20-strided-gemm", _norm_gemv(17, 64, 20, seed=17, x_stride=72), **_GPU),
+    Sample("gemv_add", "1x5120x1000", _gemv_add(1, 5120, 1000, seed=1), emulate=False, **_GPU),
+    Sample("norm_gemv", "1x5120x1000", _norm_gemv(1, 5120, 1000, seed=1), emulate=False, **_GPU),
     # rms_norm, add_rms_norm (B, H), silu_mul (B, I)
     *[Sample("rms_norm", f"{B}x{H}", _norm(B, H, seed=H), opcheck=(B, H) == (2, 8))
       for B, H in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 8)]],
@@ -332,6 +363,10 @@ def check(sample: Sample, fn, args, dtype, gpu=False):
         expected = reference.gemv(x, w)
         close(out, expected, dtype, tol)
         within_plain_torch_error(out, x.float() @ w.float().t(), x @ w.t())
+    elif op == "norm_gemv":
+        close(fn(*args), reference.norm_gemv(*args), dtype, tol)
+    elif op == "gemv_add":
+        close(fn(*args), reference.gemv_add(*args), dtype, tol)
     elif op == "rms_norm":
         close(fn(*args), reference.rms_norm(*args), dtype, tol)
     elif op == "add_rms_norm":

@@ -256,6 +256,6 @@ def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_k
     err = rel_err(out, s.expected(PROMPTS[3]))
     assert err < LOOP_TOL[dtype]
     calls = cuda_kernels_as_cpu_ops
-    for op in ("gemv", "decode_attention", "add_rms_norm", "silu_mul", "regression_head", "rms_norm"):
+    for op in ("norm_gemv", "decode_attention", "gemv_add", "silu_mul", "regression_head", "rms_norm"):
         assert calls[op] > 0, op
     assert calls["decode_attention"] == (s.n - 1) * s.shape.layers

@@ -116,6 +116,16 @@ def test_glue_rejects_bad_input():
         ops.silu_mul(torch.randn(2, 5))
     with pytest.raises(ValueError, match="up_weight"):
         ops.regression_head(torch.randn(2, 4), torch.randn(4), 1e-6, torch.randn(3, 4), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="norm_gemv: norm_weight .* does not match x"):
+        ops.norm_gemv(torch.randn(2, 4), torch.randn(5), 1e-6, torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"norm_gemv: x .* \(inner sizes differ\)"):
+        ops.norm_gemv(torch.randn(2, 4), torch.randn(4), 1e-6, torch.randn(3, 5))
+    with pytest.raises(TypeError, match="norm_gemv: norm_weight"):
+        ops.norm_gemv(torch.randn(2, 4), torch.randn(4).double(), 1e-6, torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"gemv_add: residual \[2, 4\] is not \[2, 3\]"):
+        ops.gemv_add(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(TypeError, match="gemv_add: residual"):
+        ops.gemv_add(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 3).double())
 
 
 def test_decode_attention_rejects_zero_kv_heads_and_shared_caches():
@@ -207,6 +217,8 @@ def _bad_calls():
         ("add_rms_norm-float64", ops.add_rms_norm, (torch.randn(2, 4).double(), torch.randn(2, 4).double(),
                                                     torch.randn(4).double(), 1e-6)),
         ("silu_mul-float64", ops.silu_mul, (torch.randn(2, 4, dtype=torch.float64),)),
+        ("norm_gemv-norm-width", ops.norm_gemv, (torch.randn(2, 4), torch.randn(3), 1e-6, torch.randn(3, 4))),
+        ("gemv_add-residual-shape", ops.gemv_add, (torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2))),
         ("regression_head-float64", ops.regression_head, (torch.randn(2, 4).double(), torch.randn(4).double(), 1e-6,
                                                           torch.randn(3, 4).double(), None)),
         ("regression_head-non-contiguous", ops.regression_head, (torch.randn(2, 4), torch.randn(4), 1e-6,

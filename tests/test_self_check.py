@@ -17,8 +17,9 @@ from emu_fast.testing import rel_err, tiny_emu
 from decoder_setup import LOOP_TOL, PROMPTS, Setup
 
 # Every custom decode-step kernel, each made wrong in turn (with the fused CPU step off, so the
-# step runs op by op), and the fused CPU step itself.
-OPS = ["gemv", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "regression_head"]
+# step runs op by op), and the fused CPU step itself. gemv is Emu2's alone (project_up); the
+# norms run inside norm_gemv and the residual adds inside gemv_add.
+OPS = ["norm_gemv", "gemv_add", "silu_mul", "decode_attention", "regression_head"]
 FUSED = "decode_step"  # the fused CPU step (decoder.fused_cpu_step, the default on the CPU)
 TEXTS = PROMPTS[3]  # ragged: three prompts of different lengths
 
@@ -67,9 +68,9 @@ def _assert_fell_back(dec, messages, op, batch):
 FALLBACK_CASES = (
     [pytest.param("emu1", op, torch.float32, id=f"emu1-{op}-float32") for op in OPS + [FUSED]]
     + [pytest.param("emu2", op, torch.float32, id=f"emu2-{op}-float32")
-       for op in ["gemv", "rms_norm", "decode_attention", "regression_head", FUSED]]
+       for op in ["gemv", "norm_gemv", "decode_attention", "regression_head", FUSED]]
     + [pytest.param(kind, op, torch.bfloat16, id=f"{kind}-{op}-bfloat16")
-       for kind, op in [("emu1", "add_rms_norm"), ("emu2", "silu_mul"), ("emu2", FUSED)]]
+       for kind, op in [("emu1", "gemv_add"), ("emu2", "silu_mul"), ("emu2", FUSED)]]
 )
 
 
@@ -90,7 +91,7 @@ def test_wrong_kernel_falls_back_with_one_warning(emu_tokenizer, fault, kind, op
     assert rel_err(again, expected) < tol
 
 
-@pytest.mark.parametrize("kind, op", [("emu1", "rms_norm"), ("emu2", "decode_attention"), ("emu2", FUSED)])
+@pytest.mark.parametrize("kind, op", [("emu1", "norm_gemv"), ("emu2", "decode_attention"), ("emu2", FUSED)])
 @pytest.mark.parametrize("unchecked", ["EMU_FAST_SELF_CHECK=0", "kernels=custom"])
 def test_unchecked_fault_gives_a_wrong_answer(emu_tokenizer, fault, monkeypatch, kind, op, unchecked):
     """The control: the switch really breaks the kernel, and only the check saves the answer."""
@@ -146,7 +147,7 @@ def test_check_runs_once_per_batch_size(emu_tokenizer, fault):
     assert rel_err(out, s.expected(three)) < LOOP_TOL[torch.float32]
 
 
-@pytest.mark.parametrize("kind, op", [("emu1", "gemv"), ("emu2", "rms_norm"), ("emu2", FUSED), ("emu2", "gemv")])
+@pytest.mark.parametrize("kind, op", [("emu1", "gemv_add"), ("emu2", "norm_gemv"), ("emu2", FUSED), ("emu2", "gemv")])
 def test_step_api_checks_a_new_batch_size(emu_tokenizer, fault, kind, op):
     """prefill + step(), the service API: the first step() at a batch size runs the check and
     raises the warning; the steps after it run on ATen."""

@@ -168,6 +168,41 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
   return out;
 }
 
+// x [B, K] with unit column stride: as it is, else a contiguous copy (what the backend takes).
+at::Tensor unit_columns(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+at::Tensor norm_gemv_cpu(const at::Tensor& x_in, const at::Tensor& norm_weight, double eps, const at::Tensor& weight) {
+  check_norm_gemv(x_in, norm_weight, weight, false);
+  const at::Tensor x = unit_columns(x_in);
+  const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor out = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return out;
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    CpuBackend<T>{}.norm_gemv(ptr<T>(weight), ptr<T>(x), x.stride(0), ptr<T>(out), ptr<T>(norm_weight),
+                              static_cast<float>(eps), B, K, N);
+  });
+  return out;
+}
+
+// residual + x @ weight^T: the product rounded to the dtype, then the sum (as ATen's
+// residual + linear(x, weight), and as the fused CPU step adds a projection to the residual).
+at::Tensor gemv_add_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual_in) {
+  check_gemv_add(x, weight, residual_in, false);
+  const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
+  const at::Tensor residual = residual_in.contiguous();
+  at::Tensor out = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return out;
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* y = ptr<T>(out);
+    const T* r = ptr<T>(residual);
+    gemv_widened(ptr<T>(weight), widen_rows<T>(x).data(), y, B, K, N);
+    for (int64_t i = 0; i < B * N; ++i) y[i] = kernels::from_float<T>(kernels::to_float(r[i]) + kernels::to_float(y[i]));
+  });
+  return out;
+}
+
 at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   check_rms_norm("rms_norm", x_in, weight, false);
   const at::Tensor x = x_in.contiguous();
@@ -238,6 +273,8 @@ TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("decode_attention", &decode_attention_cpu);
   m.impl("regression_head", &regression_head_cpu);
   m.impl("gemv", &gemv_cpu);
+  m.impl("norm_gemv", &norm_gemv_cpu);
+  m.impl("gemv_add", &gemv_add_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("add_rms_norm", &add_rms_norm_cpu);
   m.impl("silu_mul", &silu_mul_cpu);

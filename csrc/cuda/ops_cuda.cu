@@ -130,21 +130,49 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x_in, const at::T
   return {y, sum};
 }
 
-at::Tensor gemv_cuda(const at::Tensor& x_in, const at::Tensor& weight) {
-  check_gemv(x_in, weight, true);
+// y = x' @ weight^T (+ residual) through cuda::launch_gemv, x' = x or rms_norm(x) (norm_weight):
+// emu_fast::gemv, norm_gemv and gemv_add.
+at::Tensor gemv_impl(const char* op, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor* norm_weight,
+                     double eps, const at::Tensor* residual_in) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor residual;
+  if (residual_in != nullptr) residual = residual_in->stride(1) == 1 ? *residual_in : residual_in->contiguous();
   at::Tensor out = at::empty({B, N}, x.options());
+  const at::Tensor workspace =
+      at::empty({cuda::gemv_workspace_elems(B, K, x.stride(0), norm_weight != nullptr)}, x.options());
   at::TensorOptions options = x.options();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using Tt = decltype(tag);
-    check_launch(cuda::launch_gemv<Tt, false>(ptr<Tt>(weight), ptr<Tt>(x), ptr<Tt>(out), nullptr, 0.f, B, K, N,
-                                              x.stride(0), N, nullptr, {&cublas_gemm, &options},
-                                              c10::cuda::getCurrentCUDAStream()),
-                 "gemv");
+    const Tt* r = residual_in != nullptr ? ptr<Tt>(residual) : nullptr;
+    const int64_t ldr = residual_in != nullptr ? residual.stride(0) : 0;
+    const cuda::Gemm gemm{&cublas_gemm, &options};
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    check_launch(norm_weight != nullptr
+                     ? cuda::launch_gemv<Tt, true>(ptr<Tt>(weight), ptr<Tt>(x), ptr<Tt>(out), ptr<Tt>(*norm_weight),
+                                                   static_cast<float>(eps), B, K, N, x.stride(0), N, r, ldr,
+                                                   ptr<Tt>(workspace), gemm, stream)
+                     : cuda::launch_gemv<Tt, false>(ptr<Tt>(weight), ptr<Tt>(x), ptr<Tt>(out), nullptr, 0.f, B, K, N,
+                                                    x.stride(0), N, r, ldr, nullptr, gemm, stream),
+                 op);
   });
   return out;
+}
+
+at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& weight) {
+  check_gemv(x, weight, true);
+  return gemv_impl("gemv", x, weight, nullptr, 0.0, nullptr);
+}
+
+at::Tensor norm_gemv_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& weight) {
+  check_norm_gemv(x, norm_weight, weight, true);
+  return gemv_impl("norm_gemv", x, weight, &norm_weight, eps, nullptr);
+}
+
+at::Tensor gemv_add_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual) {
+  check_gemv_add(x, weight, residual, true);
+  return gemv_impl("gemv_add", x, weight, nullptr, 0.0, &residual);
 }
 
 std::tuple<at::Tensor, at::Tensor> regression_head_cuda(const at::Tensor& hidden_in, const at::Tensor& norm_weight,
@@ -202,6 +230,8 @@ TORCH_LIBRARY_IMPL(emu_fast, CUDA, m) {
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("regression_head", &regression_head_cuda);
   m.impl("gemv", &gemv_cuda);
+  m.impl("norm_gemv", &norm_gemv_cuda);
+  m.impl("gemv_add", &gemv_add_cuda);
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("add_rms_norm", &add_rms_norm_cuda);
   m.impl("silu_mul", &silu_mul_cuda);

@@ -56,13 +56,18 @@ int64_t emu_gemv_workspace_elems(int64_t batch, int64_t k_dim, int64_t ldx, int 
   return gemv_workspace_elems(batch, k_dim, ldx, norm != 0);
 }
 
+// emu_fast::gemv, norm_gemv (norm_w given) and gemv_add (residual given, row stride ldr).
 int emu_gemv(int dtype, const void* w, const void* x, void* y, int64_t batch, int64_t k_dim, int64_t n_rows,
-             int64_t ldx) {
+             int64_t ldx, const void* norm_w, float eps, const void* residual, int64_t ldr, void* workspace) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return static_cast<int>(launch_gemv<T, false>(static_cast<const T*>(w), static_cast<const T*>(x),
-                                                  static_cast<T*>(y), nullptr, 0.f, batch, k_dim, n_rows, ldx, n_rows,
-                                                  nullptr, host_gemm_for<T>(), nullptr));
+    const T *wt = static_cast<const T*>(w), *xt = static_cast<const T*>(x), *r = static_cast<const T*>(residual);
+    if (norm_w != nullptr)
+      return static_cast<int>(launch_gemv<T, true>(wt, xt, static_cast<T*>(y), static_cast<const T*>(norm_w), eps,
+                                                   batch, k_dim, n_rows, ldx, n_rows, r, ldr,
+                                                   static_cast<T*>(workspace), host_gemm_for<T>(), nullptr));
+    return static_cast<int>(launch_gemv<T, false>(wt, xt, static_cast<T*>(y), nullptr, 0.f, batch, k_dim, n_rows, ldx,
+                                                  n_rows, r, ldr, nullptr, host_gemm_for<T>(), nullptr));
   });
 }
 

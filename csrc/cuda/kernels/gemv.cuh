@@ -2,7 +2,9 @@
 // One warp per output row; lanes stream the row in 16-byte vectors and dot it with every batch
 // row, so the weights are read once for the whole batch. With kNorm the kernel first applies
 // RMSNorm to x (x' = round(norm_w * round(x * inv_rms(x)))), the regression head's prologue,
-// so the normalized activations never go through memory. Accumulation is float32.
+// so the normalized activations never go through memory. With a residual (row stride ldr), the
+// epilogue adds it: y = round(residual + round(x' W^T)), as ATen's residual + linear(x, W) rounds
+// (the o and down projections' residual add). Accumulation is float32.
 #pragma once
 #include "common.cuh"
 #include "elementwise.cuh"
@@ -12,6 +14,13 @@
 namespace emu_fast::cuda {
 
 constexpr int kGemvWarps = 8;  // rows per block
+
+// The epilogue: the dot product s rounded to T, then, with a residual, the residual added and
+// rounded again (the sum as ATen's residual + linear(...) gives it).
+template <typename T>
+__device__ __forceinline__ T gemv_out(float s, const T* residual, int64_t i) {
+  return residual != nullptr ? from_f<T>(to_f(residual[i]) + round_to<T>(s)) : from_f<T>(s);
+}
 
 // The norm prologue: inv_rms[b] = 1 / sqrt(mean(x[b]^2) + eps) for each batch row, by the whole
 // block (`red`: 32 floats of shared scratch); every thread sees the results after the barrier.
@@ -42,7 +51,8 @@ constexpr int kGemvVectorsInFlight = kBatch <= 2 ? 4 : 2;
 template <typename T, int kBatch, bool kNorm>
 __global__ void __launch_bounds__(kGemvWarps * 32)
 gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
-            const T* __restrict__ norm_w, float eps, int k_dim, int n_rows, int64_t ldx, int64_t ldy) {
+            const T* __restrict__ norm_w, float eps, int k_dim, int n_rows, int64_t ldx, int64_t ldy,
+            const T* __restrict__ residual, int64_t ldr) {
   __shared__ float inv_rms[kBatch];
   __shared__ float red[32];
   if constexpr (kNorm) block_inv_rms(x, ldx, kBatch, k_dim, eps, inv_rms, red);
@@ -107,7 +117,7 @@ gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
 #pragma unroll
   for (int b = 0; b < kBatch; ++b) {
     const float s = warp_sum(acc[b]);
-    if (lane == 0) y[b * ldy + row] = from_f<T>(s);
+    if (lane == 0) y[b * ldy + row] = gemv_out(s, residual, b * ldr + row);
   }
 }
 
@@ -128,7 +138,8 @@ constexpr int kMmaChunksInFlight = 4;
 template <typename T, int kTiles, bool kNorm>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
-                const T* __restrict__ norm_w, float eps, int batch, int k_dim, int n_rows, int64_t ldx, int64_t ldy) {
+                const T* __restrict__ norm_w, float eps, int batch, int k_dim, int n_rows, int64_t ldx, int64_t ldy,
+                const T* __restrict__ residual, int64_t ldr) {
   __shared__ float inv_rms[8 * kTiles];
   __shared__ float red[32];
   __shared__ float tile[kGemvWarps][kMmaRows][8 * kTiles];
@@ -211,7 +222,7 @@ gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict_
     float sum = 0.f;
 #pragma unroll
     for (int v = 0; v < kGemvWarps; ++v) sum += tile[v][m][b];
-    y[b * ldy + row0 + m] = from_f<T>(sum);
+    y[b * ldy + row0 + m] = gemv_out(sum, residual, b * ldr + row0 + m);
   }
 }
 
@@ -227,14 +238,15 @@ bool gemv_mma_fits(const T* w, const T* x, const T* norm_w, int64_t batch, int64
 
 template <typename T, bool kNorm>
 cudaError_t launch_gemv_mma(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
-                            int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
+                            int n_rows, int64_t ldx, int64_t ldy, const T* residual, int64_t ldr,
+                            cudaStream_t stream) {
   const dim3 grid((n_rows + kMmaRows - 1) / kMmaRows), block(kGemvWarps * 32);
   if (batch <= 8)
     EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 1, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows,
-                                                                       ldx, ldy);
+                                                                       ldx, ldy, residual, ldr);
   else
     EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 2, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows,
-                                                                       ldx, ldy);
+                                                                       ldx, ldy, residual, ldr);
   return cudaGetLastError();
 }
 
@@ -242,22 +254,26 @@ cudaError_t launch_gemv_mma(const T* w, const T* x, T* y, const T* norm_w, float
 // instances, so each batch size has its own).
 template <typename T, bool kNorm, int kBatch = 1>
 cudaError_t launch_gemv_exact(dim3 grid, dim3 block, const T* w, const T* x, T* y, const T* norm_w, float eps,
-                              int batch, int k_dim, int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
+                              int batch, int k_dim, int n_rows, int64_t ldx, int64_t ldy, const T* residual,
+                              int64_t ldr, cudaStream_t stream) {
   if constexpr (kBatch < limits::kGemvMaxBatch) {
     if (batch > kBatch)
       return launch_gemv_exact<T, kNorm, kBatch + 1>(grid, block, w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx,
-                                                     ldy, stream);
+                                                     ldy, residual, ldr, stream);
   }
-  EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, kBatch, kNorm>)(w, x, y, norm_w, eps, k_dim, n_rows, ldx, ldy);
+  EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, kBatch, kNorm>)(w, x, y, norm_w, eps, k_dim, n_rows, ldx, ldy,
+                                                                      residual, ldr);
   return cudaGetLastError();
 }
 
 // Host-side launch of the kernel alone; batch must be in [1, kGemvMaxBatch].
 template <typename T, bool kNorm>
 cudaError_t launch_gemv_kernel(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
-                               int n_rows, int64_t ldx, int64_t ldy, cudaStream_t stream) {
+                               int n_rows, int64_t ldx, int64_t ldy, const T* residual, int64_t ldr,
+                               cudaStream_t stream) {
   const dim3 grid((n_rows + kGemvWarps - 1) / kGemvWarps), block(kGemvWarps * 32);
-  return launch_gemv_exact<T, kNorm>(grid, block, w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy, stream);
+  return launch_gemv_exact<T, kNorm>(grid, block, w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy, residual,
+                                     ldr, stream);
 }
 
 constexpr int kGemvMaxBatch = limits::kGemvMaxBatch;  // the largest template above
@@ -277,24 +293,10 @@ inline int64_t gemv_workspace_elems(int64_t batch, int64_t k_dim, int64_t ldx, b
   return batch * k_dim * (ldx == k_dim ? 1 : 2);
 }
 
-// y[B, N] = x' @ w^T with x' = x, or rms_norm(x; norm_w, eps) (kNorm): the one launch plan of
-// emu_fast::gemv and the regression head. x: unit column stride, row stride ldx; y: row stride
-// ldy. 16-bit weights in whole chunks, up to kGemvMmaMaxBatch rows: the tensor-core kernel;
-// otherwise up to kGemvMaxBatch rows the CUDA-core GEMV kernel (norm fused in either way);
-// above, RMSNorm into `workspace` (gemv_workspace_elems) and gemm. Nothing to do for an empty
-// batch or output.
+// The GEMM path of launch_gemv: RMSNorm into `workspace` first with kNorm, then gemm.
 template <typename T, bool kNorm>
-cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps, int64_t batch, int64_t k_dim,
+cudaError_t launch_gemm(const T* w, const T* x, T* y, const T* norm_w, float eps, int64_t batch, int64_t k_dim,
                         int64_t n_rows, int64_t ldx, int64_t ldy, T* workspace, Gemm gemm, cudaStream_t stream) {
-  if (batch == 0 || n_rows == 0) return cudaSuccess;
-  if constexpr (!std::is_same_v<T, float>) {
-    if (gemv_mma_fits(w, x, kNorm ? norm_w : nullptr, batch, k_dim, ldx))
-      return launch_gemv_mma<T, kNorm>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
-                                       static_cast<int>(n_rows), ldx, ldy, stream);
-  }
-  if (batch <= kGemvMaxBatch)
-    return launch_gemv_kernel<T, kNorm>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
-                                        static_cast<int>(n_rows), ldx, ldy, stream);
   if constexpr (kNorm) {
     const T* rows = x;
     T* normed = workspace;
@@ -314,6 +316,47 @@ cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps
   }
 }
 
+// The GEMM path's epilogue: y = round(y + residual), y already rounded to T by the gemm.
+template <typename T>
+__global__ void add_residual_kernel(T* __restrict__ y, int64_t ldy, const T* __restrict__ residual, int64_t ldr,
+                                    int64_t batch, int64_t n_rows) {
+  const int64_t total = batch * n_rows;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / n_rows, n = i % n_rows;
+    y[b * ldy + n] = from_f<T>(to_f(residual[b * ldr + n]) + to_f(y[b * ldy + n]));
+  }
+}
+
+// y[B, N] = x' @ w^T with x' = x, or rms_norm(x; norm_w, eps) (kNorm), plus the residual when one
+// is given (row stride ldr; nullptr for none): the one launch plan of emu_fast::gemv, norm_gemv,
+// gemv_add and the regression head. x: unit column stride, row stride ldx; y: row stride ldy.
+// 16-bit weights in whole chunks, up to kGemvMmaMaxBatch rows: the tensor-core kernel; otherwise
+// up to kGemvMaxBatch rows the CUDA-core GEMV kernel (norm and residual fused in either way);
+// above, RMSNorm into `workspace` (gemv_workspace_elems), gemm, then the residual added. Nothing
+// to do for an empty batch or output.
+template <typename T, bool kNorm>
+cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps, int64_t batch, int64_t k_dim,
+                        int64_t n_rows, int64_t ldx, int64_t ldy, const T* residual, int64_t ldr, T* workspace,
+                        Gemm gemm, cudaStream_t stream) {
+  if (batch == 0 || n_rows == 0) return cudaSuccess;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (gemv_mma_fits(w, x, kNorm ? norm_w : nullptr, batch, k_dim, ldx))
+      return launch_gemv_mma<T, kNorm>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
+                                       static_cast<int>(n_rows), ldx, ldy, residual, ldr, stream);
+  }
+  if (batch <= kGemvMaxBatch)
+    return launch_gemv_kernel<T, kNorm>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
+                                        static_cast<int>(n_rows), ldx, ldy, residual, ldr, stream);
+  const cudaError_t err = launch_gemm<T, kNorm>(w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx, ldy, workspace, gemm,
+                                                stream);
+  if (err != cudaSuccess || residual == nullptr) return err;
+  const int64_t blocks = (batch * n_rows + 255) / 256;
+  EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(blocks < 4096 ? blocks : 4096)), 256, stream,
+                  add_residual_kernel<T>)(y, ldy, residual, ldr, batch, n_rows);
+  return cudaGetLastError();
+}
+
 // The CUDA backend of the compositions in csrc/compose.h.
 template <typename T>
 struct GemvBackend {
@@ -322,11 +365,11 @@ struct GemvBackend {
   cudaStream_t stream;
   static bool ok(cudaError_t e) { return e == cudaSuccess; }
   cudaError_t gemv(const T* w, const T* x, int64_t ldx, T* y, int64_t batch, int64_t k, int64_t n) {
-    return launch_gemv<T, false>(w, x, y, nullptr, 0.f, batch, k, n, ldx, n, nullptr, gemm, stream);
+    return launch_gemv<T, false>(w, x, y, nullptr, 0.f, batch, k, n, ldx, n, nullptr, 0, nullptr, gemm, stream);
   }
   cudaError_t norm_gemv(const T* w, const T* x, int64_t ldx, T* y, const T* norm_w, float eps, int64_t batch,
                         int64_t k, int64_t n) {
-    return launch_gemv<T, true>(w, x, y, norm_w, eps, batch, k, n, ldx, n, workspace, gemm, stream);
+    return launch_gemv<T, true>(w, x, y, norm_w, eps, batch, k, n, ldx, n, nullptr, 0, workspace, gemm, stream);
   }
 };
 
