@@ -266,6 +266,9 @@ void EmuDecoder::grow_locked(int64_t batch, int64_t seq_len, bool keep) {
     cap_seq_ = 0;
     rebuild_step_locked();
   }
+  // Captured graphs hold the old caches' addresses (rebuilt below in any case) and private
+  // memory pools that the free-memory check would count as free: drop them first.
+  graphs_.clear();
   std::vector<at::Tensor> caches;
   for (const Segment& seg : segs_) {
     const int64_t bytes = per_layer * (seg.end - seg.begin);

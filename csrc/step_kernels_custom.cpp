@@ -4,6 +4,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/add.h>
 
+#ifdef EMU_FAST_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 #include <atomic>
 #include <mutex>
 #include <string>
@@ -97,6 +101,16 @@ bool custom_kernels_support(const at::Device& device, at::ScalarType dtype, int6
   }
   if (device.is_cuda()) {
 #ifdef EMU_FAST_WITH_CUDA
+    // The tensor-core GEMV (mma.sync for bf16/fp16) and the other kernels are built for sm_80
+    // and later (TORCH_CUDA_ARCH_LIST); older GPUs run the ATen step.
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return no("cannot query " + device.str() + "'s compute capability");
+    }
+    if (major < 8)
+      return no(device.str() + " has compute capability " + std::to_string(major) +
+                ".x; emu_fast's CUDA kernels need 8.0 (A100) or newer");
     if (!limits::cuda_head_dim_supported(head_dim))
       return no("the CUDA attention is compiled for head_dim " + std::string(limits::kCudaHeadDimsText) +
                 ", not " + std::to_string(head_dim));

@@ -328,6 +328,12 @@ def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain):
                 ns_per_iter_one_warp=cyc / g["clock"] * 1e9, bytes=bytes_, blocks=blocks, waves=waves, iters_per_warp=iters_per_warp)
 
 
+def fused_layer(source_dir):
+    """Whether the decoder in the source compiled folds the norms and residual adds into its
+    GEMVs (norm_gemv / gemv_add), as EmuDecoder::run_layers does since fb65004."""
+    return "gemv_add(" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
+
+
 def split_blocks_per_sm(source_dir):
     """The blocks per SM decode_attention_splits aims at, read from the source compiled (so a
     before/after pair each models its own split rule)."""
@@ -368,19 +374,29 @@ def step(kernels, a, model, batch, keys):
     # decode_attention_kernel<T, D> today; <T, D, group> once the group is a template parameter.
     att = find(kernels, "attention", lambda n: re.search(rf"kernel<__nv_bfloat16, {D}(, {Hq // Hkv})?>", n))
     kv = 2 * keys * Hkv * D * E * B
-    layer = [simple("add_rms_norm (input)", "rms_norm", B * H * E * 4 + H * E, B),
-             gemv("gemv qkv", 3 * Hq * D if Hq == Hkv else (Hq + 2 * Hkv) * D, H)]
+    qkv_rows = 3 * Hq * D if Hq == Hkv else (Hq + 2 * Hkv) * D
+    fused = a["fused_layer"]  # norms in the GEMV prologues, residual adds in their epilogues
+    if fused:
+        layer = [gemv("norm_gemv qkv", qkv_rows, H, norm=True)]
+    else:
+        layer = [simple("add_rms_norm (input)", "rms_norm", B * H * E * 4 + H * E, B), gemv("gemv qkv", qkv_rows, H)]
     r = estimate(kernels[att], a, kv, B * Hkv * splits, 4, math.ceil(min(chunk, keys) / 16), KERNEL_CHAINS["attention"])
     layer.append(dict(kernel="decode_attention", instance=att, weight_bytes=0, kv_bytes=kv, **r))
     if splits > 1:
         layer.append(simple("attention combine", "combine", B * Hq * splits * (D + 2) * 4 + B * Hq * D * E, B * Hq))
-    layer += [gemv("gemv o_proj", H, Hq * D), simple("add_rms_norm (post)", "rms_norm", B * H * E * 4 + H * E, B),
-              gemv("gemv gate_up", 2 * I, H),
-              simple("silu_mul", "silu_mul", B * I * E * 3, min(math.ceil(B * I / 256), 4096)), gemv("gemv down", H, I)]
+    silu = simple("silu_mul", "silu_mul", B * I * E * 3, min(math.ceil(B * I / 256), 4096))
+    if fused:
+        layer += [gemv("gemv_add o_proj", H, Hq * D), gemv("norm_gemv gate_up", 2 * I, H, norm=True), silu,
+                  gemv("gemv_add down", H, I)]
+    else:
+        layer += [gemv("gemv o_proj", H, Hq * D), simple("add_rms_norm (post)", "rms_norm", B * H * E * 4 + H * E, B),
+                  gemv("gemv gate_up", 2 * I, H), silu, gemv("gemv down", H, I)]
     head = [gemv("head (norm-fused gemv)", m["head"][0], m["head"][1], norm=True)]
     if m["up"]:
         head.append(gemv("project_up gemv", m["up"][0], m["up"][1]))
-    head += [simple(n, "aten_small", B * H * E * 3, 1) for n in ("h + branch (ATen)", "lengths += 1 (ATen)", "positions (ATen)")]
+    smalls = ("lengths += 1 (ATen)", "positions (ATen)") if fused else ("h + branch (ATen)", "lengths += 1 (ATen)",
+                                                                         "positions (ATen)")
+    head += [simple(n, "aten_small", B * H * E * 3, 1) for n in smalls]
     weights = m["layers"] * sum(r["weight_bytes"] for r in layer) + sum(r["weight_bytes"] for r in head)
     total = m["layers"] * sum(r["us"] for r in layer) + sum(r["us"] for r in head)
     floor = weights / g["bw"] * 1e6
@@ -457,7 +473,8 @@ def main():
     ap.add_argument("--gap-us", type=float, default=2.0, help="per-kernel launch gap + ramp inside a graph")
     args = ap.parse_args()
     a = dict(gpu=None, dram_ns=args.dram_ns, l2_ns=args.l2_ns, dram_eff=args.dram_eff, gap_us=args.gap_us,
-             source=describe(args.kernels_source), split_blocks_per_sm=split_blocks_per_sm(args.kernels_source))
+             source=describe(args.kernels_source), split_blocks_per_sm=split_blocks_per_sm(args.kernels_source),
+             fused_layer=fused_layer(args.kernels_source))
     nvdisasm = find_tool("nvdisasm", "nvidia-cuda-nvdisasm")
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
