@@ -48,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("check_gemv", [](T x, T w, bool cuda) { emu_fast::check_gemv(x, w, cuda); });
   m.def("check_norm_gemv", [](T x, T nw, T w, bool cuda) { emu_fast::check_norm_gemv(x, nw, w, cuda); });
+  m.def("check_norm_gemv_silu", [](T x, T nw, T w, bool cuda) { emu_fast::check_norm_gemv_silu(x, nw, w, cuda); });
   m.def("check_gemv_add", [](T x, T w, T r, bool cuda) { emu_fast::check_gemv_add(x, w, r, cuda); });
   m.def("check_rms_norm", [](T x, T w, bool cuda) { emu_fast::check_rms_norm("rms_norm", x, w, cuda); });
   m.def("check_add_rms_norm", [](T x, T r, T w, bool cuda) { emu_fast::check_add_rms_norm(x, r, w, cuda); });

@@ -222,16 +222,17 @@ void check_regression_head(const at::Tensor& hidden, const at::Tensor& norm_weig
 }
 
 namespace {
-// x [B, K] @ weight [N, K]^T, for each GEMV op.
-void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, bool allow_half) {
+// x [B, K] @ weight [N, K]^T (named `name` in messages), for each GEMV op.
+void check_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& weight, bool allow_half,
+                         const char* name = "weight") {
   check_dim(op, "x", x, 2);
-  check_dim(op, "weight", weight, 2);
+  check_dim(op, name, weight, 2);
   check_float_dtype(op, "x", x, allow_half);
-  check_same_dtype(op, x, "weight", weight);
-  check_same_device(op, x, "weight", weight);
-  TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "emu_fast.", op, ": x ", x.sizes(),
-                    " does not match weight ", weight.sizes(), " (inner sizes differ)");
-  check_contiguous(op, "weight", weight);
+  check_same_dtype(op, x, name, weight);
+  check_same_device(op, x, name, weight);
+  TORCH_CHECK_VALUE(x.size(1) == weight.size(1), "emu_fast.", op, ": x ", x.sizes(), " does not match ", name, " ",
+                    weight.sizes(), " (inner sizes differ)");
+  check_contiguous(op, name, weight);
 }
 
 // A further operand of a GEMV op: `dim` dimensions, x's dtype and device.
@@ -246,13 +247,28 @@ void check_gemv(const at::Tensor& x, const at::Tensor& weight, bool allow_half) 
   check_gemv_operands("gemv", x, weight, allow_half);
 }
 
-void check_norm_gemv(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& weight, bool allow_half) {
-  const char* op = "norm_gemv";
-  check_gemv_operands(op, x, weight, allow_half);
+namespace {
+// x [B, K], norm_weight [K], weight [N, K] (named `name`): the operands of the norm GEMV ops.
+void check_norm_gemv_operands(const char* op, const at::Tensor& x, const at::Tensor& norm_weight,
+                              const at::Tensor& weight, bool allow_half, const char* name) {
+  check_gemv_operands(op, x, weight, allow_half, name);
   check_operand(op, x, "norm_weight", norm_weight, 1);
   TORCH_CHECK_VALUE(norm_weight.size(0) == x.size(1), "emu_fast.", op, ": norm_weight ", norm_weight.sizes(),
                     " does not match x ", x.sizes());
   check_contiguous(op, "norm_weight", norm_weight);
+}
+}  // namespace
+
+void check_norm_gemv(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& weight, bool allow_half) {
+  check_norm_gemv_operands("norm_gemv", x, norm_weight, weight, allow_half, "weight");
+}
+
+void check_norm_gemv_silu(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& gate_up_weight,
+                          bool allow_half) {
+  const char* op = "norm_gemv_silu";
+  check_norm_gemv_operands(op, x, norm_weight, gate_up_weight, allow_half, "gate_up_weight");
+  TORCH_CHECK_VALUE(gate_up_weight.size(0) % 2 == 0, "emu_fast.", op,
+                    ": gate_up_weight must be [gate rows; up rows]; its ", gate_up_weight.size(0), " rows are odd");
 }
 
 void check_gemv_add(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual, bool allow_half) {

@@ -38,6 +38,8 @@ void check_regression_head(const at::Tensor& hidden, const at::Tensor& norm_weig
                            bool allow_half);
 void check_gemv(const at::Tensor& x, const at::Tensor& weight, bool allow_half);
 void check_norm_gemv(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& weight, bool allow_half);
+void check_norm_gemv_silu(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& gate_up_weight,
+                          bool allow_half);
 void check_gemv_add(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual, bool allow_half);
 void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weight, bool allow_half);
 void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,

@@ -622,9 +622,10 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
   const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
-  // Per layer: the norms in the QKV and gate/up projections' prologue, the residual adds in the
-  // o and down projections' epilogue (rounded as the fused CPU step rounds them: the projection,
-  // then the sum), so h is the residual stream after every sub-layer.
+  // Per layer: the norms in the QKV and gate/up projections' prologue, SiLU * mul in the gate/up
+  // projection's epilogue, the residual adds in the o and down projections' epilogue (rounded as
+  // the fused CPU step rounds them: the projection, then the sum), so h is the residual stream
+  // after every sub-layer.
   for (int64_t l = seg.begin; l < seg.end; ++l) {
     const auto& w = layers_[l];
     const at::Tensor qkv = k.norm_gemv(h, w.input_norm, eps_, w.qkv);  // [B, (Hq + 2 Hkv) D]
@@ -634,7 +635,7 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
     const at::Tensor attn =
         k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale);
     h = k.gemv_add(attn.view({B, Hq * D}), w.o, h);
-    h = k.gemv_add(k.silu_mul(k.norm_gemv(h, w.post_norm, eps_, w.gate_up)), w.down, h);
+    h = k.gemv_add(k.norm_gemv_silu(h, w.post_norm, eps_, w.gate_up), w.down, h);
   }
   seg.lengths_dev.narrow(0, 0, B).add_(1);
   return h;

@@ -29,6 +29,10 @@ TORCH_LIBRARY(emu_fast, m) {
   // add as their epilogue). residual is [B, N].
   m.def("norm_gemv(Tensor x, Tensor norm_weight, float eps, Tensor weight) -> Tensor");
   m.def("gemv_add(Tensor x, Tensor weight, Tensor residual) -> Tensor");
+  // The gate/up projection with SiLU * mul as its epilogue: gate_up_weight [2I, K] = [gate rows;
+  // up rows] -> silu_mul(norm_gemv(x, norm_weight, eps, gate_up_weight)) [B, I], rounded as that
+  // composition rounds (each product to the dtype, silu(gate) to the dtype, then the product).
+  m.def("norm_gemv_silu(Tensor x, Tensor norm_weight, float eps, Tensor gate_up_weight) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // Returns (rms_norm(x + residual), x + residual).
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");

@@ -80,6 +80,13 @@ at::Tensor CheckedKernels::gemv_add(const Tensor& x, const Tensor& weight, const
   return ref;
 }
 
+at::Tensor CheckedKernels::norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
+                                          const Tensor& gate_up_weight) const {
+  Tensor ref = aten_kernels().norm_gemv_silu(x, norm_weight, eps, gate_up_weight);
+  record("norm_gemv_silu", custom_kernels().norm_gemv_silu(x, norm_weight, eps, gate_up_weight), ref);
+  return ref;
+}
+
 at::Tensor CheckedKernels::rms_norm(const Tensor& x, const Tensor& weight, double eps) const {
   Tensor ref = aten_kernels().rms_norm(x, weight, eps);
   record("rms_norm", custom_kernels().rms_norm(x, weight, eps), ref);

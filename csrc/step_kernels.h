@@ -23,6 +23,9 @@ class StepKernels {
   // rms_norm(x) @ weight^T (the QKV and gate/up projections), residual + x @ weight^T (o, down).
   virtual Tensor norm_gemv(const Tensor& x, const Tensor& norm_weight, double eps, const Tensor& weight) const = 0;
   virtual Tensor gemv_add(const Tensor& x, const Tensor& weight, const Tensor& residual) const = 0;
+  // silu_mul(norm_gemv(x, norm_weight, eps, gate_up_weight)): the gate/up projection and SiLU * mul.
+  virtual Tensor norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
+                                const Tensor& gate_up_weight) const = 0;
   virtual Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const = 0;
   virtual Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, double eps) const = 0;
   virtual Tensor silu_mul(const Tensor& gate_up) const = 0;
@@ -47,8 +50,8 @@ bool custom_kernels_support(const at::Device& device, at::ScalarType dtype, int6
                             std::string* why);
 
 // Test-only: makes the named custom kernel wrong on purpose ("gemv", "norm_gemv", "gemv_add",
-// "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "regression_head", or
-// "decode_step": the fused CPU step), so
+// "norm_gemv_silu", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
+// "regression_head", or "decode_step": the fused CPU step), so
 // the tests can show the self-check catches it and the fallback gives the right answer. "" to
 // clear. Process-wide; never set outside tests.
 void set_test_fault(const std::string& op);

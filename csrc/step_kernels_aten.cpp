@@ -31,6 +31,11 @@ class AtenKernels final : public StepKernels {
     return gemv(rms_norm(x, norm_weight, eps), weight);
   }
 
+  Tensor norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
+                        const Tensor& gate_up_weight) const override {
+    return silu_mul(norm_gemv(x, norm_weight, eps, gate_up_weight));
+  }
+
   // The product rounded to the dtype, then the sum: as the kernels' epilogue rounds it.
   Tensor gemv_add(const Tensor& x, const Tensor& weight, const Tensor& residual) const override {
     return residual + gemv(x, weight);

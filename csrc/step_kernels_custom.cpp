@@ -49,6 +49,12 @@ class CustomKernels final : public StepKernels {
     static const auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("emu_fast::gemv_add");
     return faulty("gemv_add", op.call(x, weight, residual));
   }
+  Tensor norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
+                        const Tensor& gate_up_weight) const override {
+    static const auto op =
+        handle<Tensor(const Tensor&, const Tensor&, double, const Tensor&)>("emu_fast::norm_gemv_silu");
+    return faulty("norm_gemv_silu", op.call(x, norm_weight, eps, gate_up_weight));
+  }
   Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const override {
     static const auto op = handle<Tensor(const Tensor&, const Tensor&, double)>("emu_fast::rms_norm");
     return faulty("rms_norm", op.call(x, weight, eps));

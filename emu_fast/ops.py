@@ -108,6 +108,13 @@ def _(x, weight, residual):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.register_fake("emu_fast::norm_gemv_silu")
+def _(x, norm_weight, eps, gate_up_weight):
+    _same_device("norm_gemv_silu", x, norm_weight, gate_up_weight)
+    _run_check(_C.check_norm_gemv_silu, x, norm_weight, gate_up_weight, cuda=_cuda(x))
+    return x.new_empty(x.shape[0], gate_up_weight.shape[0] // 2)
+
+
 @torch.library.register_fake("emu_fast::rms_norm")
 def _(x, weight, eps):
     _same_device("rms_norm", x, weight)
@@ -161,6 +168,13 @@ def norm_gemv(x, norm_weight, eps: float, weight) -> torch.Tensor:
 def gemv_add(x, weight, residual) -> torch.Tensor:
     """residual + x @ weight^T, the add fused into the GEMV (the product rounded, then the sum)."""
     return _ops.gemv_add(x, weight, residual)
+
+
+def norm_gemv_silu(x, norm_weight, eps: float, gate_up_weight) -> torch.Tensor:
+    """silu_mul(norm_gemv(x, norm_weight, eps, gate_up_weight)), gate_up_weight = [gate rows; up
+    rows]: the gate/up projection with SiLU * mul fused into its epilogue (rounded as that
+    composition rounds)."""
+    return _ops.norm_gemv_silu(x, norm_weight, eps, gate_up_weight)
 
 
 def rms_norm(x, weight, eps: float) -> torch.Tensor:

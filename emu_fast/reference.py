@@ -191,6 +191,11 @@ def gemv_add(x, weight, residual):
     return (residual.float() + gemv(x, weight).float()).to(x.dtype)
 
 
+def norm_gemv_silu(x, norm_weight, eps, gate_up_weight):
+    """Each product rounded to the dtype, then SiLU * mul (as silu_mul(norm_gemv(...)))."""
+    return silu_mul(norm_gemv(x, norm_weight, eps, gate_up_weight))
+
+
 def add_rms_norm(x, residual, weight, eps):
     s = x + residual
     return rms_norm(s, weight, eps), s

@@ -80,6 +80,7 @@ def load():
         lib.emu_decode_attention_workspace_floats.restype = ctypes.c_int64
         lib.emu_regression_head_workspace_elems.restype = ctypes.c_int64
         lib.emu_gemv_workspace_elems.restype = ctypes.c_int64
+        lib.emu_norm_gemv_silu_workspace_elems.restype = ctypes.c_int64
         _lib = lib
     return _lib
 
@@ -203,6 +204,24 @@ def norm_gemv(x, norm_weight, eps, weight):
 
 def gemv_add(x, weight, residual):
     return _gemv("gemv_add", x, weight, residual=residual)
+
+
+def norm_gemv_silu(x, norm_weight, eps, gate_up_weight):
+    """cuda::launch_norm_gemv_silu as the CUDA op runs it: the tensor-core kernel with SiLU * mul
+    in its epilogue where it takes the call (I % 8 == 0), else norm_gemv then silu_mul."""
+    x = x if x.stride(1) == 1 else x.contiguous()
+    B, K = x.shape
+    I = gate_up_weight.shape[0] // 2
+    y = torch.empty(B, I, dtype=x.dtype)
+    ldx = ctypes.c_int64(x.stride(0))
+    workspace = torch.empty(load().emu_norm_gemv_silu_workspace_elems(ctypes.c_int64(B), ctypes.c_int64(K), ldx,
+                                                                      ctypes.c_int64(I)), dtype=x.dtype)
+    z = _RedZones()
+    _call("norm_gemv_silu", "emu_norm_gemv_silu", DTYPE_CODE[x.dtype], _ptr(z(gate_up_weight)), _ptr(z(x)),
+          _ptr(z(y)), _ptr(z(norm_weight)), ctypes.c_float(eps), ctypes.c_int64(B), ctypes.c_int64(K),
+          ctypes.c_int64(I), ldx, _ptr(z(workspace)))
+    z.check("norm_gemv_silu")
+    return y
 
 
 def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):

@@ -157,6 +157,19 @@ def _gemv_add(B, K, N, seed=0):
     return build
 
 
+def _norm_gemv_silu(B, K, I, seed=0, x_stride=None, extreme=False):
+    """norm_gemv's arguments with [gate rows; up rows] weights [2I, K]; with extreme, every other
+    gate row scaled so far that exp(-gate) leaves float's range (silu(-big) is -0)."""
+    def build(device, dtype):
+        x, norm_w, eps, w = _norm_gemv(B, K, 2 * I, seed, x_stride)(device, dtype)
+        if extreme:
+            big = 200 if dtype == torch.float16 else 1e30  # float16: gates up to ~1e3, still past exp's range
+            w = w.clone()
+            w[:I:2] = (w[:I:2].float() * big * K ** 0.5).to(dtype)
+        return x, norm_w, eps, w
+    return build
+
+
 def _norm(B, H, eps=1e-6, residual=False, seed=0):
     def build(device, dtype):
         g = torch.Generator().manual_seed(seed)
@@ -285,6 +298,21 @@ SAMPLES = [
     Sample("norm_gemv", "17x64x20-strided-gemm", _norm_gemv(17, 64, 20, seed=17, x_stride=72), **_GPU),
     Sample("gemv_add", "1x5120x1000", _gemv_add(1, 5120, 1000, seed=1), emulate=False, **_GPU),
     Sample("norm_gemv", "1x5120x1000", _norm_gemv(1, 5120, 1000, seed=1), emulate=False, **_GPU),
+    # norm_gemv_silu (B, K, I; weights [2I, K]): odd sizes, batches 1..16 and the GEMM past them,
+    # the tensor-core kernel with SiLU * mul in its epilogue (16-bit types, K a multiple of 32,
+    # I a multiple of 8, one and two batch tiles), I not a multiple of 8 there (the two-kernel
+    # composition), strided x, gates whose SiLU underflows
+    *[Sample("norm_gemv_silu", f"{B}x{K}x{I}", _norm_gemv_silu(B, K, I, seed=B), opcheck=(B, K, I) == (2, 8, 3))
+      for B, K, I in [(1, 1, 1), (2, 8, 3), (3, 33, 17), (4, 1288, 20), (7, 100, 3), (8, 520, 16),
+                      (16, 257, 65), (9, 256, 15), (17, 64, 12)]],
+    *[Sample("norm_gemv_silu", f"{B}x{K}x{I}-mma", _norm_gemv_silu(B, K, I, seed=B), **_GPU)
+      for B, K, I in [(1, 2080, 32), (5, 96, 40), (8, 64, 8), (9, 128, 24), (12, 1056, 24), (16, 320, 8),
+                      (3, 64, 13), (2, 96, 20)]],
+    Sample("norm_gemv_silu", "3x64x16-strided-x", _norm_gemv_silu(3, 64, 16, seed=3, x_stride=72), **_GPU),
+    Sample("norm_gemv_silu", "17x64x16-strided-gemm", _norm_gemv_silu(17, 64, 16, seed=17, x_stride=72), **_GPU),
+    *[Sample("norm_gemv_silu", f"{B}x{K}x{I}-extremes", _norm_gemv_silu(B, K, I, seed=B, extreme=True), **_GPU)
+      for B, K, I in [(2, 64, 16), (3, 40, 5)]],
+    Sample("norm_gemv_silu", "1x5120x1376", _norm_gemv_silu(1, 5120, 1376, seed=1), emulate=False, **_GPU),
     # rms_norm, add_rms_norm (B, H), silu_mul (B, I)
     *[Sample("rms_norm", f"{B}x{H}", _norm(B, H, seed=H), opcheck=(B, H) == (2, 8))
       for B, H in [(1, 8), (3, 33), (2, 512), (1, 1), (2, 8)]],
@@ -367,6 +395,10 @@ def check(sample: Sample, fn, args, dtype, gpu=False):
         close(fn(*args), reference.norm_gemv(*args), dtype, tol)
     elif op == "gemv_add":
         close(fn(*args), reference.gemv_add(*args), dtype, tol)
+    elif op == "norm_gemv_silu":
+        out = fn(*args)
+        assert out.shape == (args[0].shape[0], args[3].shape[0] // 2) and out.dtype == dtype
+        close(out, reference.norm_gemv_silu(*args), dtype, tol)
     elif op == "rms_norm":
         close(fn(*args), reference.rms_norm(*args), dtype, tol)
     elif op == "add_rms_norm":

@@ -183,6 +183,17 @@ def test_gemv_kernel_strided_and_misaligned_input(dtype):
         _close(emu.regression_head(x, nw, 1e-6, w)[0], reference.regression_head(x, nw, 1e-6, w)[0], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_gemv_silu_rounds_as_norm_gemv_then_silu_mul(dtype):
+    """The tensor-core kernel's SiLU * mul epilogue (and the composition it falls back to) give
+    bitwise the two kernels' result, on every sample: the decode step relies on it."""
+    for s in samples(cuda=True, emulate=True):
+        if s.op == "norm_gemv_silu":
+            x, norm_w, eps, w = s.build("cpu", dtype)
+            torch.testing.assert_close(emu.norm_gemv_silu(x, norm_w, eps, w),
+                                       emu.silu_mul(emu.norm_gemv(x, norm_w, eps, w)), rtol=0, atol=0)
+
+
 # --- thread order ---------------------------------------------------------------------------
 
 def test_kernels_do_not_depend_on_thread_order():
@@ -195,11 +206,13 @@ def test_kernels_do_not_depend_on_thread_order():
     nw = (1 + 0.2 * torch.randn(700, generator=g)).to(dtype)
     w = (torch.randn(50, 700, generator=g) * 0.04).to(dtype)
     attention = _attention_case(dtype, 2, 8, 2, 64, 600, [599, 17])
+    # K and I the tensor-core kernel's SiLU * mul epilogue takes
+    xm, nwm, wm = x[:, :640].contiguous(), nw[:640].contiguous(), w[:48, :640].contiguous()
 
     def run_all():
         q, k, v, kc, vc, lens, pos, cos, sin = attention
         return [emu.rms_norm(x, nw, 1e-6), *emu.add_rms_norm(x, r, nw, 1e-6), emu.gemv(x, w),
-                emu.regression_head(x, nw, 1e-6, w)[0],
+                emu.regression_head(x, nw, 1e-6, w)[0], emu.norm_gemv_silu(xm, nwm, 1e-6, wm),
                 emu.decode_attention(q, k, v, kc.clone(), vc.clone(), lens, pos, cos, sin),              # 10 splits
                 emu.decode_attention(q, k, v, kc.clone(), vc.clone(), lens, pos, cos, sin, sm_count=1)]  # 1 split
 
@@ -256,6 +269,7 @@ def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_k
     err = rel_err(out, s.expected(PROMPTS[3]))
     assert err < LOOP_TOL[dtype]
     calls = cuda_kernels_as_cpu_ops
-    for op in ("norm_gemv", "decode_attention", "gemv_add", "silu_mul", "regression_head", "rms_norm"):
+    for op in ("norm_gemv", "norm_gemv_silu", "decode_attention", "gemv_add", "silu_mul", "regression_head",
+               "rms_norm"):
         assert calls[op] > 0, op
     assert calls["decode_attention"] == (s.n - 1) * s.shape.layers

@@ -126,6 +126,24 @@ def test_glue_rejects_bad_input():
         ops.gemv_add(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4))
     with pytest.raises(TypeError, match="gemv_add: residual"):
         ops.gemv_add(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 3).double())
+    with pytest.raises(ValueError, match=r"norm_gemv_silu: gate_up_weight must be \[gate rows; up rows\]; its 3 rows"):
+        ops.norm_gemv_silu(torch.randn(2, 4), torch.randn(4), 1e-6, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="norm_gemv_silu: norm_weight .* does not match x"):
+        ops.norm_gemv_silu(torch.randn(2, 4), torch.randn(5), 1e-6, torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"norm_gemv_silu: x .* \(inner sizes differ\)"):
+        ops.norm_gemv_silu(torch.randn(2, 4), torch.randn(4), 1e-6, torch.randn(6, 5))
+    with pytest.raises(TypeError, match="norm_gemv_silu: gate_up_weight"):
+        ops.norm_gemv_silu(torch.randn(2, 4), torch.randn(4), 1e-6, torch.randn(6, 4).double())
+
+
+def test_norm_gemv_silu_rounds_as_the_composition():
+    """Bitwise silu_mul(norm_gemv(...)) on the CPU, every sample (the decode step relies on it)."""
+    for dtype in CPU_DTYPES:
+        for s in samples():
+            if s.op == "norm_gemv_silu":
+                x, norm_w, eps, w = s.build("cpu", dtype)
+                torch.testing.assert_close(ops.norm_gemv_silu(x, norm_w, eps, w),
+                                           ops.silu_mul(ops.norm_gemv(x, norm_w, eps, w)), rtol=0, atol=0)
 
 
 def test_decode_attention_rejects_zero_kv_heads_and_shared_caches():
@@ -219,6 +237,7 @@ def _bad_calls():
         ("silu_mul-float64", ops.silu_mul, (torch.randn(2, 4, dtype=torch.float64),)),
         ("norm_gemv-norm-width", ops.norm_gemv, (torch.randn(2, 4), torch.randn(3), 1e-6, torch.randn(3, 4))),
         ("gemv_add-residual-shape", ops.gemv_add, (torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 2))),
+        ("norm_gemv_silu-odd-rows", ops.norm_gemv_silu, (torch.randn(2, 4), torch.randn(4), 1e-6, torch.randn(5, 4))),
         ("regression_head-float64", ops.regression_head, (torch.randn(2, 4).double(), torch.randn(4).double(), 1e-6,
                                                           torch.randn(3, 4).double(), None)),
         ("regression_head-non-contiguous", ops.regression_head, (torch.randn(2, 4), torch.randn(4), 1e-6,

@@ -18,8 +18,9 @@ from decoder_setup import LOOP_TOL, PROMPTS, Setup
 
 # Every custom decode-step kernel, each made wrong in turn (with the fused CPU step off, so the
 # step runs op by op), and the fused CPU step itself. gemv is Emu2's alone (project_up); the
-# norms run inside norm_gemv and the residual adds inside gemv_add.
-OPS = ["norm_gemv", "gemv_add", "silu_mul", "decode_attention", "regression_head"]
+# norms run inside norm_gemv, the residual adds inside gemv_add and SiLU * mul inside
+# norm_gemv_silu.
+OPS = ["norm_gemv", "gemv_add", "norm_gemv_silu", "decode_attention", "regression_head"]
 FUSED = "decode_step"  # the fused CPU step (decoder.fused_cpu_step, the default on the CPU)
 TEXTS = PROMPTS[3]  # ragged: three prompts of different lengths
 
@@ -70,7 +71,7 @@ FALLBACK_CASES = (
     + [pytest.param("emu2", op, torch.float32, id=f"emu2-{op}-float32")
        for op in ["gemv", "norm_gemv", "decode_attention", "regression_head", FUSED]]
     + [pytest.param(kind, op, torch.bfloat16, id=f"{kind}-{op}-bfloat16")
-       for kind, op in [("emu1", "gemv_add"), ("emu2", "silu_mul"), ("emu2", FUSED)]]
+       for kind, op in [("emu1", "gemv_add"), ("emu2", "norm_gemv_silu"), ("emu2", FUSED)]]
 )
 
 
@@ -131,16 +132,16 @@ def test_check_runs_once_per_batch_size(emu_tokenizer, fault):
     """The contract: each batch size is checked at its first decode only. A kernel that turns
     wrong later is not caught at a batch size already checked, and is at a new one."""
     s = Setup("emu2", emu_tokenizer, kv_heads=2)
-    dec = _decoder(s, "silu_mul")
+    dec = _decoder(s, "norm_gemv_silu")
     three, two = TEXTS, TEXTS[:2]
     _, messages = _runtime_warnings(dec.generate, *s.inputs(three), s.n)
     assert messages == [] and dec.kernels == "custom"
-    fault("silu_mul")
+    fault("norm_gemv_silu")
     out, messages = _runtime_warnings(dec.generate, *s.inputs(three), s.n)  # batch 3: checked already
     assert messages == [] and dec.kernels == "custom"
     assert rel_err(out, s.expected(three)) > 100 * LOOP_TOL[torch.float32]
     out, messages = _runtime_warnings(dec.generate, *s.inputs(two), s.n)  # batch 2: new
-    _assert_fell_back(dec, messages, "silu_mul", 2)
+    _assert_fell_back(dec, messages, "norm_gemv_silu", 2)
     assert rel_err(out, s.expected(two)) < LOOP_TOL[torch.float32]
     out, messages = _runtime_warnings(dec.generate, *s.inputs(three), s.n)  # now on ATen
     assert messages == [] and dec.kernels == "aten"

@@ -171,8 +171,9 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& weight) {
 // x [B, K] with unit column stride: as it is, else a contiguous copy (what the backend takes).
 at::Tensor unit_columns(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
 
-at::Tensor norm_gemv_cpu(const at::Tensor& x_in, const at::Tensor& norm_weight, double eps, const at::Tensor& weight) {
-  check_norm_gemv(x_in, norm_weight, weight, false);
+// rms_norm(x) @ weight^T, the operands already checked (norm_gemv, norm_gemv_silu).
+at::Tensor norm_gemv_unchecked(const at::Tensor& x_in, const at::Tensor& norm_weight, double eps,
+                               const at::Tensor& weight) {
   const at::Tensor x = unit_columns(x_in);
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor out = at::empty({B, N}, x.options());
@@ -183,6 +184,11 @@ at::Tensor norm_gemv_cpu(const at::Tensor& x_in, const at::Tensor& norm_weight, 
                               static_cast<float>(eps), B, K, N);
   });
   return out;
+}
+
+at::Tensor norm_gemv_cpu(const at::Tensor& x, const at::Tensor& norm_weight, double eps, const at::Tensor& weight) {
+  check_norm_gemv(x, norm_weight, weight, false);
+  return norm_gemv_unchecked(x, norm_weight, eps, weight);
 }
 
 // residual + x @ weight^T: the product rounded to the dtype, then the sum (as ATen's
@@ -233,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, cons
   return {normed, sum};
 }
 
-at::Tensor silu_mul_cpu(const at::Tensor& gate_up_in) {
-  check_silu_mul(gate_up_in, false);
+// gate_up [B, 2I] = [gate | up] -> silu(gate) * up, gate_up already checked.
+at::Tensor silu_mul_unchecked(const at::Tensor& gate_up_in) {
   const at::Tensor gate_up = gate_up_in.contiguous();
   const int64_t B = gate_up.size(0), I = gate_up.size(1) / 2;
   at::Tensor out = at::empty({B, I}, gate_up.options());
@@ -246,6 +252,18 @@ at::Tensor silu_mul_cpu(const at::Tensor& gate_up_in) {
     });
   });
   return out;
+}
+
+at::Tensor silu_mul_cpu(const at::Tensor& gate_up) {
+  check_silu_mul(gate_up, false);
+  return silu_mul_unchecked(gate_up);
+}
+
+// The composition itself: the CPU decode step fuses it (csrc/cpu/decode_step.cpp), not this op.
+at::Tensor norm_gemv_silu_cpu(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                              const at::Tensor& gate_up_weight) {
+  check_norm_gemv_silu(x, norm_weight, gate_up_weight, false);
+  return silu_mul_unchecked(norm_gemv_unchecked(x, norm_weight, eps, gate_up_weight));
 }
 
 std::tuple<at::Tensor, at::Tensor> regression_head_cpu(const at::Tensor& hidden, const at::Tensor& norm_weight,
@@ -275,6 +293,7 @@ TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("gemv", &gemv_cpu);
   m.impl("norm_gemv", &norm_gemv_cpu);
   m.impl("gemv_add", &gemv_add_cpu);
+  m.impl("norm_gemv_silu", &norm_gemv_silu_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("add_rms_norm", &add_rms_norm_cpu);
   m.impl("silu_mul", &silu_mul_cpu);

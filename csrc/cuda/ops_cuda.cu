@@ -175,6 +175,27 @@ at::Tensor gemv_add_cuda(const at::Tensor& x, const at::Tensor& weight, const at
   return gemv_impl("gemv_add", x, weight, nullptr, 0.0, &residual);
 }
 
+at::Tensor norm_gemv_silu_cuda(const at::Tensor& x_in, const at::Tensor& norm_weight, double eps,
+                               const at::Tensor& gate_up_weight) {
+  check_norm_gemv_silu(x_in, norm_weight, gate_up_weight, true);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const int64_t B = x.size(0), K = x.size(1), I = gate_up_weight.size(0) / 2;
+  at::Tensor out = at::empty({B, I}, x.options());
+  const at::Tensor workspace =
+      at::empty({cuda::norm_gemv_silu_workspace_elems(B, K, x.stride(0), I)}, x.options());
+  at::TensorOptions options = x.options();
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using Tt = decltype(tag);
+    check_launch(cuda::launch_norm_gemv_silu<Tt>(ptr<Tt>(gate_up_weight), ptr<Tt>(x), ptr<Tt>(out),
+                                                 ptr<Tt>(norm_weight), static_cast<float>(eps), B, K, I, x.stride(0),
+                                                 ptr<Tt>(workspace), {&cublas_gemm, &options},
+                                                 c10::cuda::getCurrentCUDAStream()),
+                 "norm_gemv_silu");
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> regression_head_cuda(const at::Tensor& hidden_in, const at::Tensor& norm_weight,
                                                         double eps, const at::Tensor& head_weight,
                                                         const c10::optional<at::Tensor>& up_weight) {
@@ -232,6 +253,7 @@ TORCH_LIBRARY_IMPL(emu_fast, CUDA, m) {
   m.impl("gemv", &gemv_cuda);
   m.impl("norm_gemv", &norm_gemv_cuda);
   m.impl("gemv_add", &gemv_add_cuda);
+  m.impl("norm_gemv_silu", &norm_gemv_silu_cuda);
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("add_rms_norm", &add_rms_norm_cuda);
   m.impl("silu_mul", &silu_mul_cuda);

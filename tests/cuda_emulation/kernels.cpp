@@ -120,6 +120,21 @@ int emu_rms_norm(int dtype, const void* x, const void* residual, const void* w, 
   });
 }
 
+int64_t emu_norm_gemv_silu_workspace_elems(int64_t batch, int64_t k_dim, int64_t ldx, int64_t inter) {
+  return norm_gemv_silu_workspace_elems(batch, k_dim, ldx, inter);
+}
+
+int emu_norm_gemv_silu(int dtype, const void* w, const void* x, void* y, const void* norm_w, float eps, int64_t batch,
+                       int64_t k_dim, int64_t inter, int64_t ldx, void* workspace) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return static_cast<int>(launch_norm_gemv_silu<T>(static_cast<const T*>(w), static_cast<const T*>(x),
+                                                     static_cast<T*>(y), static_cast<const T*>(norm_w), eps, batch,
+                                                     k_dim, inter, ldx, static_cast<T*>(workspace),
+                                                     host_gemm_for<T>(), nullptr));
+  });
+}
+
 int emu_silu_mul(int dtype, const void* gate_up, int64_t rows, int inter, void* y) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);

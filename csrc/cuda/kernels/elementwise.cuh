@@ -62,6 +62,13 @@ rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T
     store(i, residual != nullptr ? to_f(__ldcg(sum_out + row * hidden + i)) : to_f(xr[i]), r);
 }
 
+// silu(g) * u for a gate g and an up value u (both already T values): silu(g) rounded to T,
+// then the product (silu_mul_kernel and the gate/up GEMV's epilogue, gemv.cuh).
+template <typename T>
+__device__ __forceinline__ T silu_mul_out(float g, float u) {
+  return from_f<T>(round_to<T>(g / (1.f + __expf(-g))) * u);
+}
+
 // gate_up rows [gate | up] of width 2*inter -> silu(gate) * up.
 template <typename T>
 __global__ void silu_mul_kernel(const T* __restrict__ gate_up, int64_t rows, int inter, T* __restrict__ y) {
@@ -69,9 +76,7 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate_up, int64_t rows, int
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / inter, c = i % inter;
-    const float g = to_f(gate_up[r * 2 * inter + c]);
-    const float s = round_to<T>(g / (1.f + __expf(-g)));
-    y[i] = from_f<T>(s * to_f(gate_up[r * 2 * inter + inter + c]));
+    y[i] = silu_mul_out<T>(to_f(gate_up[r * 2 * inter + c]), to_f(gate_up[r * 2 * inter + inter + c]));
   }
 }
 

@@ -131,11 +131,15 @@ gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
 // second. A few instructions per 16 bytes of weight (the CUDA-core kernel above needs ~40 at
 // batch 1 and ~200 at batch 8, converting every element). The warps' partial tiles are summed
 // in shared memory. With kNorm, x is RMS-normalized on the way in, as gemv_kernel does.
+// With kSilu (w = [gate rows; up rows], n_rows = 2 * inter, inter % 8 == 0), block j takes gate
+// rows [8j, 8j + 8) as its first 8 rows and the matching up rows [inter + 8j, inter + 8j + 8) as
+// its last 8, and the epilogue writes y[b, 8j + m] = silu(gate) * up, each product rounded to T
+// first (as norm_gemv then silu_mul round it; y has inter columns).
 constexpr int kMmaRows = 16;   // output rows per block
 constexpr int kMmaChunk = 32;  // K elements per warp per step
 constexpr int kMmaChunksInFlight = 4;
 
-template <typename T, int kTiles, bool kNorm>
+template <typename T, int kTiles, bool kNorm, bool kSilu = false>
 __global__ void __launch_bounds__(kGemvWarps * 32, 2)
 gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
                 const T* __restrict__ norm_w, float eps, int batch, int k_dim, int n_rows, int64_t ldx, int64_t ldy,
@@ -146,9 +150,11 @@ gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict_
   if constexpr (kNorm) block_inv_rms(x, ldx, batch, k_dim, eps, inv_rms, red);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kMmaRows;
+  const int lo_row = kSilu ? blockIdx.x * 8 + g : row0 + g;
+  const int hi_row = kSilu ? n_rows / 2 + blockIdx.x * 8 + g : row0 + g + 8;
   // Rows past the end read the last row (a valid address) and are never written.
-  const T* w_lo = w + static_cast<int64_t>(min(row0 + g, n_rows - 1)) * k_dim + 8 * t;
-  const T* w_hi = w + static_cast<int64_t>(min(row0 + g + 8, n_rows - 1)) * k_dim + 8 * t;
+  const T* w_lo = w + static_cast<int64_t>(min(lo_row, n_rows - 1)) * k_dim + 8 * t;
+  const T* w_hi = w + static_cast<int64_t>(min(hi_row, n_rows - 1)) * k_dim + 8 * t;
   // B's column g of tile j is batch row 8 j + g (zeros past the batch).
   const T* x_row[kTiles];
   bool x_live[kTiles];
@@ -216,13 +222,27 @@ gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict_
     tile[warp][g + 8][8 * j + 2 * t + 1] = d[j][3];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kMmaRows * 8 * kTiles; i += blockDim.x) {
-    const int m = i / (8 * kTiles), b = i % (8 * kTiles);
-    if (b >= batch || row0 + m >= n_rows) continue;
-    float sum = 0.f;
+  if constexpr (kSilu) {
+    for (int i = threadIdx.x; i < 8 * 8 * kTiles; i += blockDim.x) {
+      const int m = i / (8 * kTiles), b = i % (8 * kTiles);
+      if (b >= batch) continue;
+      float gate = 0.f, up = 0.f;
 #pragma unroll
-    for (int v = 0; v < kGemvWarps; ++v) sum += tile[v][m][b];
-    y[b * ldy + row0 + m] = gemv_out(sum, residual, b * ldr + row0 + m);
+      for (int v = 0; v < kGemvWarps; ++v) {
+        gate += tile[v][m][b];
+        up += tile[v][m + 8][b];
+      }
+      y[b * ldy + blockIdx.x * 8 + m] = silu_mul_out<T>(round_to<T>(gate), round_to<T>(up));
+    }
+  } else {
+    for (int i = threadIdx.x; i < kMmaRows * 8 * kTiles; i += blockDim.x) {
+      const int m = i / (8 * kTiles), b = i % (8 * kTiles);
+      if (b >= batch || row0 + m >= n_rows) continue;
+      float sum = 0.f;
+#pragma unroll
+      for (int v = 0; v < kGemvWarps; ++v) sum += tile[v][m][b];
+      y[b * ldy + row0 + m] = gemv_out(sum, residual, b * ldr + row0 + m);
+    }
   }
 }
 
@@ -236,17 +256,18 @@ bool gemv_mma_fits(const T* w, const T* x, const T* norm_w, int64_t batch, int64
          aligned(x) && (norm_w == nullptr || aligned(norm_w));
 }
 
-template <typename T, bool kNorm>
+// kSilu: n_rows = 2 * inter gate and up rows in, inter columns out (8 per block).
+template <typename T, bool kNorm, bool kSilu = false>
 cudaError_t launch_gemv_mma(const T* w, const T* x, T* y, const T* norm_w, float eps, int batch, int k_dim,
                             int n_rows, int64_t ldx, int64_t ldy, const T* residual, int64_t ldr,
                             cudaStream_t stream) {
-  const dim3 grid((n_rows + kMmaRows - 1) / kMmaRows), block(kGemvWarps * 32);
+  const dim3 grid(kSilu ? n_rows / 16 : (n_rows + kMmaRows - 1) / kMmaRows), block(kGemvWarps * 32);
   if (batch <= 8)
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 1, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows,
-                                                                       ldx, ldy, residual, ldr);
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 1, kNorm, kSilu>)(w, x, y, norm_w, eps, batch, k_dim,
+                                                                              n_rows, ldx, ldy, residual, ldr);
   else
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 2, kNorm>)(w, x, y, norm_w, eps, batch, k_dim, n_rows,
-                                                                       ldx, ldy, residual, ldr);
+    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 2, kNorm, kSilu>)(w, x, y, norm_w, eps, batch, k_dim,
+                                                                              n_rows, ldx, ldy, residual, ldr);
   return cudaGetLastError();
 }
 
@@ -355,6 +376,33 @@ cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps
   EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(blocks < 4096 ? blocks : 4096)), 256, stream,
                   add_residual_kernel<T>)(y, ldy, residual, ldr, batch, n_rows);
   return cudaGetLastError();
+}
+
+// Elements of T the workspace of launch_norm_gemv_silu needs: gate_up [B, 2I] and launch_gemv's
+// for the two-kernel composition (allocated whatever the path: it depends on alignment too).
+inline int64_t norm_gemv_silu_workspace_elems(int64_t batch, int64_t k_dim, int64_t ldx, int64_t inter) {
+  return batch * 2 * inter + gemv_workspace_elems(batch, k_dim, ldx, true);
+}
+
+// y[B, I] (dense) = silu_mul(norm_gemv(x; norm_w, eps, w)) for w = [gate rows; up rows] [2I, K]:
+// emu_fast::norm_gemv_silu. Where the tensor-core kernel takes the call and I % 8 == 0, one
+// launch with SiLU * mul in its epilogue; otherwise norm_gemv into `workspace`
+// (norm_gemv_silu_workspace_elems), then silu_mul: the same roundings either way.
+template <typename T>
+cudaError_t launch_norm_gemv_silu(const T* w, const T* x, T* y, const T* norm_w, float eps, int64_t batch,
+                                  int64_t k_dim, int64_t inter, int64_t ldx, T* workspace, Gemm gemm,
+                                  cudaStream_t stream) {
+  if (batch == 0 || inter == 0) return cudaSuccess;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (inter % 8 == 0 && gemv_mma_fits(w, x, norm_w, batch, k_dim, ldx))
+      return launch_gemv_mma<T, true, true>(w, x, y, norm_w, eps, static_cast<int>(batch), static_cast<int>(k_dim),
+                                            static_cast<int>(2 * inter), ldx, inter, nullptr, 0, stream);
+  }
+  T* gate_up = workspace;
+  const cudaError_t err = launch_gemv<T, true>(w, x, gate_up, norm_w, eps, batch, k_dim, 2 * inter, ldx, 2 * inter,
+                                               nullptr, 0, workspace + batch * 2 * inter, gemm, stream);
+  if (err != cudaSuccess) return err;
+  return launch_silu_mul<T>(gate_up, batch, static_cast<int>(inter), y, stream);
 }
 
 // The CUDA backend of the compositions in csrc/compose.h.
