@@ -287,13 +287,14 @@ def find(kernels, kind, pred=lambda n: True):
     return hits[0]
 
 
-def gemv_name(kernels, batch, norm):
+def gemv_name(kernels, batch, norm, silu=False):
     """The instantiation launch_gemv picks for bf16 at the Emu shapes (K a multiple of 32): the
     tensor-core kernel (one tile of 8 batch rows, two up to 16) where the tree has one, else the
     CUDA-core kernel's smallest template batch >= batch. Returns (name, output rows per block)."""
     mma = {}
     for n, k in kernels.items():
-        if k["kind"] == "gemv_mma" and (m := re.search(r"bfloat16, (\d+), (true|false)>", n)) and (m[2] == "true") == norm:
+        m = re.search(r"bfloat16, (\d+), (true|false)(?:, (true|false))?>", n)
+        if k["kind"] == "gemv_mma" and m and (m[2] == "true") == norm and (m[3] == "true") == silu:
             mma[int(m[1])] = n
     tiles = 1 if batch <= 8 else 2
     if tiles in mma:
@@ -334,6 +335,11 @@ def fused_layer(source_dir):
     return "gemv_add(" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
 
 
+def silu_epilogue(source_dir):
+    """Whether the gate/up GEMV writes silu(gate) * up itself (norm_gemv_silu, since 8d435e2)."""
+    return "norm_gemv_silu(" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
+
+
 def split_blocks_per_sm(source_dir):
     """The blocks per SM decode_attention_splits aims at, read from the source compiled (so a
     before/after pair each models its own split rule)."""
@@ -351,8 +357,8 @@ def step(kernels, a, model, batch, keys):
     m, g, B, E = MODELS[model], a["gpu"], batch, 2  # bf16 bytes
     H, I, Hq, Hkv, D = m["hidden"], m["inter"], m["heads"], m["kv_heads"], m["head_dim"]
 
-    def gemv(label, n, kd, norm=False):
-        name, rows = gemv_name(kernels, B, norm)
+    def gemv(label, n, kd, norm=False, silu=False):
+        name, rows = gemv_name(kernels, B, norm, silu)
         k, lp = kernels[name], kernels[name]["loop"]
         w = n * kd * E
         # A block's 8 warps share its rows' weights: one row each (CUDA cores), or the K of 16 rows
@@ -385,7 +391,10 @@ def step(kernels, a, model, batch, keys):
     if splits > 1:
         layer.append(simple("attention combine", "combine", B * Hq * splits * (D + 2) * 4 + B * Hq * D * E, B * Hq))
     silu = simple("silu_mul", "silu_mul", B * I * E * 3, min(math.ceil(B * I / 256), 4096))
-    if fused:
+    if fused and a["silu_epilogue"]:
+        layer += [gemv("gemv_add o_proj", H, Hq * D), gemv("norm_gemv_silu gate_up", 2 * I, H, norm=True, silu=True),
+                  gemv("gemv_add down", H, I)]
+    elif fused:
         layer += [gemv("gemv_add o_proj", H, Hq * D), gemv("norm_gemv gate_up", 2 * I, H, norm=True), silu,
                   gemv("gemv_add down", H, I)]
     else:
@@ -474,7 +483,7 @@ def main():
     args = ap.parse_args()
     a = dict(gpu=None, dram_ns=args.dram_ns, l2_ns=args.l2_ns, dram_eff=args.dram_eff, gap_us=args.gap_us,
              source=describe(args.kernels_source), split_blocks_per_sm=split_blocks_per_sm(args.kernels_source),
-             fused_layer=fused_layer(args.kernels_source))
+             fused_layer=fused_layer(args.kernels_source), silu_epilogue=silu_epilogue(args.kernels_source))
     nvdisasm = find_tool("nvdisasm", "nvidia-cuda-nvdisasm")
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
