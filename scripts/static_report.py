@@ -340,15 +340,16 @@ def silu_epilogue(source_dir):
     return "norm_gemv_silu(" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
 
 
-def split_blocks_per_sm(source_dir):
-    """The blocks per SM decode_attention_splits aims at, read from the source compiled (so a
-    before/after pair each models its own split rule)."""
+def split_rule(source_dir):
+    """(blocks per SM decode_attention_splits aims at, cache rows per split at most), read from
+    the source compiled (so a before/after pair each models its own split rule)."""
     text = open(os.path.join(source_dir, "csrc/cuda/kernels/decode_attention.cuh")).read()
     m = re.search(r"want = \((\d+) \* static_cast<int64_t>\(sm_count\)", text)
-    if not m:
+    r = re.search(r"\(capacity \+ (\d+)\) / (\d+)", text)
+    if not m or not r:
         sys.exit("static_report: cannot find decode_attention_splits' rule in decode_attention.cuh; update "
-                 "split_blocks_per_sm()")
-    return int(m.group(1))
+                 "split_rule()")
+    return int(m.group(1)), int(r.group(2))
 
 
 def step(kernels, a, model, batch, keys):
@@ -374,8 +375,8 @@ def step(kernels, a, model, batch, keys):
         return dict(kernel=label, instance=name or "ATen elementwise", weight_bytes=0, **r)
 
     cap = math.ceil((keys + 1) / 128) * 128
-    # decode_attention_splits: about blocks_per_sm blocks per SM, at most one split per 64 rows
-    splits = max(1, min(math.ceil(a["split_blocks_per_sm"] * g["sms"] / (B * Hkv)), math.ceil(cap / 64)))
+    # decode_attention_splits: about blocks_per_sm blocks per SM, at most one split per split_rows rows
+    splits = max(1, min(math.ceil(a["split_blocks_per_sm"] * g["sms"] / (B * Hkv)), math.ceil(cap / a["split_rows"])))
     chunk = max(16, (keys + splits) // splits)
     # decode_attention_kernel<T, D> today; <T, D, group> once the group is a template parameter.
     att = find(kernels, "attention", lambda n: re.search(rf"kernel<__nv_bfloat16, {D}(, {Hq // Hkv})?>", n))
@@ -482,7 +483,7 @@ def main():
     ap.add_argument("--gap-us", type=float, default=2.0, help="per-kernel launch gap + ramp inside a graph")
     args = ap.parse_args()
     a = dict(gpu=None, dram_ns=args.dram_ns, l2_ns=args.l2_ns, dram_eff=args.dram_eff, gap_us=args.gap_us,
-             source=describe(args.kernels_source), split_blocks_per_sm=split_blocks_per_sm(args.kernels_source),
+             source=describe(args.kernels_source), split_blocks_per_sm=split_rule(args.kernels_source)[0], split_rows=split_rule(args.kernels_source)[1],
              fused_layer=fused_layer(args.kernels_source), silu_epilogue=silu_epilogue(args.kernels_source))
     nvdisasm = find_tool("nvdisasm", "nvidia-cuda-nvdisasm")
     reports = {}
