@@ -2,6 +2,7 @@
 #                 make bench       (the same setup, then the latency benchmark: a table, a sweep, a PNG)
 #                 make test-transformers-4.31   (the suite again under Emu2's pinned transformers)
 #                 make cuda-check  (compile every CUDA source with nvcc for sm_80/sm_90a; no GPU needed)
+#                 make static-report (estimate the CUDA step from its compiled code; no GPU needed)
 # The install step reruns only when a source, the build files or the setup script changed
 # (a stamp per interpreter under build/), so repeated targets start at once.
 PYTHON ?= python3
@@ -14,7 +15,7 @@ PY_ID := $(shell $(PYTHON) -c 'import sys, hashlib; print(hashlib.md5(sys.execut
 STAMP := build/.installed-$(PY_ID)
 SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py CMakeLists.txt scripts/setup.sh
 
-.PHONY: setup build test test-transformers-4.31 bench cuda-check clean
+.PHONY: setup build test test-transformers-4.31 bench cuda-check static-report clean
 
 $(STAMP): $(SOURCES)
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -40,6 +41,14 @@ bench: $(STAMP)
 
 cuda-check: $(STAMP)
 	PYTHON=$(PYTHON) bash scripts/cuda_check.sh
+
+# The static performance report of the CUDA step (estimates from compiled code; nvcc, and
+# nvdisasm from the toolkit or its PyPI wheel), written under build/ so a run leaves the
+# committed benchmarks/results/static-report* alone.
+static-report:
+	@mkdir -p build
+	$(PYTHON) scripts/static_report.py --out build/static-report > build/static-report.log 2>&1; \
+	  status=$$?; cat build/static-report.log; exit $$status
 
 clean:
 	rm -rf build emu_fast/_C*.so *.egg-info

@@ -72,8 +72,12 @@ def find_tool(name, pip_pkg):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", pip_pkg], check=False)
     import site
     sys.path += site.getsitepackages() + [site.getusersitepackages()]
-    return search() or sys.exit(f"static_report: {name} is needed: `pip install {pip_pkg}` (or put the CUDA "
-                                f"toolkit's bin on PATH, or set {name.upper()}=/path/to/{name})")
+    if tool := search():
+        return tool
+    # Exit status 3: a tool is missing (CI treats that as a skip, any other failure as a failure).
+    print(f"static_report: {name} is needed: `pip install {pip_pkg}` (or put the CUDA toolkit's bin on PATH, "
+          f"or set {name.upper()}=/path/to/{name})", file=sys.stderr)
+    sys.exit(3)
 
 
 def compile_cubin(src, arch, workdir):
