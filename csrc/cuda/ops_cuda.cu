@@ -30,6 +30,13 @@ void dispatch_float(at::ScalarType s, F&& f) {
   }
 }
 
+// Rows the launchers take as they are: unit column stride and rows that do not overlap (a row
+// stride of at least the row's length; the GEMM path's 2-D copy refuses a smaller pitch). An
+// expanded or otherwise overlapping x is copied dense first.
+bool rows_usable(const at::Tensor& x) {
+  return x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= x.size(1));
+}
+
 template <typename T>
 T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
@@ -135,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x_in, const at::T
 at::Tensor gemv_impl(const char* op, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor* norm_weight,
                      double eps, const at::Tensor* residual_in) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor x = rows_usable(x_in) ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor residual;
   if (residual_in != nullptr) residual = residual_in->stride(1) == 1 ? *residual_in : residual_in->contiguous();
@@ -179,7 +186,7 @@ at::Tensor norm_gemv_silu_cuda(const at::Tensor& x_in, const at::Tensor& norm_we
                                const at::Tensor& gate_up_weight) {
   check_norm_gemv_silu(x_in, norm_weight, gate_up_weight, true);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor x = rows_usable(x_in) ? x_in : x_in.contiguous();
   const int64_t B = x.size(0), K = x.size(1), I = gate_up_weight.size(0) / 2;
   at::Tensor out = at::empty({B, I}, x.options());
   const at::Tensor workspace =
@@ -201,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> regression_head_cuda(const at::Tensor& hidden
                                                         const c10::optional<at::Tensor>& up_weight) {
   check_regression_head(hidden_in, norm_weight, head_weight, up_weight, true);
   const c10::cuda::CUDAGuard guard(hidden_in.device());
-  const at::Tensor hidden = hidden_in.stride(1) == 1 ? hidden_in : hidden_in.contiguous();
+  const at::Tensor hidden = rows_usable(hidden_in) ? hidden_in : hidden_in.contiguous();
   const int64_t B = hidden.size(0), H = hidden.size(1), Dout = head_weight.size(0), ld = hidden.stride(0);
   at::Tensor out = at::empty({B, Dout}, hidden.options());
   at::Tensor next = at::empty({B, up_weight.has_value() ? H : 0}, hidden.options());
