@@ -62,16 +62,12 @@ std::string CheckedKernels::worst_op(double* error) const {
 }
 
 at::Tensor CheckedKernels::gemv(const Tensor& x, const Tensor& weight) const {
-  Tensor ref = aten_kernels().gemv(x, weight);
-  record("gemv", custom_kernels().gemv(x, weight), ref);
-  return ref;
+  return both("gemv", [&](const StepKernels& k) { return k.gemv(x, weight); });
 }
 
 at::Tensor CheckedKernels::norm_gemv(const Tensor& x, const Tensor& norm_weight, double eps,
                                      const Tensor& weight) const {
-  Tensor ref = aten_kernels().norm_gemv(x, norm_weight, eps, weight);
-  record("norm_gemv", custom_kernels().norm_gemv(x, norm_weight, eps, weight), ref);
-  return ref;
+  return both("norm_gemv", [&](const StepKernels& k) { return k.norm_gemv(x, norm_weight, eps, weight); });
 }
 
 at::Tensor CheckedKernels::gemv_add(const Tensor& x, const Tensor& weight, const Tensor& residual) const {
@@ -84,30 +80,21 @@ at::Tensor CheckedKernels::gemv_add(const Tensor& x, const Tensor& weight, const
 
 at::Tensor CheckedKernels::norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
                                           const Tensor& gate_up_weight) const {
-  Tensor ref = aten_kernels().norm_gemv_silu(x, norm_weight, eps, gate_up_weight);
-  record("norm_gemv_silu", custom_kernels().norm_gemv_silu(x, norm_weight, eps, gate_up_weight), ref);
-  return ref;
+  return both("norm_gemv_silu",
+              [&](const StepKernels& k) { return k.norm_gemv_silu(x, norm_weight, eps, gate_up_weight); });
 }
 
 at::Tensor CheckedKernels::rms_norm(const Tensor& x, const Tensor& weight, double eps) const {
-  Tensor ref = aten_kernels().rms_norm(x, weight, eps);
-  record("rms_norm", custom_kernels().rms_norm(x, weight, eps), ref);
-  return ref;
+  return both("rms_norm", [&](const StepKernels& k) { return k.rms_norm(x, weight, eps); });
 }
 
 StepKernels::Pair CheckedKernels::add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight,
                                                double eps) const {
-  auto ref = aten_kernels().add_rms_norm(x, residual, weight, eps);
-  auto ours = custom_kernels().add_rms_norm(x, residual, weight, eps);
-  record("add_rms_norm", std::get<0>(ours), std::get<0>(ref));
-  record("add_rms_norm", std::get<1>(ours), std::get<1>(ref));
-  return ref;
+  return both("add_rms_norm", [&](const StepKernels& k) { return k.add_rms_norm(x, residual, weight, eps); });
 }
 
 at::Tensor CheckedKernels::silu_mul(const Tensor& gate_up) const {
-  Tensor ref = aten_kernels().silu_mul(gate_up);
-  record("silu_mul", custom_kernels().silu_mul(gate_up), ref);
-  return ref;
+  return both("silu_mul", [&](const StepKernels& k) { return k.silu_mul(gate_up); });
 }
 
 at::Tensor CheckedKernels::decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache,
@@ -124,11 +111,8 @@ at::Tensor CheckedKernels::decode_attention(const Tensor& q, const Tensor& k, co
 StepKernels::Pair CheckedKernels::regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps,
                                                   const Tensor& head_weight,
                                                   const c10::optional<Tensor>& up_weight) const {
-  auto ref = aten_kernels().regression_head(hidden, norm_weight, eps, head_weight, up_weight);
-  auto ours = custom_kernels().regression_head(hidden, norm_weight, eps, head_weight, up_weight);
-  record("regression_head", std::get<0>(ours), std::get<0>(ref));
-  record("regression_head", std::get<1>(ours), std::get<1>(ref));
-  return ref;
+  return both("regression_head",
+              [&](const StepKernels& k) { return k.regression_head(hidden, norm_weight, eps, head_weight, up_weight); });
 }
 
 }  // namespace emu_fast

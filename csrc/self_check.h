@@ -52,6 +52,18 @@ class CheckedKernels final : public StepKernels {
 
  private:
   void record(const char* op, const Tensor& ours, const Tensor& aten) const;
+  void record(const char* op, const Pair& ours, const Pair& aten) const {
+    record(op, std::get<0>(ours), std::get<0>(aten));
+    record(op, std::get<1>(ours), std::get<1>(aten));
+  }
+  // run(kernels) on ATen's kernels, then on ours from the same inputs; records the op's error and
+  // returns ATen's result (a Tensor or a Pair).
+  template <typename Run>
+  auto both(const char* op, Run&& run) const {
+    auto ref = run(aten_kernels());
+    record(op, run(custom_kernels()), ref);
+    return ref;
+  }
   double bound_;
   mutable std::string worst_name_;
   mutable double worst_ = 0.0;
