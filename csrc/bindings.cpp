@@ -39,6 +39,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_splice_embeddings", [](T ids, T table, T values, bool cuda) {
     emu_fast::check_splice(ids, table, values, /*allow_half=*/true);
   });
+  m.def("check_split_counters", [](T q, T kc, T counters, bool /*cuda: the same rule on every device*/) {
+    emu_fast::check_split_counters(q, kc, counters);
+  });
   m.def("check_decode_attention", [](T q, T k, T v, T kc, T vc, T lens, T pos, T cos, T sin, bool cuda) {
     emu_fast::check_decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, cuda);
     if (cuda) emu_fast::check_cuda_attention_limits("emu_fast.decode_attention", q.size(2), q.size(1) / kc.size(1));

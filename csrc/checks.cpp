@@ -119,6 +119,18 @@ void check_splice_slots(int64_t numbered, const int64_t* ids, int64_t T, int64_t
                     slot_id, ") but ", S, " slot vectors were given");
 }
 
+void check_split_counters(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& counters) {
+  const char* op = "decode_attention";
+  check_same_device(op, q, "split_counters", counters);
+  TORCH_CHECK_TYPE(counters.scalar_type() == at::kInt, "emu_fast.", op, ": split_counters must be int32, got ",
+                   counters.scalar_type());
+  TORCH_CHECK_VALUE(counters.dim() == 1 && counters.is_contiguous(), "emu_fast.", op,
+                    ": split_counters must be a contiguous vector, got shape ", counters.sizes());
+  const int64_t needed = q.dim() == 3 && k_cache.dim() == 4 ? q.size(0) * k_cache.size(1) : 0;
+  TORCH_CHECK_VALUE(counters.numel() >= needed, "emu_fast.", op, ": split_counters needs one entry per sequence and KV "
+                    "head (", needed, "), got ", counters.numel());
+}
+
 void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_lens, const at::Tensor& positions,

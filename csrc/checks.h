@@ -33,6 +33,9 @@ void check_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& cache_lens, const at::Tensor& positions,
                             const at::Tensor& rope_cos, const at::Tensor& rope_sin, bool allow_half);
+// The optional split-counter buffer of decode_attention: int32, contiguous, on q's device, at
+// least batch * Hkv elements.
+void check_split_counters(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& counters);
 void check_regression_head(const at::Tensor& hidden, const at::Tensor& norm_weight,
                            const at::Tensor& head_weight, const c10::optional<at::Tensor>& up_weight,
                            bool allow_half);

@@ -169,6 +169,7 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
     empty.push_back(at::empty({seg.end - seg.begin, 2, 0, num_kv_heads, 0, D}, final_norm_.options().device(seg.device)));
     seg.lengths_dev = at::zeros({0}, at::TensorOptions().dtype(at::kLong).device(seg.device));
     seg.starts_dev = seg.lengths_dev.clone();
+    seg.split_counters = at::zeros({0}, seg.lengths_dev.options().dtype(at::kInt));
   }
   set_caches_locked(std::move(empty));
 }
@@ -308,6 +309,7 @@ void EmuDecoder::grow_locked(int64_t batch, int64_t seq_len, bool keep) {
       sts.narrow(0, 0, cap_batch_).copy_(seg.starts_dev);
       seg.lengths_dev = lens;
       seg.starts_dev = sts;
+      seg.split_counters = at::zeros({B * num_kv_heads_}, seg.split_counters.options());
     }
   }
   cap_batch_ = B;
@@ -357,6 +359,7 @@ int64_t EmuDecoder::scratch_bytes() const {
     }
     add(seg.lengths_dev);
     add(seg.starts_dev);
+    add(seg.split_counters);
   }
   return n;
 }
@@ -633,7 +636,8 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
     const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
     const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
     const at::Tensor attn =
-        k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale);
+        k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale,
+                           seg.split_counters);
     h = k.gemv_add(attn.view({B, Hq * D}), w.o, h);
     h = k.gemv_add(k.norm_gemv_silu(h, w.post_norm, eps_, w.gate_up), w.down, h);
   }

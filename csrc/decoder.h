@@ -163,6 +163,9 @@ class EmuDecoder {
     at::Tensor kv;       // [end - begin, 2, cap_batch, Hkv, cap_seq, D]
     at::Tensor rope_cos, rope_sin;          // this device's copy of the RoPE tables
     at::Tensor lengths_dev, starts_dev;     // int64 [cap_batch]: cached entries, first position
+    // int32 [cap_batch * Hkv] zeros, decode_attention's split_counters for every layer here (the
+    // CUDA kernel merges its splits in one launch with them and leaves them zero)
+    at::Tensor split_counters;
     std::shared_ptr<const cpu::FusedStep> fused;  // the CPU step over these layers (null off the CPU)
     bool fused_head = false;                      // ... and the regression head after them
   };

@@ -12,8 +12,13 @@ TORCH_LIBRARY(emu_fast, m) {
   // positions[b], appends k and v at index cache_lens[b] of k_cache/v_cache [Bmax,Hkv,S,D],
   // and attends over entries [0, cache_lens[b]]. q [B,Hq,D], k/v [B,Hkv,D], cache_lens and
   // positions int64 [B], rope_cos/rope_sin float32 [P, D/2]. Returns [B,Hq,D].
+  // split_counters (CUDA; int32, at least B * Hkv, all zero): lets the last of the blocks that
+  // share a row and KV head merge their partial results in the same launch (no second kernel);
+  // the op leaves them zero again, so a caller keeps one buffer for every call on a stream. The
+  // CPU kernel checks and ignores them.
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cache_lens, Tensor positions, Tensor rope_cos, Tensor rope_sin, float scale) -> Tensor");
+        "Tensor cache_lens, Tensor positions, Tensor rope_cos, Tensor rope_sin, float scale, "
+        "Tensor(c!)? split_counters=None) -> Tensor");
 
   // The regression head: out = rms_norm(hidden) @ head_weight^T, and, when up_weight is given,
   // next_input = out @ up_weight^T (Emu2's project_up); otherwise next_input is [B,0] and the

@@ -99,11 +99,12 @@ at::Tensor CheckedKernels::silu_mul(const Tensor& gate_up) const {
 
 at::Tensor CheckedKernels::decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache,
                                             Tensor& v_cache, const Tensor& cache_lens, const Tensor& positions,
-                                            const Tensor& rope_cos, const Tensor& rope_sin, double scale) const {
-  const Tensor ours =
-      custom_kernels().decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale);
-  Tensor ref =
-      aten_kernels().decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale);
+                                            const Tensor& rope_cos, const Tensor& rope_sin, double scale,
+                                            const c10::optional<Tensor>& split_counters) const {
+  const Tensor ours = custom_kernels().decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos,
+                                                        rope_sin, scale, split_counters);
+  Tensor ref = aten_kernels().decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin,
+                                               scale, split_counters);
   record("decode_attention", ours, ref);
   return ref;
 }

@@ -43,7 +43,8 @@ class CheckedKernels final : public StepKernels {
   Tensor silu_mul(const Tensor& gate_up) const override;
   Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
                           const Tensor& cache_lens, const Tensor& positions, const Tensor& rope_cos,
-                          const Tensor& rope_sin, double scale) const override;
+                          const Tensor& rope_sin, double scale,
+                          const c10::optional<Tensor>& split_counters) const override;
   Pair regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps, const Tensor& head_weight,
                        const c10::optional<Tensor>& up_weight) const override;
 

@@ -30,9 +30,12 @@ class StepKernels {
   virtual Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, double eps) const = 0;
   virtual Tensor silu_mul(const Tensor& gate_up) const = 0;
   // Appends the rotated k and v at cache_lens[b] and attends over entries [0, cache_lens[b]].
+  // split_counters: the op's (zeroed int32, one per sequence and KV head; ours use it on CUDA to
+  // merge the split-KV partials in the same launch, ATen's ignores it).
   virtual Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache,
                                   Tensor& v_cache, const Tensor& cache_lens, const Tensor& positions,
-                                  const Tensor& rope_cos, const Tensor& rope_sin, double scale) const = 0;
+                                  const Tensor& rope_cos, const Tensor& rope_sin, double scale,
+                                  const c10::optional<Tensor>& split_counters) const = 0;
   virtual Pair regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps, const Tensor& head_weight,
                                const c10::optional<Tensor>& up_weight) const = 0;
 };

@@ -60,7 +60,8 @@ class AtenKernels final : public StepKernels {
 
   Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
                           const Tensor& cache_lens, const Tensor& positions, const Tensor& rope_cos,
-                          const Tensor& rope_sin, double scale) const override {
+                          const Tensor& rope_sin, double scale,
+                          const c10::optional<Tensor>& /*split_counters: no splits here*/) const override {
     const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = k_cache.size(2);
     const at::Tensor cos = rope_cos.index_select(0, positions).unsqueeze(1);  // [B, 1, D/2]
     const at::Tensor sin = rope_sin.index_select(0, positions).unsqueeze(1);

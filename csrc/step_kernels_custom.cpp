@@ -71,12 +71,13 @@ class CustomKernels final : public StepKernels {
   }
   Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
                           const Tensor& cache_lens, const Tensor& positions, const Tensor& rope_cos,
-                          const Tensor& rope_sin, double scale) const override {
+                          const Tensor& rope_sin, double scale,
+                          const c10::optional<Tensor>& split_counters) const override {
     static const auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, const Tensor&,
-                                         const Tensor&, const Tensor&, const Tensor&, double)>(
-        "emu_fast::decode_attention");
-    return faulty("decode_attention",
-                  op.call(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale));
+                                         const Tensor&, const Tensor&, const Tensor&, double,
+                                         const c10::optional<Tensor>&)>("emu_fast::decode_attention");
+    return faulty("decode_attention", op.call(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin,
+                                              scale, split_counters));
   }
   Pair regression_head(const Tensor& hidden, const Tensor& norm_weight, double eps, const Tensor& head_weight,
                        const c10::optional<Tensor>& up_weight) const override {

@@ -71,10 +71,13 @@ def _(input_ids, embed_table, slot_values, slot_token_id):
 
 
 @torch.library.register_fake("emu_fast::decode_attention")
-def _(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale):
+def _(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale, split_counters=None):
     _same_device("decode_attention", q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin)
     _run_check(_C.check_decode_attention, q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin,
                cuda=_cuda(q))
+    if split_counters is not None:
+        _same_device("decode_attention", q, split_counters)
+        _run_check(_C.check_split_counters, q, k_cache, split_counters, cuda=_cuda(q))
     return q.new_empty(q.shape)
 
 
@@ -143,11 +146,16 @@ def splice_embeddings(input_ids: torch.Tensor, embed_table: torch.Tensor, slot_v
 
 
 def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin,
-                     scale: Optional[float] = None) -> torch.Tensor:
-    """One decode step: RoPE, append k/v to the caches at cache_lens, attend over [0, cache_lens]."""
+                     scale: Optional[float] = None, split_counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One decode step: RoPE, append k/v to the caches at cache_lens, attend over [0, cache_lens].
+
+    split_counters (optional; CUDA): an int32 buffer of at least B * Hkv zeros that the op leaves
+    zero, so the CUDA kernel merges its split-KV partial results in the same launch instead of a
+    second one. Keep one per stream and pass it to every call (EmuDecoder does)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _ops.decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale)
+    return _ops.decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale,
+                                 split_counters)
 
 
 def regression_head(hidden, norm_weight, eps: float, head_weight,

@@ -160,8 +160,10 @@ def splice_embeddings(input_ids, embed_table, slot_values, slot_token_id: int) -
     return out
 
 
-def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale):
-    """Mutates the caches like the op; returns [B,Hq,D]."""
+def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale,
+                     split_counters=None):
+    """Mutates the caches like the op; returns [B,Hq,D]. split_counters: only how the CUDA kernel
+    merges its splits; the result does not depend on it."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     out = torch.empty_like(q)

@@ -25,8 +25,17 @@ in issue 9; --gpu h200 for the H200), sm_80 code on the A100 SXM 80GB (2.04 TB/s
   * Issue: warp-instructions of the main loop x iterations x warps / (4 per clock per SM x SMs x
     clock); H100 clock 1.98 GHz (boost).
   * Kernel time = max(bandwidth, latency, issue) + a fixed prologue/epilogue chain (DRAM round trips
-    read from the source, table KERNEL_CHAINS) + the launch gap inside a CUDA graph (2.0 us per
-    kernel: launch, fill and drain; no PDL today).
+    read from the source, table KERNEL_CHAINS) + the launch gap inside a CUDA graph (gap_us, 2.0 us
+    per kernel: launch, fill and drain). Where the source launches the step's kernels with
+    programmatic dependent launch (EMU_FAST_LAUNCH_PDL, griddepcontrol in common.cuh), a kernel of
+    ours that follows one of ours pays pdl_gap_us instead (0.8 us: its blocks are resident and its
+    first weight loads issued while the previous kernel drains; what is left is the wait for that
+    grid's completion and memory flush, an assumption no GPU has checked); a kernel after an ATen
+    kernel (the step's first) still pays gap_us. The per-step table gives the step at gap_us for
+    every kernel too, so the PDL assumption's weight is visible.
+  * Attention's split-KV combine: a second kernel, or, where the source passes split_counters
+    (the last split of each row merges), 2 L2 round trips (the counter's atomic, the partials)
+    added to the attention kernel's chain.
   * Step = one layer's kernels x layers + the regression head (+ Emu2's project_up) + 3 small ATen
     kernels (h + branch, lengths += 1, positions). KV bytes per layer per sequence = 2 x keys x
     heads x head_dim x 2 B. Cache capacity = keys + 1 rounded up to 128 (the decoder's rounding),
@@ -310,8 +319,9 @@ def gemv_name(kernels, batch, norm, silu=False):
     return tb[min(b for b in tb if b >= batch)], 8
 
 
-def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain):
-    """One launch: max(bandwidth, wave-aware latency, issue) + prologue/epilogue chain + gap (s)."""
+def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain, gap_us=None, extra_ns=0.0):
+    """One launch: max(bandwidth, wave-aware latency, issue) + prologue/epilogue chain + gap (s).
+    gap_us: the launch gap (default a["gap_us"]); extra_ns: fixed latency beyond the DRAM chain."""
     g = a["gpu"]
     t_bw = bytes_ / (g["bw"] * a["dram_eff"])
     resident = max(k["blocks_per_sm"], 1) if k else 1
@@ -322,14 +332,15 @@ def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain):
         cyc = iteration_cycles(loop["_body"], k["_stream"], a["dram_ns"] * g["clock"] / 1e9, a["l2_ns"] * g["clock"] / 1e9)
         t_lat = waves * iters_per_warp * cyc / g["clock"]
         t_issue = loop["instructions"] * iters_per_warp * blocks * warps_per_block / (4 * g["sms"] * g["clock"])
-    fixed = chain * a["dram_ns"] * 1e-9 + a["gap_us"] * 1e-6
+    gap = a["gap_us"] if gap_us is None else gap_us
+    fixed = chain * a["dram_ns"] * 1e-9 + extra_ns * 1e-9 + gap * 1e-6
     t = max(t_bw, t_lat, t_issue) + fixed
     bound = max((t_bw, "bandwidth"), (t_lat, "latency"), (t_issue, "issue"), (fixed, "launch+chain"))[1]
     little = None
     if loop and iters_per_warp and loop["stream_loads_before_first_use"]:
         warps = min(resident * warps_per_block, blocks * warps_per_block / g["sms"])
         little = warps * 32 * loop["stream_loads_before_first_use"] * loop["stream_load_width"] * g["sms"] / (a["dram_ns"] * 1e-9)
-    return dict(us=t * 1e6, little_tbps=little and little / 1e12, bw_us=t_bw * 1e6, latency_us=t_lat * 1e6, issue_us=t_issue * 1e6, bound=bound,
+    return dict(us=t * 1e6, gap_us=gap, little_tbps=little and little / 1e12, bw_us=t_bw * 1e6, latency_us=t_lat * 1e6, issue_us=t_issue * 1e6, bound=bound,
                 ns_per_iter_one_warp=cyc / g["clock"] * 1e9, bytes=bytes_, blocks=blocks, waves=waves, iters_per_warp=iters_per_warp)
 
 
@@ -342,6 +353,19 @@ def fused_layer(source_dir):
 def silu_epilogue(source_dir):
     """Whether the gate/up GEMV writes silu(gate) * up itself (norm_gemv_silu, since 8d435e2)."""
     return "norm_gemv_silu(" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
+
+
+def pdl_launches(source_dir):
+    """Whether the step's kernels launch with programmatic dependent launch in the source compiled
+    (the GEMV launcher uses EMU_FAST_LAUNCH_PDL and common.cuh issues griddepcontrol.wait)."""
+    kdir = os.path.join(source_dir, "csrc/cuda/kernels")
+    return ("griddepcontrol.wait" in open(os.path.join(kdir, "common.cuh")).read()
+            and "EMU_FAST_LAUNCH_PDL(" in open(os.path.join(kdir, "gemv.cuh")).read())
+
+
+def combine_folded(source_dir):
+    """Whether the decoder passes split_counters, so attention merges its splits in the same launch."""
+    return "split_counters" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
 
 
 def split_rule(source_dir):
@@ -360,6 +384,7 @@ def step(kernels, a, model, batch, keys):
     """The kernels of one layer and of the head, as EmuDecoder::run_layers and the regression head
     launch them, each estimated; returns per-kernel rows and the per-step totals."""
     m, g, B, E = MODELS[model], a["gpu"], batch, 2  # bf16 bytes
+    ours_gap = a["pdl_gap_us"] if a["pdl"] else a["gap_us"]  # a kernel of ours after one of ours
     H, I, Hq, Hkv, D = m["hidden"], m["inter"], m["heads"], m["kv_heads"], m["head_dim"]
 
     def gemv(label, n, kd, norm=False, silu=False):
@@ -370,12 +395,13 @@ def step(kernels, a, model, batch, keys):
         # split eight ways (tensor cores); bytes a warp streams / bytes it streams per loop trip.
         iters = math.ceil(rows * kd * E / 8 / (32 * lp["stream_bytes_per_lane"])) if lp else 0
         r = estimate(k, a, w + B * (kd + n) * E, math.ceil(n / rows), 8, iters,
-                     KERNEL_CHAINS["gemv_norm" if norm else "gemv"])
+                     KERNEL_CHAINS["gemv_norm" if norm else "gemv"], gap_us=ours_gap)
         return dict(kernel=label, instance=name, weight_bytes=w, **r)
 
     def simple(label, kind, bytes_, blocks):
         name = find(kernels, kind) if kind != "aten_small" else None
-        r = estimate(kernels.get(name), a, bytes_, blocks, 8, 0, KERNEL_CHAINS[kind])
+        r = estimate(kernels.get(name), a, bytes_, blocks, 8, 0, KERNEL_CHAINS[kind],
+                     gap_us=a["gap_us"] if kind == "aten_small" else ours_gap)
         return dict(kernel=label, instance=name or "ATen elementwise", weight_bytes=0, **r)
 
     cap = math.ceil((keys + 1) / 128) * 128
@@ -391,9 +417,12 @@ def step(kernels, a, model, batch, keys):
         layer = [gemv("norm_gemv qkv", qkv_rows, H, norm=True)]
     else:
         layer = [simple("add_rms_norm (input)", "rms_norm", B * H * E * 4 + H * E, B), gemv("gemv qkv", qkv_rows, H)]
-    r = estimate(kernels[att], a, kv, B * Hkv * splits, 4, math.ceil(min(chunk, keys) / 16), KERNEL_CHAINS["attention"])
-    layer.append(dict(kernel="decode_attention", instance=att, weight_bytes=0, kv_bytes=kv, **r))
-    if splits > 1:
+    merge_ns = 2 * a["l2_ns"] if splits > 1 and a["combine_folded"] else 0.0
+    r = estimate(kernels[att], a, kv, B * Hkv * splits, 4, math.ceil(min(chunk, keys) / 16), KERNEL_CHAINS["attention"],
+                 gap_us=ours_gap, extra_ns=merge_ns)
+    layer.append(dict(kernel="decode_attention" + (" (+ last-split merge)" if merge_ns else ""), instance=att,
+                      weight_bytes=0, kv_bytes=kv, **r))
+    if splits > 1 and not a["combine_folded"]:
         layer.append(simple("attention combine", "combine", B * Hq * splits * (D + 2) * 4 + B * Hq * D * E, B * Hq))
     silu = simple("silu_mul", "silu_mul", B * I * E * 3, min(math.ceil(B * I / 256), 4096))
     if fused and a["silu_epilogue"]:
@@ -411,11 +440,18 @@ def step(kernels, a, model, batch, keys):
     smalls = ("lengths += 1 (ATen)", "positions (ATen)") if fused else ("h + branch (ATen)", "lengths += 1 (ATen)",
                                                                          "positions (ATen)")
     head += [simple(n, "aten_small", B * H * E * 3, 1) for n in smalls]
+    if ours_gap != a["gap_us"]:  # the step's first kernel of ours follows an ATen kernel: a full gap
+        head.append(dict(kernel="full launch gap of the step's first kernel (after ATen)", instance="-", weight_bytes=0,
+                         us=a["gap_us"] - ours_gap, gap_us=a["gap_us"] - ours_gap, bound="launch"))
     weights = m["layers"] * sum(r["weight_bytes"] for r in layer) + sum(r["weight_bytes"] for r in head)
     total = m["layers"] * sum(r["us"] for r in layer) + sum(r["us"] for r in head)
+    gaps = m["layers"] * sum(r["gap_us"] for r in layer) + sum(r["gap_us"] for r in head)
+    kernels_per_step = m["layers"] * len(layer) + len(head) - (ours_gap != a["gap_us"])
+    total_no_pdl = total - gaps + kernels_per_step * a["gap_us"]
     floor = weights / g["bw"] * 1e6
     return dict(model=model, batch=B, keys=keys, capacity=cap, splits=splits, layer=layer, head=head,
-                kernels_per_step=m["layers"] * len(layer) + len(head), step_ms=total / 1e3,
+                kernels_per_step=kernels_per_step, kernels_per_layer=len(layer), step_ms=total / 1e3,
+                step_ms_every_gap_full=total_no_pdl / 1e3,
                 weight_bytes=weights, weight_floor_ms=floor / 1e3, fraction_of_floor=floor / total)
 
 
@@ -427,7 +463,9 @@ def markdown(reports, a):
          f"Nothing here was measured: every figure is read from ptxas / nvdisasm output and a model. Modelled: {gpus}. "
          f"Source: `{a['source']}`. Regenerate: `python scripts/static_report.py` (see its docstring).\n",
          "## Model assumptions\n", "```", "The model" + __doc__.split("The model")[1].rstrip(), "```",
-         f"Parameters: dram_ns={a['dram_ns']}, l2_ns={a['l2_ns']}, dram_eff={a['dram_eff']}, gap_us={a['gap_us']}.\n"]
+         f"Parameters: dram_ns={a['dram_ns']}, l2_ns={a['l2_ns']}, dram_eff={a['dram_eff']}, gap_us={a['gap_us']}, "
+         f"pdl_gap_us={a['pdl_gap_us']}; the source: PDL launches {'yes' if a['pdl'] else 'no'}, attention combine "
+         f"{'folded into the attention kernel' if a['combine_folded'] else 'a second kernel'}.\n"]
     for arch, rep in reports.items():
         L += [f"## Kernels, {arch} (bf16; ptxas -v and SASS main loop)\n",
               "| kernel | regs | spill st/ld B | smem B | blocks/SM | occupancy (limiter) | loop instr | stream loads/iter (width B) | stream loads issued before first use | instr per 16 B streamed |",
@@ -458,11 +496,12 @@ def markdown(reports, a):
             L.append("| **one layer (sum of the layer rows above the head)** | " + " | ".join(f"**{sum(r['us'] for r in x['layer']):.1f}**" for x in steps) + " |")
             L.append("")
         L += [f"## Per step, {arch} code on {rep['gpu']['name']} ({LABEL})\n",
-              "| model | batch | keys | splits | kernels/step | weight floor ms | estimated step ms | fraction of floor |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | batch | keys | splits | kernels/layer | kernels/step | weight floor ms | estimated step ms | fraction of floor | step ms at gap_us for every kernel |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for s in rep["steps"]:
-            L.append(f"| {s['model']} | {s['batch']} | {s['keys']} | {s['splits']} | {s['kernels_per_step']} | "
-                     f"{s['weight_floor_ms']:.2f} | {s['step_ms']:.2f} | {s['fraction_of_floor']:.0%} |")
+            L.append(f"| {s['model']} | {s['batch']} | {s['keys']} | {s['splits']} | {s['kernels_per_layer']} | "
+                     f"{s['kernels_per_step']} | {s['weight_floor_ms']:.2f} | {s['step_ms']:.2f} | "
+                     f"{s['fraction_of_floor']:.0%} | {s['step_ms_every_gap_full']:.2f} |")
         L.append("")
     return "\n".join(L)
 
@@ -485,8 +524,12 @@ def main():
     ap.add_argument("--l2-ns", type=float, default=100.0, help="latency of a cached global load (x rows read by every warp: L1/L2 hits)")
     ap.add_argument("--dram-eff", type=float, default=0.92, help="fraction of peak a pure stream reaches")
     ap.add_argument("--gap-us", type=float, default=2.0, help="per-kernel launch gap + ramp inside a graph")
+    ap.add_argument("--pdl-gap-us", type=float, default=0.8,
+                    help="the gap left between two of our kernels launched with PDL (an assumption)")
     args = ap.parse_args()
     a = dict(gpu=None, dram_ns=args.dram_ns, l2_ns=args.l2_ns, dram_eff=args.dram_eff, gap_us=args.gap_us,
+             pdl_gap_us=args.pdl_gap_us, pdl=pdl_launches(args.kernels_source),
+             combine_folded=combine_folded(args.kernels_source),
              source=describe(args.kernels_source), split_blocks_per_sm=split_rule(args.kernels_source)[0], split_rows=split_rule(args.kernels_source)[1],
              fused_layer=fused_layer(args.kernels_source), silu_epilogue=silu_epilogue(args.kernels_source))
     nvdisasm = find_tool("nvdisasm", "nvidia-cuda-nvdisasm")
@@ -511,7 +554,8 @@ def main():
     for arch, rep in reports.items():
         for s in rep["steps"]:
             print(f"{arch} {s['model']:9s} batch {s['batch']} keys {s['keys']}: {s['step_ms']:.2f} ms "
-                  f"(floor {s['weight_floor_ms']:.2f}, {s['fraction_of_floor']:.0%}) [{LABEL}]")
+                  f"(floor {s['weight_floor_ms']:.2f}, {s['fraction_of_floor']:.0%}; every gap full: "
+                  f"{s['step_ms_every_gap_full']:.2f} ms; {s['kernels_per_layer']} kernels/layer) [{LABEL}]")
 
 
 if __name__ == "__main__":

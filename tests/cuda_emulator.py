@@ -125,7 +125,8 @@ class _RedZones:
 
     MARGIN = 4096
     POISON = {torch.float32: (torch.int32, -0x005A5A5B), torch.bfloat16: (torch.int16, -0x005B),
-              torch.float16: (torch.int16, -0x025B), torch.int64: (torch.int64, -0x5A5A5A5A5A5A5A5B)}
+              torch.float16: (torch.int16, -0x025B), torch.int64: (torch.int64, -0x5A5A5A5A5A5A5A5B),
+              torch.int32: (torch.int32, -0x5A5A5A5B)}
 
     def __init__(self):
         self._zones = []
@@ -160,11 +161,19 @@ def set_schedule_seed(seed: int):
     load().emu_set_schedule_seed(ctypes.c_uint64(seed))
 
 
+def last_launch_waits() -> int:
+    """Threads of the last launch that called griddepcontrol.wait (wait_for_prior_grid)."""
+    lib = load()
+    lib.emu_last_launch_waits.restype = ctypes.c_int64
+    return lib.emu_last_launch_waits()
+
+
 def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Tensor:
     """Runs one of the kernels in tests/cuda_emulation/selftest.cpp on float32 x."""
     code = ["warp_sums", "barrier_after_return", "shuffle_missing_a_lane", "racy_shared_write",
             "write_past_the_end", "misaligned_vector_load", "read_unwritten_shared", "shuffle_partial_mask",
-            "null_dereference", "shuffle_width_8"].index(which)
+            "null_dereference", "shuffle_width_8", "pdl_copy", "pdl_exit_without_wait", "pdl_trigger_before_wait",
+            "plain_launch_exit_without_wait"].index(which)
     outputs_per_thread = 2 if which == "shuffle_width_8" else 1
     out = torch.full((max(outputs_per_thread * blocks * threads, 1),), float("nan"))
     z = _RedZones()
@@ -249,7 +258,9 @@ def decode_attention_splits(batch, num_kv_heads, capacity, sm_count=H100_SMS):
 
 
 def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale=None,
-                     sm_count=H100_SMS):
+                     split_counters=None, sm_count=H100_SMS):
+    """With split_counters (int32, B * Hkv or more, zeros) the last split of each (sequence, KV head)
+    merges the splits, as the decoder runs it; without, the combine kernel does."""
     B, Hq, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -263,7 +274,7 @@ def decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos,
           ctypes.c_int64(k.stride(0)), ctypes.c_int64(v.stride(0)), _ptr(z(k_cache)), _ptr(z(v_cache)),
           _ptr(z(cache_lens)), _ptr(z(positions)), _ptr(z(rope_cos)), _ptr(z(rope_sin)),
           ctypes.c_int64(rope_cos.shape[0]), _ptr(z(out)), _ptr(z(workspace)), Hq, Hkv, S,
-          ctypes.c_float(scale), sm_count)
+          ctypes.c_float(scale), sm_count, _ptr(z(split_counters)))
     z.check("decode_attention")
     return out
 

@@ -345,6 +345,11 @@ def opcheck_samples(device):
             args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in s.build(device, torch.float32))
             if s.op == "decode_attention":  # the schema's scale (the Python wrapper defaults it)
                 args = (*args, args[0].shape[-1] ** -0.5)
+                yield s.op, args
+                # and with the split counters the decoder passes (int32 zeros, one per row and KV head)
+                counters = torch.zeros(args[0].shape[0] * args[3].shape[1], dtype=torch.int32, device=device)
+                yield s.op, (*args, counters)
+                continue
             yield s.op, args
 
 
@@ -378,6 +383,12 @@ def check(sample: Sample, fn, args, dtype, gpu=False):
         within_plain_torch_error(out, expected32, plain)
         close(kc, kc_ref, dtype, tol)
         torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)  # values are copied
+        # With split counters (as the decoder calls it) the CUDA kernel's last split merges the
+        # partial results itself: the same merge in the same order, so bitwise the same output
+        # (appending the same k and v again changes nothing); the counters come back zero.
+        counters = torch.zeros(q.shape[0] * kc.shape[1], dtype=torch.int32, device=q.device)
+        torch.testing.assert_close(fn(q, k, v, kc, vc, cl, pos, cos, sin, split_counters=counters), out, rtol=0, atol=0)
+        assert not counters.any()
     elif op == "regression_head":
         hidden, norm_w, eps, head, up = args
         out, nxt = fn(*args)

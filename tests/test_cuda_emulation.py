@@ -55,12 +55,24 @@ def test_emulator_warp_shuffles_reduce_like_the_hardware():
     ("write_past_the_end", 2, 64, r"out-of-bounds write next to a \(128,\) torch.float32 argument"),
     ("shuffle_partial_mask", 1, 32, r"warp shuffle with mask 65535; the kernels use full warps only"),
     ("null_dereference", 1, 32, r"segmentation fault at address \(nil\) in a kernel .*\(block \(0,0,0\) thread"),
+    ("pdl_exit_without_wait", 2, 32, r"returned without griddepcontrol.wait .*\(block \(0,0,0\) thread \(7,0,0\)\)"),
+    ("pdl_trigger_before_wait", 1, 32, r"launch_dependents before griddepcontrol.wait"),
 ])
 def test_emulator_catches_cuda_misuse_and_stays_usable(which, blocks, threads, message):
     x = torch.randn(64)
     with pytest.raises(emu.CudaError, match=message):
         emu.selftest(which, x, blocks, threads)
     torch.testing.assert_close(emu.selftest("warp_sums", x, 1, 64)[:2], x.view(2, 32).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_emulator_runs_programmatic_dependent_launches_by_their_rules():
+    """A PDL kernel that waits before it allows the next runs; every thread's wait is counted. The
+    kernel that skips the wait on one path is fine as an ordinary launch (the rules are PDL's)."""
+    x = torch.randn(128)
+    torch.testing.assert_close(emu.selftest("pdl_copy", x, blocks=2, threads=64), x, rtol=0, atol=0)
+    assert emu.last_launch_waits() == 128
+    out = emu.selftest("plain_launch_exit_without_wait", x, blocks=2, threads=64)
+    assert torch.isnan(out[7]) and torch.equal(torch.cat([out[:7], out[8:]]), torch.cat([x[:7], x[8:]]))
 
 
 def test_emulator_shuffles_within_groups_of_lanes():
@@ -109,36 +121,65 @@ def _attention_case(dtype, B, Hq, Hkv, D, S, lens, seed=0, cache_offset=0):
     return attention_case(B, Hq, Hkv, D, S, lens, dtype, seed=seed, cache_offset=cache_offset)
 
 
-def _check_attention(dtype, case, sm_count=emu.H100_SMS):
+def _check_attention(dtype, case, sm_count=emu.H100_SMS, counters=False):
+    """counters: the splits merged by the last block of each (sequence, KV head) through a zeroed
+    counter buffer (as the decoder runs it), which must be all zeros again afterwards; without,
+    by the combine kernel."""
     q, k, v, kc, vc, lens, pos, cos, sin = case
     D = q.shape[-1]
     kc_ref, vc_ref = kc.clone(), vc.clone()
     expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, lens, pos, cos, sin, D ** -0.5)
-    out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, sm_count=sm_count)
+    split_counters = torch.zeros(q.shape[0] * k.shape[1], dtype=torch.int32) if counters else None
+    out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, split_counters=split_counters, sm_count=sm_count)
     _close(out, expected, dtype)
     _close(kc, kc_ref, dtype)
     torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
+    if counters:
+        assert not split_counters.any(), "the last split leaves its counter at zero for the next call"
     return out
 
 
+@pytest.mark.parametrize("counters", [False, True], ids=["combine-kernel", "last-block-merges"])
 @pytest.mark.parametrize("sm_count", [1, 2, 4, 132])
-def test_decode_attention_kernel_every_split_plan(sm_count):
+def test_decode_attention_kernel_every_split_plan(sm_count, counters):
     """The same input under 2, 3, 6 and 8 splits (about 8 blocks per SM on GPUs of 1 to 132 SMs,
     at most one split per 64 cache rows; one split: the invalid-rows test below): each plan
     agrees with the reference, and the new token lands in whichever split holds its index."""
     dtype = torch.bfloat16
     assert emu.decode_attention_splits(3, 2, 500, sm_count) == max(1, min(-(-8 * sm_count // 6), -(-500 // 64)))
-    _check_attention(dtype, _attention_case(dtype, 3, 4, 2, 128, 500, [499, 250, 64]), sm_count)
+    _check_attention(dtype, _attention_case(dtype, 3, 4, 2, 128, 500, [499, 250, 64]), sm_count, counters)
 
 
+@pytest.mark.parametrize("counters", [False, True], ids=["combine-kernel", "last-block-merges"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_attention_kernel_row_lengths_around_chunk_edges(dtype):
+def test_decode_attention_kernel_row_lengths_around_chunk_edges(dtype, counters):
     """Each row's keys are spread over the splits by its own length (read on the device), at
     least 16 a split: 7 splits here, and rows whose len + 1 falls below, on and above 16 per
     split and the edges of a chunk, all in one launch."""
     assert emu.decode_attention_splits(10, 4, 1024, 32) == 7  # a 32-SM GPU
     lens = [0, 1, 15, 16, 111, 112, 113, 118, 700, 1023]  # 7 splits: 16 keys each up to len 111
-    _check_attention(dtype, _attention_case(dtype, len(lens), 8, 4, 64, 1024, lens), sm_count=32)
+    _check_attention(dtype, _attention_case(dtype, len(lens), 8, 4, 64, 1024, lens), sm_count=32, counters=counters)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 6])
+def test_decode_attention_split_counters_serve_call_after_call(seed):
+    """One counter buffer through many calls (as the decoder keeps one for every layer and step),
+    blocks in random orders: whichever split finishes last merges, and the counters are zero
+    again after each call. A counter left non-zero would make a later call merge early."""
+    dtype = torch.bfloat16
+    emu.set_schedule_seed(seed)
+    try:
+        counters = torch.zeros(3 * 2, dtype=torch.int32)
+        for call in range(4):
+            q, k, v, kc, vc, lens, pos, cos, sin = _attention_case(dtype, 3, 4, 2, 64, 300, [299, 150 + call, 20],
+                                                                   seed=call)
+            kc_ref, vc_ref = kc.clone(), vc.clone()
+            expected = reference.decode_attention(q, k, v, kc_ref, vc_ref, lens, pos, cos, sin, 64 ** -0.5)
+            out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, split_counters=counters)
+            _close(out, expected, dtype)
+            assert not counters.any()
+    finally:
+        emu.set_schedule_seed(0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -156,8 +197,10 @@ def test_decode_attention_kernel_invalid_rows_give_nan_and_leave_the_cache():
         lens = torch.tensor([S, 500, 10])
         pos = torch.tensor([5, 500, 2 * S])
         kc0, vc0 = kc.clone(), vc.clone()
-        out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, sm_count=sm_count)
+        counters = torch.zeros(3 * 4, dtype=torch.int32) if sm_count == 132 else None
+        out = emu.decode_attention(q, k, v, kc, vc, lens, pos, cos, sin, split_counters=counters, sm_count=sm_count)
         assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
+        assert counters is None or not counters.any()
         kr, vr = kc0[1:2].clone(), vc0[1:2].clone()
         expected = reference.decode_attention(q[1:2], k[1:2], v[1:2], kr, vr, lens[1:2], pos[1:2], cos, sin, D ** -0.5)
         _close(out[1:2], expected, dtype)
@@ -214,6 +257,8 @@ def test_kernels_do_not_depend_on_thread_order():
         return [emu.rms_norm(x, nw, 1e-6), *emu.add_rms_norm(x, r, nw, 1e-6), emu.gemv(x, w),
                 emu.regression_head(x, nw, 1e-6, w)[0], emu.norm_gemv_silu(xm, nwm, 1e-6, wm),
                 emu.decode_attention(q, k, v, kc.clone(), vc.clone(), lens, pos, cos, sin),              # 10 splits
+                emu.decode_attention(q, k, v, kc.clone(), vc.clone(), lens, pos, cos, sin,               # merged by
+                                     split_counters=torch.zeros(4, dtype=torch.int32)),                 # the last
                 emu.decode_attention(q, k, v, kc.clone(), vc.clone(), lens, pos, cos, sin, sm_count=1)]  # 1 split
 
     expected = run_all()

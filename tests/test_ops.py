@@ -94,6 +94,16 @@ def test_decode_attention_rejects_bad_input():
         ops.decode_attention(q4, k4, v4, kc, vc, cl.repeat(2), pos.repeat(2), cos, sin)
     with pytest.raises(ValueError, match="contiguous heads"):
         ops.decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, kc, vc, cl, pos, cos, sin)
+    # the split counters: int32, a vector, one per sequence and KV head (2 x 2 here), q's device
+    with pytest.raises(TypeError, match="split_counters must be int32"):
+        ops.decode_attention(q, k, v, kc, vc, cl, pos, cos, sin, split_counters=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"one entry per sequence and KV head \(4\), got 3"):
+        ops.decode_attention(q, k, v, kc, vc, cl, pos, cos, sin, split_counters=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous vector"):
+        ops.decode_attention(q, k, v, kc, vc, cl, pos, cos, sin, split_counters=torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises((ValueError, RuntimeError), match="different devices|device"):
+        ops.decode_attention(q, k, v, kc, vc, cl, pos, cos, sin,
+                             split_counters=torch.zeros(4, dtype=torch.int32, device="meta"))
     # the op still works after all that
     ops.decode_attention(q, k, v, kc, vc, cl, pos, cos, sin)
 

@@ -84,8 +84,10 @@ at::Tensor splice_embeddings_cpu(const at::Tensor& ids, const at::Tensor& table,
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_lens,
                                 const at::Tensor& positions, const at::Tensor& rope_cos,
-                                const at::Tensor& rope_sin, double scale) {
+                                const at::Tensor& rope_sin, double scale,
+                                const c10::optional<at::Tensor>& split_counters) {
   check_decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, false);
+  if (split_counters) check_split_counters(q, k_cache, *split_counters);  // the CPU kernel has no splits to merge
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(2), P = rope_cos.size(0);
   // Private copies: what is validated is what the kernel reads, whatever else writes the

@@ -96,8 +96,10 @@ at::Tensor splice_embeddings_cuda(const at::Tensor& ids, const at::Tensor& table
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                                  at::Tensor& v_cache, const at::Tensor& cache_lens, const at::Tensor& positions,
-                                 const at::Tensor& rope_cos, const at::Tensor& rope_sin, double scale) {
+                                 const at::Tensor& rope_cos, const at::Tensor& rope_sin, double scale,
+                                 const c10::optional<at::Tensor>& split_counters) {
   check_decode_attention(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, true);
+  if (split_counters) check_split_counters(q, k_cache, *split_counters);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1), S = k_cache.size(2);
   check_cuda_attention_limits("emu_fast.decode_attention", D, Hq / Hkv);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -109,7 +111,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
       q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(0), k.stride(0), v.stride(0), k_cache.data_ptr(),
       v_cache.data_ptr(), cache_lens.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), rope_cos.data_ptr<float>(),
       rope_sin.data_ptr<float>(), rope_cos.size(0), out.data_ptr(), static_cast<int>(Hq), static_cast<int>(Hkv),
-      static_cast<int>(S), static_cast<float>(scale));
+      static_cast<int>(S), static_cast<float>(scale), split_counters ? split_counters->data_ptr<int>() : nullptr);
   dispatch_float(q.scalar_type(), [&](auto tag) {
     check_launch(cuda::launch_decode_attention<decltype(tag)>(plan, p, static_cast<int>(B), static_cast<int>(D),
                                                               workspace.data_ptr<float>(),

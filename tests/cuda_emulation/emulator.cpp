@@ -52,6 +52,7 @@ struct Fiber {
   Wait wait = Wait::kNone;
   int64_t target = 0;    // barrier generation / warp arrivals to wait for
   int64_t shuffles = 0;  // shuffles this thread has published
+  bool waited = false;   // called griddepcontrol.wait (PDL)
 };
 
 struct Warp {
@@ -76,6 +77,8 @@ struct State {
   cudaError_t last_error = cudaSuccess;
   uint64_t seed = 0;
   uint64_t block_serial = 0;  // counts blocks run, so shared memory is poisoned once per block
+  bool pdl = false;           // the running launch is a programmatic dependent launch
+  int64_t waits = 0;          // threads of the running launch that called griddepcontrol.wait
   volatile sig_atomic_t faulted = 0;
   char fault[160] = {};
 };
@@ -115,6 +118,9 @@ void resume(State& s, Fiber& f) {
 void fiber_main() {
   State& s = state();
   (*s.body)();
+  if (s.pdl && !s.current->waited)
+    fail(s, "a thread of a programmatic dependent launch returned without griddepcontrol.wait "
+            "(wait_for_prior_grid): the kernel after it could start before this one's inputs are written");
   s.current->wait = Wait::kDone;
   ++s.exited;
   _longjmp(s.scheduler, 1);  // never returns: uc_link is unused
@@ -166,6 +172,7 @@ void run_block(State& s, std::mt19937_64& rng) {
     f.lane = i % kWarp;
     f.wait = Wait::kNone;
     f.shuffles = 0;
+    f.waited = false;
     f.started = false;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
@@ -295,9 +302,26 @@ uint64_t exchange(unsigned mask, uint64_t bits, const std::function<int(int)>& s
   return w.slot[k & 1][src];
 }
 
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+void grid_dependency_wait() {
+  State& s = state();
+  if (!s.current->waited) ++s.waits;
+  s.current->waited = true;
+}
+
+void launch_dependents() {
+  State& s = state();
+  if (s.pdl && !s.current->waited)
+    fail(s, "griddepcontrol.launch_dependents before griddepcontrol.wait: the next kernel could start "
+            "before the one before this has finished (csrc/cuda/kernels/common.cuh)");
+}
+
+int64_t last_launch_waits() { return state().waits; }
+
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body, bool pdl) {
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.launch_mutex);
+  s.pdl = pdl;
+  s.waits = 0;
   if (!valid_config(grid, block)) {
     s.last_error = cudaErrorInvalidConfiguration;
     s.last_message = "invalid launch configuration: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) +

@@ -100,11 +100,11 @@ int emu_decode_attention(int dtype, int head_dim, int batch, const void* q, cons
                          int64_t q_stride, int64_t k_stride, int64_t v_stride, void* k_cache, void* v_cache,
                          const int64_t* cache_lens, const int64_t* positions, const float* rope_cos,
                          const float* rope_sin, int64_t max_position, void* out, float* workspace, int num_heads,
-                         int num_kv_heads, int capacity, float scale, int sm_count) {
+                         int num_kv_heads, int capacity, float scale, int sm_count, int* split_counters) {
   const DecodeAttentionPlan plan = plan_decode_attention(batch, num_heads, num_kv_heads, capacity, head_dim, sm_count);
   const DecodeAttentionParams p =
       decode_attention_params(q, k, v, q_stride, k_stride, v_stride, k_cache, v_cache, cache_lens, positions, rope_cos,
-                              rope_sin, max_position, out, num_heads, num_kv_heads, capacity, scale);
+                              rope_sin, max_position, out, num_heads, num_kv_heads, capacity, scale, split_counters);
   return dispatch(dtype, [&](auto tag) {
     return static_cast<int>(launch_decode_attention<decltype(tag)>(plan, p, batch, head_dim, workspace, nullptr));
   });

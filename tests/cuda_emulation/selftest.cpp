@@ -1,6 +1,10 @@
 // Kernels that use CUDA correctly and incorrectly on purpose, so that the tests can show the
 // emulator computes the one and catches each of the others (tests/test_cuda_emulation.py).
 #include "cuda_runtime.h"
+#include "cuda/kernels/common.cuh"  // the kernels' PDL calls
+
+using emu_fast::cuda::allow_dependent_launch;
+using emu_fast::cuda::wait_for_prior_grid;
 
 namespace {
 
@@ -71,6 +75,29 @@ __global__ void shuffle_width_8(const float* in, float* out) {
   out[n + i] = __shfl_sync(0xffffffffu, in[i], 3, 8);
 }
 
+// Programmatic dependent launch, kept to its rules (common.cuh): wait, then allow the next.
+__global__ void pdl_copy(const float* in, float* out) {
+  wait_for_prior_grid();
+  allow_dependent_launch();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = in[i];
+}
+
+// An early exit that skips the wait: the next kernel could overtake the one before this.
+__global__ void pdl_exit_without_wait(const float* in, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i == 7) return;
+  wait_for_prior_grid();
+  out[i] = in[i];
+}
+
+__global__ void pdl_trigger_before_wait(const float* in, float* out) {
+  allow_dependent_launch();
+  wait_for_prior_grid();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = in[i];
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, const float* in, float* out, int blocks, int threads) {
@@ -85,7 +112,14 @@ extern "C" int emu_selftest(int which, const float* in, float* out, int blocks, 
     case 7: EMU_FAST_LAUNCH(blocks, threads, nullptr, shuffle_partial_mask)(out); break;
     case 8: EMU_FAST_LAUNCH(blocks, threads, nullptr, null_dereference)(out); break;
     case 9: EMU_FAST_LAUNCH(blocks, threads, nullptr, shuffle_width_8)(in, out); break;
+    case 10: EMU_FAST_LAUNCH_PDL(blocks, threads, nullptr, pdl_copy)(in, out); break;
+    case 11: EMU_FAST_LAUNCH_PDL(blocks, threads, nullptr, pdl_exit_without_wait)(in, out); break;
+    case 12: EMU_FAST_LAUNCH_PDL(blocks, threads, nullptr, pdl_trigger_before_wait)(in, out); break;
+    // The same kernels launched without PDL: their rules do not apply.
+    case 13: EMU_FAST_LAUNCH(blocks, threads, nullptr, pdl_exit_without_wait)(in, out); break;
     default: return -1;
   }
   return static_cast<int>(cudaGetLastError());
 }
+
+extern "C" int64_t emu_last_launch_waits() { return emu_fast::emulation::last_launch_waits(); }

@@ -7,6 +7,13 @@
 
 #include <cstdint>
 #include <type_traits>
+#ifndef EMU_FAST_EMULATED_CUDA
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+#endif
 
 // Every kernel launch goes through this macro, kernel last (a template-id may hold commas):
 //   EMU_FAST_LAUNCH(grid, block, stream, my_kernel<T, 4>)(args...);
@@ -16,7 +23,87 @@
 #define EMU_FAST_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
 #endif
 
+// The decode step's kernels launch with programmatic dependent launch (PDL, sm_90+): the next
+// kernel's blocks start while this one drains and stream their weights (which no kernel of the
+// step writes) before waiting for it, instead of starting after a launch gap:
+//   EMU_FAST_LAUNCH_PDL(grid, block, stream, my_kernel<T>)(args...);
+// Every kernel launched so keeps one rule on every path, including early exits:
+//   * before wait_for_prior_grid() it reads only what kernels two or more launches back wrote
+//     (weights, the cache rows of earlier steps, lengths, RoPE tables) and writes nothing;
+//   * it calls allow_dependent_launch() only after the wait.
+// So kernel N's blocks start only once every block of N - 1 has passed its wait, that is, once
+// N - 2 has finished and its writes are visible. tests/cuda_emulation checks the second rule and
+// that every thread waits. Without sm_90 code (or with EMU_FAST_PDL=0) the launch is ordinary
+// and the two calls compile to nothing.
+#ifndef EMU_FAST_LAUNCH_PDL
+#define EMU_FAST_LAUNCH_PDL(grid, block, stream, ...) \
+  ::emu_fast::cuda::PdlLaunch((grid), (block), (stream), __VA_ARGS__)
+#endif
+
 namespace emu_fast::cuda {
+
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(EMU_FAST_EMULATED_CUDA)
+  ::emu_fast::emulation::grid_dependency_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(EMU_FAST_EMULATED_CUDA)
+  ::emu_fast::emulation::launch_dependents();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+#ifndef EMU_FAST_EMULATED_CUDA
+// Whether `kernel` may launch with PDL on the current device: its code there was compiled for
+// sm_90 or later (so it holds the griddepcontrol instructions above; older code JIT-compiled on
+// a newer GPU would not wait) and EMU_FAST_PDL is not "0". Cached per kernel and device.
+inline bool pdl_allowed(const void* kernel) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("EMU_FAST_PDL");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  int device = 0;
+  if (!enabled || cudaGetDevice(&device) != cudaSuccess) return false;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  cudaFuncAttributes attr{};
+  const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90;
+  if (!ok) (void)cudaGetLastError();  // not an error of the launch: it goes without PDL
+  return cache[key] = ok;
+}
+
+// kernel<<<grid, block, 0, stream>>>(args...) with the programmatic-serialization attribute
+// where pdl_allowed; the launch error is left for cudaGetLastError as with <<<>>>.
+template <typename... P>
+struct PdlLaunch {
+  dim3 grid, block;
+  cudaStream_t stream;
+  void (*kernel)(P...);
+  PdlLaunch(dim3 g, dim3 b, cudaStream_t s, void (*k)(P...)) : grid(g), block(b), stream(s), kernel(k) {}
+  template <typename... A>
+  void operator()(A&&... args) const {
+    cudaLaunchAttribute attr[1] = {};
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = pdl_allowed(reinterpret_cast<const void*>(kernel)) ? 1 : 0;
+    (void)cudaLaunchKernelEx(&config, kernel, static_cast<P>(std::forward<A>(args))...);
+  }
+};
+#endif
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -7,7 +7,9 @@
 // evenly over the splits (read on the device, see below). The new token (index len) belongs to
 // split len / chunk: that block rotates and appends it (no other block reads index len) and
 // attends to it from registers. Each warp keeps an online softmax; the warps are merged in shared
-// memory; with several splits each block writes (out, max, sum) and combine_kernel merges them.
+// memory; with several splits each block writes (out, max, sum), and the last block of its
+// (sequence, KV head) to finish merges them (split_counters, see below), or, without counters,
+// decode_attention_combine_kernel does in a second launch.
 // Lane l holds head dims [l*E, (l+1)*E), E = D/32; rotate-half pairs lane l with lane l^16.
 #pragma once
 #include "common.cuh"
@@ -35,11 +37,36 @@ struct DecodeAttentionParams {
   float* part_out;            // [B, Hq, splits, D]   (splits > 1; set by the launcher)
   float* part_max;            // [B, Hq, splits]
   float* part_sum;            // [B, Hq, splits]
+  // [B * Hkv] int32, zero before the launch and zero again after it (nullptr: the combine runs as
+  // a second kernel). Each split's block counts itself in; the last one merges the splits, then
+  // resets the count, so one zeroed buffer serves every later call (the decoder keeps one per
+  // device; a CUDA graph replays with it).
+  int* split_counters;
   int64_t max_position;       // P
   int num_heads, num_kv_heads, capacity, splits;
   float scale;
   bool vector_loads;          // both caches aligned to E * sizeof(T) bytes (set by the launcher)
 };
+
+// Output element d of query row hq (b * Hq + head) from the splits' partial results: each
+// split's normalized output weighted by its share of the softmax mass. Coherent (L2) loads: in
+// the attention kernel the partials come from other blocks of the same launch.
+template <int D>
+__device__ __forceinline__ float merge_splits(const DecodeAttentionParams& p, int64_t hq, int d) {
+  const int64_t first = hq * p.splits;
+  float mx = -INFINITY;
+  for (int i = 0; i < p.splits; ++i) mx = fmaxf(mx, __ldcg(p.part_max + first + i));
+  float sum = 0.f, a = 0.f;
+  for (int i = 0; i < p.splits; ++i) {
+    const float l = __ldcg(p.part_sum + first + i);
+    if (l > 0.f) {
+      const float f = l * __expf(__ldcg(p.part_max + first + i) - mx);
+      sum += f;
+      a += f * __ldcg(p.part_out + (first + i) * D + d);
+    }
+  }
+  return a / sum;
+}
 
 // kGroup: the largest query group this instance takes (1, 2, 4 or kMaxGroup; the group's own
 // size is p.num_heads / p.num_kv_heads <= kGroup): Emu is multi-head (group 1), and arrays sized
@@ -51,11 +78,17 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int b = blockIdx.x / p.num_kv_heads, h = blockIdx.x % p.num_kv_heads, split = blockIdx.y;
   const int group = p.num_heads / p.num_kv_heads;
+  // The lengths, positions and RoPE tables were written by kernels before the previous one
+  // (common.cuh: what may be read before wait_for_prior_grid), so they are read while the QKV
+  // projection drains; q, k, v and the output are touched only after the wait.
   const int64_t len = p.cache_lens[b], pos = p.positions[b];
   // Lengths live on the device, so the host cannot check them without a sync: a full cache or
   // a position outside the RoPE table gives NaN outputs and leaves the cache untouched.
-  if (len < 0 || len >= p.capacity || pos < 0 || pos >= p.max_position) {
-    if (p.splits == 1 && split == 0)
+  const bool valid = len >= 0 && len < p.capacity && pos >= 0 && pos < p.max_position;
+  if (!valid) {
+    wait_for_prior_grid();
+    allow_dependent_launch();
+    if ((p.splits == 1 || p.split_counters != nullptr) && split == 0)
       for (int t = threadIdx.x; t < group * D; t += blockDim.x)
         static_cast<T*>(p.out)[(static_cast<int64_t>(b) * p.num_heads + h * group) * D + t] = from_f<T>(NAN);
     return;
@@ -78,6 +111,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
     c[e] = p.rope_cos[pos * kHalf + f];
     s[e] = p.rope_sin[pos * kHalf + f];
   }
+  wait_for_prior_grid();
+  allow_dependent_launch();
   const bool first_half = lane < 16;
   auto rope = [&](float (&x)[E]) {
 #pragma unroll
@@ -248,31 +283,43 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_kernel(Decod
       }
     }
   }
+  if (p.splits == 1 || p.split_counters == nullptr) return;
+
+  // The last of this (sequence, KV head)'s splits to get here merges them all (the combine
+  // folded in: no second launch). The fence before counting makes this block's partial results
+  // visible to whichever block turns out last; that block fences again before reading them.
+  __shared__ int is_last[1];
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = p.split_counters + blockIdx.x;
+    is_last[0] = atomicAdd(counter, 1) == p.splits - 1;
+    if (is_last[0]) *counter = 0;  // every split has counted: ready for the next call
+  }
+  __syncthreads();
+  if (!is_last[0]) return;
+  __threadfence();
+  for (int t = threadIdx.x; t < group * D; t += blockDim.x) {
+    const int64_t hq = static_cast<int64_t>(b) * p.num_heads + h * group + t / D;
+    static_cast<T*>(p.out)[hq * D + t % D] = from_f<T>(merge_splits<D>(p, hq, t % D));
+  }
 }
 
-// Merges the splits of one (sequence, query head) per block; blockDim.x >= D.
+// Merges the splits of one (sequence, query head) per block; blockDim.x >= D. The kernel's path
+// when the op has no split counters (merge_splits is defined above the attention kernel).
 template <typename T, int D>
 __global__ void decode_attention_combine_kernel(DecodeAttentionParams p) {
   const int64_t hq = blockIdx.x;
   const int d = threadIdx.x;
+  wait_for_prior_grid();
+  allow_dependent_launch();
   if (d >= D) return;
   const int64_t b = hq / p.num_heads, len = p.cache_lens[b], pos = p.positions[b];
   if (len < 0 || len >= p.capacity || pos < 0 || pos >= p.max_position) {
     static_cast<T*>(p.out)[hq * D + d] = from_f<T>(NAN);
     return;
   }
-  float mx = -INFINITY;
-  for (int i = 0; i < p.splits; ++i) mx = fmaxf(mx, p.part_max[hq * p.splits + i]);
-  float sum = 0.f, a = 0.f;
-  for (int i = 0; i < p.splits; ++i) {
-    const float l = p.part_sum[hq * p.splits + i];
-    if (l > 0.f) {
-      const float f = l * __expf(p.part_max[hq * p.splits + i] - mx);
-      sum += f;
-      a += f * p.part_out[(hq * p.splits + i) * D + d];
-    }
-  }
-  static_cast<T*>(p.out)[hq * D + d] = from_f<T>(a / sum);
+  static_cast<T*>(p.out)[hq * D + d] = from_f<T>(merge_splits<D>(p, hq, d));
 }
 
 // How many blocks share one (sequence, KV head): about 8 per SM at any batch (flash-decoding:
@@ -298,8 +345,9 @@ inline DecodeAttentionParams decode_attention_params(const void* q, const void* 
                                                      const int64_t* cache_lens, const int64_t* positions,
                                                      const float* rope_cos, const float* rope_sin,
                                                      int64_t max_position, void* out, int num_heads, int num_kv_heads,
-                                                     int capacity, float scale) {
+                                                     int capacity, float scale, int* split_counters = nullptr) {
   DecodeAttentionParams p{};
+  p.split_counters = split_counters;
   p.q = q;
   p.k = k;
   p.v = v;
@@ -349,15 +397,16 @@ cudaError_t launch_decode_attention(DecodeAttentionParams p, int batch, float* w
   const dim3 grid(static_cast<unsigned>(batch * p.num_kv_heads), static_cast<unsigned>(p.splits));
   const int group = p.num_heads / p.num_kv_heads;
   if (group <= 1)
-    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 1>)(p);
+    EMU_FAST_LAUNCH_PDL(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 1>)(p);
   else if (group <= 2)
-    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 2>)(p);
+    EMU_FAST_LAUNCH_PDL(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 2>)(p);
   else if (group <= 4)
-    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 4>)(p);
+    EMU_FAST_LAUNCH_PDL(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, 4>)(p);
   else
-    EMU_FAST_LAUNCH(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, kMaxGroup>)(p);
-  if (p.splits > 1) {
-    EMU_FAST_LAUNCH(static_cast<unsigned>(batch * p.num_heads), D, stream, decode_attention_combine_kernel<T, D>)(p);
+    EMU_FAST_LAUNCH_PDL(grid, kAttnWarps * 32, stream, decode_attention_kernel<T, D, kMaxGroup>)(p);
+  if (p.splits > 1 && p.split_counters == nullptr) {
+    EMU_FAST_LAUNCH_PDL(static_cast<unsigned>(batch * p.num_heads), D, stream,
+                        decode_attention_combine_kernel<T, D>)(p);
   }
   return cudaGetLastError();
 }

@@ -22,6 +22,8 @@ __global__ void __launch_bounds__(kRowThreads)
 rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ w, float eps,
                 int hidden, T* __restrict__ y, T* __restrict__ sum_out) {
   __shared__ float red[32];
+  wait_for_prior_grid();  // PDL (common.cuh)
+  allow_dependent_launch();
   const int64_t row = blockIdx.x;
   const T* xr = x + row * hidden;
   // This row's input at i, rounded as Hugging Face rounds it; with residual, stores the sum.
@@ -72,6 +74,8 @@ __device__ __forceinline__ T silu_mul_out(float g, float u) {
 // gate_up rows [gate | up] of width 2*inter -> silu(gate) * up.
 template <typename T>
 __global__ void silu_mul_kernel(const T* __restrict__ gate_up, int64_t rows, int inter, T* __restrict__ y) {
+  wait_for_prior_grid();  // PDL (common.cuh)
+  allow_dependent_launch();
   const int64_t total = rows * inter;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -97,7 +101,7 @@ template <typename T>
 cudaError_t launch_rms_norm(const T* x, const T* residual, const T* w, float eps, int64_t rows, int hidden, T* y,
                             T* sum_out, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(rows)), kRowThreads, stream, rms_norm_kernel<T>)(x, residual, w, eps, hidden, y, sum_out);
+  EMU_FAST_LAUNCH_PDL(dim3(static_cast<unsigned>(rows)), kRowThreads, stream, rms_norm_kernel<T>)(x, residual, w, eps, hidden, y, sum_out);
   return cudaGetLastError();
 }
 
@@ -105,7 +109,7 @@ template <typename T>
 cudaError_t launch_silu_mul(const T* gate_up, int64_t rows, int inter, T* y, cudaStream_t stream) {
   if (rows * inter == 0) return cudaSuccess;
   const int64_t needed = (rows * inter + 255) / 256;
-  EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(needed < 4096 ? needed : 4096)), 256, stream, silu_mul_kernel<T>)(gate_up, rows, inter, y);
+  EMU_FAST_LAUNCH_PDL(dim3(static_cast<unsigned>(needed < 4096 ? needed : 4096)), 256, stream, silu_mul_kernel<T>)(gate_up, rows, inter, y);
   return cudaGetLastError();
 }
 

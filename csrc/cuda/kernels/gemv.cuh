@@ -55,6 +55,8 @@ gemv_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict__ y,
             const T* __restrict__ residual, int64_t ldr) {
   __shared__ float inv_rms[kBatch];
   __shared__ float red[32];
+  wait_for_prior_grid();  // PDL (common.cuh); this kernel serves fp32 and odd shapes: no prefetch
+  allow_dependent_launch();
   if constexpr (kNorm) block_inv_rms(x, ldx, kBatch, k_dim, eps, inv_rms, red);
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
@@ -147,7 +149,6 @@ gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict_
   __shared__ float inv_rms[8 * kTiles];
   __shared__ float red[32];
   __shared__ float tile[kGemvWarps][kMmaRows][8 * kTiles];
-  if constexpr (kNorm) block_inv_rms(x, ldx, batch, k_dim, eps, inv_rms, red);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * kMmaRows;
   const int lo_row = kSilu ? blockIdx.x * 8 + g : row0 + g;
@@ -163,6 +164,25 @@ gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict_
     x_live[j] = 8 * j + g < batch;
     x_row[j] = x + (x_live[j] ? 8 * j + g : 0) * ldx + 8 * t;
   }
+  const int chunks = k_dim / kMmaChunk;
+  int c = warp;
+  // kMmaChunksInFlight chunks per iteration, every weight load issued before the first mma.
+  uint4 lo[kMmaChunksInFlight], hi[kMmaChunksInFlight];
+  auto load_weights = [&](int c0) {
+#pragma unroll
+    for (int u = 0; u < kMmaChunksInFlight; ++u) {
+      const int k = (c0 + u * kGemvWarps) * kMmaChunk;
+      lo[u] = __ldcs(reinterpret_cast<const uint4*>(w_lo + k));
+      hi[u] = __ldcs(reinterpret_cast<const uint4*>(w_hi + k));
+    }
+  };
+  bool full = c + (kMmaChunksInFlight - 1) * kGemvWarps < chunks;
+  // The first weights are on their way before the wait (PDL, common.cuh: no kernel of the step
+  // writes them), while the kernel that produces x drains.
+  if (full) load_weights(c);
+  wait_for_prior_grid();
+  allow_dependent_launch();
+  if constexpr (kNorm) block_inv_rms(x, ldx, batch, k_dim, eps, inv_rms, red);
   float d[kTiles][4];
 #pragma unroll
   for (int j = 0; j < kTiles; ++j)
@@ -194,19 +214,12 @@ gemv_mma_kernel(const T* __restrict__ w, const T* __restrict__ x, T* __restrict_
       mma_16816<T>(d[j], a2, b2);
     }
   };
-  const int chunks = k_dim / kMmaChunk;
-  int c = warp;
-  // kMmaChunksInFlight chunks per iteration, every weight load issued before the first mma.
-  for (; c + (kMmaChunksInFlight - 1) * kGemvWarps < chunks; c += kMmaChunksInFlight * kGemvWarps) {
-    uint4 lo[kMmaChunksInFlight], hi[kMmaChunksInFlight];
-#pragma unroll
-    for (int u = 0; u < kMmaChunksInFlight; ++u) {
-      const int k = (c + u * kGemvWarps) * kMmaChunk;
-      lo[u] = __ldcs(reinterpret_cast<const uint4*>(w_lo + k));
-      hi[u] = __ldcs(reinterpret_cast<const uint4*>(w_hi + k));
-    }
+  while (full) {
 #pragma unroll
     for (int u = 0; u < kMmaChunksInFlight; ++u) step(lo[u], hi[u], (c + u * kGemvWarps) * kMmaChunk);
+    c += kMmaChunksInFlight * kGemvWarps;
+    full = c + (kMmaChunksInFlight - 1) * kGemvWarps < chunks;
+    if (full) load_weights(c);
   }
   for (; c < chunks; c += kGemvWarps) {
     const int k = c * kMmaChunk;
@@ -263,11 +276,13 @@ cudaError_t launch_gemv_mma(const T* w, const T* x, T* y, const T* norm_w, float
                             cudaStream_t stream) {
   const dim3 grid(kSilu ? n_rows / 16 : (n_rows + kMmaRows - 1) / kMmaRows), block(kGemvWarps * 32);
   if (batch <= 8)
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 1, kNorm, kSilu>)(w, x, y, norm_w, eps, batch, k_dim,
-                                                                              n_rows, ldx, ldy, residual, ldr);
+    EMU_FAST_LAUNCH_PDL(grid, block, stream, gemv_mma_kernel<T, 1, kNorm, kSilu>)(w, x, y, norm_w, eps, batch,
+                                                                                  k_dim, n_rows, ldx, ldy, residual,
+                                                                                  ldr);
   else
-    EMU_FAST_LAUNCH(grid, block, stream, gemv_mma_kernel<T, 2, kNorm, kSilu>)(w, x, y, norm_w, eps, batch, k_dim,
-                                                                              n_rows, ldx, ldy, residual, ldr);
+    EMU_FAST_LAUNCH_PDL(grid, block, stream, gemv_mma_kernel<T, 2, kNorm, kSilu>)(w, x, y, norm_w, eps, batch,
+                                                                                  k_dim, n_rows, ldx, ldy, residual,
+                                                                                  ldr);
   return cudaGetLastError();
 }
 
@@ -282,8 +297,8 @@ cudaError_t launch_gemv_exact(dim3 grid, dim3 block, const T* w, const T* x, T* 
       return launch_gemv_exact<T, kNorm, kBatch + 1>(grid, block, w, x, y, norm_w, eps, batch, k_dim, n_rows, ldx,
                                                      ldy, residual, ldr, stream);
   }
-  EMU_FAST_LAUNCH(grid, block, stream, gemv_kernel<T, kBatch, kNorm>)(w, x, y, norm_w, eps, k_dim, n_rows, ldx, ldy,
-                                                                      residual, ldr);
+  EMU_FAST_LAUNCH_PDL(grid, block, stream, gemv_kernel<T, kBatch, kNorm>)(w, x, y, norm_w, eps, k_dim, n_rows, ldx,
+                                                                          ldy, residual, ldr);
   return cudaGetLastError();
 }
 
@@ -341,6 +356,8 @@ cudaError_t launch_gemm(const T* w, const T* x, T* y, const T* norm_w, float eps
 template <typename T>
 __global__ void add_residual_kernel(T* __restrict__ y, int64_t ldy, const T* __restrict__ residual, int64_t ldr,
                                     int64_t batch, int64_t n_rows) {
+  wait_for_prior_grid();
+  allow_dependent_launch();
   const int64_t total = batch * n_rows;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -373,8 +390,8 @@ cudaError_t launch_gemv(const T* w, const T* x, T* y, const T* norm_w, float eps
                                                 stream);
   if (err != cudaSuccess || residual == nullptr) return err;
   const int64_t blocks = (batch * n_rows + 255) / 256;
-  EMU_FAST_LAUNCH(dim3(static_cast<unsigned>(blocks < 4096 ? blocks : 4096)), 256, stream,
-                  add_residual_kernel<T>)(y, ldy, residual, ldr, batch, n_rows);
+  EMU_FAST_LAUNCH_PDL(dim3(static_cast<unsigned>(blocks < 4096 ? blocks : 4096)), 256, stream,
+                      add_residual_kernel<T>)(y, ldy, residual, ldr, batch, n_rows);
   return cudaGetLastError();
 }
 

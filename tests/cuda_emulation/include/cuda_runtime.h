@@ -2,6 +2,8 @@
 // the CUDA surface csrc/cuda/kernels/*.cuh uses, so g++ can compile those headers unchanged
 // and run their kernels on the CPU. Nothing here is built into emu_fast.
 #pragma once
+// The kernels' PDL calls (common.cuh) go to the emulator's checks.
+#define EMU_FAST_EMULATED_CUDA 1
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,6 +74,16 @@ inline T __ldcg(const T* p) { return *p; }
 
 inline void __syncthreads() { ::emu_fast::emulation::sync_threads(); }
 
+// One block runs at a time, on one OS thread: atomics are plain read-modify-writes and fences
+// have nothing to order. (Blocks still run in a random order with a seed, so a result that
+// depends on which block comes last shows.)
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
+
 // As the CUDA Programming Guide defines them for width a power of two up to 32: __shfl_sync
 // reads lane src_lane mod width of the caller's group of `width` lanes; __shfl_xor_sync reads
 // lane ^ lane_mask, or the caller's own value if that lane is in a later group.
@@ -88,3 +100,6 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) 
 }
 
 #define EMU_FAST_LAUNCH(grid, block, stream, ...) ::emu_fast::emulation::Launch((grid), (block), (stream), __VA_ARGS__)
+// A programmatic dependent launch: run like any other, with its PDL rules checked (emulator.h).
+#define EMU_FAST_LAUNCH_PDL(grid, block, stream, ...) \
+  ::emu_fast::emulation::Launch((grid), (block), (stream), __VA_ARGS__, true)

@@ -58,19 +58,29 @@ T& shared_array(Site) {
 }
 
 // Runs body once per thread of every block of the grid; records launch errors for
-// cudaGetLastError.
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
+// cudaGetLastError. pdl: a programmatic dependent launch, whose rules (csrc/cuda/kernels/
+// common.cuh) are checked: every thread calls griddepcontrol.wait (wait_for_prior_grid) before
+// it returns, and launch_dependents only after its wait. (What a thread reads before its wait is
+// not checked: the emulator runs one launch after another.)
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body, bool pdl = false);
+// griddepcontrol.wait / griddepcontrol.launch_dependents of the running thread.
+void grid_dependency_wait();
+void launch_dependents();
+// How many threads of the last launch called grid_dependency_wait (for the self-test).
+int64_t last_launch_waits();
 
-// kernel<<<grid, block, 0, stream>>>(args...) as Launch(grid, block, stream, kernel)(args...).
+// kernel<<<grid, block, 0, stream>>>(args...) as Launch(grid, block, stream, kernel)(args...);
+// with pdl, the launch EMU_FAST_LAUNCH_PDL makes.
 template <typename... P>
 struct Launch {
   dim3 grid, block;
   void (*kernel)(P...);
-  Launch(dim3 g, dim3 b, cudaStream_t, void (*k)(P...)) : grid(g), block(b), kernel(k) {}
+  bool pdl;
+  Launch(dim3 g, dim3 b, cudaStream_t, void (*k)(P...), bool pdl_ = false) : grid(g), block(b), kernel(k), pdl(pdl_) {}
   template <typename... A>
   void operator()(A&&... args) const {
     const std::tuple<P...> params(std::forward<A>(args)...);  // converted once, as the driver does
-    run_grid(grid, block, [&] { std::apply(kernel, params); });
+    run_grid(grid, block, [&] { std::apply(kernel, params); }, pdl);
   }
 };
 
