@@ -11,6 +11,8 @@ Emu1/Emu2 model, which carries the regression head and Emu2's project_up/project
 LLaMA itself): the quantized projections' `qweight` / `scales` (and biases), and everything else
 in the model's dtype. The safetensors metadata says the format and its version, the scheme, the
 group size, the family and the language model's shape (`config`), and the quantized modules.
+Modules outside the LLaMA (an Emu2 whose project_up sits on the model itself, the vision
+parts) are not in the file: they come from however the model is built.
 
 Loading checks the file before it changes the model: a file that is not safetensors (corrupt,
 truncated), not ours, of another version, or whose config, scheme, keys, shapes or dtypes do not
@@ -126,11 +128,16 @@ def load_quantized(model, path: Union[str, os.PathLike]):
                          "are not saved in files; build the model with its buffers (e.g. under "
                          "accelerate.init_empty_weights(), which leaves only the parameters empty)")
     try:
-        f = safe_open(os.fspath(path), framework="pt", device="cpu")
+        handle = safe_open(os.fspath(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         _fail(path, f"not a readable safetensors file ({type(e).__name__}: {e})")
+    with handle as f:
+        return _load(model, lm, f, path)
+
+
+def _load(model, lm, f, path):
     meta = _read_metadata(f, path)
     if meta["family"] != _family_name(model):
         _fail(path, f"holds an {meta['family']} model; this is an {_family_name(model)} model")

@@ -294,6 +294,17 @@ def test_quantized_linear_forward(scheme, dtype):
     assert "in_features=100, out_features=37" in repr(module)
 
 
+def test_quantized_linear_under_torch_compile():
+    """The fake kernels let a module using the ops trace whole (fullgraph) and run the ops."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 40, bias=True)
+    x = torch.randn(3, 128)
+    for module in (Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, group_size=64)):
+        with torch.no_grad():
+            compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(compiled(x), module(x), rtol=0, atol=0)
+
+
 def test_quantized_linear_casts_backward_and_state():
     torch.manual_seed(0)
     lin = nn.Linear(64, 9, bias=True)
@@ -432,6 +443,14 @@ def test_quantize_rejects_unknown_scheme_and_requantizing(emu_tokenizer):
     # accelerate does not run quantized layers yet (a later phase): it refuses them by name
     with pytest.raises(TypeError, match="q_proj"):
         emu_fast.accelerate(model)
+
+
+def test_quantizing_an_accelerated_model_asks_for_accelerate_again(emu_tokenizer):
+    model = emu_fast.accelerate(tiny_emu("emu1", tokenizer=emu_tokenizer))
+    quantize_decoder_linears_(model, weights="int8")
+    with pytest.raises(RuntimeError, match="call emu_fast.accelerate"):
+        model.generate_image(["a cat"])
+    assert model._emu_fast_original_generate_image(["a cat"]).shape == (1, 8, 64)   # upstream's loop still runs
 
 
 # ------------------------------------------------------------------------------ save / load
