@@ -6,6 +6,7 @@
 
 #include "checks.h"
 #include "decoder.h"
+#include "kernels/quantized_gemv.h"
 #include "step_kernels.h"
 
 namespace py = pybind11;
@@ -56,9 +57,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_rms_norm", [](T x, T w, bool cuda) { emu_fast::check_rms_norm("rms_norm", x, w, cuda); });
   m.def("check_add_rms_norm", [](T x, T r, T w, bool cuda) { emu_fast::check_add_rms_norm(x, r, w, cuda); });
   m.def("check_silu_mul", [](T gate_up, bool cuda) { emu_fast::check_silu_mul(gate_up, cuda); });
+  m.def("check_gemv_int8", [](T x, T q, T s, bool cuda) { emu_fast::check_gemv_int8(x, q, s, cuda); });
+  m.def("check_gemv_int4", [](T x, T q, T s, int64_t group, bool cuda) {
+    emu_fast::check_gemv_int4(x, q, s, group, cuda);
+  });
 
   // Test-only (tests/test_self_check.py): make one custom kernel wrong on purpose; "" clears.
   m.def("_set_test_fault", &emu_fast::set_test_fault, py::arg("op"));
+  // Test-only (tests/test_quantize.py): the instruction set of the quantized GEMVs ("avx512",
+  // "avx2", "portable"; "" = the best this processor has). Returns False for one it lacks.
+  m.def("_set_quantized_gemv_isa", [](const std::string& name) {
+    using emu_fast::kernels::Isa;
+    if (name.empty()) return emu_fast::kernels::set_quantized_gemv_isa(emu_fast::kernels::cpu_isa());
+    if (name == "avx512") return emu_fast::kernels::set_quantized_gemv_isa(Isa::kAvx512);
+    if (name == "avx2") return emu_fast::kernels::set_quantized_gemv_isa(Isa::kAvx2);
+    TORCH_CHECK_VALUE(name == "portable", "emu_fast: unknown instruction set '", name,
+                      "' (avx512, avx2, portable or \"\")");
+    return emu_fast::kernels::set_quantized_gemv_isa(Isa::kPortable);
+  }, py::arg("isa"));
 
   py::class_<EmuDecoder>(m, "EmuDecoder", R"doc(
 A LLaMA decoder with a KV cache sized to the requests for Emu's causal image-embedding loop.

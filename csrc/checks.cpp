@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include "kernels/quantized_gemv.h"
 #include "op_limits.h"
 
 namespace emu_fast {
@@ -318,6 +319,50 @@ void check_silu_mul(const at::Tensor& gate_up, bool allow_half) {
   check_float_dtype(op, "gate_up", gate_up, allow_half);
   TORCH_CHECK_VALUE(gate_up.size(1) % 2 == 0, "emu_fast.", op, ": gate_up must be [gate | up]; its width ",
                     gate_up.size(1), " is odd");
+}
+
+namespace {
+// x [B, K], qweight (dtype q_dtype, 2-D, contiguous), scales float32 (scale_dim-D, contiguous):
+// what both quantized GEMV ops take.
+void check_quantized_operands(const char* op, const at::Tensor& x, const at::Tensor& qweight, at::ScalarType q_dtype,
+                              const at::Tensor& scales, int64_t scale_dim, bool allow_half) {
+  check_dim(op, "x", x, 2);
+  check_dim(op, "qweight", qweight, 2);
+  check_dim(op, "scales", scales, scale_dim);
+  check_float_dtype(op, "x", x, allow_half);
+  TORCH_CHECK_TYPE(qweight.scalar_type() == q_dtype, "emu_fast.", op, ": qweight must be ", py_dtype(q_dtype),
+                   ", got ", py_dtype(qweight.scalar_type()));
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "emu_fast.", op, ": scales must be torch.float32, got ",
+                   py_dtype(scales.scalar_type()));
+  check_same_device(op, x, "qweight", qweight);
+  check_same_device(op, x, "scales", scales);
+  TORCH_CHECK_VALUE(scales.size(0) == qweight.size(0), "emu_fast.", op, ": scales ", scales.sizes(),
+                    " must have one row per output row of qweight ", qweight.sizes());
+  check_contiguous(op, "qweight", qweight);
+  check_contiguous(op, "scales", scales);
+}
+}  // namespace
+
+void check_gemv_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, bool allow_half) {
+  const char* op = "gemv_int8";
+  check_quantized_operands(op, x, qweight, at::kChar, scales, 1, allow_half);
+  TORCH_CHECK_VALUE(qweight.size(1) == x.size(1), "emu_fast.", op, ": x ", x.sizes(), " does not match qweight ",
+                    qweight.sizes(), " (inner sizes differ)");
+}
+
+void check_gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
+                     bool allow_half) {
+  const char* op = "gemv_int4";
+  TORCH_CHECK_VALUE(group_size > 0 && group_size % kernels::kInt4Block == 0, "emu_fast.", op, ": group_size must be",
+                    " a positive multiple of ", kernels::kInt4Block, ", got ", group_size);
+  check_quantized_operands(op, x, qweight, at::kByte, scales, 2, allow_half);
+  const int64_t K = x.size(1);
+  TORCH_CHECK_VALUE(qweight.size(1) == kernels::int4_row_bytes(K), "emu_fast.", op, ": qweight ", qweight.sizes(),
+                    " does not hold x's ", K, " inputs per row (two a byte, padded to a multiple of ",
+                    kernels::kInt4Block, ": ", kernels::int4_row_bytes(K), " bytes)");
+  TORCH_CHECK_VALUE(scales.size(1) == kernels::int4_groups(K, group_size), "emu_fast.", op, ": scales ",
+                    scales.sizes(), " must have ", kernels::int4_groups(K, group_size), " groups per row (", K,
+                    " inputs, group_size ", group_size, ")");
 }
 
 }  // namespace emu_fast

@@ -43,4 +43,13 @@ TORCH_LIBRARY(emu_fast, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   // gate_up [B, 2I] = [gate | up] -> silu(gate) * up [B, I].
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+
+  // Weight-only quantized GEMVs (emu_fast/quantize.py defines the schemes; layouts in
+  // kernels/quantized_gemv.h): x [B,K] float32/bfloat16 -> [B,N] in x's dtype, the weight
+  // dequantized in registers, float32 accumulation, for small B.
+  // gemv_int8: qweight int8 [N,K], scales float32 [N]: x @ (qweight * scales[:, None])^T.
+  m.def("gemv_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  // gemv_int4: qweight uint8 [N, ceil(K/32)*16] (two values a byte), scales float32
+  // [N, ceil(K/group_size)], group_size a multiple of 32.
+  m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scales, int group_size) -> Tensor");
 }

@@ -138,6 +138,20 @@ def _(gate_up):
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
+@torch.library.register_fake("emu_fast::gemv_int8")
+def _(x, qweight, scales):
+    _same_device("gemv_int8", x, qweight, scales)
+    _run_check(_C.check_gemv_int8, x, qweight, scales, cuda=_cuda(x))
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.register_fake("emu_fast::gemv_int4")
+def _(x, qweight, scales, group_size):
+    _same_device("gemv_int4", x, qweight, scales)
+    _run_check(_C.check_gemv_int4, x, qweight, scales, group_size, cuda=_cuda(x))
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 def splice_embeddings(input_ids: torch.Tensor, embed_table: torch.Tensor, slot_values: torch.Tensor,
                       slot_token_id: int) -> torch.Tensor:
     """Embed input_ids [B,T] and write slot_values [S,H] into the slots (id == slot_token_id) in
@@ -195,3 +209,15 @@ def add_rms_norm(x, residual, weight, eps: float) -> Tuple[torch.Tensor, torch.T
 
 def silu_mul(gate_up) -> torch.Tensor:
     return _ops.silu_mul(gate_up)
+
+
+def gemv_int8(x, qweight, scales) -> torch.Tensor:
+    """x [B,K] @ (qweight int8 [N,K] * scales float32 [N, None])^T -> [B,N] in x's dtype (the
+    int8 scheme of emu_fast.quantize), the weight dequantized in registers."""
+    return _ops.gemv_int8(x, qweight, scales)
+
+
+def gemv_int4(x, qweight, scales, group_size: int) -> torch.Tensor:
+    """x [B,K] @ W^T with W the int4 weight of emu_fast.quantize (qweight uint8 [N, ceil(K/32)*16],
+    scales float32 [N, ceil(K/group_size)]) -> [B,N] in x's dtype."""
+    return _ops.gemv_int4(x, qweight, scales, group_size)

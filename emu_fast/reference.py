@@ -207,3 +207,15 @@ def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):
     out = gemv(rms_norm(hidden, norm_weight, eps), head_weight)
     nxt = gemv(out, up_weight) if up_weight is not None else hidden.new_empty(hidden.shape[0], 0)
     return out, nxt
+
+
+def gemv_int8(x, qweight, scales):
+    """x @ dequantize_int8(qweight, scales)^T in float32, rounded to x's dtype."""
+    from .quantize import dequantize_int8
+    return gemv(x, dequantize_int8(qweight, scales))
+
+
+def gemv_int4(x, qweight, scales, group_size):
+    """x @ dequantize_int4(qweight, scales, K, group_size)^T in float32, rounded to x's dtype."""
+    from .quantize import dequantize_int4
+    return gemv(x, dequantize_int4(qweight, scales, x.shape[1], group_size))

@@ -14,6 +14,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/gemv.h"
 #include "kernels/norm.h"
+#include "kernels/quantized_gemv.h"
 #include "kernels/splice.h"
 
 namespace emu_fast {
@@ -41,15 +42,33 @@ void dispatch_float(at::ScalarType s, F&& f) {
 // Rows per parallel chunk so that each chunk has at least ~16k multiply-adds of work.
 int64_t grain_rows(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row)); }
 
-// x [B,K] of T -> float32 copy with contiguous rows (a few KB: activations, not weights).
+// x [B,K] of T -> float32 copy [B, ld] with contiguous rows, zeros in columns K..ld-1 (int4's
+// padded blocks); a few KB: activations, not weights.
 template <typename T>
-std::vector<float> widen_rows(const at::Tensor& x) {
+std::vector<float> widen_rows_padded(const at::Tensor& x, int64_t ld) {
   const int64_t B = x.size(0), K = x.size(1);
-  std::vector<float> out(B * K);
+  std::vector<float> out(B * ld, 0.f);
   const T* base = ptr<T>(x);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < K; ++k) out[b * K + k] = kernels::to_float(base[b * x.stride(0) + k * x.stride(1)]);
+    for (int64_t k = 0; k < K; ++k) out[b * ld + k] = kernels::to_float(base[b * x.stride(0) + k * x.stride(1)]);
   return out;
+}
+
+template <typename T>
+std::vector<float> widen_rows(const at::Tensor& x) {
+  return widen_rows_padded<T>(x, x.size(1));
+}
+
+// y [B, N] of T from float32 rows that compute_rows(float* y) writes: in place for float32,
+// else into a float32 buffer rounded to T once.
+template <typename T, typename F>
+void into_output(T* out, int64_t B, int64_t N, F&& compute_rows) {
+  std::vector<float> y(std::is_same_v<T, float> ? 0 : B * N);
+  float* yp = std::is_same_v<T, float> ? reinterpret_cast<float*>(out) : y.data();
+  compute_rows(yp);
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < B * N; ++i) out[i] = kernels::from_float<T>(y[i]);
+  }
 }
 
 at::Tensor splice_embeddings_cpu(const at::Tensor& ids, const at::Tensor& table,
@@ -121,14 +140,11 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
 template <typename T>
 void gemv_widened(const T* w, const float* xf, T* out, int64_t B, int64_t K, int64_t N) {
   if (B == 0 || N == 0) return;
-  std::vector<float> y(std::is_same_v<T, float> ? 0 : B * N);
-  float* yp = std::is_same_v<T, float> ? reinterpret_cast<float*>(out) : y.data();
-  at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
-    kernels::gemv_rows(w, xf, yp, B, K, N, n0, n1);
+  into_output(out, B, N, [&](float* y) {
+    at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
+      kernels::gemv_rows(w, xf, y, B, K, N, n0, n1);
+    });
   });
-  if constexpr (!std::is_same_v<T, float>) {
-    for (int64_t i = 0; i < B * N; ++i) out[i] = kernels::from_float<T>(y[i]);
-  }
 }
 
 // Rows x [B, H] (row stride ldx) -> rms_norm rows y [B, H].
@@ -286,6 +302,42 @@ std::tuple<at::Tensor, at::Tensor> regression_head_cpu(const at::Tensor& hidden,
   return {out, next};
 }
 
+at::Tensor gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  check_gemv_int8(x, qweight, scales, false);
+  const int64_t B = x.size(0), K = x.size(1), N = qweight.size(0);
+  at::Tensor out = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return out;
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<float> xf = widen_rows<T>(x);
+    into_output(ptr<T>(out), B, N, [&](float* y) {
+      at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
+        kernels::gemv_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), xf.data(), y, B, K, N, n0, n1);
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         int64_t group_size) {
+  check_gemv_int4(x, qweight, scales, group_size, false);
+  const int64_t B = x.size(0), K = x.size(1), N = qweight.size(0);
+  at::Tensor out = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return out;
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const std::vector<float> xf = widen_rows_padded<T>(x, kernels::int4_padded_k(K));
+    into_output(ptr<T>(out), B, N, [&](float* y) {
+      at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
+        kernels::gemv_int4_rows(ptr<uint8_t>(qweight), ptr<float>(scales), group_size, xf.data(), y, B, K, N, n0,
+                                n1);
+      });
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
@@ -299,6 +351,8 @@ TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("add_rms_norm", &add_rms_norm_cpu);
   m.impl("silu_mul", &silu_mul_cpu);
+  m.impl("gemv_int8", &gemv_int8_cpu);
+  m.impl("gemv_int4", &gemv_int4_cpu);
 }
 
 }  // namespace emu_fast

@@ -1,0 +1,79 @@
+"""Microbenchmark of the weight-only quantized GEMVs against the 16-bit one (issue 10, phase 1):
+gemv (bfloat16 weights), gemv_int8 and gemv_int4 at one projection's shape, on the CPU.
+
+    python benchmarks/quantized_gemv.py [--k 5120] [--n 5120] [--batch 1] [--reps 50] [--threads T]
+
+Each op cycles through enough distinct weight matrices (>= 256 MB in all) that every call reads
+its weights from memory, not from the last-level cache, as a decode step does. Reported: the
+median time per call, the bytes each call reads (weights + scales; the activations are a few
+KB) and the bandwidth that makes, beside the machine's read bandwidth measured in the same run
+(benchmarks/machine.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.machine import read_bandwidth, timed  # noqa: E402
+from emu_fast import ops  # noqa: E402
+from emu_fast.quantize import quantize_int4, quantize_int8  # noqa: E402
+
+WORKING_SET = 256 * 2**20
+
+
+def weight_sets(k: int, n: int, group: int):
+    """{op name: (fn(x, i), bytes per call, copies)}."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    q8, s8 = quantize_int8(w)
+    q4, s4 = quantize_int4(w, group)
+    w16 = w.to(torch.bfloat16)
+    sets = {}
+    for name, tensors, fn in [
+        ("gemv bf16", (w16,), lambda x, t: ops.gemv(x, t[0])),
+        ("gemv_int8", (q8, s8), lambda x, t: ops.gemv_int8(x, *t)),
+        ("gemv_int4", (q4, s4), lambda x, t: ops.gemv_int4(x, *t, group)),
+    ]:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        copies = max(2, -(-WORKING_SET // nbytes))
+        sets[name] = ([tuple(t.clone() for t in tensors) for _ in range(copies)], fn, nbytes)
+    return sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=5120)
+    ap.add_argument("--n", type=int, default=5120)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    bw = read_bandwidth("cpu", WORKING_SET)
+    print(f"threads {torch.get_num_threads()}, read bandwidth (sum of a 256 MB float32 buffer) {bw / 1e9:.1f} GB/s")
+    print(f"x [{args.batch}, {args.k}] bfloat16, weights [{args.n}, {args.k}], int4 group {args.group}")
+    x = torch.randn(args.batch, args.k).to(torch.bfloat16)
+    base = None
+    for name, (copies, fn, nbytes) in weight_sets(args.k, args.n, args.group).items():
+        state = {"i": 0}
+
+        def call():
+            state["i"] = (state["i"] + 1) % len(copies)
+            return fn(x, copies[state["i"]])
+
+        sec, _ = timed(call, "cpu", args.reps)
+        base = base or sec
+        print(f"{name:10s} {sec * 1e3:7.3f} ms  reads {nbytes / 1e6:6.1f} MB  {nbytes / sec / 1e9:6.1f} GB/s "
+              f"({nbytes / sec / bw:4.0%} of read bandwidth)  {base / sec:4.2f}x bf16")
+
+
+if __name__ == "__main__":
+    main()

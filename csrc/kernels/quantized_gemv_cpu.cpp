@@ -1,0 +1,328 @@
+// CPU GEMV over int8 / int4 weights (layouts in quantized_gemv.h): AVX-512 and AVX2 inner loops
+// picked at run time (quantized_gemv_isa()), and a portable fallback.
+//
+// Memory is the bound at batch 1 (int8 reads 1 byte a weight, int4 half a byte), so each loop
+// widens the weight bytes to float32 in registers and multiply-adds them with the float32
+// inputs; nothing is written back but y. As in gemv_cpu.cpp, kRows weight rows are dotted
+// against the same inputs at once (independent FMA chains; each input load feeds every row),
+// and for batch > 1 those rows stay in L1 while each batch row passes over them.
+//
+// int4 drops the "- 8" of each nibble from the inner loop: per group,
+//   sum (u - 8) x = sum u x - 8 sum x,
+// so the loop multiply-adds the raw nibbles u and each row subtracts 8 * sum_g scale_g * xsum_g
+// once at the end, xsum_g being the sum of x over group g (computed once per call).
+#include "kernels/quantized_gemv.h"
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#ifdef EMU_X86
+#include <immintrin.h>
+#endif
+
+namespace emu_fast::kernels {
+namespace {
+
+constexpr int kRows = 4;
+
+std::atomic<int> g_isa_override{-1};
+
+// xsum[b * groups + g] = sum of x[b, k] over group g (x rows of length ldx, zero past k_dim).
+std::vector<float> group_sums(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, int64_t group) {
+  const int64_t groups = int4_groups(k_dim, group);
+  std::vector<float> xsum(batch * groups, 0.f);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k1 = std::min(k_dim, (g + 1) * group);
+      float s = 0.f;
+      for (int64_t k = g * group; k < k1; ++k) s += x[b * ldx + k];
+      xsum[b * groups + g] = s;
+    }
+  return xsum;
+}
+
+// 8 * sum_g scale_g * xsum_g: what the nibbles' offset adds to one output.
+inline float int4_offset(const float* srow, const float* xs, int64_t groups) {
+  float s = 0.f;
+  for (int64_t g = 0; g < groups; ++g) s += srow[g] * xs[g];
+  return 8.f * s;
+}
+
+// The blocks of kInt4Block values group g spans, in a row padded to int4_padded_k(k_dim).
+inline void group_blocks(int64_t g, int64_t group, int64_t k_pad, int64_t* j0, int64_t* j1) {
+  *j0 = g * group / kInt4Block;
+  *j1 = std::min(k_pad, (g + 1) * group) / kInt4Block;
+}
+
+// ---------------------------------------------------------------- portable
+
+void int8_portable(const int8_t* q, const float* scales, const float* x, float* y, int64_t batch, int64_t k_dim,
+                   int64_t ldy, int64_t n_begin, int64_t n_end) {
+  constexpr int kLanes = 16;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = q + n * k_dim;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * k_dim;
+      float acc[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= k_dim; k += kLanes)
+        for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<float>(row[k + j]) * xb[k + j];
+      float s = 0.f;
+      for (; k < k_dim; ++k) s += static_cast<float>(row[k]) * xb[k];
+      for (int j = 0; j < kLanes; ++j) s += acc[j];
+      y[b * ldy + n] = s * scales[n];
+    }
+  }
+}
+
+void int4_portable(const uint8_t* q, const float* scales, int64_t group, const float* x, const float* xsum,
+                   float* y, int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), half = kInt4Block / 2;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = q + n * (k_pad / 2);
+    const float* srow = scales + n * groups;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * k_pad;
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t j0, j1;
+        group_blocks(g, group, k_pad, &j0, &j1);
+        float acc[half] = {};
+        for (int64_t j = j0; j < j1; ++j) {
+          const uint8_t* bytes = row + j * half;
+          const float* xj = xb + j * kInt4Block;
+          for (int i = 0; i < half; ++i)
+            acc[i] += static_cast<float>(bytes[i] & 15) * xj[i] + static_cast<float>(bytes[i] >> 4) * xj[half + i];
+        }
+        float s = 0.f;
+        for (int i = 0; i < half; ++i) s += acc[i];
+        total += srow[g] * s;
+      }
+      y[b * ldy + n] = total - int4_offset(srow, xsum + b * groups, groups);
+    }
+  }
+}
+
+#ifdef EMU_X86
+
+// ---------------------------------------------------------------- AVX-512: 16 floats a vector
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void int8_avx512_block(
+    const int8_t* q, const float* scales, const float* x, float* y, int64_t batch, int64_t k_dim, int64_t ldy,
+    int64_t n) {
+  const int64_t k_main = k_dim & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k_dim - k_main)) - 1u);
+  const int8_t* r[R];
+  for (int i = 0; i < R; ++i) r[i] = q + (n + i) * k_dim;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * k_dim;
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_main; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(xb + k);
+      for (int i = 0; i < R; ++i) {
+        const __m128i w8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[i] + k));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w8)), xv, acc[i]);
+      }
+    }
+    if (tail) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, xb + k_main);
+      for (int i = 0; i < R; ++i) {
+        const __m128i w8 = _mm_maskz_loadu_epi8(tail, r[i] + k_main);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w8)), xv, acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) y[b * ldy + n + i] = _mm512_reduce_add_ps(acc[i]) * scales[n + i];
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void int8_avx512(
+    const int8_t* q, const float* scales, const float* x, float* y, int64_t batch, int64_t k_dim, int64_t ldy,
+    int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kRows <= n_end; n += kRows) int8_avx512_block<kRows>(q, scales, x, y, batch, k_dim, ldy, n);
+  for (; n < n_end; ++n) int8_avx512_block<1>(q, scales, x, y, batch, k_dim, ldy, n);
+}
+
+// One block of 32 nibbles (16 bytes) widened: low nibbles = values 0..15, high = 16..31.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void int4_avx512_block(
+    const uint8_t* q, const float* scales, int64_t group, const float* x, const float* xsum, float* y,
+    int64_t batch, int64_t k_dim, int64_t ldy, int64_t n) {
+  const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), row_bytes = k_pad / 2;
+  const __m512i low = _mm512_set1_epi32(15);
+  const uint8_t* r[R];
+  for (int i = 0; i < R; ++i) r[i] = q + (n + i) * row_bytes;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * k_pad;
+    __m512 total[R];
+    for (int i = 0; i < R; ++i) total[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t j0, j1;
+      group_blocks(g, group, k_pad, &j0, &j1);
+      __m512 acc_lo[R], acc_hi[R];
+      for (int i = 0; i < R; ++i) acc_lo[i] = acc_hi[i] = _mm512_setzero_ps();
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m512 x_lo = _mm512_loadu_ps(xb + j * kInt4Block);
+        const __m512 x_hi = _mm512_loadu_ps(xb + j * kInt4Block + 16);
+        for (int i = 0; i < R; ++i) {
+          const __m512i v =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[i] + j * 16)));
+          acc_lo[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), x_lo, acc_lo[i]);
+          acc_hi[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), x_hi, acc_hi[i]);
+        }
+      }
+      for (int i = 0; i < R; ++i)
+        total[i] = _mm512_fmadd_ps(_mm512_add_ps(acc_lo[i], acc_hi[i]),
+                                   _mm512_set1_ps(scales[(n + i) * groups + g]), total[i]);
+    }
+    for (int i = 0; i < R; ++i)
+      y[b * ldy + n + i] =
+          _mm512_reduce_add_ps(total[i]) - int4_offset(scales + (n + i) * groups, xsum + b * groups, groups);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void int4_avx512(
+    const uint8_t* q, const float* scales, int64_t group, const float* x, const float* xsum, float* y,
+    int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kRows <= n_end; n += kRows)
+    int4_avx512_block<kRows>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
+  for (; n < n_end; ++n) int4_avx512_block<1>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA: 8 floats a vector
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) inline void int8_avx2_block(const int8_t* q, const float* scales, const float* x,
+                                                                float* y, int64_t batch, int64_t k_dim, int64_t ldy,
+                                                                int64_t n) {
+  const int64_t k_main = k_dim & ~int64_t(7);
+  const int8_t* r[R];
+  for (int i = 0; i < R; ++i) r[i] = q + (n + i) * k_dim;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * k_dim;
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_main; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(xb + k);
+      for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(widen8(r[i] + k), xv, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) {
+      float s = hsum8(acc[i]);
+      for (int64_t k = k_main; k < k_dim; ++k) s += static_cast<float>(r[i][k]) * xb[k];
+      y[b * ldy + n + i] = s * scales[n + i];
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* q, const float* scales, const float* x, float* y,
+                                                   int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin,
+                                                   int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kRows <= n_end; n += kRows) int8_avx2_block<kRows>(q, scales, x, y, batch, k_dim, ldy, n);
+  for (; n < n_end; ++n) int8_avx2_block<1>(q, scales, x, y, batch, k_dim, ldy, n);
+}
+
+// 16 bytes = one block of 32 nibbles, taken 8 bytes at a time: bytes h*8 .. h*8+7 give values
+// h*8 .. h*8+7 (low nibbles) and 16+h*8 .. 16+h*8+7 (high nibbles).
+template <int R>
+__attribute__((target("avx2,fma"))) inline void int4_avx2_block(const uint8_t* q, const float* scales, int64_t group,
+                                                                const float* x, const float* xsum, float* y,
+                                                                int64_t batch, int64_t k_dim, int64_t ldy, int64_t n) {
+  const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), row_bytes = k_pad / 2;
+  const __m256i low = _mm256_set1_epi32(15);
+  const uint8_t* r[R];
+  for (int i = 0; i < R; ++i) r[i] = q + (n + i) * row_bytes;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* xb = x + b * k_pad;
+    __m256 total[R];
+    for (int i = 0; i < R; ++i) total[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t j0, j1;
+      group_blocks(g, group, k_pad, &j0, &j1);
+      __m256 acc[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* xj = xb + j * kInt4Block;
+        for (int h = 0; h < 2; ++h) {
+          const __m256 x_lo = _mm256_loadu_ps(xj + h * 8);
+          const __m256 x_hi = _mm256_loadu_ps(xj + 16 + h * 8);
+          for (int i = 0; i < R; ++i) {
+            const __m256i v =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r[i] + j * 16 + h * 8)));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), x_lo, acc[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x_hi, acc[i]);
+          }
+        }
+      }
+      for (int i = 0; i < R; ++i)
+        total[i] = _mm256_fmadd_ps(acc[i], _mm256_set1_ps(scales[(n + i) * groups + g]), total[i]);
+    }
+    for (int i = 0; i < R; ++i)
+      y[b * ldy + n + i] = hsum8(total[i]) - int4_offset(scales + (n + i) * groups, xsum + b * groups, groups);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void int4_avx2(const uint8_t* q, const float* scales, int64_t group,
+                                                   const float* x, const float* xsum, float* y, int64_t batch,
+                                                   int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + kRows <= n_end; n += kRows) int4_avx2_block<kRows>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
+  for (; n < n_end; ++n) int4_avx2_block<1>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
+}
+
+#endif  // EMU_X86
+
+}  // namespace
+
+Isa quantized_gemv_isa() {
+  const int forced = g_isa_override.load(std::memory_order_relaxed);
+  return forced < 0 ? cpu_isa() : static_cast<Isa>(forced);
+}
+
+bool set_quantized_gemv_isa(Isa isa) {
+  if (static_cast<int>(isa) > static_cast<int>(cpu_isa())) return false;
+  g_isa_override.store(static_cast<int>(isa), std::memory_order_relaxed);
+  return true;
+}
+
+void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float* y, int64_t batch, int64_t k_dim,
+                    int64_t ldy, int64_t n_begin, int64_t n_end) {
+  switch (quantized_gemv_isa()) {
+#ifdef EMU_X86
+    case Isa::kAvx512: return int8_avx512(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
+    case Isa::kAvx2: return int8_avx2(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
+#endif
+    default: return int8_portable(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
+  }
+}
+
+void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const float* x, float* y, int64_t batch,
+                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  if (n_begin >= n_end) return;
+  const std::vector<float> xsum = group_sums(x, batch, int4_padded_k(k_dim), k_dim, group);
+  switch (quantized_gemv_isa()) {
+#ifdef EMU_X86
+    case Isa::kAvx512:
+      return int4_avx512(q, scales, group, x, xsum.data(), y, batch, k_dim, ldy, n_begin, n_end);
+    case Isa::kAvx2: return int4_avx2(q, scales, group, x, xsum.data(), y, batch, k_dim, ldy, n_begin, n_end);
+#endif
+    default: return int4_portable(q, scales, group, x, xsum.data(), y, batch, k_dim, ldy, n_begin, n_end);
+  }
+}
+
+}  // namespace emu_fast::kernels

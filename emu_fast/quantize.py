@@ -1,0 +1,161 @@
+"""Weight-only quantization schemes, in plain PyTorch: their definition, and the oracle the
+kernels (torch.ops.emu_fast.gemv_int8 / gemv_int4, csrc/kernels/quantized_gemv.h) are tested
+against. Weights are nn.Linear's [N, K] (out_features, in_features); activations are not
+quantized.
+
+int8, symmetric per output channel (row):
+    scale[n] = max_k |w[n, k]| / 127                      (float32)
+    q[n, k]  = clamp(round(w[n, k] / scale[n]), -127, 127)  (int8; round half to even)
+    w'[n, k] = q[n, k] * scale[n]
+  A row of zeros gets scale 0 and q 0, and dequantizes to zeros (no NaN).
+
+int4, symmetric group-wise along the input dimension (groups of `group_size` consecutive
+inputs of one row, default 128, a multiple of 32; the last group of a row is shorter when
+K % group_size != 0):
+    scale[n, g] = max_{k in g} |w[n, k]| / 7                (float32)
+    q[n, k]     = clamp(round(w[n, k] / scale[n, g]), -7, 7)  (values in [-7, 7]; -8 is never written)
+    w'[n, k]    = q[n, k] * scale[n, k // group_size]
+  Packing, two values a byte (uint8 [N, ceil(K / 32) * 16]): each row is cut into blocks of 32
+  values, the last zero-padded; block j is bytes 16 j .. 16 j + 15, and byte 16 j + i holds
+  value 32 j + i in its LOW nibble and value 32 j + 16 + i in its HIGH nibble, each stored as
+  q + 8 (so 0..15; padding holds 8, i.e. 0). This order lets the kernels widen one byte load to
+  two runs of consecutive values without shuffles.
+
+The kernels compute y = x @ w'^T in float32 with w' exactly as `dequantize_*(..., torch.float32)`
+returns it, except for the order of float32 additions (int8: scale[n] * sum_k q x; int4:
+sum_g scale[n, g] * sum_{k in g} q x). Quantizing works on a few rows at a time
+(`_ROWS_PER_CHUNK`), so its temporaries stay small beside the weight itself.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+INT8_MAX = 127
+INT4_MAX = 7
+INT4_BLOCK = 32              # values per packed block (16 bytes); group sizes are multiples of it
+DEFAULT_GROUP_SIZE = 128
+SCHEMES = ("int8", "int4")
+_ROWS_PER_CHUNK = 256        # rows quantized at once: temporaries of 256 x K float32
+
+
+def _check_weight(fn: str, w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"emu_fast.{fn}: expects a 2-D [out_features, in_features] weight, got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"emu_fast.{fn}: expects a floating-point weight, got {w.dtype}")
+    if w.is_meta:
+        raise ValueError(f"emu_fast.{fn}: the weight is on the meta device (not loaded)")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"emu_fast.{fn}: the weight has inf or NaN entries; they cannot be quantized")
+
+
+def check_group_size(group_size: int, fn: str = "quantize_int4") -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 \
+            or group_size % INT4_BLOCK != 0:
+        raise ValueError(f"emu_fast.{fn}: group_size must be a positive multiple of {INT4_BLOCK}, got {group_size!r}")
+    return group_size
+
+
+def _symmetric(w: torch.Tensor, amax: torch.Tensor, qmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) for float32 w with amax broadcastable to it: scale = amax / qmax, q rounded
+    and clamped to [-qmax, qmax]; where amax is 0, scale 0 and q 0."""
+    scale = amax / qmax
+    q = torch.round(w / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp_(-qmax, qmax)
+    return q, scale
+
+
+# ------------------------------------------------------------------------------------ int8
+
+
+def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (qweight int8 [N, K], scales float32 [N]), on w's device."""
+    _check_weight("quantize_int8", w)
+    N, K = w.shape
+    qweight = torch.empty(N, K, dtype=torch.int8, device=w.device)
+    scales = torch.empty(N, dtype=torch.float32, device=w.device)
+    for n0 in range(0, N, _ROWS_PER_CHUNK):
+        rows = w[n0:n0 + _ROWS_PER_CHUNK].float()
+        amax = rows.abs().amax(dim=1, keepdim=True) if K else rows.new_zeros(rows.shape[0], 1)
+        q, scale = _symmetric(rows, amax, INT8_MAX)
+        qweight[n0:n0 + rows.shape[0]] = q.to(torch.int8)
+        scales[n0:n0 + rows.shape[0]] = scale[:, 0]
+    return qweight, scales
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The weight gemv_int8 computes with: qweight * scales[:, None] in float32, then `dtype`."""
+    return (qweight.float() * scales.float()[:, None]).to(dtype)
+
+
+# ------------------------------------------------------------------------------------ int4
+
+
+def int4_row_bytes(in_features: int) -> int:
+    return (in_features + INT4_BLOCK - 1) // INT4_BLOCK * INT4_BLOCK // 2
+
+
+def int4_groups(in_features: int, group_size: int) -> int:
+    return (in_features + group_size - 1) // group_size
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values int [N, K] in [-8, 7] -> uint8 [N, ceil(K/32)*16] in the layout of the module
+    docstring (value + 8 in nibbles; block j, byte i: low = 32j+i, high = 32j+16+i)."""
+    N, K = q.shape
+    k_pad = int4_row_bytes(K) * 2
+    u = torch.full((N, k_pad), 8, dtype=torch.uint8, device=q.device)
+    u[:, :K] = (q.to(torch.int16) + 8).to(torch.uint8)
+    blocks = u.view(N, k_pad // INT4_BLOCK, 2, INT4_BLOCK // 2)   # [N, blocks, low/high, 16]
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, k_pad // 2)
+
+
+def unpack_int4(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 [N, ceil(K/32)*16] -> int8 values [N, K] in [-8, 7]."""
+    N, nbytes = qweight.shape
+    if nbytes != int4_row_bytes(in_features):
+        raise ValueError(f"emu_fast.unpack_int4: {nbytes} bytes per row do not hold {in_features} int4 values "
+                         f"({int4_row_bytes(in_features)} bytes)")
+    blocks = qweight.view(N, nbytes // (INT4_BLOCK // 2), 1, INT4_BLOCK // 2)
+    u = torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(N, nbytes * 2)[:, :in_features]
+    return u.to(torch.int8) - 8
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (qweight uint8 [N, ceil(K/32)*16], scales float32 [N, ceil(K/group_size)])."""
+    _check_weight("quantize_int4", w)
+    check_group_size(group_size)
+    N, K = w.shape
+    G = int4_groups(K, group_size)
+    qweight = torch.empty(N, int4_row_bytes(K), dtype=torch.uint8, device=w.device)
+    scales = torch.empty(N, G, dtype=torch.float32, device=w.device)
+    for n0 in range(0, N, _ROWS_PER_CHUNK):
+        rows = w[n0:n0 + _ROWS_PER_CHUNK].float()
+        n = rows.shape[0]
+        padded = rows.new_zeros(n, G * group_size)
+        padded[:, :K] = rows
+        grouped = padded.view(n, G, group_size)
+        q, scale = _symmetric(grouped, grouped.abs().amax(dim=2, keepdim=True), INT4_MAX)
+        qweight[n0:n0 + n] = pack_int4(q.view(n, G * group_size)[:, :K].to(torch.int8))
+        scales[n0:n0 + n] = scale[:, :, 0]
+    return qweight, scales
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
+                    group_size: int = DEFAULT_GROUP_SIZE, dtype=torch.float32) -> torch.Tensor:
+    """The weight gemv_int4 computes with: value * scale of its group, in float32, then `dtype`."""
+    check_group_size(group_size, "dequantize_int4")
+    q = unpack_int4(qweight, in_features).float()
+    per_input = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
+    return (q * per_input).to(dtype)
+
+
+# ------------------------------------------------------------------------------------ by name
+
+
+def check_scheme(weights: str, fn: str = "quantize") -> str:
+    if weights not in SCHEMES:
+        raise ValueError(f"emu_fast.{fn}: unknown weight scheme {weights!r}; known: {', '.join(SCHEMES)}")
+    return weights

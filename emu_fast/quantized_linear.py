@@ -1,0 +1,251 @@
+"""Weight-only quantized replacements of nn.Linear, and quantizing an Emu model's decoder body.
+
+    from emu_fast.quantized_linear import quantize_decoder_linears_
+    quantize_decoder_linears_(model, weights="int8")      # or "int4" (group_size=128)
+    model.generate_image([...])                           # the model's own forward runs on them
+
+`Int8Linear` / `Int4Linear` hold `qweight` / `scales` buffers (the schemes of emu_fast.quantize)
+and an optional bias in the model's dtype; `forward` runs torch.ops.emu_fast.gemv_int8 /
+gemv_int4 and `dequantize()` gives the weight they compute with.
+
+Only the decoder body's projections are quantized (q/k/v/o_proj, gate/up/down_proj of each
+LLaMA layer). Embeddings, norms, lm_head, the regression head and Emu2's project_up /
+project_down keep the model's dtype.
+
+(Phase 1 of issue 10: `emu_fast.accelerate` does not run quantized layers yet and refuses a
+model quantized here, as it refuses any projection that is not a plain nn.Linear.)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.emu_fast.*)
+from .families import family_of
+from .model_checks import LAYER_LINEARS, check_weights_loaded
+from .packing import llama_body_of
+from .quantize import (DEFAULT_GROUP_SIZE, check_group_size, check_scheme, dequantize_int4, dequantize_int8,
+                       int4_groups, int4_row_bytes, quantize_int4, quantize_int8)
+
+# Rows (tokens) up to which forward runs our GEMV op: it reads the weight once for the whole
+# batch, which is what decode steps and short prompts need. Past it (a long prefill), forward
+# dequantizes the weight for the call and uses F.linear (a matrix multiply), which is faster
+# there; the temporary weight is one projection's, freed on return.
+GEMV_MAX_ROWS = 32
+# Activations the CPU op takes; others (float16, or any tensor off the CPU: the CUDA kernels
+# come with a later phase) take the dequantize + F.linear path.
+_OP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class _QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: shapes, bias, the forward's choice of path."""
+
+    scheme: str
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype  # the model's dtype: of the bias, and what dequantize() returns by default
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw) -> "_QuantizedLinear":
+        """A quantized copy of `linear` (on its device); `linear` itself is left as it is."""
+        w = linear.weight.detach()
+        # Built on the meta device (nothing allocated), then given the quantized buffers.
+        module = cls(linear.in_features, linear.out_features, False, dtype=w.dtype, device="meta", **kw)
+        module._set_weight(w)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().to(w.dtype, copy=True), requires_grad=False)
+        return module
+
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        # The op has no backward: an input that needs a gradient takes the differentiable path.
+        needs_grad = torch.is_grad_enabled() and x2.requires_grad
+        if x2.shape[0] <= GEMV_MAX_ROWS and x2.dtype in _OP_DTYPES and x2.device.type == "cpu" \
+                and self.scales.device.type == "cpu" and not needs_grad:
+            y = self._gemv(x2)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:  # long inputs, other dtypes or devices, autograd: see GEMV_MAX_ROWS
+            y = F.linear(x2, self.dequantize(x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
+        return y.reshape(*lead, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) / .half() / .bfloat16() cast every float buffer: the scheme's scales stay
+        float32 (taken from before the cast, so nothing is rounded), qweight is integer, and the
+        module's dtype (bias, dequantize()'s default) follows the cast."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=scales.device)).dtype
+        if self.scales.dtype != torch.float32:
+            self.scales = scales.to(device=self.scales.device, dtype=torch.float32)
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, dtype={self.dtype}")
+
+
+class Int8Linear(_QuantizedLinear):
+    """nn.Linear with int8 weights, symmetric per output channel (emu_fast.quantize):
+    qweight int8 [out, in], scales float32 [out]."""
+
+    scheme = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32, device=device))
+
+    def _set_weight(self, w: torch.Tensor) -> None:
+        self.qweight, self.scales = quantize_int8(w)
+
+    def _gemv(self, x2):
+        return ops.gemv_int8(x2, self.qweight, self.scales)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight forward computes with ([out, in], float32 inside), in `dtype` (default the
+        model's: float32 gives it exactly)."""
+        return dequantize_int8(self.qweight, self.scales, dtype or self.dtype)
+
+
+class Int4Linear(_QuantizedLinear):
+    """nn.Linear with int4 weights, symmetric in groups of `group_size` inputs (emu_fast.quantize):
+    qweight uint8 [out, ceil(in/32)*16] (two values a byte), scales float32 [out, ceil(in/group)]."""
+
+    scheme = "int4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None,
+                 group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = check_group_size(group_size, "Int4Linear")
+        self.register_buffer("qweight", torch.full((out_features, int4_row_bytes(in_features)), 0x88,
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, int4_groups(in_features, group_size),
+                                                   dtype=torch.float32, device=device))
+
+    def _set_weight(self, w: torch.Tensor) -> None:
+        self.qweight, self.scales = quantize_int4(w, self.group_size)
+
+    def _gemv(self, x2):
+        return ops.gemv_int4(x2, self.qweight, self.scales, self.group_size)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight forward computes with ([out, in], float32 inside), in `dtype` (default the
+        model's: float32 gives it exactly)."""
+        return dequantize_int4(self.qweight, self.scales, self.in_features, self.group_size, dtype or self.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+QUANTIZED_MODULES = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def is_quantized(module) -> bool:
+    return isinstance(module, _QuantizedLinear)
+
+
+def llama_of(model) -> nn.Module:
+    """The Hugging Face LLaMA (LlamaForCausalLM or LlamaModel) inside an Emu1/Emu2 model, or
+    the model itself when it is one."""
+    if hasattr(model, "decoder") and hasattr(model.decoder, "lm"):
+        family_of(model)  # TypeError saying what is missing, for an Emu-like model that is not one
+        return model.decoder.lm
+    if hasattr(llama_body_of(model), "layers"):
+        return model
+    raise TypeError(f"emu_fast: {type(model).__name__} is neither an Emu1/Emu2 model nor a Hugging Face LLaMA")
+
+
+def decoder_linears(model):
+    """(name, parent module, attribute, module) of each projection of each decoder layer, named
+    as in the LLaMA's state dict ("model.layers.0.self_attn.q_proj"), layer by layer."""
+    body = llama_body_of(llama_of(model))
+    prefix = "model." if body is not llama_of(model) else ""
+    for i, layer in enumerate(body.layers):
+        for path in LAYER_LINEARS:
+            parent_path, attr = path.rsplit(".", 1)
+            parent = getattr(layer, parent_path, None)
+            module = getattr(parent, attr, None) if parent is not None else None
+            if module is None:
+                raise TypeError(f"emu_fast: {prefix}layers.{i}.{path} is missing; not a Hugging Face LLaMA layer")
+            yield f"{prefix}layers.{i}.{path}", parent, attr, module
+
+
+def quantization_of(model):
+    """(scheme, group_size) of a model whose decoder linears are all quantized, None when none
+    is; ValueError when they are mixed."""
+    found = {(m.scheme, getattr(m, "group_size", None)) if is_quantized(m) else None
+             for _, _, _, m in decoder_linears(model)}
+    if found == {None}:
+        return None
+    if len(found) != 1:
+        raise ValueError(f"emu_fast: the decoder's projections are quantized in different ways: {found}")
+    return found.pop()
+
+
+@torch.no_grad()
+def quantize_decoder_linears_(model, weights: str = "int8", group_size: int = DEFAULT_GROUP_SIZE):
+    """Replace, in place and layer by layer, each decoder layer's q/k/v/o_proj and
+    gate/up/down_proj of an Emu1/Emu2 model (or a Hugging Face LLaMA) by an Int8Linear /
+    Int4Linear on the same device, and return the model.
+
+    Each original weight is released as soon as its layer is done (its Parameter is set to
+    None), so memory only goes down: the peak is the model as given plus one projection's
+    quantization temporaries (a few rows at a time). A weight that something else still
+    references (tied, or packed by an earlier emu_fast.accelerate) stays alive through that
+    reference.
+
+    weights: "int8" or "int4"; group_size: int4's group (a multiple of 32). ValueError on an
+    unknown scheme or a model already quantized; TypeError on a projection that is not a
+    float nn.Linear with its weights loaded.
+    """
+    check_scheme(weights, "quantize_decoder_linears_")
+    if weights == "int4":
+        check_group_size(group_size, "quantize_decoder_linears_")
+    linears = list(decoder_linears(model))
+    for name, _, _, module in linears:
+        if is_quantized(module):
+            raise ValueError(f"emu_fast.quantize_decoder_linears_: the model is already quantized ({name} is a "
+                             f"{type(module).__name__}); quantize the unquantized model once")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"emu_fast: {name} must be a torch.nn.Linear to be quantized, got {type(module).__name__}")
+        if not module.weight.is_floating_point():
+            raise TypeError(f"emu_fast: {name} has {module.weight.dtype} weights; expected a float dtype")
+    check_weights_loaded([(name, module) for name, _, _, module in linears])
+    cls = QUANTIZED_MODULES[weights]
+    kw = {"group_size": group_size} if weights == "int4" else {}
+    for name, parent, attr, module in linears:
+        setattr(parent, attr, cls.from_linear(module, **kw))
+        module.weight = None  # frees the original unless another reference holds it
+    return model
+
+
+def replace_with_empty_(model, weights: str, group_size: int = DEFAULT_GROUP_SIZE):
+    """Replace the decoder linears by quantized modules of the right shapes without computing
+    anything (their buffers to be loaded: emu_fast.quantized_io.load_quantized). Float weights
+    are released as in quantize_decoder_linears_."""
+    check_scheme(weights, "load_quantized")
+    cls = QUANTIZED_MODULES[weights]
+    kw = {"group_size": group_size} if weights == "int4" else {}
+    for name, parent, attr, module in list(decoder_linears(model)):
+        device = module.weight.device
+        dtype = module.weight.dtype
+        new = cls(module.in_features, module.out_features, module.bias is not None, dtype=dtype,
+                  device="cpu" if device.type == "meta" else device, **kw)
+        setattr(parent, attr, new)
+        module.weight = None
+    return model
