@@ -34,6 +34,10 @@ if command -v compute-sanitizer >/dev/null; then
   done
 fi
 run_to "$OUT/$TAG-emu1-13b-b1-p128.txt" "$PYTHON" benchmarks/latency.py --profile 4 --json "$OUT/$TAG-emu1-13b-b1-p128.json"
+# The same point with programmatic dependent launch off: what PDL buys (the static report assumes
+# 1.2 us a kernel) and that the answers do not change (the benchmark checks its errors).
+run_to "$OUT/$TAG-emu1-13b-b1-p128-nopdl.txt" env EMU_FAST_PDL=0 "$PYTHON" benchmarks/latency.py \
+  --json "$OUT/$TAG-emu1-13b-b1-p128-nopdl.json"
 run_to "$OUT/$TAG-emu1-13b-b8-p512.txt" "$PYTHON" benchmarks/latency.py --batch 8 --prompt-len 512 --reps 2 \
   --json "$OUT/$TAG-emu1-13b-b8-p512.json"
 exit $status

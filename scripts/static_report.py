@@ -28,9 +28,10 @@ in issue 9; --gpu h200 for the H200), sm_80 code on the A100 SXM 80GB (2.04 TB/s
     read from the source, table KERNEL_CHAINS) + the launch gap inside a CUDA graph (gap_us, 2.0 us
     per kernel: launch, fill and drain). Where the source launches the step's kernels with
     programmatic dependent launch (EMU_FAST_LAUNCH_PDL, griddepcontrol in common.cuh), a kernel of
-    ours that follows one of ours pays pdl_gap_us instead (0.8 us: its blocks are resident and its
+    ours that follows one of ours pays pdl_gap_us instead, in sm_90a code only (0.8 us: its blocks are resident and its
     first weight loads issued while the previous kernel drains; what is left is the wait for that
-    grid's completion and memory flush, an assumption no GPU has checked); a kernel after an ATen
+    grid's completion and memory flush, an assumption no GPU has checked; the chain's round trips
+    made before the wait, CHAIN_BEFORE_WAIT, leave the chain); a kernel after an ATen
     kernel (the step's first) still pays gap_us. The per-step table gives the step at gap_us for
     every kernel too, so the PDL assumption's weight is visible.
   * Attention's split-KV combine: a second kernel, or, where the source passes split_counters
@@ -64,7 +65,11 @@ MODELS = {
 # Block sizes (from the launchers) and the DRAM round trips outside the main loop, read from the
 # source: loads of lengths / inputs, the reductions' barriers, the final stores.
 KERNEL_CHAINS = {"gemv": 1, "gemv_norm": 3, "attention": 3, "combine": 3, "rms_norm": 2, "silu_mul": 2, "aten_small": 1}
-BLOCK = {"gemv": 256, "gemv_mma": 256, "attention": 128, "combine": 128, "rms_norm": 256, "silu_mul": 256}
+# Of those, the round trips a kernel makes before its griddepcontrol.wait under PDL (they overlap the
+# previous kernel): attention reads the lengths / positions, then the RoPE coefficients, before it.
+# (The GEMVs' pre-wait weight loads belong to the main loop, not to the chain.)
+CHAIN_BEFORE_WAIT = {"attention": 2}
+BLOCK = {"gemv": 256, "gemv_mma": 256, "qgemv": 256, "attention": 128, "combine": 128, "rms_norm": 256, "silu_mul": 256}
 
 
 def find_tool(name, pip_pkg):
@@ -280,11 +285,18 @@ def kernel_table(arch, src, workdir, nvdisasm):
         name = names[mangled]
         if "bfloat16" not in name:
             continue
-        kind = ("gemv" if "gemv_kernel" in name else "gemv_mma" if "gemv_mma_kernel" in name else
+        kind = ("qgemv" if "quantized_gemv_kernel" in name else "gemv" if "gemv_kernel" in name else "gemv_mma" if "gemv_mma_kernel" in name else
                 "combine" if "combine" in name else
                 "attention" if "decode_attention" in name else "rms_norm" if "rms_norm" in name else
                 "silu_mul" if "silu_mul" in name else "splice")
-        stream = (lambda op: ".EF" in op) if kind in ("gemv", "gemv_mma") else (lambda op: op.startswith("LDG"))
+        # DRAM-stream loads: the GEMVs' evict-first weight loads; attention's K/V loads, not the
+        # coherent (.STRONG, __ldcg) loads of the split partials its last block merges from L2.
+        if kind in ("gemv", "gemv_mma", "qgemv"):
+            stream = lambda op: ".EF" in op
+        elif kind == "attention":
+            stream = lambda op: op.startswith("LDG") and ".STRONG" not in op
+        else:
+            stream = lambda op: op.startswith("LDG")
         loop = analyse_loop(sass.get(mangled, dict(insns=[], labels={})), stream)
         occ = occupancy(arch, p["regs"], p["smem"], BLOCK.get(kind, 256))
         out[name] = dict(kind=kind, mangled=mangled, **p, **occ, loop=loop, _stream=stream,
@@ -384,7 +396,8 @@ def step(kernels, a, model, batch, keys):
     """The kernels of one layer and of the head, as EmuDecoder::run_layers and the regression head
     launch them, each estimated; returns per-kernel rows and the per-step totals."""
     m, g, B, E = MODELS[model], a["gpu"], batch, 2  # bf16 bytes
-    ours_gap = a["pdl_gap_us"] if a["pdl"] else a["gap_us"]  # a kernel of ours after one of ours
+    # a kernel of ours after one of ours: PDL needs sm_90 code (griddepcontrol); sm_80's launches are plain
+    ours_gap = a["pdl_gap_us"] if a["pdl"] and a["arch"].startswith("sm_9") else a["gap_us"]
     H, I, Hq, Hkv, D = m["hidden"], m["inter"], m["heads"], m["kv_heads"], m["head_dim"]
 
     def gemv(label, n, kd, norm=False, silu=False):
@@ -418,7 +431,8 @@ def step(kernels, a, model, batch, keys):
     else:
         layer = [simple("add_rms_norm (input)", "rms_norm", B * H * E * 4 + H * E, B), gemv("gemv qkv", qkv_rows, H)]
     merge_ns = 2 * a["l2_ns"] if splits > 1 and a["combine_folded"] else 0.0
-    r = estimate(kernels[att], a, kv, B * Hkv * splits, 4, math.ceil(min(chunk, keys) / 16), KERNEL_CHAINS["attention"],
+    att_chain = KERNEL_CHAINS["attention"] - (CHAIN_BEFORE_WAIT["attention"] if ours_gap != a["gap_us"] else 0)
+    r = estimate(kernels[att], a, kv, B * Hkv * splits, 4, math.ceil(min(chunk, keys) / 16), att_chain,
                  gap_us=ours_gap, extra_ns=merge_ns)
     layer.append(dict(kernel="decode_attention" + (" (+ last-split merge)" if merge_ns else ""), instance=att,
                       weight_bytes=0, kv_bytes=kv, **r))
@@ -453,6 +467,39 @@ def step(kernels, a, model, batch, keys):
                 kernels_per_step=kernels_per_step, kernels_per_layer=len(layer), step_ms=total / 1e3,
                 step_ms_every_gap_full=total_no_pdl / 1e3,
                 weight_bytes=weights, weight_floor_ms=floor / 1e3, fraction_of_floor=floor / total)
+
+
+def quantized_gemvs(kernels, a, model, batch):
+    """Issue 10's weight-only GEMVs (quantized_gemv.cuh) at the model's four projections, per
+    scheme: each estimated like the bf16 GEMV (one row per warp), summed over the layers, beside
+    the floor of reading their bytes (int8: 1 B a weight + a float32 scale a row; int4 g128: 0.5 B
+    + a float32 scale per 128). Only the GEMVs: the norms, residual adds and SiLU around them are
+    the step's and depend on how the decoder composes them."""
+    m, g, B, E = MODELS[model], a["gpu"], batch, 2
+    ours_gap = a["pdl_gap_us"] if a["pdl"] and a["arch"].startswith("sm_9") else a["gap_us"]
+    H, I, Hq, Hkv, D = m["hidden"], m["inter"], m["heads"], m["kv_heads"], m["head_dim"]
+    projections = [((Hq + 2 * Hkv) * D, H), (H, Hq * D), (2 * I, H), (H, I)]
+    out = []
+    for scheme, int4 in (("int8", False), ("int4", True)):
+        inst = {}
+        for n, k in kernels.items():
+            mm = re.search(r"quantized_gemv_kernel<__nv_bfloat16, (\d+), (true|false)>", n)
+            if k["kind"] == "qgemv" and mm and (mm[2] == "true") == int4:
+                inst[int(mm[1])] = n
+        if not inst:
+            return []
+        name = inst[min(b for b in inst if b >= min(B, max(inst)))]
+        k, lp = kernels[name], kernels[name]["loop"]
+        us = floor = 0.0
+        for n, kd in projections:
+            wbytes = n * kd / 2 + n * math.ceil(kd / 128) * 4 if int4 else n * kd + n * 4
+            iters = math.ceil(wbytes / n / (32 * lp["stream_bytes_per_lane"])) if lp else 0
+            r = estimate(k, a, wbytes + B * (kd + n) * E, math.ceil(n / 8), 8, iters, KERNEL_CHAINS["gemv"], gap_us=ours_gap)
+            us += r["us"]
+            floor += wbytes / g["bw"] * 1e6
+        out.append(dict(model=model, scheme=scheme, batch=B, instance=name, gemv_ms=us * m["layers"] / 1e3,
+                        floor_ms=floor * m["layers"] / 1e3, fraction_of_floor=floor / us))
+    return out
 
 
 def markdown(reports, a):
@@ -494,6 +541,15 @@ def markdown(reports, a):
                     cells.append(f"{r['us']:.1f} ({r['bound']})" if r else "-")
                 L.append(f"| {n} | " + " | ".join(cells) + " |")
             L.append("| **one layer (sum of the layer rows above the head)** | " + " | ".join(f"**{sum(r['us'] for r in x['layer']):.1f}**" for x in steps) + " |")
+            L.append("")
+        if rep.get("quantized"):
+            L += [f"## Weight-only int8 / int4 GEMVs (issue 10), {arch} code on {g['name']}: the four projections "
+                  f"of every layer, ms per step ({LABEL})\n",
+                  "| model | scheme | batch | kernel instance | GEMVs ms | their read floor ms | fraction of floor |",
+                  "|---|---|---|---|---|---|---|"]
+            for q in rep["quantized"]:
+                L.append(f"| {q['model']} | {q['scheme']} | {q['batch']} | `{q['instance'].split('(')[0].replace('void emu_fast::cuda::', '')}` "
+                         f"| {q['gemv_ms']:.2f} | {q['floor_ms']:.2f} | {q['fraction_of_floor']:.0%} |")
             L.append("")
         L += [f"## Per step, {arch} code on {rep['gpu']['name']} ({LABEL})\n",
               "| model | batch | keys | splits | kernels/layer | kernels/step | weight floor ms | estimated step ms | fraction of floor | step ms at gap_us for every kernel |",
@@ -538,11 +594,13 @@ def main():
         for arch in args.arch or ["sm_90a", "sm_80"]:
             kernels = kernel_table(arch, os.path.abspath(args.kernels_source), tmp, nvdisasm)
             a["gpu"] = GPUS[args.gpu or ("h100" if arch == "sm_90a" else "a100")]
+            a["arch"] = arch
             steps = [step(kernels, a, m, b, keys) for m in MODELS for b in (1, 8) for keys in (160, 640)]
-            reports[arch] = dict(label=LABEL, arch=arch, gpu=a["gpu"], params={k: v for k, v in a.items() if k != "gpu"},
+            reports[arch] = dict(label=LABEL, arch=arch, gpu=a["gpu"], params={k: v for k, v in a.items() if k not in ("gpu", "arch")},
                                  kernels={n: {k: v for k, v in d.items() if not k.startswith("_")} | (
                                      dict(loop={k: v for k, v in d["loop"].items() if not k.startswith("_")}) if d["loop"] else {})
-                                     for n, d in kernels.items()}, steps=steps)
+                                     for n, d in kernels.items()}, steps=steps,
+                                 quantized=[q for m in MODELS for b in (1, 8) for q in quantized_gemvs(kernels, a, m, b)])
             path = f"{args.out}-{arch}.json"
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w") as f:
@@ -552,6 +610,9 @@ def main():
         f.write(markdown(reports, a))
     print(f"wrote {args.out}.md")
     for arch, rep in reports.items():
+        for q in rep["quantized"]:
+            print(f"{arch} {q['model']:9s} {q['scheme']} GEMVs batch {q['batch']}: {q['gemv_ms']:.2f} ms "
+                  f"(their floor {q['floor_ms']:.2f}, {q['fraction_of_floor']:.0%}) [{LABEL}]")
         for s in rep["steps"]:
             print(f"{arch} {s['model']:9s} batch {s['batch']} keys {s['keys']}: {s['step_ms']:.2f} ms "
                   f"(floor {s['weight_floor_ms']:.2f}, {s['fraction_of_floor']:.0%}; every gap full: "

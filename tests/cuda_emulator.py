@@ -126,7 +126,7 @@ class _RedZones:
     MARGIN = 4096
     POISON = {torch.float32: (torch.int32, -0x005A5A5B), torch.bfloat16: (torch.int16, -0x005B),
               torch.float16: (torch.int16, -0x025B), torch.int64: (torch.int64, -0x5A5A5A5A5A5A5A5B),
-              torch.int32: (torch.int32, -0x5A5A5A5B)}
+              torch.int32: (torch.int32, -0x5A5A5A5B), torch.uint8: (torch.uint8, 0xA5)}
 
     def __init__(self):
         self._zones = []
@@ -205,6 +205,49 @@ def _gemv(op, x, w, norm_weight=None, eps=0.0, residual=None):
 
 def gemv(x, w):
     return _gemv("gemv", x, w)
+
+
+def _quantized_rows(x, int4):
+    """x as csrc/cuda/quantized_ops_cuda.cu's kernel_rows gives it to the kernel: in place when its
+    rows are 16-byte aligned and hold whole vectors, else a fresh dense copy (int4: zero-padded to
+    whole 32-value blocks; int8 with K % 16 != 0: as it is, for the scalar loop)."""
+    B, K = x.shape
+    rows_ok = x.stride(1) == 1 and (B <= 1 or x.stride(0) >= K)
+    ld = max(K, 1) if B <= 1 else x.stride(0)
+    vectors_ok = (rows_ok and x.data_ptr() % 16 == 0 and (ld * x.element_size()) % 16 == 0
+                  and K % (32 if int4 else 16) == 0)
+    if vectors_ok:
+        return x, ld
+    if not int4:
+        y = x if rows_ok and K % 16 != 0 else x.clone(memory_format=torch.contiguous_format)
+        return y, (max(K, 1) if B <= 1 else y.stride(0))
+    padded = -(-K // 32) * 32
+    rows = torch.zeros(B, padded, dtype=x.dtype)
+    rows[:, :K] = x
+    return rows, padded
+
+
+def _quantized_gemv(what, x, qweight, scales, group):
+    B, K = x.shape
+    N = qweight.shape[0]
+    out = torch.empty(B, N, dtype=x.dtype)
+    if B == 0 or N == 0:
+        return out
+    xk, ldx = _quantized_rows(x, group > 0)
+    z = _RedZones()
+    _call(what, "emu_quantized_gemv", DTYPE_CODE[x.dtype], _ptr(z(qweight.view(torch.uint8))), _ptr(z(scales)),
+          ctypes.c_int64(scales.shape[1] if scales.dim() == 2 else 1), group, _ptr(z(xk)), ctypes.c_int64(ldx),
+          _ptr(z(out)), ctypes.c_int64(B), K, N)
+    z.check(what)
+    return out
+
+
+def gemv_int8(x, qweight, scales):
+    return _quantized_gemv("gemv_int8", x, qweight, scales, 0)
+
+
+def gemv_int4(x, qweight, scales, group_size):
+    return _quantized_gemv("gemv_int4", x, qweight, scales, group_size)
 
 
 def norm_gemv(x, norm_weight, eps, weight):

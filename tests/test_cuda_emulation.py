@@ -318,3 +318,66 @@ def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_k
                "rms_norm"):
         assert calls[op] > 0, op
     assert calls["decode_attention"] == (s.n - 1) * s.shape.layers
+
+
+# --- weight-only int8 / int4 GEMV -----------------------------------------------------------
+
+def _quantized_case(scheme, B, K, N, dtype, group=128, seed=0, x_offset=0):
+    """x (x_offset elements into its buffer: misaligned rows for x_offset % 8 != 0), the quantized
+    weight with a zero row (scale 0), and the op's arguments."""
+    from emu_fast import quantize
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * K ** -0.5
+    w[N // 2] = 0
+    x = (torch.randn(B * K + x_offset, generator=g)[x_offset:].view(B, K)).to(dtype)
+    if scheme == "int8":
+        return x, quantize.quantize_int8(w)
+    q, s = quantize.quantize_int4(w, group)
+    return x, (q, s, group)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme,B,K,N,group", [
+    ("int8", 1, 512, 40, None),   # vectors, 4 in flight per lane, and the last ones
+    ("int8", 3, 272, 17, None),   # the batch-4 instance with a row past the batch; rows past N
+    ("int8", 11, 96, 9, None),    # two launches: 8 rows, then 3
+    ("int8", 2, 100, 7, None),    # K % 16 != 0: the scalar loop
+    ("int4", 1, 1024, 24, 128),   # vectors, several groups
+    ("int4", 5, 100, 13, 32),     # K padded to 128 with zeros, a short last group
+    ("int4", 9, 320, 8, 64),      # two launches
+])
+def test_quantized_gemv_kernels_match_reference(dtype, scheme, B, K, N, group):
+    """The CUDA kernels against x @ dequantize(...)^T (emu_fast/quantize.py, the scheme's
+    definition) on every path: vector widths, template batches, batch chunks, int8's scalar loop,
+    int4's zero-padded blocks and short groups; a zero row gives zeros."""
+    x, args = _quantized_case(scheme, B, K, N, dtype, group or 128)
+    op = emu.gemv_int8 if scheme == "int8" else emu.gemv_int4
+    out = op(x, *args)
+    expected = getattr(reference, f"gemv_{scheme}")(x, *args)
+    assert out.shape == (B, N) and out.dtype == dtype
+    _close(out, expected, dtype)
+    assert not out[:, N // 2].any()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_gemv_kernels_read_misaligned_and_strided_x(scheme):
+    """x starting one element into its buffer, or a strided slice: the glue copies it dense
+    (int4: padded); same answer as the aligned x."""
+    dtype = torch.bfloat16
+    x_bad, args = _quantized_case(scheme, 3, 256, 16, dtype, x_offset=1)
+    op = emu.gemv_int8 if scheme == "int8" else emu.gemv_int4
+    expected = op(x_bad.clone(), *args)
+    torch.testing.assert_close(op(x_bad, *args), expected, rtol=0, atol=0)
+    wide = torch.zeros(3, 300, dtype=dtype)
+    wide[:, :256] = x_bad
+    torch.testing.assert_close(op(wide[:, :256], *args), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_gemv_kernels_do_not_depend_on_thread_order(scheme):
+    x, args = _quantized_case(scheme, 5, 384, 20, torch.bfloat16, group=64)
+    op = emu.gemv_int8 if scheme == "int8" else emu.gemv_int4
+    in_order = op(x, *args)
+    for seed in (1, 2):
+        emu.set_schedule_seed(seed)
+        torch.testing.assert_close(op(x, *args), in_order, rtol=0, atol=0)

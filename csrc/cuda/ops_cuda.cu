@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "compose.h"
+#include "cuda/torch_glue.h"
 #include "cuda/kernels/decode_attention.cuh"
 #include "cuda/kernels/elementwise.cuh"
 #include "cuda/kernels/gemv.cuh"
@@ -19,31 +20,15 @@
 namespace emu_fast {
 namespace {
 
-// Calls f(T{}) with T the CUDA storage type of s.
-template <typename F>
-void dispatch_float(at::ScalarType s, F&& f) {
-  switch (s) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(__nv_bfloat16{});
-    case at::kHalf: return f(__half{});
-    default: TORCH_CHECK_TYPE(false, "emu_fast: unsupported dtype ", py_dtype(s), " on CUDA");
-  }
-}
+using cuda_glue::check_launch;
+using cuda_glue::dispatch_float;
+using cuda_glue::ptr;
 
 // Rows the launchers take as they are: unit column stride and rows that do not overlap (a row
 // stride of at least the row's length; the GEMM path's 2-D copy refuses a smaller pitch). An
 // expanded or otherwise overlapping x is copied dense first.
 bool rows_usable(const at::Tensor& x) {
   return x.stride(1) == 1 && (x.size(0) <= 1 || x.stride(0) >= x.size(1));
-}
-
-template <typename T>
-T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "emu_fast.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
 int sm_count(int device) {

@@ -7,6 +7,7 @@
 #include "cuda/kernels/decode_attention.cuh"
 #include "cuda/kernels/elementwise.cuh"
 #include "cuda/kernels/gemv.cuh"
+#include "cuda/kernels/quantized_gemv.cuh"
 #include "kernels/splice.h"
 
 namespace {
@@ -68,6 +69,22 @@ int emu_gemv(int dtype, const void* w, const void* x, void* y, int64_t batch, in
                                                    static_cast<T*>(workspace), host_gemm_for<T>(), nullptr));
     return static_cast<int>(launch_gemv<T, false>(wt, xt, static_cast<T*>(y), nullptr, 0.f, batch, k_dim, n_rows, ldx,
                                                   n_rows, r, ldr, nullptr, host_gemm_for<T>(), nullptr));
+  });
+}
+
+// emu_fast::gemv_int8 (group 0) / gemv_int4 (group > 0) as csrc/cuda/quantized_ops_cuda.cu
+// launches them, x already as that glue prepares it (int4: padded and aligned).
+int emu_quantized_gemv(int dtype, const void* q, const float* scales, int64_t scale_ld, int group, const void* x,
+                       int64_t ldx, void* y, int64_t batch, int k_dim, int n_rows) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const uint8_t* qb = static_cast<const uint8_t*>(q);
+    const T* xt = static_cast<const T*>(x);
+    T* yt = static_cast<T*>(y);
+    return static_cast<int>(group > 0 ? launch_quantized_gemv<T, true>(qb, scales, scale_ld, group, xt, ldx, yt, n_rows,
+                                                                        batch, k_dim, n_rows, nullptr)
+                                      : launch_quantized_gemv<T, false>(qb, scales, 1, 0, xt, ldx, yt, n_rows, batch,
+                                                                         k_dim, n_rows, nullptr));
   });
 }
 

@@ -5,6 +5,7 @@
 #include "decode_attention.cuh"
 #include "elementwise.cuh"
 #include "gemv.cuh"
+#include "quantized_gemv.cuh"
 
 namespace emu_fast::cuda {
 
@@ -21,6 +22,8 @@ void instantiate_all() {
   launch_rms_norm<T>(nullptr, nullptr, nullptr, 0.f, 1, 8, nullptr, nullptr, nullptr);
   launch_silu_mul<T>(nullptr, 1, 8, nullptr, nullptr);
   launch_splice<T>(nullptr, nullptr, nullptr, nullptr, 1, 8, nullptr, nullptr);
+  launch_quantized_gemv<T, false>(nullptr, nullptr, 1, 0, nullptr, 16, nullptr, 8, 1, 16, 8, nullptr);
+  launch_quantized_gemv<T, true>(nullptr, nullptr, 1, 32, nullptr, 32, nullptr, 8, 1, 32, 8, nullptr);
 }
 
 template void instantiate_all<float>();
