@@ -160,7 +160,8 @@ def test_memory_summary_adds_up(emu_tokenizer):
     assert m["kv_cache"] == dec.kv_cache.numel() * dec.kv_cache.element_size() > 0
     assert (m["batch"], m["seq_len"]) == dec.capacity == (3, 128)
     rope = 2 * dec.rope_positions * (dec.head_dim // 2) * 4
-    assert m["scratch"] == rope + 2 * 3 * 8  # RoPE tables + per-row lengths and starts (int64)
+    # RoPE tables + per-row lengths and starts (int64) + attention's split counters (int32, a row and KV head)
+    assert m["scratch"] == rope + 2 * 3 * 8 + 3 * dec.num_kv_heads * 4
 
 
 def test_accelerate_without_capacity_arguments(emu_tokenizer):
