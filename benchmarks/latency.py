@@ -23,12 +23,19 @@ whole sequence n times, minutes per point at the larger sizes: --skip-upstream l
 On the CPU, the CPUs other processes used while each point ran are recorded and such points
 are marked: the figures of a shared machine are only as good as its quiet moments.
 
+"emu_fast int8" / "emu_fast int4": the same decoder on weight-only int8 / int4 (group 128)
+projections of a quantized copy of the model (emu_fast.accelerate(..., weights=...)), activations
+in the model's dtype; their error is against the unquantized reference, so it is what
+quantization adds (not held to the tolerance), and their weight reads are the bytes they read
+(qweights, scales, norms, head), against the bandwidth of reading a buffer of that size.
+
 The compared loops live in benchmarks/peers.py, the machine description and bandwidth in
 benchmarks/machine.py, the figure in benchmarks/plot.py.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -62,7 +69,9 @@ SWEEP_PROMPT_LENS = (64, 128, 256, 512, 1024)
 # Methods, in the order they run and print.
 UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST = ("upstream recompute", "HF KV-cache loop", "static cache, eager",
                                                   "static cache, compiled", "emu_fast, ATen step", "emu_fast")
-METHODS = (UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST)
+FAST_INT8, FAST_INT4 = "emu_fast int8", "emu_fast int4"
+METHODS = (UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST, FAST_INT8, FAST_INT4)
+QUANTIZED = {FAST_INT8: "int8", FAST_INT4: "int4"}
 # Largest relative error per output vector that still counts as "the same result": float32
 # as the tests require; half precision rounds every op and the fed-back loop compounds it.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
@@ -194,10 +203,22 @@ class Bench:
         up = self.family.project_up(self.model)
         self.aten = emu_fast.EmuDecoder.from_llama(self.model.decoder.lm, self.family.head(self.model).weight,
                                                    None if up is None else up.weight, kernels="aten")
+        # Weight-only int8 / int4 decoders, each over its own quantized copy of the language model
+        # (the model itself stays unquantized for the other rows), and the read bandwidth at the
+        # size of what each step reads.
+        self.quantized = {}
+        for name, scheme in QUANTIZED.items():
+            lm = copy.deepcopy(self.model.decoder.lm)
+            head, up_copy = self.family.head(self.model).weight, None if up is None else up.weight
+            dec = emu_fast.EmuDecoder.from_llama(lm, head, up_copy, weights=scheme,
+                                                 max_batch=max_batch, max_seq_len=max_prompt + 16 + self.n)
+            self.quantized[name] = (lm, dec, read_bandwidth(args.device, dec.weight_bytes))
 
     def measure_bandwidth_again(self):
         # Measured around the step timings and the larger kept: fractions are then lower bounds.
         self.bandwidth = max(self.bandwidth, read_bandwidth(self.args.device, self.weight_bytes))
+        for name, (lm, dec, bw) in self.quantized.items():
+            self.quantized[name] = (lm, dec, max(bw, read_bandwidth(self.args.device, dec.weight_bytes)))
 
     def point(self, batch: int, prompt_len: int, progress=None) -> dict:
         """Every method at one (batch, prompt length): {"methods": {name: row}, ...}. A row has
@@ -210,10 +231,10 @@ class Bench:
         others = OtherWork().start()
         for name, method in ((UPSTREAM, self.upstream_row), (HF, self.hf_row), (EAGER, self.eager_row),
                              (COMPILED, self.compiled_row), (FAST_ATEN, self.emu_fast_aten_row),
-                             (FAST, self.emu_fast_row)):
+                             (FAST, self.emu_fast_row), (FAST_INT8, self.quantized_row), (FAST_INT4, self.quantized_row)):
             if progress is not None:
                 progress.set_postfix_str(f"batch {batch}, prompt {max(lens)}: {name}")
-            rows[name] = method(texts, embeds, mask, rows)
+            rows[name] = method(texts, embeds, mask, rows) if name not in QUANTIZED else method(name, embeds, mask)
         # (on a GPU other CPU work matters little; not reported there)
         busy = others.stop() if self.args.device == "cpu" else None
         return {"batch": batch, "prompt_len": prompt_len, "prompt_tokens": lens, "methods": rows,
@@ -299,6 +320,21 @@ class Bench:
         return {"image_s": t, "step_s": t_steps / max(1, n - 1), "prefill_s": t_prefill, "result": out}
 
 
+    def quantized_row(self, name, embeds, mask) -> dict:
+        """EmuDecoder on weight-only quantized projections (QUANTIZED[name]), driven like the
+        ATen row: its generate, then its prefill and n - 1 decode steps timed apart."""
+        args, n = self.args, self.n
+        _, dec, bandwidth = self.quantized[name]
+        t, out = timed(lambda: dec.generate(embeds, mask, n), args.device, args.reps)
+        t_prefill, t_steps = prefill_and_steps(lambda: dec.prefill(embeds, mask), lambda out0: dec.decode(out0, n - 1),
+                                               args.device, args.reps)
+        return {"image_s": t, "step_s": t_steps / max(1, n - 1), "prefill_s": t_prefill, "result": out,
+                # a smaller buffer reads at least as fast as the model-sized one: the larger of the two
+                "step_bytes": dec.weight_bytes, "bandwidth": max(bandwidth, self.bandwidth), "quantized": True,
+                "note": f"{QUANTIZED[name]}{' g' + str(dec.group_size) if dec.group_size else ''}; "
+                        "error = quantization's"}
+
+
 def figures(point: dict, weight_bytes: int, bandwidth: float, dtype: str) -> dict:
     """The JSON row of each method (result tensors reduced to their error against the
     reference), keeping the keys earlier results/*.json use; None where there is no figure."""
@@ -314,18 +350,23 @@ def figures(point: dict, weight_bytes: int, bandwidth: float, dtype: str) -> dic
                          "note": r["note"], "image_ms": None, "step_ms": None}
             continue
         # A weight-read rate only means something for a cached decode step.
-        gbs = weight_bytes / r["step_s"] / 1e9 if name != UPSTREAM else None
+        # (the quantized rows read their own, smaller, weights, against the bandwidth at that size)
+        step_bytes, bw = r.get("step_bytes", weight_bytes), r.get("bandwidth", bandwidth)
+        gbs = step_bytes / r["step_s"] / 1e9 if name != UPSTREAM else None
         err = rel_err(r["result"], ref)
         f = {"status": "ok", "note": r.get("note", ""),
              "image_ms": r["image_s"] * 1e3, "step_ms": r["step_s"] * 1e3,
              "prefill_ms": r["prefill_s"] * 1e3 if "prefill_s" in r else None,
              "speedup_vs_upstream": up / r["image_s"] if up else None,
              "speedup_vs_hf_kv": hf / r["image_s"],
+             "step_weight_bytes": step_bytes if name != UPSTREAM else None,
              "step_weight_read_GBps": gbs,
-             "fraction_of_bandwidth": gbs * 1e9 / bandwidth if gbs else None,
+             "read_bandwidth_GBps": bw / 1e9,
+             "fraction_of_bandwidth": gbs * 1e9 / bw if gbs else None,
              "max_rel_err_vs_reference": err,
              "reference": ref_name,
-             "matches_reference": err <= TOLERANCE[dtype]}
+             # quantized rows: their error is what quantization adds, not a kernel's; not judged
+             "matches_reference": None if r.get("quantized") else err <= TOLERANCE[dtype]}
         if "compile_s" in r:
             f["compile_s"] = r["compile_s"]
         out[name] = f
@@ -335,7 +376,7 @@ def figures(point: dict, weight_bytes: int, bandwidth: float, dtype: str) -> dic
 def print_table(methods: dict, dtype: str):
     ref = next((f["reference"] for f in methods.values() if f["status"] == "ok"))
     print(f"{'method':<24}{'per image':>11}{'per step':>11}{'prefill':>10}{'vs upstream':>12}{'vs HF KV':>9}"
-          f"{'step GB/s':>10}{'% of bw':>8}{'rel err':>9}  note (rel err vs {ref}, tolerance {TOLERANCE[dtype]:g})")
+          f"{'step MB':>9}{'step GB/s':>10}{'% of bw':>8}{'rel err':>9}  note (rel err vs {ref}, tolerance {TOLERANCE[dtype]:g})")
     for name, f in methods.items():
         if f["status"] != "ok":
             print(f"{name:<24}{f['note']}")
@@ -343,10 +384,12 @@ def print_table(methods: dict, dtype: str):
 
         def num(v, fmt, suffix=""):
             return "-" if v is None else format(v, fmt) + suffix
-        note = f["note"] + ("" if f["matches_reference"] else "; DOES NOT MATCH the reference")
+        note = f["note"] + ("; DOES NOT MATCH the reference" if f["matches_reference"] is False else "")
         print(f"{name:<24}{num(f['image_ms'], '.1f', 'ms'):>11}{num(f['step_ms'], '.2f', 'ms'):>11}"
               f"{num(f['prefill_ms'], '.1f', 'ms'):>10}{num(f['speedup_vs_upstream'], '.1f', 'x'):>12}"
-              f"{num(f['speedup_vs_hf_kv'], '.1f', 'x'):>9}{num(f['step_weight_read_GBps'], '.1f'):>10}"
+              f"{num(f['speedup_vs_hf_kv'], '.1f', 'x'):>9}"
+              f"{num(f['step_weight_bytes'] and f['step_weight_bytes'] / 1e6, '.1f'):>9}"
+              f"{num(f['step_weight_read_GBps'], '.1f'):>10}"
               f"{num(f['fraction_of_bandwidth'] and 100 * f['fraction_of_bandwidth'], '.0f', '%'):>8}"
               f"{f['max_rel_err_vs_reference']:>9.1e}  {note.strip('; ')}")
 
@@ -386,7 +429,7 @@ def sweep_table(title: str, points: List[dict], key: str, methods: List[str]):
                 cells.append(f["note"] if len(f["note"]) <= 25 else f"{f['status']} (see below)")
                 why.setdefault((m, f["note"]), None)
             else:
-                mark = "" if f["matches_reference"] else " !"
+                mark = " !" if f["matches_reference"] is False else ""
                 cells.append(f"{f['step_ms']:.2f} ({f['image_ms']:.0f}){mark}")
         x = p["batch"] if key == "batch" else max(p["prompt_tokens"])
         busy = p["other_cpus_busy"] is not None and p["other_cpus_busy"] > BUSY
@@ -422,7 +465,7 @@ def run_sweep(args, machine):
     sweep_table(f"vs batch (prompt ~{args.prompt_len} tokens)", done["batch"], "batch", methods)
     sweep_table("vs prompt length (batch 1)", done["prompt"], "prompt", methods)
     bad = sorted({m for ps in done.values() for p in ps for m, f in p["methods"].items()
-                  if f["status"] == "ok" and not f["matches_reference"]})
+                  if f["status"] == "ok" and f["matches_reference"] is False})
     print("all results match the reference" if not bad else f"'!': DOES NOT MATCH the reference: {', '.join(bad)}")
     busy = [p for ps in done.values() for p in ps if (p["other_cpus_busy"] or 0) > BUSY]
     if busy:
@@ -455,8 +498,8 @@ def run_sweep(args, machine):
 
 
 def _refraction(figs: dict, bandwidth: float) -> dict:
-    for f in figs.values():
-        if f.get("step_weight_read_GBps"):
+    for name, f in figs.items():
+        if f.get("step_weight_read_GBps") and name not in QUANTIZED:  # (those have their own)
             f["fraction_of_bandwidth"] = f["step_weight_read_GBps"] * 1e9 / bandwidth
     return figs
 

@@ -92,16 +92,20 @@ KV cache grows to the largest request. kernels: "custom" (ours), "aten" (the por
 any torch device) or "auto" (ours where we have them, checked against ATen at first use per
 batch size; ATen elsewhere or after a failed check). segment_starts: the first layer of each
 run of layers on one device (a model split over devices); each segment keeps its own cache.
+weight_bits: 0 (the projections in the model's dtype), 8 or 4 (weight-only int8 / int4, the
+schemes of emu_fast.quantize; group_size: int4's group): each layer's list is then followed by
+[qkv_scales, o_scales, gate_up_scales, down_scales] and qkv/o/gate_up/down are the qweights.
 )doc")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor,
                     c10::optional<at::Tensor>, int64_t, int64_t, double, at::Tensor, at::Tensor,
                     c10::optional<int64_t>, c10::optional<int64_t>, EmuDecoder::RopeFn, const std::string&,
-                    std::vector<int64_t>>(),
+                    std::vector<int64_t>, int64_t, int64_t>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("head_weight"), py::arg("up_weight") = py::none(),
            py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("rms_eps"),
            py::arg("rope_cos"), py::arg("rope_sin"), py::arg("max_batch") = py::none(),
            py::arg("max_seq_len") = py::none(), py::arg("rope_fn") = py::none(), py::arg("kernels") = "auto",
-           py::arg("segment_starts") = std::vector<int64_t>{})
+           py::arg("segment_starts") = std::vector<int64_t>{}, py::arg("weight_bits") = 0,
+           py::arg("group_size") = 0)
       .def("prefill", &EmuDecoder::prefill, py::arg("inputs_embeds"), py::arg("attention_mask"),
            py::call_guard<py::gil_scoped_release>(),
            "Prompts [B,T,H] with a [B,T] 0/1 mask (left or right padding) -> output 0 [B, out].")
@@ -134,6 +138,8 @@ run of layers on one device (a model split over devices); each segment keeps its
       .def_property_readonly("max_batch", &EmuDecoder::max_batch, "The batch limit, or None.")
       .def_property_readonly("max_seq_len", &EmuDecoder::max_seq_len, "The length limit, or None.")
       .def_property_readonly("num_layers", &EmuDecoder::num_layers)
+      .def_property_readonly("weight_bits", &EmuDecoder::weight_bits, "0 (unquantized), 8 (int8) or 4 (int4).")
+      .def_property_readonly("group_size", &EmuDecoder::group_size, "int4's group size (0 otherwise).")
       .def_property_readonly("hidden_size", &EmuDecoder::hidden_size)
       .def_property_readonly("output_size", &EmuDecoder::output_size)
       .def_property_readonly("num_heads", &EmuDecoder::num_heads)

@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "cpu/fused_step.h"
+#include "kernels/quantized_gemv.h"
 #include "prompt_mask.h"
 #include "self_check.h"
 #include "step_kernels.h"
@@ -38,13 +39,48 @@ void check_weight(const at::Tensor& t, const std::string& where, const char* nam
 
 std::string layer_name(size_t l) { return "layer " + std::to_string(l) + " "; }
 
+const char* scheme_name(int64_t bits) { return bits == 8 ? "int8" : "int4"; }
+
+// A quantized projection computing [N] outputs from K inputs: its qweight and scales as
+// WeightQuant's scheme lays them out (kernels/quantized_gemv.h), on `device`, contiguous.
+void check_quantized_weight(const at::Tensor& q, const at::Tensor& scales, const std::string& where, const char* name,
+                            int64_t N, int64_t K, const WeightQuant& quant, const at::Device& device,
+                            const char* device_owner) {
+  const bool int8 = quant.bits == 8;
+  const std::vector<int64_t> q_shape = {N, int8 ? K : kernels::int4_row_bytes(K)};
+  const std::vector<int64_t> s_shape =
+      int8 ? std::vector<int64_t>{N} : std::vector<int64_t>{N, kernels::int4_groups(K, quant.group_size)};
+  const at::ScalarType q_dtype = int8 ? at::kChar : at::kByte;
+  const std::string what = std::string(name) + " (" + scheme_name(quant.bits) + ")";
+  TORCH_CHECK_VALUE(q.defined(), kWho, ": ", where, what, " qweight is missing");
+  TORCH_CHECK_VALUE(scales.defined(), kWho, ": ", where, what, " scales are missing");
+  TORCH_CHECK_TYPE(q.scalar_type() == q_dtype, kWho, ": ", where, what, " qweight is ", py_dtype(q.scalar_type()),
+                   ", expected ", py_dtype(q_dtype), " for ", scheme_name(quant.bits), " weights");
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, kWho, ": ", where, what, " scales are ",
+                   py_dtype(scales.scalar_type()), ", expected torch.float32");
+  TORCH_CHECK_VALUE(q.sizes() == at::IntArrayRef(q_shape), kWho, ": ", where, what, " qweight has shape ", q.sizes(),
+                    ", expected ", at::IntArrayRef(q_shape),
+                    int8 ? "" : " (two values a byte, rows padded to a multiple of 32 values)");
+  TORCH_CHECK_VALUE(scales.sizes() == at::IntArrayRef(s_shape), kWho, ": ", where, what, " scales have shape ",
+                    scales.sizes(), ", expected ", at::IntArrayRef(s_shape),
+                    int8 ? " (one per output row)"
+                         : " (one per output row and group of " + std::to_string(quant.group_size) + " inputs)");
+  for (const at::Tensor* t : {&q, &scales}) {
+    const char* part = t == &q ? " qweight" : " scales";
+    TORCH_CHECK_VALUE(t->device() == device, kWho, ": ", where, what, part, " is on ", t->device(), " but ",
+                      device_owner, " is on ", device);
+    TORCH_CHECK_VALUE(t->is_contiguous(), kWho, ": ", where, what, part, " must be contiguous");
+  }
+}
+
 }  // namespace
 
 EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
                        at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
                        int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
                        c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn,
-                       const std::string& kernels, std::vector<int64_t> segment_starts)
+                       const std::string& kernels, std::vector<int64_t> segment_starts, int64_t weight_bits,
+                       int64_t group_size)
     : final_norm_(std::move(final_norm)),
       head_(std::move(head_weight)),
       up_(std::move(up_weight)),
@@ -73,6 +109,19 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                     rms_eps);
   head_dim_ = hidden_ / num_heads;
   const auto st = final_norm_.scalar_type();
+  TORCH_CHECK_VALUE(weight_bits == 0 || weight_bits == 8 || weight_bits == 4, kWho,
+                    ": weight_bits must be 0 (unquantized), 8 (int8) or 4 (int4), got ", weight_bits);
+  if (weight_bits == 4)
+    TORCH_CHECK_VALUE(group_size > 0 && group_size % kernels::kInt4Block == 0, kWho,
+                      ": int4 weights need a group_size that is a positive multiple of ", kernels::kInt4Block,
+                      ", got ", group_size);
+  quant_ = WeightQuant{weight_bits, weight_bits == 4 ? group_size : 0};
+  const size_t per_layer = weight_bits == 0 ? 6 : 10;
+  const std::string layer_parts =
+      weight_bits == 0 ? "6 tensors [input_norm, qkv, o, post_norm, gate_up, down]"
+                       : std::string("10 tensors [input_norm, qkv, o, post_norm, gate_up, down, qkv_scales, o_scales, "
+                                     "gate_up_scales, down_scales] for ") +
+                             scheme_name(weight_bits) + " weights";
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kWho,
                    ": weights must be float32, bfloat16 or float16, got ", py_dtype(st));
 
@@ -90,27 +139,35 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   const int64_t qkv_rows = (num_heads + 2 * num_kv_heads) * D;
   for (size_t i = 0; i < segment_starts.size(); ++i) {
     const int64_t begin = segment_starts[i], end = i + 1 < segment_starts.size() ? segment_starts[i + 1] : L;
-    TORCH_CHECK_VALUE(layers[begin].size() == 6 && layers[begin][0].defined(), kWho, ": layer ", begin,
-                      " needs 6 tensors [input_norm, qkv, o, post_norm, gate_up, down], got ", layers[begin].size());
+    TORCH_CHECK_VALUE(layers[begin].size() == per_layer && layers[begin][0].defined(), kWho, ": layer ", begin,
+                      " needs ", layer_parts, ", got ", layers[begin].size());
     const at::Device device = layers[begin][0].device();
     const std::string owner = "segment " + std::to_string(i) + " (from layer " + std::to_string(begin) + ")";
     for (int64_t l = begin; l < end; ++l) {
       const auto& w = layers[l];
       const std::string where = layer_name(l);
-      TORCH_CHECK_VALUE(w.size() == 6, kWho, ": layer ", l,
-                        " needs 6 tensors [input_norm, qkv, o, post_norm, gate_up, down], got ", w.size());
+      TORCH_CHECK_VALUE(w.size() == per_layer, kWho, ": layer ", l, " needs ", layer_parts, ", got ", w.size());
       TORCH_CHECK_VALUE(w[4].defined() && w[4].dim() == 2 && w[4].size(0) % 2 == 0, kWho, ": layer ", l,
                         " gate_up must be [2*intermediate, hidden]");
       const int64_t I = w[4].size(0) / 2;
-      TORCH_CHECK_VALUE(l == 0 || I == layers_[0].down.size(1), kWho, ": layer ", l, " has intermediate size ", I,
-                        " but layer 0 has ", layers_.empty() ? 0 : layers_[0].down.size(1), "; LLaMA's are all equal");
+      const int64_t I0 = layers_.empty() ? I : layers_[0].gate_up.size(0) / 2;
+      TORCH_CHECK_VALUE(I == I0, kWho, ": layer ", l, " has intermediate size ", I, " but layer 0 has ", I0,
+                        "; LLaMA's are all equal");
       check_weight(w[0], where, "input_norm", {H}, st, device, owner.c_str());
-      check_weight(w[1], where, "qkv", {qkv_rows, H}, st, device, owner.c_str());
-      check_weight(w[2], where, "o", {H, num_heads * D}, st, device, owner.c_str());
       check_weight(w[3], where, "post_norm", {H}, st, device, owner.c_str());
-      check_weight(w[4], where, "gate_up", {2 * I, H}, st, device, owner.c_str());
-      check_weight(w[5], where, "down", {H, I}, st, device, owner.c_str());
-      layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+      if (weight_bits == 0) {
+        check_weight(w[1], where, "qkv", {qkv_rows, H}, st, device, owner.c_str());
+        check_weight(w[2], where, "o", {H, num_heads * D}, st, device, owner.c_str());
+        check_weight(w[4], where, "gate_up", {2 * I, H}, st, device, owner.c_str());
+        check_weight(w[5], where, "down", {H, I}, st, device, owner.c_str());
+        layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+      } else {
+        check_quantized_weight(w[1], w[6], where, "qkv", qkv_rows, H, quant_, device, owner.c_str());
+        check_quantized_weight(w[2], w[7], where, "o", H, num_heads * D, quant_, device, owner.c_str());
+        check_quantized_weight(w[4], w[8], where, "gate_up", 2 * I, H, quant_, device, owner.c_str());
+        check_quantized_weight(w[5], w[9], where, "down", H, I, quant_, device, owner.c_str());
+        layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9]});
+      }
     }
     segs_.push_back(Segment{begin, end, device});
   }
@@ -140,7 +197,9 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   const int64_t group = num_heads / num_kv_heads;
   std::string why;
   bool ours = mode_ != "aten";
-  for (const Segment& seg : segs_) ours = ours && custom_kernels_support(seg.device, st, D, group, &why);
+  for (const Segment& seg : segs_)
+    ours = ours && custom_kernels_support(seg.device, st, D, group, &why) &&
+           custom_quantized_support(seg.device, quant_.bits, &why);
   ours = ours && custom_kernels_support(out_device, st, D, group, &why);
   TORCH_CHECK_VALUE(ours || mode_ != "custom", kWho, ": kernels=\"custom\" cannot run here: ", why,
                     " (use kernels=\"auto\" or \"aten\")");
@@ -206,7 +265,7 @@ void EmuDecoder::rebuild_step_locked() {
     const std::vector<at::Tensor> kc(k_cache_.begin() + seg.begin, k_cache_.begin() + seg.end);
     const std::vector<at::Tensor> vc(v_cache_.begin() + seg.begin, v_cache_.begin() + seg.end);
     seg.fused = cpu::make_fused_step(layers, kc, vc, final_norm_, seg.fused_head ? head_ : at::Tensor(), up_,
-                                     seg.rope_cos, seg.rope_sin, num_heads_, num_kv_heads_, eps_);
+                                     seg.rope_cos, seg.rope_sin, num_heads_, num_kv_heads_, eps_, quant_);
   }
 }
 
@@ -340,7 +399,9 @@ int64_t EmuDecoder::weight_bytes() const {
   int64_t n = 0;
   auto add = [&n](const at::Tensor& t) { n += static_cast<int64_t>(t.numel()) * t.element_size(); };
   for (const auto& w : layers_)
-    for (const auto* t : {&w.input_norm, &w.qkv, &w.o, &w.post_norm, &w.gate_up, &w.down}) add(*t);
+    for (const auto* t : {&w.input_norm, &w.qkv, &w.o, &w.post_norm, &w.gate_up, &w.down, &w.qkv_scales,
+                          &w.o_scales, &w.gate_up_scales, &w.down_scales})
+      if (t->defined()) add(*t);
   add(final_norm_);
   add(head_);
   if (up_.has_value()) add(*up_);
@@ -511,7 +572,7 @@ at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayo
     for (int64_t l = seg.begin; l < seg.end; ++l) {
       const auto& w = layers_[l];
       const at::Tensor x = k.rms_norm(h, w.input_norm, eps_);
-      const at::Tensor qkv = at::linear(x, w.qkv).view({B, L, Hq + 2 * Hkv, D});
+      const at::Tensor qkv = prefill_linear(x, w.qkv, w.qkv_scales).view({B, L, Hq + 2 * Hkv, D});
       const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
       const at::Tensor kk = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
       const at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2);
@@ -521,9 +582,9 @@ at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayo
       const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
       const at::Tensor o = unpadded ? at::scaled_dot_product_attention(q, kx, vx, {}, 0.0, true, scale)
                                     : at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
-      h = h + at::linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o);
+      h = h + prefill_linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o, w.o_scales);
       const at::Tensor y = k.rms_norm(h, w.post_norm, eps_);
-      h = h + at::linear(k.silu_mul(at::linear(y, w.gate_up)), w.down);
+      h = h + prefill_linear(k.silu_mul(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
     }
     seg.lengths_dev.narrow(0, 0, B).copy_(lens_host);
     seg.starts_dev.narrow(0, 0, B).copy_(starts_host);
@@ -620,7 +681,13 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_part(const Part& part, const 
   return k.regression_head(h, final_norm_, eps_, head_, up_);
 }
 
+at::Tensor EmuDecoder::prefill_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) const {
+  if (quant_.bits == 0) return at::linear(x, w);
+  return at::linear(x, dequantize_weight(w, scales, quant_.bits, quant_.group_size, x.size(-1), x.scalar_type()));
+}
+
 at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor h) {
+  if (quant_.bits != 0) return run_layers_quantized(seg, k, h);
   const int64_t B = h.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
@@ -643,6 +710,43 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
   }
   seg.lengths_dev.narrow(0, 0, B).add_(1);
   return h;
+}
+
+at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const StepKernels& k, at::Tensor h) {
+  const int64_t B = h.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
+  const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
+  auto proj = [&](const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+    return k.gemv_quantized(x, q, s, quant_.bits, quant_.group_size);
+  };
+  // Composed from our ops as the fused CPU step runs (cpu/decode_step.cpp), rounding for
+  // rounding: each projection's output is rounded to the dtype (the GEMV op's result) and joins
+  // the residual stream in the next add_rms_norm, which rounds the sum, then normalizes it.
+  // `branch` is the projection not yet added (the previous layer's down, the o projection).
+  at::Tensor branch;
+  for (int64_t l = seg.begin; l < seg.end; ++l) {
+    const auto& w = layers_[l];
+    at::Tensor xn;
+    if (branch.defined()) {
+      std::tie(xn, h) = k.add_rms_norm(branch, h, w.input_norm, eps_);
+    } else {
+      xn = k.rms_norm(h, w.input_norm, eps_);
+    }
+    const at::Tensor qkv = proj(xn, w.qkv, w.qkv_scales);  // [B, (Hq + 2 Hkv) D]
+    const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
+    const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
+    const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
+    const at::Tensor attn =
+        k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale,
+                           seg.split_counters);
+    branch = proj(attn.view({B, Hq * D}), w.o, w.o_scales);
+    std::tie(xn, h) = k.add_rms_norm(branch, h, w.post_norm, eps_);
+    branch = proj(k.silu_mul(proj(xn, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+  }
+  seg.lengths_dev.narrow(0, 0, B).add_(1);
+  // The last add, rounded once as the fused step rounds it (float32 sum of the two, to the dtype).
+  return at::add(h, branch);
 }
 
 void EmuDecoder::rewind_lengths_locked(int64_t batch) {

@@ -43,6 +43,19 @@ struct DecoderLayerWeights {
   at::Tensor post_norm;   // [H]
   at::Tensor gate_up;     // [2 I, H]: gate_proj, up_proj stacked
   at::Tensor down;        // [H, I]
+  // Weight-only quantized projections (WeightQuant below, bits 8 or 4): qkv, o, gate_up and down
+  // then hold the qweights (int8 [N, K], or uint8 [N, ceil(K / 32) * 16] for int4) and these
+  // their float32 scales ([N], or [N, ceil(K / group_size)]); qkv's and gate_up's stack the
+  // rows' of q/k/v and gate/up like the weights. Undefined for unquantized weights.
+  at::Tensor qkv_scales, o_scales, gate_up_scales, down_scales;
+};
+
+// How the four projections of every layer are stored (emu_fast/quantize.py defines the
+// schemes): bits 0 (the model's dtype), 8 (int8 per output row) or 4 (int4 in groups of
+// group_size inputs). One scheme for the whole decoder; norms, the head and up stay unquantized.
+struct WeightQuant {
+  int64_t bits = 0;
+  int64_t group_size = 0;  // int4 only
 };
 
 class EmuDecoder {
@@ -51,7 +64,8 @@ class EmuDecoder {
   // calls it when its tables are too short. Empty: the tables given are all there is.
   using RopeFn = std::function<std::tuple<at::Tensor, at::Tensor>(int64_t)>;
 
-  // layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] as above.
+  // layers: per layer [input_norm, qkv, o, post_norm, gate_up, down] as above; with quantized
+  // weights (weight_bits 8 or 4) followed by [qkv_scales, o_scales, gate_up_scales, down_scales].
   // head_weight [Dout, H] is the regression head (Emu1 stu_regress_head, Emu2 project_down);
   // up_weight [H, Dout] maps an output back to the next input (Emu2 project_up), or none (Emu1).
   // rope_cos/rope_sin: float32 [P, D/2] for positions 0..P-1 (P may be 0 with a rope_fn, which
@@ -63,7 +77,8 @@ class EmuDecoder {
              at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
              int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
              c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn = {},
-             const std::string& kernels = "auto", std::vector<int64_t> segment_starts = {});
+             const std::string& kernels = "auto", std::vector<int64_t> segment_starts = {},
+             int64_t weight_bits = 0, int64_t group_size = 0);
   // kernels: "auto", "custom" or "aten" (above). segment_starts: the first layer of each segment
   // (empty: one segment, every layer on one device); each segment's weights share a device.
 
@@ -105,6 +120,8 @@ class EmuDecoder {
   int64_t weight_bytes() const;
   int64_t scratch_bytes() const;
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  int64_t weight_bits() const { return quant_.bits; }        // 0: unquantized
+  int64_t group_size() const { return quant_.group_size; }   // int4's group; 0 otherwise
   int64_t hidden_size() const { return hidden_; }
   int64_t output_size() const { return head_.size(0); }
   int64_t num_heads() const { return num_heads_; }
@@ -183,6 +200,12 @@ class EmuDecoder {
   // them (each projection added to it as it is computed, rounded as the fused CPU step rounds
   // it, so cutting a model into segments changes no bit).
   at::Tensor run_layers(Segment& seg, const StepKernels& kernels, at::Tensor h);
+  // The same over quantized projections: rms_norm / add_rms_norm, then the quantized GEMV op,
+  // with the fused CPU step's roundings (each projection rounded, then added).
+  at::Tensor run_layers_quantized(Segment& seg, const StepKernels& kernels, at::Tensor h);
+  // x @ W^T of one projection for prefill (GEMM-bound): the weight itself, or its dequantized
+  // copy in x's dtype (one projection's worth, freed on return).
+  at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) const;
   // Installs per-segment caches (one tensor per segment) and rebuilds the per-layer views.
   void set_caches_locked(std::vector<at::Tensor> kv);
   // The first step at a batch size, in "auto" mode, from the previous output (Emu2's project_up
@@ -203,6 +226,7 @@ class EmuDecoder {
   int64_t decode_with_graph(at::Tensor x, const at::Tensor& result);
 
   std::vector<DecoderLayerWeights> layers_;
+  WeightQuant quant_;
   at::Tensor final_norm_, head_;
   c10::optional<at::Tensor> up_;
   int64_t num_heads_, num_kv_heads_, head_dim_, hidden_;

@@ -84,6 +84,12 @@ at::Tensor CheckedKernels::norm_gemv_silu(const Tensor& x, const Tensor& norm_we
               [&](const StepKernels& k) { return k.norm_gemv_silu(x, norm_weight, eps, gate_up_weight); });
 }
 
+at::Tensor CheckedKernels::gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
+                                          int64_t group_size) const {
+  return both(bits == 8 ? "gemv_int8" : "gemv_int4",
+              [&](const StepKernels& k) { return k.gemv_quantized(x, qweight, scales, bits, group_size); });
+}
+
 at::Tensor CheckedKernels::rms_norm(const Tensor& x, const Tensor& weight, double eps) const {
   return both("rms_norm", [&](const StepKernels& k) { return k.rms_norm(x, weight, eps); });
 }

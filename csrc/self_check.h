@@ -38,6 +38,8 @@ class CheckedKernels final : public StepKernels {
   Tensor gemv_add(const Tensor& x, const Tensor& weight, const Tensor& residual) const override;
   Tensor norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
                         const Tensor& gate_up_weight) const override;
+  Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
+                        int64_t group_size) const override;
   Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const override;
   Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, double eps) const override;
   Tensor silu_mul(const Tensor& gate_up) const override;

@@ -26,6 +26,11 @@ class StepKernels {
   // silu_mul(norm_gemv(x, norm_weight, eps, gate_up_weight)): the gate/up projection and SiLU * mul.
   virtual Tensor norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
                                 const Tensor& gate_up_weight) const = 0;
+  // x [B, K] @ W^T for a weight-only quantized W (emu_fast/quantize.py, layouts in
+  // kernels/quantized_gemv.h): bits 8: qweight int8 [N, K], scales float32 [N]; bits 4: qweight
+  // uint8 [N, ceil(K/32)*16], scales float32 [N, ceil(K/group_size)]. [B, N] in x's dtype.
+  virtual Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
+                                int64_t group_size) const = 0;
   virtual Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const = 0;
   virtual Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, double eps) const = 0;
   virtual Tensor silu_mul(const Tensor& gate_up) const = 0;
@@ -47,13 +52,22 @@ const StepKernels& custom_kernels();
 // Capturable in a CUDA graph (no host syncs, fixed shapes for a fixed cache).
 const StepKernels& aten_kernels();
 
+// The weight a quantized projection computes with ([N, in_features], float32 inside, then
+// `dtype`): emu_fast.quantize.dequantize_int8 / dequantize_int4 in ATen, on qweight's device.
+at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
+                             int64_t in_features, at::ScalarType dtype);
+
 // Whether our kernels run on `device` for `dtype` (with a head size and query group the CUDA
 // attention takes); if not, `why` says what is missing.
 bool custom_kernels_support(const at::Device& device, at::ScalarType dtype, int64_t head_dim, int64_t group,
                             std::string* why);
 
+// Whether the quantized GEMV op for `bits` (emu_fast::gemv_int8 / gemv_int4) has a kernel for
+// `device`'s backend (the CPU always; CUDA where one is registered); if not, `why` says so.
+bool custom_quantized_support(const at::Device& device, int64_t bits, std::string* why);
+
 // Test-only: makes the named custom kernel wrong on purpose ("gemv", "norm_gemv", "gemv_add",
-// "norm_gemv_silu", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention",
+// "norm_gemv_silu", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "gemv_int8", "gemv_int4",
 // "regression_head", or "decode_step": the fused CPU step), so
 // the tests can show the self-check catches it and the fallback gives the right answer. "" to
 // clear. Process-wide; never set outside tests.

@@ -27,6 +27,13 @@ class AtenKernels final : public StepKernels {
   // float32 accumulation, one rounding (as cuBLAS/oneDNN do for bf16 and as the reference does).
   Tensor gemv(const Tensor& x, const Tensor& weight) const override { return at::linear(x, weight); }
 
+  // The weight dequantized for the call in x's dtype (one projection's worth), then linear: as
+  // the quantized modules' forward does for long inputs.
+  Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
+                        int64_t group_size) const override {
+    return at::linear(x, dequantize_weight(qweight, scales, bits, group_size, x.size(-1), x.scalar_type()));
+  }
+
   Tensor norm_gemv(const Tensor& x, const Tensor& norm_weight, double eps, const Tensor& weight) const override {
     return gemv(rms_norm(x, norm_weight, eps), weight);
   }
@@ -96,6 +103,20 @@ class AtenKernels final : public StepKernels {
 };
 
 }  // namespace
+
+at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
+                             int64_t in_features, at::ScalarType dtype) {
+  if (bits == 8) return (qweight.to(at::kFloat) * scales.unsqueeze(1)).to(dtype);
+  // int4: block j of a row is bytes 16 j .. 16 j + 15, low nibbles values 32 j .. 32 j + 15,
+  // high nibbles 32 j + 16 .. 32 j + 31, each stored + 8 (emu_fast/quantize.py pack_int4).
+  const int64_t N = qweight.size(0), blocks = qweight.size(1) / 16;
+  const at::Tensor b = qweight.view({N, blocks, 1, 16});
+  const at::Tensor u = at::cat({at::bitwise_and(b, 15), at::bitwise_right_shift(b, 4)}, 2)
+                           .reshape({N, blocks * 32})
+                           .narrow(1, 0, in_features);
+  const at::Tensor per_input = scales.repeat_interleave(group_size, 1).narrow(1, 0, in_features);
+  return ((u.to(at::kFloat) - 8.0) * per_input).to(dtype);
+}
 
 const StepKernels& aten_kernels() {
   static const AtenKernels k;

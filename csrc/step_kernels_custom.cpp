@@ -55,6 +55,14 @@ class CustomKernels final : public StepKernels {
         handle<Tensor(const Tensor&, const Tensor&, double, const Tensor&)>("emu_fast::norm_gemv_silu");
     return faulty("norm_gemv_silu", op.call(x, norm_weight, eps, gate_up_weight));
   }
+  Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
+                        int64_t group_size) const override {
+    static const auto int8 = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("emu_fast::gemv_int8");
+    static const auto int4 =
+        handle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)>("emu_fast::gemv_int4");
+    if (bits == 8) return faulty("gemv_int8", int8.call(x, qweight, scales));
+    return faulty("gemv_int4", int4.call(x, qweight, scales, group_size));
+  }
   Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) const override {
     static const auto op = handle<Tensor(const Tensor&, const Tensor&, double)>("emu_fast::rms_norm");
     return faulty("rms_norm", op.call(x, weight, eps));
@@ -130,6 +138,15 @@ bool custom_kernels_support(const at::Device& device, at::ScalarType dtype, int6
 #endif
   }
   return no("emu_fast has no kernels for " + device.str() + " devices");
+}
+
+bool custom_quantized_support(const at::Device& device, int64_t bits, std::string* why) {
+  if (bits == 0 || device.is_cpu()) return true;
+  const char* name = bits == 8 ? "emu_fast::gemv_int8" : "emu_fast::gemv_int4";
+  const c10::DispatchKey key = c10::TensorOptions().device(device).computeDispatchKey();
+  if (c10::Dispatcher::singleton().findSchemaOrThrow(name, "").hasKernelForDispatchKey(key)) return true;
+  if (why != nullptr) *why = std::string(name) + " has no kernel for " + device.str() + " in this build";
+  return false;
 }
 
 void set_test_fault(const std::string& op) {

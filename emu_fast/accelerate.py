@@ -16,6 +16,7 @@ from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
 from .families import DEFAULT_PLACEHOLDER, EmuFamily, family_of
 from .model_checks import check_linear, check_weights_loaded
 from .packing import llama_body_of
+from .quantized_linear import prepare_quantization, quantized_buffers
 
 
 def _weight_addresses(model, family: EmuFamily):
@@ -23,11 +24,13 @@ def _weight_addresses(model, family: EmuFamily):
     replaced or moved (load_state_dict(assign=True), .to(), ...)."""
     body = llama_body_of(model.decoder.lm)
     addresses = [p.data_ptr() for p in body.parameters() if p is not body.embed_tokens.weight]
+    addresses += [t.data_ptr() for t in quantized_buffers(model.decoder.lm)]  # weight-only int8/int4
     return addresses + [m.weight.data_ptr() for m in (family.head(model), family.project_up(model)) if m is not None]
 
 
 def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
-               max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto"):
+               max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto",
+               weights: Optional[str] = None, group_size: Optional[int] = None):
     """Replace `model.generate_image` (this instance only) with the emu_fast path and return the
     model. The KV cache grows to the largest request; `max_batch` prompts of up to `max_seq_len`
     tokens (prompt + n generated embeddings) are optional limits (None: no limit besides
@@ -38,8 +41,24 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     checked against ATen, falling back to ATen with a warning on a mismatch; ATen on devices we
     have no kernels for), "custom" (ours, unchecked) or "aten" (the portable step, any device).
     A model split over devices (Hugging Face accelerate's device_map, as in the Emu2 README)
-    runs each layer where its weights are; offloaded (meta) weights are refused."""
+    runs each layer where its weights are; offloaded (meta) weights are refused.
+
+    weights: weight-only quantization of the decoder body's projections (q/k/v/o_proj,
+    gate/up/down_proj of every layer; embeddings, norms, the regression head and project_up stay
+    in the model's dtype, activations are not quantized):
+      None    (default) the model's weights as they are: float, or a model already quantized
+              with emu_fast.quantized_linear.quantize_decoder_linears_ / loaded with
+              emu_fast.quantized_io.load_quantized (run in its own scheme).
+      "int8"  symmetric per output row: scale = max|w| / 127, q = round(w / scale) in [-127, 127].
+      "int4"  symmetric in groups of `group_size` consecutive inputs of a row (default
+              128, a multiple of 32): scale = max|w| / 7 per group, q in [-7, 7], two a byte.
+    The model is quantized in place (Int8Linear / Int4Linear modules replace the projections
+    and the float weights are released layer by layer), so its own forward keeps working on
+    the same quantized weights; emu_fast.quantize defines the schemes exactly. An unknown scheme,
+    or one that differs from the model's existing quantization, raises ValueError before
+    anything changes."""
     family = family_of(model)
+    prepare_quantization(model, weights, group_size, apply=False)  # a bad scheme fails before any change
     head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)
     up = None if up_module is None else check_linear(up_module, family.up_name(model))
@@ -48,7 +67,7 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
                           ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
                          + ([(family.up_name(model), up_module)] if up_module is not None else []))
     decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len,
-                                    kernels=kernels)
+                                    kernels=kernels, weights=weights, group_size=group_size)
     if not hasattr(model, "_emu_fast_original_generate_image"):
         model._emu_fast_original_generate_image = model.generate_image
     model.emu_fast_decoder = decoder

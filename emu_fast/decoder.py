@@ -10,6 +10,7 @@ import torch
 from . import _C
 from .config import LlamaShape, check_llama_config
 from .packing import llama_body_of, pack_llama_layers
+from .quantized_linear import BITS, pack_quantized_layers, prepare_quantization
 from .rope import model_rope_fn, theta_rope_tables
 from .segments import layer_devices, plan_segments
 
@@ -37,7 +38,7 @@ class EmuDecoder(_C.EmuDecoder):
 
     def __init__(self, layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads, rms_eps,
                  max_batch=DEFAULT_MAX_BATCH, max_seq_len=DEFAULT_MAX_SEQ_LEN, rope_cos=None, rope_sin=None,
-                 rope_theta=None, rope_fn=None, kernels="auto", segment_starts=None):
+                 rope_theta=None, rope_fn=None, kernels="auto", segment_starts=None, weight_bits=0, group_size=0):
         _check_kernels(kernels)
         self._warned_fallback = False
         # By hand, without a model: tables from rope_theta, extended on demand (from_llama passes
@@ -58,13 +59,15 @@ class EmuDecoder(_C.EmuDecoder):
         super().__init__(layers, final_norm, head_weight, up_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          rms_eps=rms_eps, rope_cos=rope_cos, rope_sin=rope_sin, max_batch=max_batch,
                          max_seq_len=max_seq_len, rope_fn=rope_fn, kernels=kernels,
-                         segment_starts=list(segment_starts or []))
+                         segment_starts=list(segment_starts or []), weight_bits=weight_bits,
+                         group_size=group_size or 0)
 
     @classmethod
     def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
                    max_batch: Optional[int] = DEFAULT_MAX_BATCH,
                    max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto",
-                   split_before: Iterable[int] = ()) -> "EmuDecoder":
+                   split_before: Iterable[int] = (), weights: Optional[str] = None,
+                   group_size: Optional[int] = None) -> "EmuDecoder":
         """A decoder over a Hugging Face LlamaForCausalLM's body, with the given regression head
         (and Emu2's project_up). Packs QKV and gate/up in place (the model keeps working); no
         layer weight is copied. The KV cache grows to the largest request; max_batch prompts of up
@@ -78,20 +81,27 @@ class EmuDecoder(_C.EmuDecoder):
         A model split over devices (accelerate's device_map) runs each layer where its weights are
         (emu_fast.segments); the head runs on the head's device, with copies there of the final
         norm's weight and of up_weight when those sit elsewhere (a few MB). split_before: more
-        segment cuts, at these layer indices, on one device (tests run the split path so)."""
+        segment cuts, at these layer indices, on one device (tests run the split path so).
+
+        weights: None (the projections as the model holds them: float, or Int8Linear /
+        Int4Linear from emu_fast.quantized_linear), "int8" or "int4": weight-only quantization of
+        the decoder body's projections, done in place on `lm` first (emu_fast.quantize states the
+        schemes; group_size: int4's group, default 128) unless `lm` is quantized so already."""
         check_llama_config(lm.config)
         shape = LlamaShape.from_hf(lm.config)
         _check_limit("max_batch", max_batch)
         _check_limit("max_seq_len", max_seq_len)
         _check_kernels(kernels)
+        prepare_quantization(lm, weights, group_size, "EmuDecoder.from_llama", apply=False)  # checks only
         body = llama_body_of(lm)
         plan = plan_segments(layer_devices(body.layers), split_before)
         head = head_weight.detach()
         final_norm = body.norm.weight.detach().to(head.device)
         up = None if up_weight is None else up_weight.detach().to(head.device)
         rope_fn = model_rope_fn(lm, shape.head_dim)
+        quant = prepare_quantization(lm, weights, group_size, "EmuDecoder.from_llama")
         return cls(
-            pack_llama_layers(lm),
+            pack_llama_layers(lm) if quant is None else pack_quantized_layers(lm),
             final_norm,
             head,
             up,
@@ -103,7 +113,14 @@ class EmuDecoder(_C.EmuDecoder):
             rope_fn=rope_fn,
             kernels=kernels,
             segment_starts=[seg.start for seg in plan],
+            weight_bits=0 if quant is None else BITS[quant[0]],
+            group_size=0 if quant is None or quant[1] is None else quant[1],
         )
+
+    @property
+    def weights(self) -> Optional[str]:
+        """The projections' weight-only scheme: "int8", "int4" or None (the model's dtype)."""
+        return {0: None, 8: "int8", 4: "int4"}[self.weight_bits]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -71,7 +71,10 @@ def quantized_state_dict(model) -> QuantizedState:
             raise ValueError(f"emu_fast.save_quantized: {name} is on the meta device (not loaded)")
         # safetensors refuses tensors sharing memory (tied embeddings): such a second name gets a copy.
         key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
-        tensors[name] = t.contiguous() if key not in seen else t.clone()
+        # A view into a larger tensor (the q/k/v and gate/up buffers emu_fast.accelerate stacks)
+        # gets a copy of its own rows too.
+        partial = t.numel() and t.untyped_storage().nbytes() != t.numel() * t.element_size()
+        tensors[name] = t.contiguous() if key not in seen and not partial else t.clone()
         if key is not None:
             seen.add(key)
     modules = [{"name": name, "in_features": m.in_features, "out_features": m.out_features,

@@ -12,8 +12,10 @@ Only the decoder body's projections are quantized (q/k/v/o_proj, gate/up/down_pr
 LLaMA layer). Embeddings, norms, lm_head, the regression head and Emu2's project_up /
 project_down keep the model's dtype.
 
-(Phase 1 of issue 10: `emu_fast.accelerate` does not run quantized layers yet and refuses a
-model quantized here, as it refuses any projection that is not a plain nn.Linear.)
+`emu_fast.accelerate(model, weights="int8" | "int4")` quantizes with quantize_decoder_linears_
+and runs the decoder on these modules' buffers (pack_quantized_layers stacks q/k/v and gate/up
+in place, as emu_fast.packing does for float weights); a model quantized here, or loaded with
+emu_fast.quantized_io.load_quantized, is accelerated as it is.
 """
 from __future__ import annotations
 
@@ -249,3 +251,101 @@ def replace_with_empty_(model, weights: str, group_size: int = DEFAULT_GROUP_SIZ
         setattr(parent, attr, new)
         module.weight = None
     return model
+
+
+# ------------------------------------------------------------------------------ for EmuDecoder
+
+BITS = {"int8": 8, "int4": 4}
+
+
+def prepare_quantization(model, weights: Optional[str], group_size: Optional[int], fn: str = "accelerate",
+                         apply: bool = True):
+    """The decoder's scheme, (scheme, group_size or None), or None for float weights.
+
+    weights None: the model's own (a model quantized by quantize_decoder_linears_ or loaded with
+    load_quantized runs as it is; an unquantized one stays so). weights "int8" / "int4": the
+    model's decoder linears are quantized now (group_size: int4's group, default 128), unless
+    they already are, in which case the scheme (and a group_size given) must match. ValueError
+    naming an unknown scheme or a mismatch, before anything changes; apply=False only checks."""
+    if weights is not None:
+        check_scheme(weights, fn)
+    if group_size is not None:
+        if weights == "int8":
+            raise ValueError(f"emu_fast.{fn}: group_size is for int4 weights; int8 has one scale per output row")
+        check_group_size(group_size, fn)
+    current = quantization_of(model)
+    if current is not None:
+        scheme, group = current
+        if (weights is not None and weights != scheme) or (group_size is not None and group_size != group):
+            raise ValueError(f"emu_fast.{fn}: the model is already quantized as {scheme}"
+                             f"{f' (group_size {group})' if group else ''}; asked for {weights or scheme}"
+                             f"{f' (group_size {group_size})' if group_size else ''}. Pass weights=None to run it "
+                             "as it is, or start from the unquantized model")
+        return current
+    if weights is None:
+        return None
+    group = (group_size or DEFAULT_GROUP_SIZE) if weights == "int4" else None
+    if apply:
+        quantize_decoder_linears_(model, weights, group or DEFAULT_GROUP_SIZE)
+    return weights, group
+
+
+@torch.no_grad()
+def _pack_buffers(modules, name: str) -> torch.Tensor:
+    """Stack the modules' `name` buffers (qweight or scales) on dim 0 into one tensor and re-point
+    each module's buffer at its rows: one copy, the old buffers freed, the modules' forward
+    unchanged. Packing again returns the same tensor while the views are still in place."""
+    attr = f"_emu_fast_packed_{name}"
+    base = getattr(modules[0], attr, None)
+    if base is not None:
+        row = 0
+        for m in modules:
+            t = getattr(m, name)
+            if t.data_ptr() != base[row:].data_ptr() or t.shape[1:] != base.shape[1:]:
+                break
+            row += t.shape[0]
+        else:
+            if row == base.shape[0]:
+                return base
+    ts = [getattr(m, name) for m in modules]
+    if any(t.shape[1:] != ts[0].shape[1:] or t.dtype != ts[0].dtype or t.device != ts[0].device for t in ts):
+        raise ValueError(f"emu_fast: the {name} buffers to stack differ in width, dtype or device: "
+                         f"{[(tuple(t.shape), t.dtype, str(t.device)) for t in ts]}")
+    base = torch.cat(ts, 0)
+    row = 0
+    for m, t in zip(modules, ts):
+        setattr(m, name, base[row:row + t.shape[0]])
+        row += t.shape[0]
+    setattr(modules[0], attr, base)
+    return base
+
+
+@torch.no_grad()
+def pack_quantized_layers(lm):
+    """Per decoder layer of a Hugging Face LLaMA whose projections are Int8Linear / Int4Linear,
+    what EmuDecoder takes with weight_bits 8 / 4: [input_norm, qkv qweight, o qweight, post_norm,
+    gate_up qweight, down qweight, qkv scales, o scales, gate_up scales, down scales]. Stacks
+    q/k/v's and gate/up's qweights and scales in place (their modules keep working on views)."""
+    for name, _, _, module in decoder_linears(lm):
+        if not is_quantized(module):
+            raise TypeError(f"emu_fast: {name} is a {type(module).__name__}, not a quantized linear; the decoder's "
+                            "projections must all be quantized the same way")
+        if module.bias is not None:
+            raise TypeError(f"emu_fast: {name} has a bias; Emu's is bias-free and emu_fast assumes so")
+        if module.qweight.is_meta or module.scales.is_meta:
+            raise TypeError(f"emu_fast: {name} has no data (on the meta device); load its weights first")
+    layers = []
+    for layer in llama_body_of(lm).layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+        layers.append([
+            layer.input_layernorm.weight.detach(), _pack_buffers(qkv, "qweight"), attn.o_proj.qweight,
+            layer.post_attention_layernorm.weight.detach(), _pack_buffers(gate_up, "qweight"), mlp.down_proj.qweight,
+            _pack_buffers(qkv, "scales"), attn.o_proj.scales, _pack_buffers(gate_up, "scales"), mlp.down_proj.scales,
+        ])
+    return layers
+
+
+def quantized_buffers(lm):
+    """The qweight / scales tensors of the LLaMA's quantized projections (none when unquantized)."""
+    return [t for _, _, _, m in decoder_linears(lm) if is_quantized(m) for t in (m.qweight, m.scales)]

@@ -440,9 +440,10 @@ def test_quantize_rejects_unknown_scheme_and_requantizing(emu_tokenizer):
         quantize_decoder_linears_(model, weights="int8")
     with pytest.raises(TypeError, match="neither"):
         quantize_decoder_linears_(nn.Linear(2, 2))
-    # accelerate does not run quantized layers yet (a later phase): it refuses them by name
-    with pytest.raises(TypeError, match="q_proj"):
-        emu_fast.accelerate(model)
+    # accelerate runs a quantized model in its own scheme, and refuses to quantize it again another way
+    with pytest.raises(ValueError, match=r"already quantized as int4 \(group_size 32\); asked for int8"):
+        emu_fast.accelerate(model, weights="int8")
+    assert emu_fast.accelerate(model).emu_fast_decoder.weights == "int4"
 
 
 def test_quantizing_an_accelerated_model_asks_for_accelerate_again(emu_tokenizer):

@@ -7,6 +7,7 @@
 #include "kernels/decode_attention.h"
 #include "kernels/gemv.h"
 #include "kernels/norm.h"
+#include "kernels/quantized_gemv.h"
 
 namespace emu_fast::cpu {
 namespace {
@@ -34,7 +35,8 @@ struct Scratch {
     gate_up.resize(B * 2 * I);
     act.resize(B * I);
     branch.resize(B * H);
-    xf.resize(B * std::max({H, I, QD, a.out_dim}));
+    // + a block: int4 reads its inputs in zero-padded blocks of 32 (kernels/quantized_gemv.h)
+    xf.resize(B * (std::max({H, I, QD, a.out_dim}) + kernels::kInt4Block));
     yf.resize(B * std::max({qkv_w, 2 * I, H, a.out_dim}));
   }
 };
@@ -42,6 +44,16 @@ struct Scratch {
 template <typename T>
 void widen(const T* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = kernels::to_float(x[i]);
+}
+
+// rows x [batch, k] to float32 rows of ld >= k, zeros in columns k..ld-1.
+template <typename T>
+void widen_rows(const T* x, int64_t batch, int64_t k, int64_t ld, float* out) {
+  if (ld == k) return widen(x, batch * k, out);
+  for (int64_t b = 0; b < batch; ++b) {
+    widen(x + b * k, k, out + b * ld);
+    std::fill(out + b * ld + k, out + (b + 1) * ld, 0.f);
+  }
 }
 
 }  // namespace
@@ -67,6 +79,26 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
           for (int64_t n = n0; n < n1; ++n) y[b * N + n] = kernels::from_float<T>(s.yf[b * N + n]);
       }
     };
+    // The layers' projections: the T GEMV above, or the quantized ones (the weight widened in
+    // registers, float32 accumulation), rounded to T the same way.
+    auto proj = [&](const StepProj& p, int64_t N, int64_t K, T* y) {
+      if (a.bits == 0) return gemv(static_cast<const T*>(p.w), N, K, y);
+      int64_t n0, n1;
+      share(N, tid, nt, 4, n0, n1);
+      if (n0 >= n1) return;
+      if (a.bits == 8) {
+        kernels::gemv_int8_rows(static_cast<const int8_t*>(p.w), p.scales, s.xf.data(), s.yf.data(), B, K, N, n0, n1);
+      } else {
+        kernels::gemv_int4_rows(static_cast<const uint8_t*>(p.w), p.scales, a.group_size, s.xf.data(), s.yf.data(),
+                                B, K, N, n0, n1);
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = n0; n < n1; ++n) y[b * N + n] = kernels::from_float<T>(s.yf[b * N + n]);
+    };
+    // The projections' inputs as they read them: int4 in rows padded to its blocks.
+    auto widen_in = [&](const T* x, int64_t K) {
+      widen_rows(x, B, K, a.bits == 4 ? kernels::int4_padded_k(K) : K, s.xf.data());
+    };
     for (size_t l = 0; l < a.layers.size(); ++l) {
       const StepLayer<T>& w = a.layers[l];
 #pragma omp single
@@ -79,9 +111,9 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
                                           &s.xn[b * H]);
           }
         }
-        widen(s.xn.data(), B * H, s.xf.data());
+        widen_in(s.xn.data(), H);
       }
-      gemv(w.qkv, qkv_w, H, s.qkv.data());
+      proj(w.qkv, qkv_w, H, s.qkv.data());
 #pragma omp barrier
       {  // attention: (sequence, KV head) pairs split across the threads
         int64_t t0, t1;
@@ -94,24 +126,24 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
       }
 #pragma omp barrier
 #pragma omp single
-      widen(s.attn.data(), B * Hq * D, s.xf.data());
-      gemv(w.o, H, Hq * D, s.branch.data());
+      widen_in(s.attn.data(), Hq * D);
+      proj(w.o, H, Hq * D, s.branch.data());
 #pragma omp barrier
 #pragma omp single
       {
         for (int64_t b = 0; b < B; ++b)
           kernels::add_rms_norm_row_cpu(&s.branch[b * H], &s.h[b * H], w.post_norm, a.eps, H, &s.h[b * H],
                                         &s.xn[b * H]);
-        widen(s.xn.data(), B * H, s.xf.data());
+        widen_in(s.xn.data(), H);
       }
-      gemv(w.gate_up, 2 * I, H, s.gate_up.data());
+      proj(w.gate_up, 2 * I, H, s.gate_up.data());
 #pragma omp barrier
 #pragma omp single
       {
         for (int64_t b = 0; b < B; ++b) kernels::silu_mul_row_cpu(&s.gate_up[b * 2 * I], I, &s.act[b * I]);
-        widen(s.act.data(), B * I, s.xf.data());
+        widen_in(s.act.data(), I);
       }
-      gemv(w.down, H, I, s.branch.data());
+      proj(w.down, H, I, s.branch.data());
 #pragma omp barrier
     }
     // The residual stream's last add (rounded as add_rms_norm rounds it), then the head: RMSNorm,

@@ -8,9 +8,17 @@
 
 namespace emu_fast::cpu {
 
+// A projection's weight: T [N, K] (StepModel::bits 0), or the quantized weight of
+// kernels/quantized_gemv.h (bits 8: int8 [N, K]; bits 4: packed uint8) with its float32 scales.
+struct StepProj {
+  const void* w;
+  const float* scales;  // nullptr when unquantized
+};
+
 template <typename T>
 struct StepLayer {
-  const T *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
+  const T *input_norm, *post_norm;
+  StepProj qkv, o, gate_up, down;
   T *k_cache, *v_cache;  // this layer's [max_batch, Hkv, capacity, D]
 };
 
@@ -20,6 +28,7 @@ template <typename T>
 struct StepModel {
   int64_t hidden, heads, kv_heads, head_dim, intermediate, capacity, out_dim;
   float eps, scale;
+  int64_t bits = 0, group_size = 0;  // the layers' projections: 0 (T), 8 (int8) or 4 (int4, groups)
   std::vector<StepLayer<T>> layers;
   // head: nullptr for a segment of a split model that ends before the head (the output is then
   // the residual stream [batch, hidden]); up: nullptr when the output is the next input.

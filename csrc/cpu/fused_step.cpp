@@ -45,21 +45,27 @@ std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& la
                                       const at::Tensor& final_norm, const at::Tensor& head,
                                       const c10::optional<at::Tensor>& up, const at::Tensor& rope_cos,
                                       const at::Tensor& rope_sin, int64_t num_heads, int64_t num_kv_heads,
-                                      double eps) {
+                                      double eps, const WeightQuant& quant) {
   StepModel<T> m;
   m.hidden = final_norm.size(0);
   m.heads = num_heads;
   m.kv_heads = num_kv_heads;
   m.head_dim = m.hidden / num_heads;
-  m.intermediate = layers[0].down.size(1);
+  m.intermediate = layers[0].gate_up.size(0) / 2;  // (down's width is in bytes for int4)
+  m.bits = quant.bits;
+  m.group_size = quant.group_size;
   m.capacity = k_cache[0].size(2);
   m.out_dim = head.defined() ? head.size(0) : m.hidden;
   m.eps = static_cast<float>(eps);
   m.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.head_dim)));
   for (size_t l = 0; l < layers.size(); ++l) {
     const auto& w = layers[l];
-    m.layers.push_back({ptr<T>(w.input_norm), ptr<T>(w.qkv), ptr<T>(w.o), ptr<T>(w.post_norm), ptr<T>(w.gate_up),
-                        ptr<T>(w.down), ptr<T>(k_cache[l]), ptr<T>(v_cache[l])});
+    auto p = [](const at::Tensor& weight, const at::Tensor& scales) {
+      return StepProj{weight.data_ptr(), scales.defined() ? scales.data_ptr<float>() : nullptr};
+    };
+    m.layers.push_back({ptr<T>(w.input_norm), ptr<T>(w.post_norm), p(w.qkv, w.qkv_scales), p(w.o, w.o_scales),
+                        p(w.gate_up, w.gate_up_scales), p(w.down, w.down_scales), ptr<T>(k_cache[l]),
+                        ptr<T>(v_cache[l])});
   }
   m.final_norm = ptr<T>(final_norm);
   m.head = head.defined() ? ptr<T>(head) : nullptr;
@@ -76,14 +82,16 @@ std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerW
                                                  const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,
                                                  const at::Tensor& head, const c10::optional<at::Tensor>& up,
                                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                                                 int64_t num_heads, int64_t num_kv_heads, double eps) {
+                                                 int64_t num_heads, int64_t num_kv_heads, double eps,
+                                                 const WeightQuant& quant) {
   if (!final_norm.device().is_cpu()) return nullptr;
   switch (final_norm.scalar_type()) {
     case at::kFloat:
-      return make<float>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads, num_kv_heads, eps);
+      return make<float>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads, num_kv_heads, eps,
+                         quant);
     case at::kBFloat16:
       return make<kernels::bf16>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads,
-                                 num_kv_heads, eps);
+                                 num_kv_heads, eps, quant);
     default:
       return nullptr;
   }

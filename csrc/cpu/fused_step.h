@@ -9,6 +9,7 @@
 
 namespace emu_fast {
 struct DecoderLayerWeights;  // decoder.h
+struct WeightQuant;          // decoder.h
 
 namespace cpu {
 
@@ -29,7 +30,8 @@ std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerW
                                                  const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,
                                                  const at::Tensor& head, const c10::optional<at::Tensor>& up,
                                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                                                 int64_t num_heads, int64_t num_kv_heads, double eps);
+                                                 int64_t num_heads, int64_t num_kv_heads, double eps,
+                                                 const WeightQuant& quant);
 
 }  // namespace cpu
 }  // namespace emu_fast
