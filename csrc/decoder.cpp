@@ -686,10 +686,19 @@ at::Tensor EmuDecoder::prefill_linear(const at::Tensor& x, const at::Tensor& w, 
   return at::linear(x, dequantize_weight(w, scales, quant_.bits, quant_.group_size, x.size(-1), x.scalar_type()));
 }
 
+at::Tensor EmuDecoder::attend(Segment& seg, const StepKernels& k, int64_t l, const at::Tensor& qkv,
+                              const at::Tensor& lens, const at::Tensor& positions) {
+  const int64_t B = qkv.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
+  const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
+  const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
+  const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
+  return k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin,
+                            1.0 / std::sqrt(static_cast<double>(D)), seg.split_counters);
+}
+
 at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor h) {
   if (quant_.bits != 0) return run_layers_quantized(seg, k, h);
-  const int64_t B = h.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t B = h.size(0), Hq = num_heads_, D = head_dim_;
   const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
   const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
   // Per layer: the norms in the QKV and gate/up projections' prologue, SiLU * mul in the gate/up
@@ -699,12 +708,7 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
   for (int64_t l = seg.begin; l < seg.end; ++l) {
     const auto& w = layers_[l];
     const at::Tensor qkv = k.norm_gemv(h, w.input_norm, eps_, w.qkv);  // [B, (Hq + 2 Hkv) D]
-    const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
-    const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
-    const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
-    const at::Tensor attn =
-        k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale,
-                           seg.split_counters);
+    const at::Tensor attn = attend(seg, k, l, qkv, lens, positions);
     h = k.gemv_add(attn.view({B, Hq * D}), w.o, h);
     h = k.gemv_add(k.norm_gemv_silu(h, w.post_norm, eps_, w.gate_up), w.down, h);
   }
@@ -713,8 +717,7 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
 }
 
 at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const StepKernels& k, at::Tensor h) {
-  const int64_t B = h.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t B = h.size(0), Hq = num_heads_, D = head_dim_;
   const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
   const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
   auto proj = [&](const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
@@ -734,12 +737,7 @@ at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const StepKernels& k, 
       xn = k.rms_norm(h, w.input_norm, eps_);
     }
     const at::Tensor qkv = proj(xn, w.qkv, w.qkv_scales);  // [B, (Hq + 2 Hkv) D]
-    const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
-    const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
-    const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
-    const at::Tensor attn =
-        k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin, scale,
-                           seg.split_counters);
+    const at::Tensor attn = attend(seg, k, l, qkv, lens, positions);
     branch = proj(attn.view({B, Hq * D}), w.o, w.o_scales);
     std::tie(xn, h) = k.add_rms_norm(branch, h, w.post_norm, eps_);
     branch = proj(k.silu_mul(proj(xn, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);

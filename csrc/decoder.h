@@ -200,6 +200,10 @@ class EmuDecoder {
   // them (each projection added to it as it is computed, rounded as the fused CPU step rounds
   // it, so cutting a model into segments changes no bit).
   at::Tensor run_layers(Segment& seg, const StepKernels& kernels, at::Tensor h);
+  // Layer l's attention from its fused QKV projection [B, (Hq + 2 Hkv) D]: appends to the cache,
+  // returns [B, Hq, D] (both step compositions, plain and quantized).
+  at::Tensor attend(Segment& seg, const StepKernels& kernels, int64_t l, const at::Tensor& qkv,
+                    const at::Tensor& lens, const at::Tensor& positions);
   // The same over quantized projections: rms_norm / add_rms_norm, then the quantized GEMV op,
   // with the fused CPU step's roundings (each projection rounded, then added).
   at::Tensor run_layers_quantized(Segment& seg, const StepKernels& kernels, at::Tensor h);
