@@ -27,6 +27,11 @@ TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicy
 # (texts, prompt images): a ragged batch with prompt images in two rows; batch 1, text only.
 CASES = {"ragged_images": (TEXTS, 2), "single_text": (TEXTS[:1], 0)}
 GROUP = {"int8": None, "int4": 32}  # int4 in groups of 32 so the tiny layers have several groups
+# Inputs (hidden 80, attention 80, intermediate 150) that are not a multiple of int4's blocks of
+# 32: the fused step pads each projection's widened input with zeros, and two threads write the
+# attention and SiLU slices of it (the last slice writes the padding).
+ODD = {"hidden": 80, "heads": 4, "kv_heads": 2, "intermediate": 150}
+SHAPES = {"even": {}, "odd": ODD}
 
 
 def _model(kind, dtype=torch.float32, **kw):
@@ -66,9 +71,11 @@ def _quantized_pair(kind, scheme, dtype=torch.float32, **kw):
 @pytest.mark.parametrize("kind", ["emu1", "emu2"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + ["odd_shape"])
 def test_quantized_loop_matches_dequantized_reference(emu_tokenizer, kind, scheme, dtype, case):
-    model, reference_model = _quantized_pair(kind, scheme, dtype, tokenizer=emu_tokenizer)
+    shape = ODD if case == "odd_shape" else {}
+    model, reference_model = _quantized_pair(kind, scheme, dtype, tokenizer=emu_tokenizer, **shape)
+    case = "ragged_images" if case == "odd_shape" else case
     texts, n_images = CASES[case]
     expected = reference_model.generate_image(texts, _images(n_images))     # float32 upstream loop
     dec = model.emu_fast_decoder
@@ -83,9 +90,11 @@ def test_quantized_loop_matches_dequantized_reference(emu_tokenizer, kind, schem
 
 @pytest.mark.parametrize("kind", ["emu1", "emu2"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize("dtype,aten_tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, dtype, aten_tol):
-    model = _model(kind, dtype, tokenizer=emu_tokenizer, layers=3)
+# bf16: the ATen step rounds at other points than ours; 1.3e-2 to 2.7e-2 seen over seeds and shapes
+@pytest.mark.parametrize("dtype,aten_tol", [(torch.float32, 1e-5), (torch.bfloat16, 4e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, dtype, aten_tol, shape):
+    model = _model(kind, dtype, tokenizer=emu_tokenizer, layers=3, **SHAPES[shape])
     lm = model.decoder.lm
     head = (lm.stu_regress_head if kind == "emu1" else lm.project_down).weight
     up = None if kind == "emu1" else lm.project_up.weight

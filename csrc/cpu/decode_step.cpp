@@ -56,6 +56,14 @@ void widen_rows(const T* x, int64_t batch, int64_t k, int64_t ld, float* out) {
   }
 }
 
+// Columns [k0, k1) of row b of widen_rows' output; the row's zero padding goes with the last
+// columns (k1 == k), so threads that take disjoint column slices together write the whole row.
+template <typename T>
+void widen_slice(const T* x, int64_t b, int64_t k, int64_t ld, int64_t k0, int64_t k1, float* out) {
+  widen(x + b * k + k0, k1 - k0, out + b * ld + k0);
+  if (k1 == k) std::fill(out + b * ld + k, out + (b + 1) * ld, 0.f);
+}
+
 }  // namespace
 
 template <typename T>
@@ -96,9 +104,8 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
         for (int64_t n = n0; n < n1; ++n) y[b * N + n] = kernels::from_float<T>(s.yf[b * N + n]);
     };
     // The projections' inputs as they read them: int4 in rows padded to its blocks.
-    auto widen_in = [&](const T* x, int64_t K) {
-      widen_rows(x, B, K, a.bits == 4 ? kernels::int4_padded_k(K) : K, s.xf.data());
-    };
+    auto padded = [&](int64_t K) { return a.bits == 4 ? kernels::int4_padded_k(K) : K; };
+    auto widen_in = [&](const T* x, int64_t K) { widen_rows(x, B, K, padded(K), s.xf.data()); };
     for (size_t l = 0; l < a.layers.size(); ++l) {
       const StepLayer<T>& w = a.layers[l];
 #pragma omp single
@@ -123,10 +130,13 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
                                             w.k_cache, w.v_cache, s.attn.data(), Hq, Hkv, D, a.capacity,
                                             io.lengths, io.positions, a.rope_cos, a.rope_sin, a.scale};
         kernels::decode_attention_tasks(batch, t0, t1, attn_scratch[tid]);
+        // and each thread widens the heads it wrote, for o_proj (one barrier, not two)
+        const int64_t group_width = Hq / Hkv * D;
+        for (int64_t t = t0; t < t1; ++t)
+          widen_slice(s.attn.data(), t / Hkv, Hq * D, padded(Hq * D), t % Hkv * group_width,
+                      (t % Hkv + 1) * group_width, s.xf.data());
       }
 #pragma omp barrier
-#pragma omp single
-      widen_in(s.attn.data(), Hq * D);
       proj(w.o, H, Hq * D, s.branch.data());
 #pragma omp barrier
 #pragma omp single
@@ -138,11 +148,17 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
       }
       proj(w.gate_up, 2 * I, H, s.gate_up.data());
 #pragma omp barrier
-#pragma omp single
-      {
-        for (int64_t b = 0; b < B; ++b) kernels::silu_mul_row_cpu(&s.gate_up[b * 2 * I], I, &s.act[b * I]);
-        widen_in(s.act.data(), I);
+      {  // SiLU(gate) * up and its widening for down_proj, the columns split across the threads
+        int64_t i0, i1;
+        share(I, tid, nt, 16, i0, i1);
+        if (i0 < i1)
+          for (int64_t b = 0; b < B; ++b) {
+            const T* gate = &s.gate_up[b * 2 * I];
+            kernels::silu_mul_cpu(gate + i0, gate + I + i0, i1 - i0, &s.act[b * I + i0]);
+            widen_slice(s.act.data(), b, I, padded(I), i0, i1, s.xf.data());
+          }
       }
+#pragma omp barrier
       proj(w.down, H, I, s.branch.data());
 #pragma omp barrier
     }

@@ -266,7 +266,7 @@ at::Tensor silu_mul_unchecked(const at::Tensor& gate_up_in) {
     using T = decltype(tag);
     at::parallel_for(0, B, grain_rows(I), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        kernels::silu_mul_row_cpu(ptr<T>(gate_up) + b * 2 * I, I, ptr<T>(out) + b * I);
+        kernels::silu_mul_cpu(ptr<T>(gate_up) + b * 2 * I, ptr<T>(gate_up) + b * 2 * I + I, I, ptr<T>(out) + b * I);
     });
   });
   return out;

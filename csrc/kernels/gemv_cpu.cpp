@@ -127,24 +127,35 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// a[i] += the 8 products of row i's weights at k with x8 (8 inputs), for the kRows rows.
+template <typename W>
+__attribute__((target("avx2,fma"))) inline void dot8(const W* const* r, const float* x8, int64_t k, __m256* a) {
+  const __m256 xv = _mm256_loadu_ps(x8);
+  for (int i = 0; i < kRows; ++i) a[i] = _mm256_fmadd_ps(load8(r[i] + k), xv, a[i]);
+}
+
 template <typename W>
 __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, float* y, int64_t batch,
                                                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
-  const int64_t k_main = k_dim & ~int64_t(7);
+  constexpr int64_t kLine = 64 / sizeof(W);  // elements per cache line
+  const int64_t k_main = k_dim & ~int64_t(7), k_lines = k_dim / kLine * kLine;
+  const int64_t ahead = gemv_prefetch_distance(kRows * k_dim * int64_t(sizeof(W))) / int64_t(sizeof(W));
   int64_t n = n_begin;
   for (; n + kRows <= n_end; n += kRows) {
     const W* r[kRows] = {w + n * k_dim, w + (n + 1) * k_dim, w + (n + 2) * k_dim, w + (n + 3) * k_dim};
     for (int64_t b = 0; b < batch; ++b) {
       const float* xb = x + b * k_dim;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < k_main; k += 8) {
-        const __m256 xv = _mm256_loadu_ps(xb + k);
-        a0 = _mm256_fmadd_ps(load8(r[0] + k), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(r[1] + k), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(r[2] + k), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(r[3] + k), xv, a3);
+      __m256 a[kRows] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t k = 0;
+      // A cache line of each row at a time, the same line of a later block prefetched first
+      // (prefetcht0 never faults: past the last rows it fetches nothing useful, harmlessly).
+      for (; k < k_lines; k += kLine) {
+        if (b == 0)
+          for (int i = 0; i < kRows; ++i) _mm_prefetch(reinterpret_cast<const char*>(r[i] + ahead + k), _MM_HINT_T0);
+        for (int64_t u = 0; u < kLine; u += 8) dot8(r, xb + k + u, k + u, a);
       }
-      float s[kRows] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+      for (; k < k_main; k += 8) dot8(r, xb + k, k, a);
+      float s[kRows] = {hsum8(a[0]), hsum8(a[1]), hsum8(a[2]), hsum8(a[3])};
       for (int64_t k = k_main; k < k_dim; ++k)
         for (int i = 0; i < kRows; ++i) s[i] += to_float(r[i][k]) * xb[k];
       for (int i = 0; i < kRows; ++i) y[b * ldy + n + i] = s[i];

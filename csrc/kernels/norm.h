@@ -45,12 +45,13 @@ EMU_ALWAYS_INLINE void add_rms_norm_row(const T* x, const T* residual, const T* 
   rms_norm_row(sum_out, w, eps, n, y);
 }
 
-// gate_up row = [gate (n) | up (n)] -> y = round_T(silu(gate)) * up
+// y = round_T(silu(gate)) * up, elementwise over n (a gate_up row is [gate (n) | up (n)]; a
+// thread may take any slice of it).
 template <typename T>
-EMU_ALWAYS_INLINE void silu_mul_row(const T* gate_up, int64_t n, T* y) {
+EMU_ALWAYS_INLINE void silu_mul(const T* gate, const T* up, int64_t n, T* y) {
   for (int64_t i = 0; i < n; ++i) {
-    const float s = round_to<T>(silu(to_float(gate_up[i])));
-    y[i] = from_float<T>(s * to_float(gate_up[n + i]));
+    const float s = round_to<T>(silu(to_float(gate[i])));
+    y[i] = from_float<T>(s * to_float(up[i]));
   }
 }
 
@@ -59,7 +60,7 @@ void rms_norm_row_cpu(const float* x, const float* w, float eps, int64_t n, floa
 void rms_norm_row_cpu(const bf16* x, const bf16* w, float eps, int64_t n, bf16* y);
 void add_rms_norm_row_cpu(const float* x, const float* r, const float* w, float eps, int64_t n, float* sum, float* y);
 void add_rms_norm_row_cpu(const bf16* x, const bf16* r, const bf16* w, float eps, int64_t n, bf16* sum, bf16* y);
-void silu_mul_row_cpu(const float* gate_up, int64_t n, float* y);
-void silu_mul_row_cpu(const bf16* gate_up, int64_t n, bf16* y);
+void silu_mul_cpu(const float* gate, const float* up, int64_t n, float* y);
+void silu_mul_cpu(const bf16* gate, const bf16* up, int64_t n, bf16* y);
 
 }  // namespace emu_fast::kernels

@@ -11,8 +11,8 @@ namespace emu_fast::kernels {
   void add_rms_norm_row_cpu(const T* x, const T* r, const T* w, float eps, int64_t n, T* sum, T* y) {  \
     run_best([&]() EMU_LAMBDA_INLINE { add_rms_norm_row(x, r, w, eps, n, sum, y); });                  \
   }                                                                                                     \
-  void silu_mul_row_cpu(const T* gate_up, int64_t n, T* y) {                                           \
-    run_best([&]() EMU_LAMBDA_INLINE { silu_mul_row(gate_up, n, y); });                                 \
+  void silu_mul_cpu(const T* gate, const T* up, int64_t n, T* y) {                                     \
+    run_best([&]() EMU_LAMBDA_INLINE { silu_mul(gate, up, n, y); });                                    \
   }
 
 EMU_NORM_INSTANTIATE(float)

@@ -13,6 +13,8 @@
 // once at the end, xsum_g being the sum of x over group g (computed once per call).
 #include "kernels/quantized_gemv.h"
 
+#include "kernels/gemv.h"
+
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -206,23 +208,39 @@ __attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Two accumulators per row (alternate runs of 8 values): with one, each row's FMAs form a single
+// chain and FMA latency, not memory, sets the pace. The weights go a cache line (64 values) of
+// each row at a time, the same line of a later block prefetched first (gemv.h says why;
+// prefetcht0 never faults, so the last blocks prefetch past the rows harmlessly).
 template <int R>
 __attribute__((target("avx2,fma"))) inline void int8_avx2_block(const int8_t* q, const float* scales, const float* x,
                                                                 float* y, int64_t batch, int64_t k_dim, int64_t ldy,
-                                                                int64_t n) {
-  const int64_t k_main = k_dim & ~int64_t(7);
+                                                                int64_t n, bool prefetch) {
+  const int64_t k64 = k_dim & ~int64_t(63), k_main = k_dim & ~int64_t(7), pfd = gemv_prefetch_distance(R * k_dim);
   const int8_t* r[R];
   for (int i = 0; i < R; ++i) r[i] = q + (n + i) * k_dim;
   for (int64_t b = 0; b < batch; ++b) {
     const float* xb = x + b * k_dim;
-    __m256 acc[R];
-    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k_main; k += 8) {
+    __m256 acc[R], acc2[R];
+    for (int i = 0; i < R; ++i) acc[i] = acc2[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < k64; k += 64) {
+      if (prefetch && b == 0)
+        for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(r[i] + pfd + k), _MM_HINT_T0);
+      for (int u = 0; u < 64; u += 16) {
+        const __m256 xv = _mm256_loadu_ps(xb + k + u), xv2 = _mm256_loadu_ps(xb + k + u + 8);
+        for (int i = 0; i < R; ++i) {
+          acc[i] = _mm256_fmadd_ps(widen8(r[i] + k + u), xv, acc[i]);
+          acc2[i] = _mm256_fmadd_ps(widen8(r[i] + k + u + 8), xv2, acc2[i]);
+        }
+      }
+    }
+    for (; k < k_main; k += 8) {
       const __m256 xv = _mm256_loadu_ps(xb + k);
       for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(widen8(r[i] + k), xv, acc[i]);
     }
     for (int i = 0; i < R; ++i) {
-      float s = hsum8(acc[i]);
+      float s = hsum8(_mm256_add_ps(acc[i], acc2[i]));
       for (int64_t k = k_main; k < k_dim; ++k) s += static_cast<float>(r[i][k]) * xb[k];
       y[b * ldy + n + i] = s * scales[n + i];
     }
@@ -233,17 +251,20 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* q, const float*
                                                    int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin,
                                                    int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + kRows <= n_end; n += kRows) int8_avx2_block<kRows>(q, scales, x, y, batch, k_dim, ldy, n);
-  for (; n < n_end; ++n) int8_avx2_block<1>(q, scales, x, y, batch, k_dim, ldy, n);
+  for (; n + kRows <= n_end; n += kRows) int8_avx2_block<kRows>(q, scales, x, y, batch, k_dim, ldy, n, true);
+  for (; n < n_end; ++n) int8_avx2_block<1>(q, scales, x, y, batch, k_dim, ldy, n, false);
 }
 
 // 16 bytes = one block of 32 nibbles, taken 8 bytes at a time: bytes h*8 .. h*8+7 give values
-// h*8 .. h*8+7 (low nibbles) and 16+h*8 .. 16+h*8+7 (high nibbles).
+// h*8 .. h*8+7 (low nibbles) and 16+h*8 .. 16+h*8+7 (high nibbles). Low and high nibbles
+// accumulate apart (two FMA chains a row, as in the int8 loop); each group's sum is scaled into
+// a vector total, reduced once a row; the group's lines of a later block are prefetched first.
 template <int R>
 __attribute__((target("avx2,fma"))) inline void int4_avx2_block(const uint8_t* q, const float* scales, int64_t group,
                                                                 const float* x, const float* xsum, float* y,
-                                                                int64_t batch, int64_t k_dim, int64_t ldy, int64_t n) {
+                                                                int64_t batch, int64_t k_dim, int64_t ldy, int64_t n, bool prefetch) {
   const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), row_bytes = k_pad / 2;
+  const int64_t pfd = gemv_prefetch_distance(R * row_bytes);
   const __m256i low = _mm256_set1_epi32(15);
   const uint8_t* r[R];
   for (int i = 0; i < R; ++i) r[i] = q + (n + i) * row_bytes;
@@ -254,8 +275,12 @@ __attribute__((target("avx2,fma"))) inline void int4_avx2_block(const uint8_t* q
     for (int64_t g = 0; g < groups; ++g) {
       int64_t j0, j1;
       group_blocks(g, group, k_pad, &j0, &j1);
-      __m256 acc[R];
-      for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+      if (prefetch && b == 0)
+        for (int64_t off = j0 * 16; off < j1 * 16; off += 64)
+          for (int i = 0; i < R; ++i)
+            _mm_prefetch(reinterpret_cast<const char*>(r[i] + pfd + off), _MM_HINT_T0);
+      __m256 acc[R], acc2[R];
+      for (int i = 0; i < R; ++i) acc[i] = acc2[i] = _mm256_setzero_ps();
       for (int64_t j = j0; j < j1; ++j) {
         const float* xj = xb + j * kInt4Block;
         for (int h = 0; h < 2; ++h) {
@@ -265,12 +290,13 @@ __attribute__((target("avx2,fma"))) inline void int4_avx2_block(const uint8_t* q
             const __m256i v =
                 _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r[i] + j * 16 + h * 8)));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), x_lo, acc[i]);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x_hi, acc[i]);
+            acc2[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x_hi, acc2[i]);
           }
         }
       }
       for (int i = 0; i < R; ++i)
-        total[i] = _mm256_fmadd_ps(acc[i], _mm256_set1_ps(scales[(n + i) * groups + g]), total[i]);
+        total[i] = _mm256_fmadd_ps(_mm256_add_ps(acc[i], acc2[i]), _mm256_set1_ps(scales[(n + i) * groups + g]),
+                                   total[i]);
     }
     for (int i = 0; i < R; ++i)
       y[b * ldy + n + i] = hsum8(total[i]) - int4_offset(scales + (n + i) * groups, xsum + b * groups, groups);
@@ -281,8 +307,9 @@ __attribute__((target("avx2,fma"))) void int4_avx2(const uint8_t* q, const float
                                                    const float* x, const float* xsum, float* y, int64_t batch,
                                                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + kRows <= n_end; n += kRows) int4_avx2_block<kRows>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
-  for (; n < n_end; ++n) int4_avx2_block<1>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
+  for (; n + kRows <= n_end; n += kRows)
+    int4_avx2_block<kRows>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n, true);
+  for (; n < n_end; ++n) int4_avx2_block<1>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n, false);
 }
 
 #endif  // EMU_X86
