@@ -16,7 +16,9 @@ from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
 from .families import DEFAULT_PLACEHOLDER, EmuFamily, family_of
 from .model_checks import check_linear, check_weights_loaded
 from .packing import llama_body_of
-from .quantized_linear import prepare_quantization, quantized_buffers
+from .quantize import DEFAULT_GROUP_SIZE
+from .quantized_linear import (prepare_quantization, quantization_of, quantize_decoder_linears_, quantized_buffers,
+                               resolve_device)
 
 
 def _weight_addresses(model, family: EmuFamily):
@@ -30,7 +32,7 @@ def _weight_addresses(model, family: EmuFamily):
 
 def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
                max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto",
-               weights: Optional[str] = None, group_size: Optional[int] = None):
+               weights: Optional[str] = None, group_size: Optional[int] = None, device=None):
     """Replace `model.generate_image` (this instance only) with the emu_fast path and return the
     model. The KV cache grows to the largest request; `max_batch` prompts of up to `max_seq_len`
     tokens (prompt + n generated embeddings) are optional limits (None: no limit besides
@@ -56,9 +58,18 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     and the float weights are released layer by layer), so its own forward keeps working on
     the same quantized weights; emu_fast.quantize defines the schemes exactly. An unknown scheme,
     or one that differs from the model's existing quantization, raises ValueError before
-    anything changes."""
+    anything changes.
+
+    device: where the model is to run (default: where it is). With weights="int8" / "int4", a
+    model loaded on the CPU is quantized onto the device layer by layer (each projection's float
+    weight copied over a chunk of rows at a time and quantized there; see
+    emu_fast.quantized_linear.quantize_decoder_linears_), then the rest of the model follows: a
+    model too large for the GPU in its float dtype ends up there quantized. The device then
+    holds the quantized model and one chunk of float rows at most. Without weights the model is
+    moved as model.to(device) would."""
     family = family_of(model)
-    prepare_quantization(model, weights, group_size, apply=False)  # a bad scheme fails before any change
+    target = resolve_device(device, "accelerate")                  # a bad device or scheme fails
+    prepare_quantization(model, weights, group_size, apply=False)  # before anything changes
     head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)
     up = None if up_module is None else check_linear(up_module, family.up_name(model))
@@ -66,6 +77,11 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     check_weights_loaded([("model.layers", body.layers), ("model.norm", body.norm),
                           ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
                          + ([(family.up_name(model), up_module)] if up_module is not None else []))
+    if target is not None:
+        if weights is not None and quantization_of(model) is None:
+            quantize_decoder_linears_(model, weights, group_size or DEFAULT_GROUP_SIZE, device=target)
+        model.to(target)
+        head, up = family.head(model).weight, None if up_module is None else up_module.weight  # moved
     decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len,
                                     kernels=kernels, weights=weights, group_size=group_size)
     if not hasattr(model, "_emu_fast_original_generate_image"):

@@ -70,14 +70,16 @@ def _symmetric(w: torch.Tensor, amax: torch.Tensor, qmax: int) -> Tuple[torch.Te
 # ------------------------------------------------------------------------------------ int8
 
 
-def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (qweight int8 [N, K], scales float32 [N]), on w's device."""
+def quantize_int8(w: torch.Tensor, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (qweight int8 [N, K], scales float32 [N]), on `device` (default w's):
+    w goes there a chunk of rows at a time, so the device never holds all of it."""
     _check_weight("quantize_int8", w)
     N, K = w.shape
-    qweight = torch.empty(N, K, dtype=torch.int8, device=w.device)
-    scales = torch.empty(N, dtype=torch.float32, device=w.device)
+    device = w.device if device is None else torch.device(device)
+    qweight = torch.empty(N, K, dtype=torch.int8, device=device)
+    scales = torch.empty(N, dtype=torch.float32, device=device)
     for n0 in range(0, N, _ROWS_PER_CHUNK):
-        rows = w[n0:n0 + _ROWS_PER_CHUNK].float()
+        rows = w[n0:n0 + _ROWS_PER_CHUNK].to(device).float()
         amax = rows.abs().amax(dim=1, keepdim=True) if K else rows.new_zeros(rows.shape[0], 1)
         q, scale = _symmetric(rows, amax, INT8_MAX)
         qweight[n0:n0 + rows.shape[0]] = q.to(torch.int8)
@@ -123,16 +125,19 @@ def unpack_int4(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     return u.to(torch.int8) - 8
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (qweight uint8 [N, ceil(K/32)*16], scales float32 [N, ceil(K/group_size)])."""
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                  device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (qweight uint8 [N, ceil(K/32)*16], scales float32 [N, ceil(K/group_size)]),
+    on `device` (default w's), w taken there a chunk of rows at a time as in quantize_int8."""
     _check_weight("quantize_int4", w)
     check_group_size(group_size)
     N, K = w.shape
     G = int4_groups(K, group_size)
-    qweight = torch.empty(N, int4_row_bytes(K), dtype=torch.uint8, device=w.device)
-    scales = torch.empty(N, G, dtype=torch.float32, device=w.device)
+    device = w.device if device is None else torch.device(device)
+    qweight = torch.empty(N, int4_row_bytes(K), dtype=torch.uint8, device=device)
+    scales = torch.empty(N, G, dtype=torch.float32, device=device)
     for n0 in range(0, N, _ROWS_PER_CHUNK):
-        rows = w[n0:n0 + _ROWS_PER_CHUNK].float()
+        rows = w[n0:n0 + _ROWS_PER_CHUNK].to(device).float()
         n = rows.shape[0]
         padded = rows.new_zeros(n, G * group_size)
         padded[:, :K] = rows

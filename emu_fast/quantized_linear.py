@@ -37,9 +37,15 @@ from .quantize import (DEFAULT_GROUP_SIZE, check_group_size, check_scheme, dequa
 # dequantizes the weight for the call and uses F.linear (a matrix multiply), which is faster
 # there; the temporary weight is one projection's, freed on return.
 GEMV_MAX_ROWS = 32
-# Activations the CPU op takes; others (float16, or any tensor off the CPU: the CUDA kernels
-# come with a later phase) take the dequantize + F.linear path.
+# Activations the ops take; others (float16) take the dequantize + F.linear path, as do devices
+# the ops have no kernel for (CUDA in a build without it).
 _OP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _op_runs_on(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("emu_fast::gemv_int8", "CUDA")
 
 
 class _QuantizedLinear(nn.Module):
@@ -55,14 +61,16 @@ class _QuantizedLinear(nn.Module):
             if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kw) -> "_QuantizedLinear":
-        """A quantized copy of `linear` (on its device); `linear` itself is left as it is."""
+    def from_linear(cls, linear: nn.Linear, device=None, **kw) -> "_QuantizedLinear":
+        """A quantized copy of `linear` on `device` (default: its own; the float weight goes
+        there a chunk of rows at a time); `linear` itself is left as it is."""
         w = linear.weight.detach()
         # Built on the meta device (nothing allocated), then given the quantized buffers.
         module = cls(linear.in_features, linear.out_features, False, dtype=w.dtype, device="meta", **kw)
-        module._set_weight(w)
+        module._set_weight(w, device)
         if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().to(w.dtype, copy=True), requires_grad=False)
+            bias = linear.bias.detach().to(device=device or w.device, dtype=w.dtype, copy=True)
+            module.bias = nn.Parameter(bias, requires_grad=False)
         return module
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
@@ -76,8 +84,8 @@ class _QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         # The op has no backward: an input that needs a gradient takes the differentiable path.
         needs_grad = torch.is_grad_enabled() and x2.requires_grad
-        if x2.shape[0] <= GEMV_MAX_ROWS and x2.dtype in _OP_DTYPES and x2.device.type == "cpu" \
-                and self.scales.device.type == "cpu" and not needs_grad:
+        if x2.shape[0] <= GEMV_MAX_ROWS and x2.dtype in _OP_DTYPES and x2.device == self.scales.device \
+                and _op_runs_on(x2.device) and not needs_grad:
             y = self._gemv(x2)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
@@ -112,8 +120,8 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32, device=device))
 
-    def _set_weight(self, w: torch.Tensor) -> None:
-        self.qweight, self.scales = quantize_int8(w)
+    def _set_weight(self, w: torch.Tensor, device=None) -> None:
+        self.qweight, self.scales = quantize_int8(w, device=device)
 
     def _gemv(self, x2):
         return ops.gemv_int8(x2, self.qweight, self.scales)
@@ -139,8 +147,8 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("scales", torch.zeros(out_features, int4_groups(in_features, group_size),
                                                    dtype=torch.float32, device=device))
 
-    def _set_weight(self, w: torch.Tensor) -> None:
-        self.qweight, self.scales = quantize_int4(w, self.group_size)
+    def _set_weight(self, w: torch.Tensor, device=None) -> None:
+        self.qweight, self.scales = quantize_int4(w, self.group_size, device=device)
 
     def _gemv(self, x2):
         return ops.gemv_int4(x2, self.qweight, self.scales, self.group_size)
@@ -200,10 +208,10 @@ def quantization_of(model):
 
 
 @torch.no_grad()
-def quantize_decoder_linears_(model, weights: str = "int8", group_size: int = DEFAULT_GROUP_SIZE):
+def quantize_decoder_linears_(model, weights: str = "int8", group_size: int = DEFAULT_GROUP_SIZE, device=None):
     """Replace, in place and layer by layer, each decoder layer's q/k/v/o_proj and
     gate/up/down_proj of an Emu1/Emu2 model (or a Hugging Face LLaMA) by an Int8Linear /
-    Int4Linear on the same device, and return the model.
+    Int4Linear, and return the model.
 
     Each original weight is released as soon as its layer is done (its Parameter is set to
     None), so memory only goes down: the peak is the model as given plus one projection's
@@ -211,13 +219,21 @@ def quantize_decoder_linears_(model, weights: str = "int8", group_size: int = DE
     references (tied, or packed by an earlier emu_fast.accelerate) stays alive through that
     reference.
 
+    device: where the quantized layers go (default: where each projection is). A model loaded
+    on the CPU is quantized onto the GPU layer by layer: each projection's float weight is
+    copied over a chunk of rows at a time and quantized there, then the layer's norms follow, so
+    the device holds the quantized layers done so far and one chunk of float rows, never a float
+    layer. The rest of the model (embeddings, final norm, heads) is not moved here; accelerate
+    moves it.
+
     weights: "int8" or "int4"; group_size: int4's group (a multiple of 32). ValueError on an
-    unknown scheme or a model already quantized; TypeError on a projection that is not a
-    float nn.Linear with its weights loaded.
+    unknown scheme, a bad device or a model already quantized; TypeError on a projection that is
+    not a float nn.Linear with its weights loaded.
     """
     check_scheme(weights, "quantize_decoder_linears_")
     if weights == "int4":
         check_group_size(group_size, "quantize_decoder_linears_")
+    device = resolve_device(device, "quantize_decoder_linears_")
     linears = list(decoder_linears(model))
     for name, _, _, module in linears:
         if is_quantized(module):
@@ -230,10 +246,32 @@ def quantize_decoder_linears_(model, weights: str = "int8", group_size: int = DE
     check_weights_loaded([(name, module) for name, _, _, module in linears])
     cls = QUANTIZED_MODULES[weights]
     kw = {"group_size": group_size} if weights == "int4" else {}
-    for name, parent, attr, module in linears:
-        setattr(parent, attr, cls.from_linear(module, **kw))
-        module.weight = None  # frees the original unless another reference holds it
+    per_layer = len(LAYER_LINEARS)
+    for i, layer in enumerate(llama_body_of(llama_of(model)).layers):
+        for name, parent, attr, module in linears[i * per_layer:(i + 1) * per_layer]:
+            setattr(parent, attr, cls.from_linear(module, device=device, **kw))
+            module.weight = None  # frees the original unless another reference holds it
+            module.bias = None
+        if device is not None:
+            layer.to(device)  # its norms (and transformers 4.31's RoPE buffers) follow its projections
     return model
+
+
+def resolve_device(device, fn: str) -> Optional[torch.device]:
+    """`device` as a torch.device (None stays None); ValueError naming a device that is not one,
+    or one that is not there (CUDA without a GPU, an index past the last GPU)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"emu_fast.{fn}: device={device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"emu_fast.{fn}: device={device!r}, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"emu_fast.{fn}: device={device!r}, but there are {torch.cuda.device_count()} GPUs")
+    return dev
 
 
 def replace_with_empty_(model, weights: str, group_size: int = DEFAULT_GROUP_SIZE):

@@ -381,3 +381,37 @@ def test_quantized_gemv_cuda(dtype, scheme, B, K):
     out = op(x.cuda(), *cuda_args)
     close(out.cpu(), getattr(reference, f"gemv_{scheme}")(x, *args), dtype)
     torch.library.opcheck(getattr(torch.ops.emu_fast, f"gemv_{scheme}").default, (x.float().cuda(), *cuda_args))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_accelerate_quantizes_a_cpu_model_onto_the_gpu_layer_by_layer(emu_tokenizer, scheme):
+    """accelerate(model on the CPU, weights=..., device="cuda"): the whole model ends up on the
+    GPU, quantized; at no moment did the GPU hold more than the result plus one float layer; the
+    images match the same quantization run on the CPU."""
+    import copy
+
+    import emu_fast
+
+    lm = tiny_llama(hidden=512, layers=8, heads=8, intermediate=1376, dtype=torch.bfloat16, init_std=0.02)
+    model = TinyEmu1(emu_tokenizer, lm, n_causal=32)
+    twin = copy.deepcopy(model)
+    layer_bytes = sum(p.numel() * p.element_size() for p in lm.model.layers[0].parameters())
+    a = torch.ones(2, 512, device="cuda", dtype=torch.bfloat16)  # cuBLAS's workspace: not ours
+    torch.nn.functional.linear(a, torch.ones(512, 512, device="cuda", dtype=torch.bfloat16))
+    del a
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    emu_fast.accelerate(model, weights=scheme, device="cuda", max_batch=2, max_seq_len=128)
+    torch.cuda.synchronize()
+    after, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    assert peak - after <= layer_bytes, (peak - after, layer_bytes)
+    assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"cuda"}
+    assert model.emu_fast_decoder.weights == scheme
+    texts = ["a photo of a cat", "a watercolor of a fox in tall grass"]
+    out = model.generate_image(texts)
+    expected = emu_fast.accelerate(twin, weights=scheme).generate_image(texts)
+    assert out.device.type == "cuda" and rel_err(out.cpu(), expected) < LOOP_TOL[torch.bfloat16]
+    # the model's own forward runs the CUDA op on the quantized modules
+    lin = model.decoder.lm.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    close(lin(x).float().cpu(), (x.float() @ lin.dequantize(torch.float32).T).cpu(), torch.bfloat16)

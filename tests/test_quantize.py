@@ -410,11 +410,11 @@ def test_quantizing_releases_each_layers_weights_as_it_goes(monkeypatch, emu_tok
     seen = []
     real = ql.quantize_int8
 
-    def spy(w):
+    def spy(w, **kw):
         gc.collect()
         alive = [i for i, r in refs if r() is not None]
         seen.append((len(seen), alive))
-        return real(w)
+        return real(w, **kw)
 
     monkeypatch.setattr(ql, "quantize_int8", spy)
     quantize_decoder_linears_(model, weights="int8")
@@ -426,6 +426,65 @@ def test_quantizing_releases_each_layers_weights_as_it_goes(monkeypatch, emu_tok
         assert min(alive) == j // per_layer
     gc.collect()
     assert all(r() is None for _, r in refs)
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
+def test_quantizing_onto_a_device_gives_the_same_buffers(scheme, group, monkeypatch, emu_tokenizer):
+    """device= moves each projection's rows over in chunks; on the same device the buffers are
+    bit for bit those of quantizing in place (the GPU case: test_cuda.py)."""
+    model = tiny_emu("emu2", tokenizer=emu_tokenizer, layers=2, hidden=96, intermediate=300)
+    twin = copy.deepcopy(model)
+    kw = {"group_size": group} if group else {}
+    quantize_decoder_linears_(twin, weights=scheme, **kw)
+    monkeypatch.setattr(emu_fast.quantize, "_ROWS_PER_CHUNK", 7)  # several chunks a projection, the last short
+    quantize_decoder_linears_(model, weights=scheme, device="cpu", **kw)
+    for (_, _, a), (_, _, b) in zip(_layer_modules(model), _layer_modules(twin)):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+
+
+def test_quantizing_onto_a_device_moves_one_layer_at_a_time(monkeypatch, emu_tokenizer):
+    """While layer i is quantized onto the target device, layers before it are there whole
+    (projections and norms), later ones are where they were; the rest of the model is not moved
+    (accelerate moves it). The meta device stands in for a GPU: the same code path, no values."""
+    model = tiny_emu("emu1", tokenizer=emu_tokenizer, layers=3)
+    layers = model.decoder.lm.model.layers
+    seen = []
+    real = ql.quantize_int8
+
+    def spy(w, device=None):
+        assert device == torch.device("meta") and w.device.type == "cpu"   # from the CPU, onto the target
+        seen.append([{p.device.type for p in layer.parameters()} | {b.device.type for b in layer.buffers()}
+                     for layer in layers])
+        return real(w, device=device)
+
+    monkeypatch.setattr(ql, "quantize_int8", spy)
+    quantize_decoder_linears_(model, weights="int8", device="meta")
+    per_layer = len(LAYER_LINEARS)
+    assert len(seen) == per_layer * len(layers)
+    for j, devices in enumerate(seen):
+        i = j // per_layer   # the layer being quantized
+        assert all(d == {"meta"} for d in devices[:i]), (j, devices)
+        assert all(d == {"cpu"} for d in devices[i + 1:]), (j, devices)
+    assert all({b.device.type for b in layer.buffers()} | {p.device.type for p in layer.parameters()} == {"meta"}
+               for layer in layers)
+    assert model.decoder.lm.model.embed_tokens.weight.device.type == "cpu"
+
+
+def test_accelerate_refuses_a_device_that_is_not_there(emu_tokenizer):
+    model = tiny_emu("emu1", tokenizer=emu_tokenizer)
+    for device, message in [("gpu0", "is not a torch device"), (3.5, "is not a torch device")] + \
+            ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]):
+        with pytest.raises(ValueError, match=message):
+            emu_fast.accelerate(model, weights="int8", device=device)
+        with pytest.raises(ValueError, match=message):
+            quantize_decoder_linears_(model, weights="int8", device=device)
+    assert all(type(m) is nn.Linear for _, _, m in _layer_modules(model))    # nothing changed
+    assert not hasattr(model, "emu_fast_decoder")
+    # device="cpu" (where it is) quantizes and runs as without it
+    twin = copy.deepcopy(model)
+    out = emu_fast.accelerate(model, weights="int8", device="cpu").generate_image(["a cat"])
+    torch.testing.assert_close(out, emu_fast.accelerate(twin, weights="int8").generate_image(["a cat"]),
+                               rtol=0, atol=0)
 
 
 def test_quantize_rejects_unknown_scheme_and_requantizing(emu_tokenizer):
