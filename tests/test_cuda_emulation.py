@@ -359,6 +359,27 @@ def test_quantized_gemv_kernels_match_reference(dtype, scheme, B, K, N, group):
     assert not out[:, N // 2].any()
 
 
+@pytest.mark.parametrize("scheme,K", [("int8", 256), ("int8", 250), ("int4", 256), ("int4", 250)])
+def test_quantized_gemv_kernels_take_every_stored_byte(scheme, K):
+    """Every byte a qweight can hold (int8 -128..127; int4 nibbles 0..15, i.e. q = -8..7, which
+    the quantizer never writes but a file may hold), each in every position of a word: the
+    kernels' bit-level conversion (no I2F) gives the value the scheme defines. int8 also through
+    its scalar loop (K % 16 != 0), int4 with a zero-padded last block."""
+    from emu_fast.quantize import int4_row_bytes
+    row_bytes = K if scheme == "int8" else int4_row_bytes(K)
+    q = torch.arange(8 * 256, dtype=torch.int64).remainder(256)  # 0..255, eight times
+    q = q[torch.randperm(q.numel(), generator=torch.Generator().manual_seed(0))][: 8 * row_bytes]
+    q = q.view(8, row_bytes).to(torch.uint8)
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(1))
+    if scheme == "int8":
+        args = (q.view(torch.int8), torch.rand(8, generator=torch.Generator().manual_seed(2)) + 0.5)
+        out, expected = emu.gemv_int8(x, *args), reference.gemv_int8(x, *args)
+    else:
+        args = (q, torch.rand(8, 2, generator=torch.Generator().manual_seed(2)) + 0.5, 128)
+        out, expected = emu.gemv_int4(x, *args), reference.gemv_int4(x, *args)
+    _close(out, expected, torch.float32)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_gemv_kernels_read_misaligned_and_strided_x(scheme):
     """x starting one element into its buffer, or a strided slice: the glue copies it dense

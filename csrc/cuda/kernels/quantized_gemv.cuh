@@ -18,6 +18,20 @@ constexpr int kQGemvWarps = 8;     // output rows per block
 constexpr int kQGemvMaxBatch = 8;  // batch rows per launch; more run as several launches
 constexpr int kQInt4Block = 32;    // int4 values per 16-byte vector
 
+// Small integers to float32 without I2F (a conversion unit op at 1/8 of the FMA rate on
+// sm_80/sm_90, which made the int4 GEMV issue-bound): 0x4B000000 | u is the float 2^23 + u for
+// u < 2^23, so one LOP3 builds it from the bits and one FADD takes 2^23 (plus the scheme's
+// offset) off, exactly.
+//   nibble_value(t, s): the nibble at bit s of t, stored as q + 8, as the float q.
+//   int8_value(t, s): the int8 at bit s of t (s a multiple of 8) as a float: its bits XOR 0x80
+//   are the value + 128.
+__device__ __forceinline__ float nibble_value(uint32_t t, int s) {
+  return __uint_as_float(0x4B000000u | ((t >> s) & 0xFu)) - 8388616.0f;  // 2^23 + 8
+}
+__device__ __forceinline__ float int8_value(uint32_t t, int s) {
+  return __uint_as_float(0x4B000000u | (((t >> s) & 0xFFu) ^ 0x80u)) - 8388736.0f;  // 2^23 + 128
+}
+
 // 16 consecutive x values of one batch row as floats (aligned to 16 bytes).
 template <typename T>
 __device__ __forceinline__ void load_x16(const T* p, float (&out)[16]) {
@@ -68,30 +82,30 @@ quantized_gemv_kernel(const uint8_t* __restrict__ q, const float* __restrict__ s
   for (int b = 0; b < kBatch; ++b) acc[b] = 0.f;
   // acc[b] += the 16-byte vector vi of this row (16 int8 or 32 int4 values) . x[b].
   auto use = [&](const uint4& w, int vi) {
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&w);
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};  // byte i is bits 8 (i % 4) of words[i / 4]
     if constexpr (kInt4) {
       const int k0 = vi * kQInt4Block;
       const float scale = scales[row * scale_ld + k0 / group];
       float lo[16], hi[16];
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
-        lo[i] = static_cast<float>(static_cast<int>(bytes[i] & 15) - 8);  // stored as q + 8
-        hi[i] = static_cast<float>(static_cast<int>(bytes[i] >> 4) - 8);
+        lo[i] = nibble_value(words[i / 4], 8 * (i % 4));
+        hi[i] = nibble_value(words[i / 4], 8 * (i % 4) + 4);
       }
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         float xl[16], xh[16];
         load_x16(xb[b] + k0, xl);
         load_x16(xb[b] + k0 + 16, xh);
-        float s = 0.f;
+        float s = 0.f;  // two FFMAs a pair (not FMUL + FFMA + FADD)
 #pragma unroll
-        for (int i = 0; i < 16; ++i) s += lo[i] * xl[i] + hi[i] * xh[i];
-        acc[b] += scale * s;
+        for (int i = 0; i < 16; ++i) s = fmaf(hi[i], xh[i], fmaf(lo[i], xl[i], s));
+        acc[b] = fmaf(scale, s, acc[b]);
       }
     } else {
       float wf[16];
 #pragma unroll
-      for (int i = 0; i < 16; ++i) wf[i] = static_cast<float>(static_cast<int8_t>(bytes[i]));
+      for (int i = 0; i < 16; ++i) wf[i] = int8_value(words[i / 4], 8 * (i % 4));
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         float xv[16];
