@@ -285,13 +285,14 @@ def kernel_table(arch, src, workdir, nvdisasm):
         name = names[mangled]
         if "bfloat16" not in name:
             continue
-        kind = ("qgemv" if "quantized_gemv_kernel" in name else "gemv" if "gemv_kernel" in name else "gemv_mma" if "gemv_mma_kernel" in name else
+        kind = ("qgemv_mma" if "int4_mma_gemv_kernel" in name else
+                "qgemv" if "quantized_gemv_kernel" in name else "gemv" if "gemv_kernel" in name else "gemv_mma" if "gemv_mma_kernel" in name else
                 "combine" if "combine" in name else
                 "attention" if "decode_attention" in name else "rms_norm" if "rms_norm" in name else
                 "silu_mul" if "silu_mul" in name else "splice")
         # DRAM-stream loads: the GEMVs' evict-first weight loads; attention's K/V loads, not the
         # coherent (.STRONG, __ldcg) loads of the split partials its last block merges from L2.
-        if kind in ("gemv", "gemv_mma", "qgemv"):
+        if kind in ("gemv", "gemv_mma", "qgemv", "qgemv_mma"):
             stream = lambda op: ".EF" in op
         elif kind == "attention":
             stream = lambda op: op.startswith("LDG") and ".STRONG" not in op
@@ -489,12 +490,19 @@ def quantized_gemvs(kernels, a, model, batch):
         if not inst:
             return []
         name = inst[min(b for b in inst if b >= min(B, max(inst)))]
+        # int4 in bf16 with group 128 takes the tensor-core kernel where the tree has one
+        # (int4_mma_gemv.cuh: 16 rows a block, K split over its 8 warps; batch <= 8 in one launch)
+        tc = [n for n, k in kernels.items() if k["kind"] == "qgemv_mma"] if int4 and B <= 8 else []
+        rows = 16 if tc else 8
+        name = tc[0] if tc else name
         k, lp = kernels[name], kernels[name]["loop"]
         us = floor = 0.0
         for n, kd in projections:
             wbytes = n * kd / 2 + n * math.ceil(kd / 128) * 4 if int4 else n * kd + n * 4
-            iters = math.ceil(wbytes / n / (32 * lp["stream_bytes_per_lane"])) if lp else 0
-            r = estimate(k, a, wbytes + B * (kd + n) * E, math.ceil(n / 8), 8, iters, KERNEL_CHAINS["gemv"], gap_us=ours_gap)
+            per_warp = wbytes / n * (rows / 8)  # one row a warp (CUDA cores); 16 rows' K split 8 ways (mma)
+            iters = math.ceil(per_warp / (32 * lp["stream_bytes_per_lane"])) if lp else 0
+            r = estimate(k, a, wbytes + B * (kd + n) * E, math.ceil(n / rows), 8, iters, KERNEL_CHAINS["gemv"],
+                         gap_us=ours_gap)
             us += r["us"]
             floor += wbytes / g["bw"] * 1e6
         out.append(dict(model=model, scheme=scheme, batch=B, instance=name, gemv_ms=us * m["layers"] / 1e3,

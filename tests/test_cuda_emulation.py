@@ -345,6 +345,10 @@ def _quantized_case(scheme, B, K, N, dtype, group=128, seed=0, x_offset=0):
     ("int4", 1, 1024, 24, 128),   # vectors, several groups
     ("int4", 5, 100, 13, 32),     # K padded to 128 with zeros, a short last group
     ("int4", 9, 320, 8, 64),      # two launches
+    # bf16 with groups of whole 128-input steps: the tensor-core kernel (int4_mma_gemv.cuh)
+    ("int4", 3, 200, 21, 128),    # 7 blocks (the last step's lanes past the row), 21 rows (a part tile)
+    ("int4", 11, 256, 40, 128),   # two launches: 8 batch rows (the whole mma N), then 3
+    ("int4", 2, 600, 18, 256),    # groups of two steps, a short last group
 ])
 def test_quantized_gemv_kernels_match_reference(dtype, scheme, B, K, N, group):
     """The CUDA kernels against x @ dequantize(...)^T (emu_fast/quantize.py, the scheme's
@@ -359,25 +363,27 @@ def test_quantized_gemv_kernels_match_reference(dtype, scheme, B, K, N, group):
     assert not out[:, N // 2].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scheme,K", [("int8", 256), ("int8", 250), ("int4", 256), ("int4", 250)])
-def test_quantized_gemv_kernels_take_every_stored_byte(scheme, K):
+def test_quantized_gemv_kernels_take_every_stored_byte(scheme, K, dtype):
     """Every byte a qweight can hold (int8 -128..127; int4 nibbles 0..15, i.e. q = -8..7, which
     the quantizer never writes but a file may hold), each in every position of a word: the
     kernels' bit-level conversion (no I2F) gives the value the scheme defines. int8 also through
-    its scalar loop (K % 16 != 0), int4 with a zero-padded last block."""
+    its scalar loop (K % 16 != 0), int4 with a zero-padded last block, in bf16 on the
+    tensor-core kernel (its bf16 pairs built from the bits)."""
     from emu_fast.quantize import int4_row_bytes
     row_bytes = K if scheme == "int8" else int4_row_bytes(K)
     q = torch.arange(8 * 256, dtype=torch.int64).remainder(256)  # 0..255, eight times
     q = q[torch.randperm(q.numel(), generator=torch.Generator().manual_seed(0))][: 8 * row_bytes]
     q = q.view(8, row_bytes).to(torch.uint8)
-    x = torch.randn(2, K, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(1)).to(dtype)
     if scheme == "int8":
         args = (q.view(torch.int8), torch.rand(8, generator=torch.Generator().manual_seed(2)) + 0.5)
         out, expected = emu.gemv_int8(x, *args), reference.gemv_int8(x, *args)
     else:
         args = (q, torch.rand(8, 2, generator=torch.Generator().manual_seed(2)) + 0.5, 128)
         out, expected = emu.gemv_int4(x, *args), reference.gemv_int4(x, *args)
-    _close(out, expected, torch.float32)
+    _close(out, expected, dtype)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -394,9 +400,9 @@ def test_quantized_gemv_kernels_read_misaligned_and_strided_x(scheme):
     torch.testing.assert_close(op(wide[:, :256], *args), expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantized_gemv_kernels_do_not_depend_on_thread_order(scheme):
-    x, args = _quantized_case(scheme, 5, 384, 20, torch.bfloat16, group=64)
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 64), ("int4", 128)])  # int4 128: tensor cores
+def test_quantized_gemv_kernels_do_not_depend_on_thread_order(scheme, group):
+    x, args = _quantized_case(scheme, 5, 384, 20, torch.bfloat16, group=group or 64)
     op = emu.gemv_int8 if scheme == "int8" else emu.gemv_int4
     in_order = op(x, *args)
     for seed in (1, 2):

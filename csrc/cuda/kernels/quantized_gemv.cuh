@@ -10,7 +10,10 @@
 // weights: int8 reads half the bytes of bf16, int4 a quarter, so the loads in flight must cover
 // the same latency with fewer bytes each). No torch includes.
 #pragma once
+#include <type_traits>
+
 #include "common.cuh"
+#include "int4_mma_gemv.cuh"
 
 namespace emu_fast::cuda {
 
@@ -155,6 +158,20 @@ cudaError_t launch_quantized_gemv(const uint8_t* q, const float* scales, int64_t
                                   int64_t ldx, T* y, int64_t ldy, int64_t batch, int k_dim, int n_rows,
                                   cudaStream_t stream) {
   if (batch == 0 || n_rows == 0) return cudaSuccess;
+  if constexpr (kInt4 && std::is_same_v<T, __nv_bfloat16>) {
+    // bf16 activations and groups of whole 128-input steps: the tensor-core kernel (int4_mma_gemv.cuh)
+    if (group % kQMmaStep == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0) {
+      const dim3 grid((n_rows + kQMmaRows - 1) / kQMmaRows), block(kQMmaWarps * 32);
+      for (int64_t b0 = 0; b0 < batch; b0 += kQMmaMaxBatch) {
+        const int b = static_cast<int>(batch - b0 < kQMmaMaxBatch ? batch - b0 : kQMmaMaxBatch);
+        EMU_FAST_LAUNCH_PDL(grid, block, stream, int4_mma_gemv_kernel<T>)(q, scales, scale_ld, group, x + b0 * ldx,
+                                                                          ldx, y + b0 * ldy, ldy, b, k_dim, n_rows);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+      }
+      return cudaSuccess;
+    }
+  }
   const bool vec_ok = kInt4 || (reinterpret_cast<uintptr_t>(q) % 16 == 0 && quantized_gemv_x_ok(x, ldx, k_dim, false));
   const dim3 grid((n_rows + kQGemvWarps - 1) / kQGemvWarps), block(kQGemvWarps * 32);
   for (int64_t b0 = 0; b0 < batch; b0 += kQGemvMaxBatch) {

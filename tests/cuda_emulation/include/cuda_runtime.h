@@ -57,6 +57,11 @@ inline float __uint_as_float(unsigned int u) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
 template <typename A, typename B>
 inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
 template <typename A, typename B>
