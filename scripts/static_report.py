@@ -285,7 +285,7 @@ def kernel_table(arch, src, workdir, nvdisasm):
         name = names[mangled]
         if "bfloat16" not in name:
             continue
-        kind = ("qgemv_mma" if "int4_mma_gemv_kernel" in name else
+        kind = ("qgemv_mma" if "quantized_mma_gemv_kernel" in name else
                 "qgemv" if "quantized_gemv_kernel" in name else "gemv" if "gemv_kernel" in name else "gemv_mma" if "gemv_mma_kernel" in name else
                 "combine" if "combine" in name else
                 "attention" if "decode_attention" in name else "rms_norm" if "rms_norm" in name else
@@ -490,9 +490,10 @@ def quantized_gemvs(kernels, a, model, batch):
         if not inst:
             return []
         name = inst[min(b for b in inst if b >= min(B, max(inst)))]
-        # int4 in bf16 with group 128 takes the tensor-core kernel where the tree has one
-        # (int4_mma_gemv.cuh: 16 rows a block, K split over its 8 warps; batch <= 8 in one launch)
-        tc = [n for n, k in kernels.items() if k["kind"] == "qgemv_mma"] if int4 and B <= 8 else []
+        # bf16 takes the tensor-core kernel where the tree has one (quantized_mma_gemv.cuh: 16 rows
+        # a block, K split over its 8 warps; batch <= 8 in one launch; int4 with group 128)
+        tc = [n for n, k in kernels.items() if k["kind"] == "qgemv_mma" and
+              re.search(rf"quantized_mma_gemv_kernel<__nv_bfloat16, {'true' if int4 else 'false'}>", n)] if B <= 8 else []
         rows = 16 if tc else 8
         name = tc[0] if tc else name
         k, lp = kernels[name], kernels[name]["loop"]

@@ -336,6 +336,8 @@ def _quantized_case(scheme, B, K, N, dtype, group=128, seed=0, x_offset=0):
     return x, (q, s, group)
 
 
+# float32 x: the CUDA-core kernel; bf16 x: the tensor-core kernel where it applies (int8 with
+# K % 16 == 0, int4 with groups of 128 or 256), else the CUDA-core one.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scheme,B,K,N,group", [
     ("int8", 1, 512, 40, None),   # vectors, 4 in flight per lane, and the last ones
@@ -345,7 +347,7 @@ def _quantized_case(scheme, B, K, N, dtype, group=128, seed=0, x_offset=0):
     ("int4", 1, 1024, 24, 128),   # vectors, several groups
     ("int4", 5, 100, 13, 32),     # K padded to 128 with zeros, a short last group
     ("int4", 9, 320, 8, 64),      # two launches
-    # bf16 with groups of whole 128-input steps: the tensor-core kernel (int4_mma_gemv.cuh)
+    # bf16 with groups of whole 128-input steps: the tensor-core kernel (quantized_mma_gemv.cuh)
     ("int4", 3, 200, 21, 128),    # 7 blocks (the last step's lanes past the row), 21 rows (a part tile)
     ("int4", 11, 256, 40, 128),   # two launches: 8 batch rows (the whole mma N), then 3
     ("int4", 2, 600, 18, 256),    # groups of two steps, a short last group

@@ -13,27 +13,14 @@
 #include <type_traits>
 
 #include "common.cuh"
-#include "int4_mma_gemv.cuh"
+#include "quantized_convert.cuh"
+#include "quantized_mma_gemv.cuh"
 
 namespace emu_fast::cuda {
 
 constexpr int kQGemvWarps = 8;     // output rows per block
 constexpr int kQGemvMaxBatch = 8;  // batch rows per launch; more run as several launches
 constexpr int kQInt4Block = 32;    // int4 values per 16-byte vector
-
-// Small integers to float32 without I2F (a conversion unit op at 1/8 of the FMA rate on
-// sm_80/sm_90, which made the int4 GEMV issue-bound): 0x4B000000 | u is the float 2^23 + u for
-// u < 2^23, so one LOP3 builds it from the bits and one FADD takes 2^23 (plus the scheme's
-// offset) off, exactly.
-//   nibble_value(t, s): the nibble at bit s of t, stored as q + 8, as the float q.
-//   int8_value(t, s): the int8 at bit s of t (s a multiple of 8) as a float: its bits XOR 0x80
-//   are the value + 128.
-__device__ __forceinline__ float nibble_value(uint32_t t, int s) {
-  return __uint_as_float(0x4B000000u | ((t >> s) & 0xFu)) - 8388616.0f;  // 2^23 + 8
-}
-__device__ __forceinline__ float int8_value(uint32_t t, int s) {
-  return __uint_as_float(0x4B000000u | (((t >> s) & 0xFFu) ^ 0x80u)) - 8388736.0f;  // 2^23 + 128
-}
 
 // 16 consecutive x values of one batch row as floats (aligned to 16 bytes).
 template <typename T>
@@ -158,21 +145,23 @@ cudaError_t launch_quantized_gemv(const uint8_t* q, const float* scales, int64_t
                                   int64_t ldx, T* y, int64_t ldy, int64_t batch, int k_dim, int n_rows,
                                   cudaStream_t stream) {
   if (batch == 0 || n_rows == 0) return cudaSuccess;
-  if constexpr (kInt4 && std::is_same_v<T, __nv_bfloat16>) {
-    // bf16 activations and groups of whole 128-input steps: the tensor-core kernel (int4_mma_gemv.cuh)
-    if (group % kQMmaStep == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0) {
+  const bool q_aligned = reinterpret_cast<uintptr_t>(q) % 16 == 0;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // bf16 activations: the tensor-core kernel (quantized_mma_gemv.cuh) for int4 in groups of
+    // whole 128-input steps, and for int8 read with vectors
+    if (q_aligned && (kInt4 ? group % kQMmaInt4Step == 0 : quantized_gemv_x_ok(x, ldx, k_dim, false))) {
       const dim3 grid((n_rows + kQMmaRows - 1) / kQMmaRows), block(kQMmaWarps * 32);
       for (int64_t b0 = 0; b0 < batch; b0 += kQMmaMaxBatch) {
         const int b = static_cast<int>(batch - b0 < kQMmaMaxBatch ? batch - b0 : kQMmaMaxBatch);
-        EMU_FAST_LAUNCH_PDL(grid, block, stream, int4_mma_gemv_kernel<T>)(q, scales, scale_ld, group, x + b0 * ldx,
-                                                                          ldx, y + b0 * ldy, ldy, b, k_dim, n_rows);
+        EMU_FAST_LAUNCH_PDL(grid, block, stream, quantized_mma_gemv_kernel<T, kInt4>)(
+            q, scales, scale_ld, group, x + b0 * ldx, ldx, y + b0 * ldy, ldy, b, k_dim, n_rows);
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
       }
       return cudaSuccess;
     }
   }
-  const bool vec_ok = kInt4 || (reinterpret_cast<uintptr_t>(q) % 16 == 0 && quantized_gemv_x_ok(x, ldx, k_dim, false));
+  const bool vec_ok = kInt4 || (q_aligned && quantized_gemv_x_ok(x, ldx, k_dim, false));
   const dim3 grid((n_rows + kQGemvWarps - 1) / kQGemvWarps), block(kQGemvWarps * 32);
   for (int64_t b0 = 0; b0 < batch; b0 += kQGemvMaxBatch) {
     const int b = static_cast<int>(batch - b0 < kQGemvMaxBatch ? batch - b0 : kQGemvMaxBatch);
