@@ -1,7 +1,11 @@
-"""Microbenchmark of the weight-only quantized GEMVs against the 16-bit one (issue 10, phase 1):
-gemv (bfloat16 weights), gemv_int8 and gemv_int4 at one projection's shape, on the CPU.
+"""Microbenchmark of the weight-only quantized GEMVs against the 16-bit one (issue 10):
+gemv (bfloat16 weights), gemv_int8 and gemv_int4 at one projection's shape, on the CPU or a GPU.
 
     python benchmarks/quantized_gemv.py [--k 5120] [--n 5120] [--batch 1] [--reps 50] [--threads T]
+    python benchmarks/quantized_gemv.py --device cuda --k 5120 --n 15360 --batch 8
+
+On a GPU the ops run their CUDA kernels (bf16 activations: the tensor-core GEMVs) and the
+bandwidth beside them is a device-to-device copy's (read + write bytes).
 
 Each op cycles through enough distinct weight matrices (>= 256 MB in all) that every call reads
 its weights from memory, not from the last-level cache, as a decode step does. Reported: the
@@ -26,13 +30,14 @@ from emu_fast.quantize import quantize_int4, quantize_int8  # noqa: E402
 WORKING_SET = 256 * 2**20
 
 
-def weight_sets(k: int, n: int, group: int):
+def weight_sets(k: int, n: int, group: int, device: str = "cpu"):
     """{op name: (fn(x, i), bytes per call, copies)}."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=g) * k ** -0.5
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(device)
     q8, s8 = quantize_int8(w)
     q4, s4 = quantize_int4(w, group)
     w16 = w.to(torch.bfloat16)
+    del w
     sets = {}
     for name, tensors, fn in [
         ("gemv bf16", (w16,), lambda x, t: ops.gemv(x, t[0])),
@@ -53,23 +58,28 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    bw = read_bandwidth("cpu", WORKING_SET)
-    print(f"threads {torch.get_num_threads()}, read bandwidth (sum of a 256 MB float32 buffer) {bw / 1e9:.1f} GB/s")
+    dev = args.device
+    bw = read_bandwidth(dev, WORKING_SET)
+    if dev == "cpu":
+        print(f"threads {torch.get_num_threads()}, read bandwidth (sum of a 256 MB float32 buffer) {bw / 1e9:.1f} GB/s")
+    else:
+        print(f"{torch.cuda.get_device_name(dev)}, copy bandwidth (read + write of 1 GiB) {bw / 1e9:.0f} GB/s")
     print(f"x [{args.batch}, {args.k}] bfloat16, weights [{args.n}, {args.k}], int4 group {args.group}")
-    x = torch.randn(args.batch, args.k).to(torch.bfloat16)
+    x = torch.randn(args.batch, args.k).to(torch.bfloat16).to(dev)
     base = None
-    for name, (copies, fn, nbytes) in weight_sets(args.k, args.n, args.group).items():
+    for name, (copies, fn, nbytes) in weight_sets(args.k, args.n, args.group, dev).items():
         state = {"i": 0}
 
         def call():
             state["i"] = (state["i"] + 1) % len(copies)
             return fn(x, copies[state["i"]])
 
-        sec, _ = timed(call, "cpu", args.reps)
+        sec, _ = timed(call, dev, args.reps)
         base = base or sec
         print(f"{name:10s} {sec * 1e3:7.3f} ms  reads {nbytes / 1e6:6.1f} MB  {nbytes / sec / 1e9:6.1f} GB/s "
               f"({nbytes / sec / bw:4.0%} of read bandwidth)  {base / sec:4.2f}x bf16")

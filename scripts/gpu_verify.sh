@@ -40,4 +40,12 @@ run_to "$OUT/$TAG-emu1-13b-b1-p128-nopdl.txt" env EMU_FAST_PDL=0 "$PYTHON" bench
   --json "$OUT/$TAG-emu1-13b-b1-p128-nopdl.json"
 run_to "$OUT/$TAG-emu1-13b-b8-p512.txt" "$PYTHON" benchmarks/latency.py --batch 8 --prompt-len 512 --reps 2 \
   --json "$OUT/$TAG-emu1-13b-b8-p512.json"
+# Issue 10: the weight-only GEMVs against bf16 at Emu1-13B's qkv and down_proj shapes, batch 1
+# and 8 (bf16 activations: the tensor-core kernels), and the quantized rows of the step.
+for shape in "--k 5120 --n 15360" "--k 13824 --n 5120"; do
+  for b in 1 8; do
+    run_to "$OUT/$TAG-quantized-gemv-${shape// /}-b$b.txt" "$PYTHON" benchmarks/quantized_gemv.py --device cuda \
+      $shape --batch $b
+  done
+done
 exit $status

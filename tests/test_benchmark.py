@@ -93,3 +93,20 @@ def test_benchmark_sweep_plot_json(tmp_path, capsys):
         assert f[latency.UPSTREAM]["status"] == "skipped"
         for name in (latency.EAGER, latency.FAST):
             assert f[name]["matches_reference"] and f[name]["reference"] == latency.HF, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_quantized_gemv_benchmark_runs(monkeypatch, capsys, device):
+    """benchmarks/quantized_gemv.py (gpu_verify.sh runs it on CUDA): a row per op, each with its
+    time, bytes and bandwidth, the bf16 row as the 1.00x base."""
+    from benchmarks import quantized_gemv
+    monkeypatch.setattr(quantized_gemv, "WORKING_SET", 2**21)  # a few copies, not 256 MB
+    monkeypatch.setattr(sys, "argv", ["quantized_gemv.py", "--k", "1024", "--n", "256", "--batch", "3", "--reps", "2",
+                                      "--device", device])
+    quantized_gemv.main()
+    rows = re.findall(r"^(gemv bf16|gemv_int8|gemv_int4)\s+([\d.]+) ms\s+reads\s+([\d.]+) MB.*?([\d.]+)x bf16$",
+                      capsys.readouterr().out, re.M)
+    assert [r[0] for r in rows] == ["gemv bf16", "gemv_int8", "gemv_int4"]
+    assert float(rows[0][3]) == 1.0 and all(float(r[1]) > 0 for r in rows)
+    assert float(rows[0][2]) > float(rows[1][2]) > float(rows[2][2])  # bf16 > int8 > int4 bytes
