@@ -283,7 +283,7 @@ def cuda_kernels_as_cpu_ops():
             return fn(*args)
         return op
 
-    impls = {name: getattr(emu, name) for name in OPS}  # every op has its emulator wrapper
+    impls = {name: getattr(emu, name) for name in {*OPS, "gemv_int8", "gemv_int4"}}  # each has its emulator wrapper
     lib = torch.library.Library("emu_fast", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
@@ -318,6 +318,27 @@ def test_decoder_on_the_cuda_kernels_matches_upstream_loop(emu_tokenizer, cuda_k
                "rms_norm"):
         assert calls[op] > 0, op
     assert calls["decode_attention"] == (s.n - 1) * s.shape.layers
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_decoder_on_the_cuda_kernels_matches_the_fused_cpu_step(emu_tokenizer, cuda_kernels_as_cpu_ops,
+                                                                           scheme, dtype):
+    """The quantized decoder's op-by-op step (what it runs on a GPU: gemv_int8 / gemv_int4, on
+    tensor cores in bf16) on the emulated CUDA kernels, against the CPU's fused step (its own
+    kernels, which test_quantized_decoder.py holds to the dequantized reference). Emu2-shaped,
+    hidden 256, MLP 96 (int4's last group short, its last step's lanes past the row)."""
+    from emu_fast.testing import rel_err
+
+    s = Setup("emu2", emu_tokenizer, kv_heads=2, n=6, dtype=dtype, hidden=256, out_dim=96)
+    dec = s.decoder(kernels="custom", weights=scheme)  # quantizes s.lm in place (group 128 for int4)
+    inputs = s.inputs(PROMPTS[3])
+    fused = dec.generate(*inputs, s.n)
+    steps_before = cuda_kernels_as_cpu_ops[f"gemv_{scheme}"]
+    dec.fused_cpu_step = False
+    out = dec.generate(*inputs, s.n)
+    assert cuda_kernels_as_cpu_ops[f"gemv_{scheme}"] - steps_before >= 4 * s.shape.layers * (s.n - 1)
+    assert rel_err(out, fused) < (1e-4 if dtype == torch.float32 else LOOP_TOL[dtype])
 
 
 # --- weight-only int8 / int4 GEMV -----------------------------------------------------------
