@@ -16,9 +16,7 @@ from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
 from .families import DEFAULT_PLACEHOLDER, EmuFamily, family_of
 from .model_checks import check_linear, check_weights_loaded
 from .packing import llama_body_of
-from .quantize import DEFAULT_GROUP_SIZE
-from .quantized_linear import (prepare_quantization, quantization_of, quantize_decoder_linears_, quantized_buffers,
-                               resolve_device)
+from .quantized_linear import prepare_quantization, quantized_buffers, resolve_device
 
 
 def _weight_addresses(model, family: EmuFamily):
@@ -77,9 +75,8 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     check_weights_loaded([("model.layers", body.layers), ("model.norm", body.norm),
                           ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
                          + ([(family.up_name(model), up_module)] if up_module is not None else []))
-    if target is not None:
-        if weights is not None and quantization_of(model) is None:
-            quantize_decoder_linears_(model, weights, group_size or DEFAULT_GROUP_SIZE, device=target)
+    if target is not None:  # quantize onto the device layer by layer (if asked), then move the rest
+        prepare_quantization(model, weights, group_size, device=target)
         model.to(target)
         head, up = family.head(model).weight, None if up_module is None else up_module.weight  # moved
     decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len,

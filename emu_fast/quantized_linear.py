@@ -19,6 +19,7 @@ emu_fast.quantized_io.load_quantized, is accelerated as it is.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -43,9 +44,13 @@ _OP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _op_runs_on(device: torch.device) -> bool:
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("emu_fast::gemv_int8", "CUDA")
+    return device.type == "cpu" or (device.type == "cuda" and _cuda_ops_built())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ops_built() -> bool:
+    """Whether this build registered the quantized ops' CUDA kernels (asked once, not per forward)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("emu_fast::gemv_int8", "CUDA")
 
 
 class _QuantizedLinear(nn.Module):
@@ -297,14 +302,15 @@ BITS = {"int8": 8, "int4": 4}
 
 
 def prepare_quantization(model, weights: Optional[str], group_size: Optional[int], fn: str = "accelerate",
-                         apply: bool = True):
+                         apply: bool = True, device: Optional[torch.device] = None):
     """The decoder's scheme, (scheme, group_size or None), or None for float weights.
 
     weights None: the model's own (a model quantized by quantize_decoder_linears_ or loaded with
     load_quantized runs as it is; an unquantized one stays so). weights "int8" / "int4": the
     model's decoder linears are quantized now (group_size: int4's group, default 128), unless
     they already are, in which case the scheme (and a group_size given) must match. ValueError
-    naming an unknown scheme or a mismatch, before anything changes; apply=False only checks."""
+    naming an unknown scheme or a mismatch, before anything changes; apply=False only checks.
+    device: where quantize_decoder_linears_ puts the quantized layers (None: where they are)."""
     if weights is not None:
         check_scheme(weights, fn)
     if group_size is not None:
@@ -324,7 +330,7 @@ def prepare_quantization(model, weights: Optional[str], group_size: Optional[int
         return None
     group = (group_size or DEFAULT_GROUP_SIZE) if weights == "int4" else None
     if apply:
-        quantize_decoder_linears_(model, weights, group or DEFAULT_GROUP_SIZE)
+        quantize_decoder_linears_(model, weights, group or DEFAULT_GROUP_SIZE, device=device)
     return weights, group
 
 

@@ -77,32 +77,26 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
 #pragma omp parallel num_threads(io.threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    // y[B, N] = (widened x)[B, K] @ w^T: this thread's rows, rounded to T right away.
-    auto gemv = [&](const T* w, int64_t N, int64_t K, T* y) {
-      int64_t n0, n1;
-      share(N, tid, nt, 4, n0, n1);
-      if (n0 < n1) {
-        kernels::gemv_rows(w, s.xf.data(), s.yf.data(), B, K, N, n0, n1);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = n0; n < n1; ++n) y[b * N + n] = kernels::from_float<T>(s.yf[b * N + n]);
-      }
-    };
-    // The layers' projections: the T GEMV above, or the quantized ones (the weight widened in
-    // registers, float32 accumulation), rounded to T the same way.
-    auto proj = [&](const StepProj& p, int64_t N, int64_t K, T* y) {
-      if (a.bits == 0) return gemv(static_cast<const T*>(p.w), N, K, y);
+    // y[B, N] = (widened x)[B, K] @ w^T: this thread's rows, rounded to T right away. w is T
+    // [N, K] (bits 0) or a quantized weight (bits 8 / 4, kernels/quantized_gemv.h: widened in
+    // registers, float32 accumulation) with its scales.
+    auto gemv = [&](const void* w, const float* scales, int64_t bits, int64_t N, int64_t K, T* y) {
       int64_t n0, n1;
       share(N, tid, nt, 4, n0, n1);
       if (n0 >= n1) return;
-      if (a.bits == 8) {
-        kernels::gemv_int8_rows(static_cast<const int8_t*>(p.w), p.scales, s.xf.data(), s.yf.data(), B, K, N, n0, n1);
+      if (bits == 8) {
+        kernels::gemv_int8_rows(static_cast<const int8_t*>(w), scales, s.xf.data(), s.yf.data(), B, K, N, n0, n1);
+      } else if (bits == 4) {
+        kernels::gemv_int4_rows(static_cast<const uint8_t*>(w), scales, a.group_size, s.xf.data(), s.yf.data(), B, K,
+                                N, n0, n1);
       } else {
-        kernels::gemv_int4_rows(static_cast<const uint8_t*>(p.w), p.scales, a.group_size, s.xf.data(), s.yf.data(),
-                                B, K, N, n0, n1);
+        kernels::gemv_rows(static_cast<const T*>(w), s.xf.data(), s.yf.data(), B, K, N, n0, n1);
       }
       for (int64_t b = 0; b < B; ++b)
         for (int64_t n = n0; n < n1; ++n) y[b * N + n] = kernels::from_float<T>(s.yf[b * N + n]);
     };
+    // The layers' projections, in the model's scheme.
+    auto proj = [&](const StepProj& p, int64_t N, int64_t K, T* y) { gemv(p.w, p.scales, a.bits, N, K, y); };
     // The projections' inputs as they read them: int4 in rows padded to its blocks.
     auto padded = [&](int64_t K) { return a.bits == 4 ? kernels::int4_padded_k(K) : K; };
     auto widen_in = [&](const T* x, int64_t K) { widen_rows(x, B, K, padded(K), s.xf.data()); };
@@ -175,12 +169,12 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
         widen(s.xn.data(), B * H, s.xf.data());
       }
     }
-    if (a.head != nullptr) gemv(a.head, a.out_dim, H, io.out);
+    if (a.head != nullptr) gemv(a.head, nullptr, 0, a.out_dim, H, io.out);
     if (a.head != nullptr && a.up != nullptr) {
 #pragma omp barrier
 #pragma omp single
       widen(io.out, B * a.out_dim, s.xf.data());
-      gemv(a.up, H, a.out_dim, io.next);
+      gemv(a.up, nullptr, 0, H, a.out_dim, io.next);
     }
   }
 }

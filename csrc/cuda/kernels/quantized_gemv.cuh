@@ -137,37 +137,34 @@ bool quantized_gemv_x_ok(const T* x, int64_t ldx, int64_t k_dim, bool int4) {
   return aligned && (int4 ? k_dim % kQInt4Block == 0 : k_dim % 16 == 0);
 }
 
-// The op's launch: batch rows in launches of up to kQGemvMaxBatch. x as quantized_gemv_kernel
-// needs it (int4: padded and aligned; int8: quantized_gemv_x_ok, or any x with the scalar loop,
-// taken when !quantized_gemv_x_ok or q is not 16-byte aligned). Nothing to do for empty input.
+// The op's launch: batch rows in launches of up to kQGemvMaxBatch, on the tensor-core or the
+// CUDA-core kernel. x as the kernels need it (int4: padded and aligned; int8: quantized_gemv_x_ok,
+// or any x with the scalar loop, taken when !quantized_gemv_x_ok or q is not 16-byte aligned).
+// Nothing to do for empty input.
 template <typename T, bool kInt4>
 cudaError_t launch_quantized_gemv(const uint8_t* q, const float* scales, int64_t scale_ld, int group, const T* x,
                                   int64_t ldx, T* y, int64_t ldy, int64_t batch, int k_dim, int n_rows,
                                   cudaStream_t stream) {
   if (batch == 0 || n_rows == 0) return cudaSuccess;
   const bool q_aligned = reinterpret_cast<uintptr_t>(q) % 16 == 0;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    // bf16 activations: the tensor-core kernel (quantized_mma_gemv.cuh) for int4 in groups of
-    // whole 128-input steps, and for int8 read with vectors
-    if (q_aligned && (kInt4 ? group % kQMmaInt4Step == 0 : quantized_gemv_x_ok(x, ldx, k_dim, false))) {
-      const dim3 grid((n_rows + kQMmaRows - 1) / kQMmaRows), block(kQMmaWarps * 32);
-      for (int64_t b0 = 0; b0 < batch; b0 += kQMmaMaxBatch) {
-        const int b = static_cast<int>(batch - b0 < kQMmaMaxBatch ? batch - b0 : kQMmaMaxBatch);
-        EMU_FAST_LAUNCH_PDL(grid, block, stream, quantized_mma_gemv_kernel<T, kInt4>)(
-            q, scales, scale_ld, group, x + b0 * ldx, ldx, y + b0 * ldy, ldy, b, k_dim, n_rows);
-        const cudaError_t err = cudaGetLastError();
-        if (err != cudaSuccess) return err;
-      }
-      return cudaSuccess;
-    }
-  }
+  // bf16 activations: the tensor-core kernel (quantized_mma_gemv.cuh) for int4 in groups of whole
+  // 128-input steps, and for int8 read with vectors; else the CUDA-core kernel above.
+  bool mma = false;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    mma = q_aligned && (kInt4 ? group % kQMmaInt4Step == 0 : quantized_gemv_x_ok(x, ldx, k_dim, false));
   const bool vec_ok = kInt4 || (q_aligned && quantized_gemv_x_ok(x, ldx, k_dim, false));
-  const dim3 grid((n_rows + kQGemvWarps - 1) / kQGemvWarps), block(kQGemvWarps * 32);
+  static_assert(kQMmaMaxBatch == kQGemvMaxBatch && kQMmaWarps == kQGemvWarps, "one launch shape for both kernels");
+  const int rows_per_block = mma ? kQMmaRows : kQGemvWarps;
+  const dim3 grid((n_rows + rows_per_block - 1) / rows_per_block), block(kQGemvWarps * 32);
   for (int64_t b0 = 0; b0 < batch; b0 += kQGemvMaxBatch) {
     const int b = static_cast<int>(batch - b0 < kQGemvMaxBatch ? batch - b0 : kQGemvMaxBatch);
     const T* xc = x + b0 * ldx;
     T* yc = y + b0 * ldy;
-    if (b <= 1)
+    if (mma) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        EMU_FAST_LAUNCH_PDL(grid, block, stream, quantized_mma_gemv_kernel<T, kInt4>)(q, scales, scale_ld, group, xc,
+                                                                                      ldx, yc, ldy, b, k_dim, n_rows);
+    } else if (b <= 1)
       EMU_FAST_LAUNCH_PDL(grid, block, stream, quantized_gemv_kernel<T, 1, kInt4>)(q, scales, scale_ld, group, xc, ldx,
                                                                                     yc, ldy, b, k_dim, n_rows, vec_ok);
     else if (b <= 2)
