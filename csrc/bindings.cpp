@@ -76,6 +76,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return emu_fast::kernels::set_quantized_gemv_isa(Isa::kPortable);
   }, py::arg("isa"));
 
+  // Test-only (tests/test_quantize.py): how every quantized GEMV takes its inputs ("int16",
+  // "float32"; "" = as each caller asks: int16 for bfloat16 activations).
+  m.def("_set_quantized_input", [](const std::string& name) {
+    using emu_fast::kernels::QuantizedInput;
+    TORCH_CHECK_VALUE(name.empty() || name == "int16" || name == "float32", "emu_fast: unknown input mode '", name,
+                      "' (int16, float32 or \"\")");
+    emu_fast::kernels::set_quantized_input_override(
+        name.empty() ? std::nullopt
+                     : std::optional<QuantizedInput>(name == "int16" ? QuantizedInput::kInt16 : QuantizedInput::kFloat32));
+  }, py::arg("mode"));
+
   py::class_<EmuDecoder>(m, "EmuDecoder", R"doc(
 A LLaMA decoder with a KV cache sized to the requests for Emu's causal image-embedding loop.
 

@@ -25,6 +25,12 @@ The kernels compute y = x @ w'^T in float32 with w' exactly as `dequantize_*(...
 returns it, except for the order of float32 additions (int8: scale[n] * sum_k q x; int4:
 sum_g scale[n, g] * sum_{k in g} q x). Quantizing works on a few rows at a time
 (`_ROWS_PER_CHUNK`), so its temporaries stay small beside the weight itself.
+
+Activations in bfloat16 / float16 reach the CPU kernels as int16 (`round_inputs_to_int16`: each
+block of 64 inputs of a row becomes int16 multiples of a power of two, exact for every input at
+least 2^-7 of its block's largest |x| in bfloat16, off by at most 2^-15 of it otherwise, far
+below bfloat16's own rounding), so the products are exact integer dot products (vpmaddwd).
+float32 activations are taken as they are.
 """
 from __future__ import annotations
 
@@ -155,6 +161,24 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, in_features: in
     q = unpack_int4(qweight, in_features).float()
     per_input = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     return (q * per_input).to(dtype)
+
+
+# ------------------------------------------------------------------------------ int16 inputs
+
+INT16_INPUT_BLOCK = 64       # inputs that share one power-of-two step (kernels: kInt16Block)
+
+
+def round_inputs_to_int16(x: torch.Tensor, block: int = INT16_INPUT_BLOCK) -> torch.Tensor:
+    """x (float, [..., K]) as the CPU kernels take bfloat16 activations (QuantizedInput::kInt16,
+    csrc/kernels/quantized_gemv.h), in float64: each block of `block` inputs along the last
+    dimension (the last one shorter) is rounded half to even to integer multiples of its step
+    2^(e - 15), e the exponent with max|x| of the block < 2^e, and clamped to 32767 steps."""
+    x = x.double()
+    K = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, (-K) % block)).unflatten(-1, (-1, block))
+    _, e = torch.frexp(padded.abs().amax(-1, keepdim=True))   # max = m * 2^e, m in [0.5, 1)
+    step = torch.ldexp(torch.ones_like(padded[..., :1]), e - 15)
+    return (torch.round(padded / step).clamp(max=32767) * step).flatten(-2)[..., :K]
 
 
 # ------------------------------------------------------------------------------------ by name

@@ -17,7 +17,7 @@ from emu_fast import _C, ops, reference
 from emu_fast import quantized_linear as ql
 from emu_fast.model_checks import LAYER_LINEARS
 from emu_fast.quantize import (dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
-                               unpack_int4)
+                               round_inputs_to_int16, unpack_int4)
 from emu_fast.quantized_io import load_quantized, quantized_state_dict, save_quantized
 from emu_fast.quantized_linear import Int4Linear, Int8Linear, quantize_decoder_linears_
 from emu_fast.testing import rel_err, tiny_emu
@@ -183,6 +183,90 @@ def test_ops_match_reference_on_every_isa(B, K, N, G, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ops.gemv_int4(x, q4, s4, G).float(), reference.gemv_int4(x, q4, s4, G).float(), **tol)
     torch.testing.assert_close(ops.gemv_int8(x, q8, s8).float(), reference.gemv_int8(x, q8, s8).float(), **tol)
+
+
+# ------------------------------------------------------------------------------ int16 inputs
+# bfloat16 activations reach the CPU kernels as int16 blocks (emu_fast.quantize.round_inputs_to_int16);
+# the test hook _set_quantized_input forces that path on float32 inputs, whose float32 outputs
+# can then be held to the exact oracle: the rounded inputs times the dequantized weights.
+
+
+def with_input(mode, fn):
+    _C._set_quantized_input(mode)
+    try:
+        return fn()
+    finally:
+        _C._set_quantized_input("")
+
+
+def int16_case_x(B, K, seed):
+    """Blocks of 64 inputs at very different scales: ordinary, an outlier block, tiny (below
+    2^-112: the kernels' scalar rounding), zeros; and an input that rounds to 2^15 steps (clamped)."""
+    g = torch.Generator().manual_seed(seed)
+    block_scale = torch.tensor([1.0, 1e3, 1e-36, 0.0, 3e-3])[torch.arange(-(-K // 64)) % 5]
+    x = torch.randn(B, K, generator=g) * block_scale.repeat_interleave(64)[:K]
+    x[0, 0] = 1 - 2.0 ** -20  # the largest of its block: 32767.97 steps
+    return x
+
+
+def check_against_int16_oracle(out, x, w_deq):
+    xr = round_inputs_to_int16(x)
+    expected = xr @ w_deq.double().t()
+    bound = 2e-6 * (xr.abs() @ w_deq.double().abs().t()) + 1e-37   # float32 scaling and sums only
+    err = (out.double() - expected).abs()
+    assert out.dtype == torch.float32 and (err <= bound).all(), float((err - bound).max())
+
+
+@pytest.mark.parametrize("B,K,N,G", OP_SHAPES, ids=lambda v: str(v))
+def test_int16_inputs_match_their_oracle_on_every_isa(B, K, N, G):
+    x = int16_case_x(B, K, seed=B + K)
+    _, (q8, s8), (q4, s4) = op_case(B, K, N, G, torch.float32)
+    for isa in available_isas():
+        y8 = with_isa(isa, lambda: with_input("int16", lambda: ops.gemv_int8(x, q8, s8)))
+        y4 = with_isa(isa, lambda: with_input("int16", lambda: ops.gemv_int4(x, q4, s4, G)))
+        check_against_int16_oracle(y8, x, dequantize_int8(q8, s8))
+        if G % 64 == 0:
+            check_against_int16_oracle(y4, x, dequantize_int4(q4, s4, K, G))
+        else:  # groups of 32 keep float32 inputs
+            assert torch.equal(y4, with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int4(x, q4, s4, G))))
+
+
+def test_int16_oracle_rounding():
+    x = torch.tensor([[1 - 2.0 ** -20, 0.5, -0.75, 2.0 ** -16, 3 * 2.0 ** -16, 3 * 2.0 ** -18, -1.25 * 2.0 ** -15]])
+    # max < 2^0: step 2^-15; 32767.97 steps -> clamped to 32767; 0.5 and 1.5 steps -> 0 and 2 (half
+    # to even); 0.375 -> 0; -1.25 -> -1
+    expected = torch.tensor([[32767 * 2.0 ** -15, 0.5, -0.75, 0.0, 2 * 2.0 ** -15, 0.0, -2.0 ** -15]],
+                            dtype=torch.float64)
+    assert torch.equal(round_inputs_to_int16(x), expected)
+    # every bfloat16 input at least 2^-7 of its block's largest is exact (and not all smaller ones)
+    b = (torch.randn(4, 200) * torch.logspace(-3, 3, 200)).bfloat16().float()
+    block_max = torch.nn.functional.pad(b.abs(), (0, 56)).unflatten(-1, (-1, 64)).amax(-1)
+    near = b.abs() >= 2.0 ** -7 * block_max.repeat_interleave(64, -1)[:, :200]
+    assert torch.equal(round_inputs_to_int16(b)[near], b.double()[near])
+    assert not torch.equal(round_inputs_to_int16(b)[~near], b.double()[~near])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_int16_inputs_with_non_finite_values_give_what_float32_gives(bad):
+    x, (q8, s8), (q4, s4) = op_case(3, 300, 9, 64, torch.float32)
+    x[1, 77] = bad
+    for isa in available_isas():
+        for op in (lambda: ops.gemv_int8(x, q8, s8), lambda: ops.gemv_int4(x, q4, s4, 64)):
+            forced = with_isa(isa, lambda: with_input("int16", op))
+            assert torch.equal(forced.isnan(), with_isa(isa, lambda: with_input("float32", op)).isnan())
+            assert torch.equal(torch.nan_to_num(forced), torch.nan_to_num(with_isa(isa, lambda: with_input("float32", op))))
+            assert not forced[1].isfinite().any() and forced[[0, 2]].isfinite().all()
+
+
+def test_bfloat16_activations_take_int16_inputs_and_float32_ones_do_not():
+    x, (q8, s8), (q4, s4) = op_case(2, 300, 9, 128, torch.float32)
+    for xt, mode in ((x, "float32"), (x.bfloat16(), "int16")):
+        assert torch.equal(ops.gemv_int8(xt, q8, s8), with_input(mode, lambda: ops.gemv_int8(xt, q8, s8)))
+        assert torch.equal(ops.gemv_int4(xt, q4, s4, 128), with_input(mode, lambda: ops.gemv_int4(xt, q4, s4, 128)))
+    # and the two paths differ on float32 inputs (x is not int16 blocks): the hook takes effect
+    assert not torch.equal(with_input("int16", lambda: ops.gemv_int8(x, q8, s8)), ops.gemv_int8(x, q8, s8))
+    with pytest.raises(ValueError, match="unknown input mode"):
+        _C._set_quantized_input("int12")
 
 
 def test_isa_hook():

@@ -312,7 +312,8 @@ at::Tensor gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
     const std::vector<float> xf = widen_rows<T>(x);
     into_output(ptr<T>(out), B, N, [&](float* y) {
       at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
-        kernels::gemv_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), xf.data(), y, B, K, N, n0, n1);
+        kernels::gemv_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), xf.data(), y, B, K, N, n0, n1,
+                                kernels::quantized_input_for<T>());
       });
     });
   });
@@ -331,7 +332,7 @@ at::Tensor gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
     into_output(ptr<T>(out), B, N, [&](float* y) {
       at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
         kernels::gemv_int4_rows(ptr<uint8_t>(qweight), ptr<float>(scales), group_size, xf.data(), y, B, K, N, n0,
-                                n1);
+                                n1, kernels::quantized_input_for<T>());
       });
     });
   });

@@ -16,6 +16,8 @@
 //   (AVX-512: one vector each; AVX2: two), with no shuffle of the weights or of x.
 #pragma once
 #include <cstdint>
+#include <optional>
+#include <type_traits>
 
 #include "kernels/multiversion.h"
 
@@ -27,19 +29,46 @@ inline int64_t int4_padded_k(int64_t k_dim) { return (k_dim + kInt4Block - 1) / 
 inline int64_t int4_row_bytes(int64_t k_dim) { return int4_padded_k(k_dim) / 2; }
 inline int64_t int4_groups(int64_t k_dim, int64_t group) { return (k_dim + group - 1) / group; }
 
+// How the products take their inputs x.
+//  kFloat32: as given; each weight is widened to float32 and multiply-added in float32.
+//  kInt16: each block of kInt16Block inputs of a row is first rounded (half to even) to an
+//    int16 multiple of one power of two, its step, the smallest with the block's largest |x|
+//    below 2^15 steps. The weights' products with those integers, and their sums over the
+//    block, are exact integers; each block's sum is then scaled by its step and the weight
+//    scale in float32. An input moves by at most step / 2 <= 2^-15 of its block's largest |x|,
+//    1/128 of bfloat16's own rounding there (inputs at least 2^-7 of that largest are exact
+//    in bfloat16): the path for bfloat16 / float16 activations, where it is several times
+//    faster on AVX2 (the portable loop computes the same). For int4 it needs
+//    group % kInt16Block == 0; other groups, and calls with a non-finite input, take kFloat32.
+enum class QuantizedInput { kFloat32, kInt16 };
+constexpr int64_t kInt16Block = 64;
+
+// The choice for activations of type T (the fused step's and the ops'): float32 as they are,
+// the 16-bit types as int16 blocks.
+template <typename T>
+constexpr QuantizedInput quantized_input_for() {
+  return std::is_same_v<T, float> ? QuantizedInput::kFloat32 : QuantizedInput::kInt16;
+}
+
 // For n in [n_begin, n_end), b < batch: y[b * ldy + n] = the int8 product above.
 // x float32 [batch, k_dim], contiguous (the caller widens bf16 activations once).
 void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float* y, int64_t batch,
-                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);
+                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end,
+                    QuantizedInput input = QuantizedInput::kFloat32);
 
 // The int4 product above. x float32 [batch, int4_padded_k(k_dim)] with zeros past k_dim.
 void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const float* x, float* y,
-                    int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);
+                    int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end,
+                    QuantizedInput input = QuantizedInput::kFloat32);
 
 // The instruction set the two functions above use: cpu_isa(), or a lower one set by
 // set_quantized_gemv_isa (a test hook, so every path runs on a processor that has a better
 // one). Returns false, changing nothing, for an instruction set this processor lacks.
 Isa quantized_gemv_isa();
 bool set_quantized_gemv_isa(Isa isa);
+
+// Test hook: every call takes `input` whatever its caller asked (so the int16 path can be
+// checked on float32 inputs against an exact oracle); std::nullopt returns the choice to callers.
+void set_quantized_input_override(std::optional<QuantizedInput> input);
 
 }  // namespace emu_fast::kernels

@@ -14,6 +14,7 @@
 #include "kernels/quantized_gemv.h"
 
 #include "kernels/gemv.h"
+#include "kernels/quantized_gemv_int16.h"
 
 #include <algorithm>
 #include <atomic>
@@ -29,6 +30,12 @@ namespace {
 constexpr int kRows = 4;
 
 std::atomic<int> g_isa_override{-1};
+std::atomic<int> g_input_override{-1};
+
+QuantizedInput chosen_input(QuantizedInput asked) {
+  const int forced = g_input_override.load(std::memory_order_relaxed);
+  return forced < 0 ? asked : static_cast<QuantizedInput>(forced);
+}
 
 // xsum[b * groups + g] = sum of x[b, k] over group g (x rows of length ldx, zero past k_dim).
 std::vector<float> group_sums(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, int64_t group) {
@@ -327,9 +334,27 @@ bool set_quantized_gemv_isa(Isa isa) {
   return true;
 }
 
+// The int16 inputs of one call (each thread rounds x for itself: K values against its rows' N/T
+// times K weights; the buffers stay allocated between calls).
+Int16Input& int16_scratch() {
+  thread_local Int16Input in;
+  return in;
+}
+
+void set_quantized_input_override(std::optional<QuantizedInput> input) {
+  g_input_override.store(input ? static_cast<int>(*input) : -1, std::memory_order_relaxed);
+}
+
 void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float* y, int64_t batch, int64_t k_dim,
-                    int64_t ldy, int64_t n_begin, int64_t n_end) {
-  switch (quantized_gemv_isa()) {
+                    int64_t ldy, int64_t n_begin, int64_t n_end, QuantizedInput input) {
+  if (n_begin >= n_end) return;
+  const Isa isa = quantized_gemv_isa();
+  if (chosen_input(input) == QuantizedInput::kInt16) {
+    Int16Input& in = int16_scratch();
+    if (round_inputs_to_int16(x, batch, k_dim, k_dim, false, isa != Isa::kPortable, &in))
+      return gemv_int8_rows_int16(isa, q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
+  }
+  switch (isa) {
 #ifdef EMU_X86
     case Isa::kAvx512: return int8_avx512(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
     case Isa::kAvx2: return int8_avx2(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
@@ -339,10 +364,18 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
 }
 
 void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const float* x, float* y, int64_t batch,
-                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end, QuantizedInput input) {
   if (n_begin >= n_end) return;
-  const std::vector<float> xsum = group_sums(x, batch, int4_padded_k(k_dim), k_dim, group);
-  switch (quantized_gemv_isa()) {
+  const Isa isa = quantized_gemv_isa();
+  const int64_t k_pad = int4_padded_k(k_dim);
+  if (chosen_input(input) == QuantizedInput::kInt16 && group % kInt16Block == 0) {
+    Int16Input& in = int16_scratch();
+    const bool vector = isa != Isa::kPortable;
+    if (round_inputs_to_int16(x, batch, k_pad, k_pad, vector, vector, &in))
+      return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
+  }
+  const std::vector<float> xsum = group_sums(x, batch, k_pad, k_dim, group);
+  switch (isa) {
 #ifdef EMU_X86
     case Isa::kAvx512:
       return int4_avx512(q, scales, group, x, xsum.data(), y, batch, k_dim, ldy, n_begin, n_end);
