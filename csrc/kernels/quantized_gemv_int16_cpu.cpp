@@ -217,43 +217,6 @@ EMU_TARGET_AVX2 EMU_ALWAYS_INLINE __m256i widen16(const int8_t* w) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
 }
 
-// The dot products of one block of inputs (x0..x3: its 64 int16, 16 a vector) with R rows
-// (w[i]: the rows' bytes of the block), scaled by the block's step into acc[i].
-//
-// int8: the block is 64 bytes of the row, widened 16 at a time to int16 (natural order).
-template <int R>
-EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void int8_block(const int8_t* const* w, __m256i x0, __m256i x1, __m256i x2,
-                                                  __m256i x3, __m256 step, __m256* acc) {
-  for (int i = 0; i < R; ++i) {
-    const __m256i s = _mm256_add_epi32(
-        _mm256_add_epi32(_mm256_madd_epi16(widen16(w[i]), x0), _mm256_madd_epi16(widen16(w[i] + 16), x1)),
-        _mm256_add_epi32(_mm256_madd_epi16(widen16(w[i] + 32), x2), _mm256_madd_epi16(widen16(w[i] + 48), x3)));
-    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), step, acc[i]);
-  }
-}
-
-// int4: the block is 32 bytes of the row (two blocks of kInt4Block), split into 4 runs of 16
-// int16 nibbles by shift and mask (x is stored in the matching order, Int4InputOrder). The
-// stored nibbles are u = q + 8: subtracting `offset` (per lane, 8 * the inputs that lane's
-// products took) leaves the block's integer sum of q x exactly.
-template <int R>
-EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void int4_block(const uint8_t* const* w, __m256i x0, __m256i x1, __m256i x2,
-                                                  __m256i x3, __m256i offset, const __m256* factor, __m256* acc) {
-  const __m256i nibble = _mm256_set1_epi16(15);
-  for (int i = 0; i < R; ++i) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i]));
-    const __m256i u0 = _mm256_and_si256(v, nibble);
-    const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-    const __m256i u2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), nibble);
-    const __m256i u3 = _mm256_srli_epi16(v, 12);
-    const __m256i s =
-        _mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(u0, x0), _mm256_madd_epi16(u1, x1)),
-                                          _mm256_add_epi32(_mm256_madd_epi16(u2, x2), _mm256_madd_epi16(u3, x3))),
-                         offset);
-    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), factor[i], acc[i]);
-  }
-}
-
 // R weight rows from row n, block by block (kBytes bytes a block of inputs): the whole blocks
 // straight from the rows, the last, partial one from a zero-padded copy so that no load passes a
 // row's end.
@@ -272,7 +235,7 @@ struct RowBlocks {
       }
     }
   }
-  // Block j of each row; the first batch row prefetches their line of a later block first.
+  // Block j of each row, their line of a later block prefetched first when asked.
   void get(int64_t j, bool prefetch, int64_t distance, const Q** w) const {
     for (int i = 0; i < R; ++i) w[i] = j < whole ? rows[i] + j * kBytes : tail[i];
     if (prefetch)
@@ -280,74 +243,117 @@ struct RowBlocks {
   }
 };
 
-template <int R>
+// sum over the block of u_r * x_r, r = 0..3: 4 vpmaddwd (16 products each, in pairs), 3 adds.
+EMU_TARGET_AVX2 EMU_ALWAYS_INLINE __m256i block_dot(const __m256i* u, const int16_t* x) {
+  return _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(u[0], load_x(x)), _mm256_madd_epi16(u[1], load_x(x + 16))),
+                          _mm256_add_epi32(_mm256_madd_epi16(u[2], load_x(x + 32)),
+                                           _mm256_madd_epi16(u[3], load_x(x + 48))));
+}
+
+// R rows from n against BC batch rows from b0. A block's weights are widened to int16 once
+// (4 vectors of 16) and dotted with each batch row's inputs; the first batch rows prefetch.
+//
+// int8: the block is 64 bytes of the row, widened 16 at a time (natural order).
+template <int R, int BC>
 EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void int8_i16_avx2_rows(const int8_t* q, const float* scales, const Int16Input& in,
-                                                          float* y, int64_t batch, int64_t k_dim, int64_t ldy,
-                                                          int64_t n, bool prefetch) {
+                                                          float* y, int64_t b0, int64_t k_dim, int64_t ldy,
+                                                          int64_t n) {
   const int64_t blocks = x_blocks(k_dim), pfd = gemv_prefetch_distance(R * k_dim);
   const RowBlocks<int8_t, R, kInt16Block> rows(q, n, k_dim);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int16_t* xb = in.v.data() + b * blocks * kInt16Block;
-    const float* step = in.step.data() + b * blocks;
-    __m256 acc[R];
-    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < blocks; ++j) {
-      const int16_t* xj = xb + j * kInt16Block;
-      const int8_t* w[R];
-      rows.get(j, prefetch && b == 0, pfd, w);
-      int8_block<R>(w, load_x(xj), load_x(xj + 16), load_x(xj + 32), load_x(xj + 48), _mm256_set1_ps(step[j]), acc);
+  __m256 acc[R][BC];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < BC; ++c) acc[i][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int8_t* w[R];
+    rows.get(j, R > 1 && b0 == 0, pfd, w);
+    for (int i = 0; i < R; ++i) {
+      const __m256i u[4] = {widen16(w[i]), widen16(w[i] + 16), widen16(w[i] + 32), widen16(w[i] + 48)};
+      for (int c = 0; c < BC; ++c) {
+        const int64_t bj = (b0 + c) * blocks + j;
+        const __m256i s = block_dot(u, in.v.data() + bj * kInt16Block);
+        acc[i][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(in.step[bj]), acc[i][c]);
+      }
     }
-    for (int i = 0; i < R; ++i) y[b * ldy + n + i] = hsum8(acc[i]) * scales[n + i];
   }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < BC; ++c) y[(b0 + c) * ldy + n + i] = hsum8(acc[i][c]) * scales[n + i];
 }
 
-EMU_TARGET_AVX2 void int8_i16_avx2(const int8_t* q, const float* scales, const Int16Input& in, float* y,
-                                   int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
-  int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) int8_i16_avx2_rows<4>(q, scales, in, y, batch, k_dim, ldy, n, true);
-  for (; n < n_end; ++n) int8_i16_avx2_rows<1>(q, scales, in, y, batch, k_dim, ldy, n, false);
-}
-
-// int4 as int8; each block's sum is scaled by its step times its group's scale (one multiply a
-// row and block: a flat loop over the blocks, no per-group accumulators).
-template <int R>
+// int4: the block is 32 bytes of the row (two blocks of kInt4Block), split into 4 runs of 16
+// int16 nibbles by shift and mask (x is stored in the matching order, Int4InputOrder). The
+// stored nibbles are u = q + 8: subtracting `offset` (per lane, 8 * the inputs that lane's
+// products took) leaves the block's integer sum of q x exactly. Each block's sum is scaled by
+// its step times its group's scale (a flat loop over the blocks, no per-group accumulators).
+template <int R, int BC>
 EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void int4_i16_avx2_rows(const uint8_t* q, const float* scales, int64_t group,
-                                                          const Int16Input& in, float* y, int64_t batch,
-                                                          int64_t k_dim, int64_t ldy, int64_t n, bool prefetch) {
+                                                          const Int16Input& in, float* y, int64_t b0,
+                                                          int64_t k_dim, int64_t ldy, int64_t n) {
   constexpr int64_t kBytes = kInt16Block / 2;
   const int64_t k_pad = int4_padded_k(k_dim), row_bytes = k_pad / 2, blocks = x_blocks(k_pad);
   const int64_t groups = int4_groups(k_dim, group), per_group = group / kInt16Block;
   const int64_t pfd = gemv_prefetch_distance(R * row_bytes);
   const RowBlocks<uint8_t, R, kBytes> rows(q, n, row_bytes);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int16_t* xb = in.v.data() + b * blocks * kInt16Block;
-    const float* step = in.step.data() + b * blocks;
-    const int32_t* offset = in.offset.data() + b * blocks * 8;
-    __m256 acc[R];
-    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t j = 0, g = 0, left = per_group; j < blocks; ++j) {
-      const int16_t* xj = xb + j * kInt16Block;
-      const uint8_t* w[R];
-      rows.get(j, prefetch && b == 0 && (j & 1) == 0, pfd, w);  // a cache line holds two blocks
-      __m256 factor[R];
-      for (int i = 0; i < R; ++i) factor[i] = _mm256_set1_ps(step[j] * scales[(n + i) * groups + g]);
-      int4_block<R>(w, load_x(xj), load_x(xj + 16), load_x(xj + 32), load_x(xj + 48),
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + j * 8)), factor, acc);
-      if (--left == 0) {
-        ++g;
-        left = per_group;
+  const __m256i nibble = _mm256_set1_epi16(15);
+  __m256 acc[R][BC];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < BC; ++c) acc[i][c] = _mm256_setzero_ps();
+  for (int64_t j = 0, g = 0, left = per_group; j < blocks; ++j) {
+    const uint8_t* w[R];
+    rows.get(j, R > 1 && b0 == 0 && (j & 1) == 0, pfd, w);  // a cache line holds two blocks
+    for (int i = 0; i < R; ++i) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i]));
+      const __m256i u[4] = {_mm256_and_si256(v, nibble), _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 8), nibble), _mm256_srli_epi16(v, 12)};
+      const float scale = scales[(n + i) * groups + g];
+      for (int c = 0; c < BC; ++c) {
+        const int64_t bj = (b0 + c) * blocks + j;
+        const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.offset.data() + bj * 8));
+        const __m256i s = _mm256_sub_epi32(block_dot(u, in.v.data() + bj * kInt16Block), offset);
+        acc[i][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(in.step[bj] * scale), acc[i][c]);
       }
     }
-    for (int i = 0; i < R; ++i) y[b * ldy + n + i] = hsum8(acc[i]);
+    if (--left == 0) {
+      ++g;
+      left = per_group;
+    }
   }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < BC; ++c) y[(b0 + c) * ldy + n + i] = hsum8(acc[i][c]);
+}
+
+// Rows in blocks of 4 (one at a time at the end); batch rows two at a time where there are
+// two (8 accumulators), so each block's weights are widened once per two batch rows.
+template <int R>
+EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void int8_i16_avx2_batch(const int8_t* q, const float* scales,
+                                                           const Int16Input& in, float* y, int64_t batch,
+                                                           int64_t k_dim, int64_t ldy, int64_t n) {
+  int64_t b = 0;
+  for (; b + 2 <= batch; b += 2) int8_i16_avx2_rows<R, 2>(q, scales, in, y, b, k_dim, ldy, n);
+  if (b < batch) int8_i16_avx2_rows<R, 1>(q, scales, in, y, b, k_dim, ldy, n);
+}
+
+template <int R>
+EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void int4_i16_avx2_batch(const uint8_t* q, const float* scales, int64_t group,
+                                                           const Int16Input& in, float* y, int64_t batch,
+                                                           int64_t k_dim, int64_t ldy, int64_t n) {
+  int64_t b = 0;
+  for (; b + 2 <= batch; b += 2) int4_i16_avx2_rows<R, 2>(q, scales, group, in, y, b, k_dim, ldy, n);
+  if (b < batch) int4_i16_avx2_rows<R, 1>(q, scales, group, in, y, b, k_dim, ldy, n);
+}
+
+EMU_TARGET_AVX2 void int8_i16_avx2(const int8_t* q, const float* scales, const Int16Input& in, float* y,
+                                   int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4) int8_i16_avx2_batch<4>(q, scales, in, y, batch, k_dim, ldy, n);
+  for (; n < n_end; ++n) int8_i16_avx2_batch<1>(q, scales, in, y, batch, k_dim, ldy, n);
 }
 
 EMU_TARGET_AVX2 void int4_i16_avx2(const uint8_t* q, const float* scales, int64_t group, const Int16Input& in,
                                    float* y, int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin,
                                    int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4) int4_i16_avx2_rows<4>(q, scales, group, in, y, batch, k_dim, ldy, n, true);
-  for (; n < n_end; ++n) int4_i16_avx2_rows<1>(q, scales, group, in, y, batch, k_dim, ldy, n, false);
+  for (; n + 4 <= n_end; n += 4) int4_i16_avx2_batch<4>(q, scales, group, in, y, batch, k_dim, ldy, n);
+  for (; n < n_end; ++n) int4_i16_avx2_batch<1>(q, scales, group, in, y, batch, k_dim, ldy, n);
 }
 
 #endif  // EMU_X86
