@@ -37,10 +37,12 @@ QuantizedInput chosen_input(QuantizedInput asked) {
   return forced < 0 ? asked : static_cast<QuantizedInput>(forced);
 }
 
-// xsum[b * groups + g] = sum of x[b, k] over group g (x rows of length ldx, zero past k_dim).
-std::vector<float> group_sums(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, int64_t group) {
+// xsum[b * groups + g] = sum of x[b, k] over group g (x rows of length ldx, zero past k_dim), in
+// this thread's buffer (kept between calls: no allocation on the step's path).
+const float* group_sums(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, int64_t group) {
   const int64_t groups = int4_groups(k_dim, group);
-  std::vector<float> xsum(batch * groups, 0.f);
+  thread_local std::vector<float> xsum;
+  xsum.resize(batch * groups);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k1 = std::min(k_dim, (g + 1) * group);
@@ -48,7 +50,7 @@ std::vector<float> group_sums(const float* x, int64_t batch, int64_t ldx, int64_
       for (int64_t k = g * group; k < k1; ++k) s += x[b * ldx + k];
       xsum[b * groups + g] = s;
     }
-  return xsum;
+  return xsum.data();
 }
 
 // 8 * sum_g scale_g * xsum_g: what the nibbles' offset adds to one output.
@@ -374,14 +376,14 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
     if (round_inputs_to_int16(x, batch, k_pad, k_pad, vector, vector, &in))
       return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
   }
-  const std::vector<float> xsum = group_sums(x, batch, k_pad, k_dim, group);
+  const float* xsum = group_sums(x, batch, k_pad, k_dim, group);
   switch (isa) {
 #ifdef EMU_X86
     case Isa::kAvx512:
-      return int4_avx512(q, scales, group, x, xsum.data(), y, batch, k_dim, ldy, n_begin, n_end);
-    case Isa::kAvx2: return int4_avx2(q, scales, group, x, xsum.data(), y, batch, k_dim, ldy, n_begin, n_end);
+      return int4_avx512(q, scales, group, x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
+    case Isa::kAvx2: return int4_avx2(q, scales, group, x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
 #endif
-    default: return int4_portable(q, scales, group, x, xsum.data(), y, batch, k_dim, ldy, n_begin, n_end);
+    default: return int4_portable(q, scales, group, x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
   }
 }
 
