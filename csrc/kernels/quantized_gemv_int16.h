@@ -1,7 +1,9 @@
 // The int16-input path of the quantized GEMVs (QuantizedInput::kInt16 in quantized_gemv.h),
 // used by gemv_int8_rows / gemv_int4_rows; kept apart from their float32 path.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "kernels/multiversion.h"
@@ -9,11 +11,27 @@
 
 namespace emu_fast::kernels {
 
+// Cache-line aligned storage: the kernels load 32 bytes of x and of the offsets per block, which
+// with std::vector's 16-byte alignment would straddle two cache lines every other time.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  friend bool operator==(const CacheLineAllocator&, const CacheLineAllocator&) { return true; }
+  friend bool operator!=(const CacheLineAllocator&, const CacheLineAllocator&) { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
+
 // x rounded to int16, per row of x, in blocks of kInt16Block (zeros past k_dim).
 struct Int16Input {
-  std::vector<int16_t> v;       // [batch, blocks * kInt16Block]; int4_order: each block permuted
-  std::vector<float> step;      // [batch, blocks]: x ~= v * step, step a power of two
-  std::vector<int32_t> offset;  // int4_order: [batch, blocks, 8], 8 * the inputs each int32 lane sums
+  AlignedVector<int16_t> v;       // [batch, blocks * kInt16Block]; int4_order: each block permuted
+  AlignedVector<float> step;      // [batch, blocks]: x ~= v * step, step a power of two
+  AlignedVector<int32_t> offset;  // int4_order: [batch, blocks, 8], 8 * the inputs each int32 lane sums
 };
 
 // Fills `in` from float32 x [batch, ldx] (columns [0, k_dim)). int4_order: in the AVX2 int4
