@@ -67,6 +67,14 @@ def _quantized_pair(kind, scheme, dtype=torch.float32, **kw):
 
 # ------------------------------------------------------------------------------ against the reference
 
+# The whole bf16 loop against the float32 loop: bfloat16 arithmetic, fed back n times, sets the
+# error here, not quantization or its kernels. On this test's Emu2 shape, seeds 0-5, the
+# UNQUANTIZED bf16 model (our kernels) is 1.9e-2 to 7.3e-2 from its own float32 copy, and the int8
+# loop 2.2e-2 to 5.9e-2 with float32 kernel inputs, 2.4e-2 to 6.3e-2 with int16 ones (the same
+# spread: one rounding flip in a bf16 output changes the fed-back trajectory). The kernels
+# themselves are held far tighter: float32 loops below, ops in test_quantize.py.
+QUANTIZED_LOOP_TOL = {**LOOP_TOL, torch.bfloat16: 8e-2}
+
 
 @pytest.mark.parametrize("kind", ["emu1", "emu2"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -83,7 +91,7 @@ def test_quantized_loop_matches_dequantized_reference(emu_tokenizer, kind, schem
     assert dec.group_size == (GROUP[scheme] or 0)
     out = model.generate_image(texts, _images(n_images, dtype))
     assert out.dtype == dtype and out.shape == expected.shape
-    assert rel_err(out, expected) < LOOP_TOL[dtype]
+    assert rel_err(out, expected) < QUANTIZED_LOOP_TOL[dtype]
     # the first step of the batch size was checked op by op against ATen (gemv_int8/int4 too)
     assert dec.kernels == "custom" and dec.fallback_reason == ""
 
