@@ -6,6 +6,7 @@
 // (a few KB to tens of KB) stay in L1/L2 while every batch row passes over them, so the weights
 // come from memory once per call.
 #include "kernels/gemv.h"
+#include "kernels/x86_reduce.h"
 
 #include "kernels/multiversion.h"
 
@@ -119,12 +120,6 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return
 __attribute__((target("avx2,fma"))) inline __m256 load8(const bf16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // a[i] += the 8 products of row i's weights at k with x8 (8 inputs), for the kRows rows.

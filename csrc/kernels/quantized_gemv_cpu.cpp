@@ -15,6 +15,7 @@
 
 #include "kernels/gemv.h"
 #include "kernels/quantized_gemv_int16.h"
+#include "kernels/x86_reduce.h"
 
 #include <algorithm>
 #include <atomic>
@@ -206,12 +207,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void int4_avx512(
 
 // ---------------------------------------------------------------- AVX2 + FMA: 8 floats a vector
 
-__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 __attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "kernels/gemv.h"
+#include "kernels/x86_reduce.h"
 
 #ifdef EMU_X86
 #include <immintrin.h>
@@ -201,13 +202,6 @@ void int4_i16_portable(const uint8_t* q, const float* scales, int64_t group, con
 #ifdef EMU_X86
 
 // ---------------------------------------------------------------- AVX2
-
-EMU_TARGET_AVX2 EMU_ALWAYS_INLINE float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 EMU_TARGET_AVX2 EMU_ALWAYS_INLINE __m256i load_x(const int16_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
