@@ -76,16 +76,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return emu_fast::kernels::set_quantized_gemv_isa(Isa::kPortable);
   }, py::arg("isa"));
 
-  // Test-only (tests/test_quantize.py): how every quantized GEMV takes its inputs ("int16",
-  // "float32"; "" = as each caller asks: int16 for bfloat16 activations).
+  // How every CPU quantized GEMV takes its inputs, process-wide (emu_fast.set_quantized_activations;
+  // the tests force "int16" on float32 inputs): "float32", "int16", "int8"; "" = as each caller
+  // asks (int16 for bfloat16 / float16 activations, float32 for float32 ones).
   m.def("_set_quantized_input", [](const std::string& name) {
     using emu_fast::kernels::QuantizedInput;
-    TORCH_CHECK_VALUE(name.empty() || name == "int16" || name == "float32", "emu_fast: unknown input mode '", name,
-                      "' (int16, float32 or \"\")");
+    TORCH_CHECK_VALUE(name.empty() || name == "int16" || name == "float32" || name == "int8",
+                      "emu_fast: unknown input mode '", name, "' (float32, int16, int8 or \"\")");
     emu_fast::kernels::set_quantized_input_override(
         name.empty() ? std::nullopt
-                     : std::optional<QuantizedInput>(name == "int16" ? QuantizedInput::kInt16 : QuantizedInput::kFloat32));
+                     : std::optional<QuantizedInput>(name == "int16"  ? QuantizedInput::kInt16
+                                                     : name == "int8" ? QuantizedInput::kInt8
+                                                                      : QuantizedInput::kFloat32));
   }, py::arg("mode"));
+  m.def("_quantized_input", []() -> std::string {
+    using emu_fast::kernels::QuantizedInput;
+    const auto forced = emu_fast::kernels::quantized_input_override();
+    if (!forced) return "";
+    return *forced == QuantizedInput::kInt16 ? "int16" : *forced == QuantizedInput::kInt8 ? "int8" : "float32";
+  });
 
   py::class_<EmuDecoder>(m, "EmuDecoder", R"doc(
 A LLaMA decoder with a KV cache sized to the requests for Emu's causal image-embedding loop.

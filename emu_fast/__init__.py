@@ -12,6 +12,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C, ops, reference  # noqa: F401
 from .accelerate import accelerate
 from .decoder import EmuDecoder
+from .ops import quantized_activations, set_quantized_activations
 
-__all__ = ["accelerate", "EmuDecoder", "ops", "reference"]
+__all__ = ["accelerate", "EmuDecoder", "ops", "reference", "set_quantized_activations", "quantized_activations"]
 __version__ = "0.1.0"

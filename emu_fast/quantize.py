@@ -30,7 +30,8 @@ Activations in bfloat16 / float16 reach the CPU kernels as int16 (`round_inputs_
 block of 64 inputs of a row becomes int16 multiples of a power of two, exact for every input at
 least 2^-7 of its block's largest |x| in bfloat16, off by at most 2^-15 of it otherwise, far
 below bfloat16's own rounding), so the products are exact integer dot products (vpmaddwd).
-float32 activations are taken as they are.
+float32 activations are taken as they are. emu_fast.set_quantized_activations changes this for
+the process; its opt-in "int8" rounds each block of 128 inputs to int8 (`round_inputs_to_int8`).
 """
 from __future__ import annotations
 
@@ -179,6 +180,31 @@ def round_inputs_to_int16(x: torch.Tensor, block: int = INT16_INPUT_BLOCK) -> to
     _, e = torch.frexp(padded.abs().amax(-1, keepdim=True))   # max = m * 2^e, m in [0.5, 1)
     step = torch.ldexp(torch.ones_like(padded[..., :1]), e - 15)
     return (torch.round(padded / step).clamp(max=32767) * step).flatten(-2)[..., :K]
+
+
+# ------------------------------------------------------------------------------ int8 inputs
+
+INT8_INPUT_BLOCK = 128       # inputs that share one step (kernels: kInt8Block)
+
+
+def round_inputs_to_int8(x: torch.Tensor, block: int = INT8_INPUT_BLOCK) -> torch.Tensor:
+    """x (float, [..., K]) as the CPU kernels take it under set_quantized_activations("int8")
+    (QuantizedInput::kInt8, csrc/kernels/quantized_gemv.h), in float64: for each block of `block`
+    inputs (the last one shorter), max|x| = m * 2^e with m in [0.5, 1), each input becomes
+    v = round_half_even(float32(x * 2^-e) * float32(127 / m)) in [-127, 127] times the block's step
+    float32(m / 127) * 2^e. A block of zeros stays zeros."""
+    x = x.float()
+    K = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, (-K) % block)).unflatten(-1, (-1, block))
+    m, e = torch.frexp(padded.abs().amax(-1, keepdim=True))
+    zero = m == 0
+    m = torch.where(zero, torch.ones_like(m), m)
+    exact = padded.double() * torch.pow(2.0, -e.double())     # x * 2^-e, exact in float64 ...
+    down = exact.float()                                      # ... rounded once, as ldexp does
+    v = torch.round(down * (torch.tensor(127.0) / m)).clamp(-127, 127)
+    step = ((m / 127).double() * torch.pow(2.0, e.double())).float()
+    out = torch.where(zero, torch.zeros_like(v, dtype=torch.float64), v.double() * step.double())
+    return out.flatten(-2)[..., :K]
 
 
 # ------------------------------------------------------------------------------------ by name

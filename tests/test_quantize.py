@@ -17,7 +17,7 @@ from emu_fast import _C, ops, reference
 from emu_fast import quantized_linear as ql
 from emu_fast.model_checks import LAYER_LINEARS
 from emu_fast.quantize import (dequantize_int4, dequantize_int8, pack_int4, quantize_int4, quantize_int8,
-                               round_inputs_to_int16, unpack_int4)
+                               round_inputs_to_int8, round_inputs_to_int16, unpack_int4)
 from emu_fast.quantized_io import load_quantized, quantized_state_dict, save_quantized
 from emu_fast.quantized_linear import Int4Linear, Int8Linear, quantize_decoder_linears_
 from emu_fast.testing import rel_err, tiny_emu
@@ -210,28 +210,6 @@ def int16_case_x(B, K, seed):
     return x
 
 
-def check_against_int16_oracle(out, x, w_deq):
-    xr = round_inputs_to_int16(x)
-    expected = xr @ w_deq.double().t()
-    bound = 2e-6 * (xr.abs() @ w_deq.double().abs().t()) + 1e-37   # float32 scaling and sums only
-    err = (out.double() - expected).abs()
-    assert out.dtype == torch.float32 and (err <= bound).all(), float((err - bound).max())
-
-
-@pytest.mark.parametrize("B,K,N,G", OP_SHAPES, ids=lambda v: str(v))
-def test_int16_inputs_match_their_oracle_on_every_isa(B, K, N, G):
-    x = int16_case_x(B, K, seed=B + K)
-    _, (q8, s8), (q4, s4) = op_case(B, K, N, G, torch.float32)
-    for isa in available_isas():
-        y8 = with_isa(isa, lambda: with_input("int16", lambda: ops.gemv_int8(x, q8, s8)))
-        y4 = with_isa(isa, lambda: with_input("int16", lambda: ops.gemv_int4(x, q4, s4, G)))
-        check_against_int16_oracle(y8, x, dequantize_int8(q8, s8))
-        if G % 64 == 0:
-            check_against_int16_oracle(y4, x, dequantize_int4(q4, s4, K, G))
-        else:  # groups of 32 keep float32 inputs
-            assert torch.equal(y4, with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int4(x, q4, s4, G))))
-
-
 def test_int16_oracle_rounding():
     x = torch.tensor([[1 - 2.0 ** -20, 0.5, -0.75, 2.0 ** -16, 3 * 2.0 ** -16, 3 * 2.0 ** -18, -1.25 * 2.0 ** -15]])
     # max < 2^0: step 2^-15; 32767.97 steps -> clamped to 32767; 0.5 and 1.5 steps -> 0 and 2 (half
@@ -247,18 +225,6 @@ def test_int16_oracle_rounding():
     assert not torch.equal(round_inputs_to_int16(b)[~near], b.double()[~near])
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_int16_inputs_with_non_finite_values_give_what_float32_gives(bad):
-    x, (q8, s8), (q4, s4) = op_case(3, 300, 9, 64, torch.float32)
-    x[1, 77] = bad
-    for isa in available_isas():
-        for op in (lambda: ops.gemv_int8(x, q8, s8), lambda: ops.gemv_int4(x, q4, s4, 64)):
-            forced = with_isa(isa, lambda: with_input("int16", op))
-            assert torch.equal(forced.isnan(), with_isa(isa, lambda: with_input("float32", op)).isnan())
-            assert torch.equal(torch.nan_to_num(forced), torch.nan_to_num(with_isa(isa, lambda: with_input("float32", op))))
-            assert not forced[1].isfinite().any() and forced[[0, 2]].isfinite().all()
-
-
 def test_bfloat16_activations_take_int16_inputs_and_float32_ones_do_not():
     x, (q8, s8), (q4, s4) = op_case(2, 300, 9, 128, torch.float32)
     for xt, mode in ((x, "float32"), (x.bfloat16(), "int16")):
@@ -268,6 +234,101 @@ def test_bfloat16_activations_take_int16_inputs_and_float32_ones_do_not():
     assert not torch.equal(with_input("int16", lambda: ops.gemv_int8(x, q8, s8)), ops.gemv_int8(x, q8, s8))
     with pytest.raises(ValueError, match="unknown input mode"):
         _C._set_quantized_input("int12")
+
+
+def check_against_oracle(out, xr, w_deq):
+    """out = the rounded inputs xr times the dequantized weights, in float64: the products and
+    their block sums are exact, so only float32 scaling and sums across blocks differ."""
+    expected = xr @ w_deq.double().t()
+    bound = 2e-6 * (xr.abs() @ w_deq.double().abs().t()) + 1e-37
+    err = (out.double() - expected).abs()
+    assert out.dtype == torch.float32 and (err <= bound).all(), float((err - bound).max())
+
+
+ROUNDINGS = {"int16": round_inputs_to_int16, "int8": round_inputs_to_int8}
+
+
+@pytest.mark.parametrize("mode", list(ROUNDINGS))
+# group 192: three sub-blocks of 64 a group, so groups and int8's blocks of 128 do not line up
+@pytest.mark.parametrize("B,K,N,G", OP_SHAPES + [(2, 700, 11, 192)], ids=lambda v: str(v))
+def test_integer_inputs_match_their_oracle_on_every_isa(mode, B, K, N, G):
+    x = int16_case_x(B, K, seed=B + K)
+    _, (q8, s8), (q4, s4) = op_case(B, K, N, G, torch.float32)
+    xr = ROUNDINGS[mode](x)
+    for isa in available_isas():
+        y8 = with_isa(isa, lambda: with_input(mode, lambda: ops.gemv_int8(x, q8, s8)))
+        y4 = with_isa(isa, lambda: with_input(mode, lambda: ops.gemv_int4(x, q4, s4, G)))
+        check_against_oracle(y8, xr, dequantize_int8(q8, s8))
+        if G % 64 == 0:
+            check_against_oracle(y4, xr, dequantize_int4(q4, s4, K, G))
+        else:  # groups of 32 keep float32 inputs
+            assert torch.equal(y4, with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int4(x, q4, s4, G))))
+
+
+# ------------------------------------------------------------------------------ int8 inputs (opt-in)
+# emu_fast.set_quantized_activations("int8"): every block of 128 inputs rounded to int8 multiples of
+# its step (emu_fast.quantize.round_inputs_to_int8); held, like int16, to the exact oracle above.
+
+
+def test_int8_oracle_rounding():
+    # max 1.0 = 0.5 * 2^1: step (0.5 / 127) * 2 = 1/127; 0.5 -> 63.5 steps -> 64 (half to even);
+    # -0.75 -> -95.25 -> -95; 1e-3 -> 0.127 -> 0. A block of zeros stays zeros.
+    x = torch.zeros(1, 256)
+    x[0, :4] = torch.tensor([1.0, 0.5, -0.75, 1e-3])
+    expected = torch.zeros(1, 256, dtype=torch.float64)
+    step = float(torch.tensor(0.5) / 127) * 2
+    expected[0, :4] = torch.tensor([127 * step, 64 * step, -95 * step, 0.0], dtype=torch.float64)
+    assert torch.equal(round_inputs_to_int8(x), expected)
+    # every input moves by at most half a step, max|x| / 254 (and a little float32 rounding), in
+    # blocks of 128 inputs at scales 1e-30 to 1e30. Below about 2^-100 the float32 step itself
+    # loses bits (it is subnormal from max|x| < 2^-119): there the kernels still give the oracle.
+    x = torch.randn(3, 700) * torch.logspace(-30, 30, 6).repeat_interleave(128)[:700]
+    block_max = torch.nn.functional.pad(x.abs(), (0, 68)).unflatten(-1, (-1, 128)).amax(-1)
+    bound = block_max.double().repeat_interleave(128, -1)[:, :700] * (1 / 254 + 1e-6)
+    xr = round_inputs_to_int8(x)
+    assert ((xr - x.double()).abs() <= bound).all()
+    assert (xr != x.double()).any()
+
+
+@pytest.mark.parametrize("mode", ["int16", "int8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_integer_inputs_with_non_finite_values_give_what_float32_gives(mode, bad):
+    x, (q8, s8), (q4, s4) = op_case(3, 300, 9, 64, torch.float32)
+    x[1, 77] = bad
+    for isa in available_isas():
+        for op in (lambda: ops.gemv_int8(x, q8, s8), lambda: ops.gemv_int4(x, q4, s4, 64)):
+            forced = with_isa(isa, lambda: with_input(mode, op))
+            plain = with_isa(isa, lambda: with_input("float32", op))
+            assert torch.equal(forced.isnan(), plain.isnan())
+            assert torch.equal(torch.nan_to_num(forced), torch.nan_to_num(plain))
+            assert not forced[1].isfinite().any() and forced[[0, 2]].isfinite().all()
+
+
+def test_set_quantized_activations():
+    x, (q8, s8), (q4, s4) = op_case(2, 300, 9, 128, torch.float32)
+    xb = x.bfloat16()
+    assert emu_fast.quantized_activations() == "auto"
+    auto = ops.gemv_int4(xb, q4, s4, 128)
+    try:
+        for mode in ["float32", "int16", "int8"]:
+            emu_fast.set_quantized_activations(mode)
+            assert emu_fast.quantized_activations() == mode
+            # the public setting is the same switch as the tests' hook, for every activation dtype
+            for xt in (x, xb):
+                assert torch.equal(ops.gemv_int4(xt, q4, s4, 128), with_input(mode, lambda: ops.gemv_int4(xt, q4, s4, 128)))
+                assert emu_fast.quantized_activations() == "auto"   # with_input put "auto" back
+                emu_fast.set_quantized_activations(mode)
+        emu_fast.set_quantized_activations("int8")
+        y = ops.gemv_int4(xb, q4, s4, 128)
+        assert not torch.equal(y, auto)
+        check_bf16 = round_inputs_to_int8(xb.float()) @ dequantize_int4(q4, s4, 300, 128).double().t()
+        assert rel_err(y.float(), check_bf16.float()) < 1e-2   # one bfloat16 rounding of the output
+        with pytest.raises(ValueError, match="unknown mode 'int4'"):
+            emu_fast.set_quantized_activations("int4")
+        assert emu_fast.quantized_activations() == "int8"   # a refused mode changed nothing
+    finally:
+        emu_fast.set_quantized_activations("auto")
+    assert torch.equal(ops.gemv_int4(xb, q4, s4, 128), auto)
 
 
 def test_isa_hook():

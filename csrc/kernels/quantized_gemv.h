@@ -41,8 +41,17 @@ inline int64_t int4_groups(int64_t k_dim, int64_t group) { return (k_dim + group
 //    in bfloat16): the path for bfloat16 / float16 activations, where it is several times
 //    faster on AVX2 (the portable loop computes the same). For int4 it needs
 //    group % kInt16Block == 0; other groups, and calls with a non-finite input, take kFloat32.
-enum class QuantizedInput { kFloat32, kInt16 };
+//  kInt8 (opt-in: emu_fast.set_quantized_activations("int8")): each block of kInt8Block inputs
+//    of a row, m its largest |x| = mantissa * 2^e (mantissa in [0.5, 1)), becomes
+//    v = round_half_even(float32(x * 2^-e) * float32(127 / mantissa)) in [-127, 127], with
+//    step = float32(mantissa / 127) * 2^e, so x ~= v * step, off by at most about m / 254 (the
+//    int8 activations of llama.cpp's CPU dot products). Integer sums are exact as above. AVX2
+//    multiplies int4 weights with these in bytes (vpmaddubsw, 32 products an instruction); int8
+//    weights gain nothing (their products take the int16 loop). int4 groups must be a multiple
+//    of 64 (else, and for non-finite inputs, kFloat32).
+enum class QuantizedInput { kFloat32, kInt16, kInt8 };
 constexpr int64_t kInt16Block = 64;
+constexpr int64_t kInt8Block = 128;
 
 // The choice for activations of type T (the fused step's and the ops'): float32 as they are,
 // the 16-bit types as int16 blocks.
@@ -68,8 +77,10 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
 Isa quantized_gemv_isa();
 bool set_quantized_gemv_isa(Isa isa);
 
-// Test hook: every call takes `input` whatever its caller asked (so the int16 path can be
-// checked on float32 inputs against an exact oracle); std::nullopt returns the choice to callers.
+// Every call takes `input` whatever its caller asked (emu_fast.set_quantized_activations; the
+// tests check the int16 path on float32 inputs against an exact oracle this way); std::nullopt
+// returns the choice to callers. Process-wide, like torch.set_float32_matmul_precision.
 void set_quantized_input_override(std::optional<QuantizedInput> input);
+std::optional<QuantizedInput> quantized_input_override();
 
 }  // namespace emu_fast::kernels

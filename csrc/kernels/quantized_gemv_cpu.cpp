@@ -15,6 +15,7 @@
 
 #include "kernels/gemv.h"
 #include "kernels/quantized_gemv_int16.h"
+#include "kernels/quantized_gemv_int8_input.h"
 #include "kernels/x86_reduce.h"
 
 #include <algorithm>
@@ -337,19 +338,38 @@ Int16Input& int16_scratch() {
   thread_local Int16Input in;
   return in;
 }
+Int8Input& int8_scratch() {
+  thread_local Int8Input in;
+  return in;
+}
 
 void set_quantized_input_override(std::optional<QuantizedInput> input) {
   g_input_override.store(input ? static_cast<int>(*input) : -1, std::memory_order_relaxed);
+}
+
+std::optional<QuantizedInput> quantized_input_override() {
+  const int forced = g_input_override.load(std::memory_order_relaxed);
+  return forced < 0 ? std::nullopt : std::optional<QuantizedInput>(static_cast<QuantizedInput>(forced));
 }
 
 void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float* y, int64_t batch, int64_t k_dim,
                     int64_t ldy, int64_t n_begin, int64_t n_end, QuantizedInput input) {
   if (n_begin >= n_end) return;
   const Isa isa = quantized_gemv_isa();
-  if (chosen_input(input) == QuantizedInput::kInt16) {
+  const QuantizedInput chosen = chosen_input(input);
+  const bool vector = isa != Isa::kPortable;
+  if (chosen == QuantizedInput::kInt16) {
     Int16Input& in = int16_scratch();
-    if (round_inputs_to_int16(x, batch, k_dim, k_dim, false, isa != Isa::kPortable, &in))
+    if (round_inputs_to_int16(x, batch, k_dim, k_dim, false, vector, &in))
       return gemv_int8_rows_int16(isa, q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
+  }
+  if (chosen == QuantizedInput::kInt8) {  // int8 x int8 has no faster AVX2 product than the int16 one
+    Int8Input& in8 = int8_scratch();
+    Int16Input& in = int16_scratch();
+    if (round_inputs_to_int8(x, batch, k_dim, k_dim, false, vector, &in8)) {
+      widen_int8_input(in8, batch, k_dim, &in);
+      return gemv_int8_rows_int16(isa, q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
+    }
   }
   switch (isa) {
 #ifdef EMU_X86
@@ -365,11 +385,21 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
   if (n_begin >= n_end) return;
   const Isa isa = quantized_gemv_isa();
   const int64_t k_pad = int4_padded_k(k_dim);
-  if (chosen_input(input) == QuantizedInput::kInt16 && group % kInt16Block == 0) {
+  const QuantizedInput chosen = chosen_input(input);
+  const bool vector = isa != Isa::kPortable;
+  if (chosen == QuantizedInput::kInt16 && group % kInt16Block == 0) {
     Int16Input& in = int16_scratch();
-    const bool vector = isa != Isa::kPortable;
     if (round_inputs_to_int16(x, batch, k_pad, k_pad, vector, vector, &in))
       return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
+  }
+  if (chosen == QuantizedInput::kInt8 && group % kInt16Block == 0) {
+    Int8Input& in8 = int8_scratch();
+    if (round_inputs_to_int8(x, batch, k_pad, k_pad, vector, vector, &in8)) {
+      if (vector) return gemv_int4_rows_int8_avx2(q, scales, group, in8, y, batch, k_dim, ldy, n_begin, n_end);
+      Int16Input& in = int16_scratch();  // the portable loop: the same exact sums in int16
+      widen_int8_input(in8, batch, k_pad, &in);
+      return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
+    }
   }
   const float* xsum = group_sums(x, batch, k_pad, k_dim, group);
   switch (isa) {

@@ -15,7 +15,9 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/block_abs_max.h"
 #include "kernels/gemv.h"
+#include "kernels/quantized_row_blocks.h"
 #include "kernels/x86_reduce.h"
 
 #ifdef EMU_X86
@@ -43,11 +45,8 @@ constexpr Int4InputOrder kInt4Order;
 // Scalar rounding of one block (any magnitude: ldexp is exact where a float multiply by the
 // power of two would not be representable). Returns false for a non-finite input.
 bool round_block_scalar(const float* x, int64_t n, int16_t* v, float* step) {
-  float m = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(x[i])) return false;
-    m = std::max(m, std::fabs(x[i]));
-  }
+  float m;
+  if (!finite_abs_max(x, n, &m)) return false;
   std::fill(v, v + kInt16Block, int16_t(0));
   if (m == 0.f) {
     *step = 1.f;
@@ -68,23 +67,12 @@ bool round_block_scalar(const float* x, int64_t n, int16_t* v, float* step) {
 // 2^-112 (so 2^(15 - e) is a normal float too); other blocks go to round_block_scalar.
 // cvtps2dq rounds half to even like nearbyint; packs saturates 32768 to 32767 like the min.
 EMU_TARGET_AVX2 bool round_block_avx2(const float* x, int16_t* v, float* step) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 xs[8], m = _mm256_setzero_ps();
-  for (int i = 0; i < 8; ++i) {
-    xs[i] = _mm256_loadu_ps(x + 8 * i);
-    m = _mm256_max_ps(m, _mm256_and_ps(xs[i], abs_mask));
-  }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  float mx;
+  if (!abs_max_avx2(x, kInt16Block / 8, &mx)) return false;
   uint32_t bits;
-  const float mx = _mm_cvtss_f32(m4);
   std::memcpy(&bits, &mx, 4);
   const int biased = static_cast<int>(bits >> 23);  // m = 1.f * 2^(biased - 127) < 2^(biased - 126)
-  // max_ps drops a NaN operand in favour of the other: NaNs are caught by the scalar path.
-  if (biased < 15 || biased >= 255 || !std::isfinite(mx)) return round_block_scalar(x, kInt16Block, v, step);
-  for (int i = 0; i < 8; ++i)
-    if (_mm256_movemask_ps(_mm256_cmp_ps(xs[i], xs[i], _CMP_UNORD_Q)) != 0) return false;
+  if (biased < 15 || biased >= 255) return round_block_scalar(x, kInt16Block, v, step);  // inf too
   const int e = biased - 126;
   uint32_t scale_bits = static_cast<uint32_t>(15 - e + 127) << 23, step_bits = static_cast<uint32_t>(e - 15 + 127) << 23;
   float scale;
@@ -92,8 +80,8 @@ EMU_TARGET_AVX2 bool round_block_avx2(const float* x, int16_t* v, float* step) {
   std::memcpy(step, &step_bits, 4);
   const __m256 sv = _mm256_set1_ps(scale);
   for (int i = 0; i < 8; i += 2) {
-    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(xs[i], sv));
-    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(xs[i + 1], sv));
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), sv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i + 8), sv));
     // packs works within 128-bit lanes: a0..3 b0..3 a4..7 b4..7; the permute restores order
     const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + 8 * i), p);
@@ -210,32 +198,6 @@ EMU_TARGET_AVX2 EMU_ALWAYS_INLINE __m256i load_x(const int16_t* p) {
 EMU_TARGET_AVX2 EMU_ALWAYS_INLINE __m256i widen16(const int8_t* w) {
   return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
 }
-
-// R weight rows from row n, block by block (kBytes bytes a block of inputs): the whole blocks
-// straight from the rows, the last, partial one from a zero-padded copy so that no load passes a
-// row's end.
-template <typename Q, int R, int64_t kBytes>
-struct RowBlocks {
-  const Q* rows[R];
-  alignas(64) Q tail[R][kBytes];
-  int64_t whole;  // blocks read from the rows
-
-  RowBlocks(const Q* q, int64_t n, int64_t row_bytes) : whole(row_bytes / kBytes) {
-    for (int i = 0; i < R; ++i) {
-      rows[i] = q + (n + i) * row_bytes;
-      if (whole * kBytes < row_bytes) {
-        std::memset(tail[i], 0, kBytes);
-        std::memcpy(tail[i], rows[i] + whole * kBytes, row_bytes - whole * kBytes);
-      }
-    }
-  }
-  // Block j of each row, their line of a later block prefetched first when asked.
-  void get(int64_t j, bool prefetch, int64_t distance, const Q** w) const {
-    for (int i = 0; i < R; ++i) w[i] = j < whole ? rows[i] + j * kBytes : tail[i];
-    if (prefetch)
-      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(w[i] + distance), _MM_HINT_T0);
-  }
-};
 
 // sum over the block of u_r * x_r, r = 0..3: 4 vpmaddwd (16 products each, in pairs), 3 adds.
 EMU_TARGET_AVX2 EMU_ALWAYS_INLINE __m256i block_dot(const __m256i* u, const int16_t* x) {
