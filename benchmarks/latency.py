@@ -28,6 +28,8 @@ projections of a quantized copy of the model (emu_fast.accelerate(..., weights=.
 in the model's dtype; their error is against the unquantized reference, so it is what
 quantization adds (not held to the tolerance), and their weight reads are the bytes they read
 (qweights, scales, norms, head), against the bandwidth of reading a buffer of that size.
+"emu_fast int4/int8 act" (CPU only): the int4 decoder under
+emu_fast.set_quantized_activations("int8"), its GEMVs' inputs rounded to int8 blocks.
 
 The compared loops live in benchmarks/peers.py, the machine description and bandwidth in
 benchmarks/machine.py, the figure in benchmarks/plot.py.
@@ -69,9 +71,11 @@ SWEEP_PROMPT_LENS = (64, 128, 256, 512, 1024)
 # Methods, in the order they run and print.
 UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST = ("upstream recompute", "HF KV-cache loop", "static cache, eager",
                                                   "static cache, compiled", "emu_fast, ATen step", "emu_fast")
-FAST_INT8, FAST_INT4 = "emu_fast int8", "emu_fast int4"
-METHODS = (UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST, FAST_INT8, FAST_INT4)
-QUANTIZED = {FAST_INT8: "int8", FAST_INT4: "int4"}
+FAST_INT8, FAST_INT4, FAST_INT4_A8 = "emu_fast int8", "emu_fast int4", "emu_fast int4/int8 act"
+METHODS = (UPSTREAM, HF, EAGER, COMPILED, FAST_ATEN, FAST, FAST_INT8, FAST_INT4, FAST_INT4_A8)
+QUANTIZED = {FAST_INT8: "int8", FAST_INT4: "int4", FAST_INT4_A8: "int4"}
+# Rows run under emu_fast.set_quantized_activations (CPU kernels only; they share a decoder above).
+ACTIVATIONS = {FAST_INT4_A8: "int8"}
 # Largest relative error per output vector that still counts as "the same result": float32
 # as the tests require; half precision rounds every op and the fed-back loop compounds it.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.1}
@@ -208,11 +212,14 @@ class Bench:
         # size of what each step reads.
         self.quantized = {}
         for name, scheme in QUANTIZED.items():
+            if name in ACTIVATIONS:
+                continue
             lm = copy.deepcopy(self.model.decoder.lm)
             head, up_copy = self.family.head(self.model).weight, None if up is None else up.weight
             dec = emu_fast.EmuDecoder.from_llama(lm, head, up_copy, weights=scheme,
                                                  max_batch=max_batch, max_seq_len=max_prompt + 16 + self.n)
             self.quantized[name] = (lm, dec, read_bandwidth(args.device, dec.weight_bytes))
+        self.quantized[FAST_INT4_A8] = self.quantized[FAST_INT4]
 
     def measure_bandwidth_again(self):
         # Measured around the step timings and the larger kept: fractions are then lower bounds.
@@ -231,7 +238,8 @@ class Bench:
         others = OtherWork().start()
         for name, method in ((UPSTREAM, self.upstream_row), (HF, self.hf_row), (EAGER, self.eager_row),
                              (COMPILED, self.compiled_row), (FAST_ATEN, self.emu_fast_aten_row),
-                             (FAST, self.emu_fast_row), (FAST_INT8, self.quantized_row), (FAST_INT4, self.quantized_row)):
+                             (FAST, self.emu_fast_row), (FAST_INT8, self.quantized_row), (FAST_INT4, self.quantized_row),
+                             (FAST_INT4_A8, self.quantized_row)):
             if progress is not None:
                 progress.set_postfix_str(f"batch {batch}, prompt {max(lens)}: {name}")
             rows[name] = method(texts, embeds, mask, rows) if name not in QUANTIZED else method(name, embeds, mask)
@@ -325,14 +333,21 @@ class Bench:
         ATen row: its generate, then its prefill and n - 1 decode steps timed apart."""
         args, n = self.args, self.n
         _, dec, bandwidth = self.quantized[name]
-        t, out = timed(lambda: dec.generate(embeds, mask, n), args.device, args.reps)
-        t_prefill, t_steps = prefill_and_steps(lambda: dec.prefill(embeds, mask), lambda out0: dec.decode(out0, n - 1),
-                                               args.device, args.reps)
+        activations = ACTIVATIONS.get(name)
+        if activations and args.device != "cpu":
+            return {"note": f"{activations} activations: a CPU kernel option (the GPU ones dequantize)"}
+        emu_fast.set_quantized_activations(activations or "auto")
+        try:
+            t, out = timed(lambda: dec.generate(embeds, mask, n), args.device, args.reps)
+            t_prefill, t_steps = prefill_and_steps(lambda: dec.prefill(embeds, mask),
+                                                   lambda out0: dec.decode(out0, n - 1), args.device, args.reps)
+        finally:
+            emu_fast.set_quantized_activations("auto")
         return {"image_s": t, "step_s": t_steps / max(1, n - 1), "prefill_s": t_prefill, "result": out,
                 # a smaller buffer reads at least as fast as the model-sized one: the larger of the two
                 "step_bytes": dec.weight_bytes, "bandwidth": max(bandwidth, self.bandwidth), "quantized": True,
-                "note": f"{QUANTIZED[name]}{' g' + str(dec.group_size) if dec.group_size else ''}; "
-                        "error = quantization's"}
+                "note": f"{QUANTIZED[name]}{' g' + str(dec.group_size) if dec.group_size else ''}"
+                        f"{', ' + activations + ' activations' if activations else ''}; error = quantization's"}
 
 
 def figures(point: dict, weight_bytes: int, bandwidth: float, dtype: str) -> dict:

@@ -779,7 +779,15 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   const std::string op = checked.worst_op(&op_error);
   const double step_error = std::max(relative_error(std::get<0>(ours), std::get<0>(ref)),
                                      relative_error(std::get<1>(ours), std::get<1>(ref)));
-  if (op.empty() && step_error <= bound) {
+  // Under int8 activations (set_quantized_activations, the CPU kernels) the whole step is held
+  // more loosely than each op: the ops agree to float32 rounding (checked at `bound` above), but a
+  // last-bit difference between the two steps' float32 sums can flip one input's int8 rounding,
+  // a whole step (max / 127) of its block: up to 1.6e-3 seen on tiny random models. A wrong
+  // kernel is off by order one.
+  const bool int8_inputs = quant_.bits != 0 && segs_.front().device.is_cpu() &&
+                           kernels::quantized_input_override() == kernels::QuantizedInput::kInt8;
+  const double step_bound = int8_inputs ? std::max(bound, 2e-2) : bound;
+  if (op.empty() && step_error <= step_bound) {
     if (self_checked_.size() <= static_cast<size_t>(B)) self_checked_.resize(B + 1, false);
     self_checked_[B] = true;
     return ours;
@@ -792,7 +800,7 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
     why << "the " << (fused ? "fused CPU decode step" : "decode step")
         << " disagrees with the ATen step although each op agrees (relative error " << step_error;
   }
-  why << " > " << bound << " for " << py_dtype(final_norm_.scalar_type()) << ") on "
+  why << " > " << (op.empty() ? step_bound : bound) << " for " << py_dtype(final_norm_.scalar_type()) << ") on "
       << segs_.front().device << ". This decoder now runs the ATen step (same results, slower). Please report "
       << "this with your GPU, driver and torch versions; EMU_FAST_SELF_CHECK=0 skips the check.";
   fall_back_locked(why.str());

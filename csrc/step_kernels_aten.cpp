@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/quantized_gemv.h"
 #include "step_kernels.h"
 
 namespace emu_fast {
@@ -20,6 +21,22 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }
 
+// x rounded as the CPU quantized GEMVs take it under set_quantized_activations("int8")
+// (kernels/quantized_gemv.h, QuantizedInput::kInt8; emu_fast.quantize.round_inputs_to_int8),
+// in float32: blocks of kInt8Block inputs of the last dimension, each v * step.
+at::Tensor round_inputs_to_int8(const at::Tensor& x) {
+  const int64_t k = x.size(-1), block = kernels::kInt8Block;
+  const at::Tensor padded = at::constant_pad_nd(x.to(at::kFloat), {0, (block - k % block) % block}).unflatten(-1, {-1, block});
+  auto [mantissa, e] = at::frexp(padded.abs().amax(-1, /*keepdim=*/true));  // max = mantissa * 2^e
+  const at::Tensor zero = mantissa == 0;
+  mantissa = at::where(zero, at::ones_like(mantissa), mantissa);
+  const at::Tensor ed = e.to(at::kDouble);
+  const at::Tensor down = (padded.to(at::kDouble) * at::exp2(-ed)).to(at::kFloat);  // exact, then rounded once
+  const at::Tensor v = at::round(down * (127.0f / mantissa)).clamp(-127, 127);
+  const at::Tensor step = ((mantissa / 127.0f).to(at::kDouble) * at::exp2(ed)).to(at::kFloat);
+  return at::where(zero, at::zeros_like(v), v * step).flatten(-2).narrow(-1, 0, k);
+}
+
 class AtenKernels final : public StepKernels {
  public:
   const char* name() const override { return "aten"; }
@@ -29,8 +46,18 @@ class AtenKernels final : public StepKernels {
 
   // The weight dequantized for the call in x's dtype (one projection's worth), then linear: as
   // the quantized modules' forward does for long inputs.
+  // Under set_quantized_activations("int8") the CPU kernels round x to int8 blocks (a change of
+  // the result, not an approximation of it): so does this step there, in float32, so that the
+  // self-check still holds them to their own arithmetic. (int16 and float32 inputs need nothing:
+  // int16's rounding is below float32's self-check bound and bfloat16's own.)
   Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
                         int64_t group_size) const override {
+    const auto forced = kernels::quantized_input_override();
+    // (the kernels' exceptions too: int4 groups not a multiple of 64, non-finite inputs; CPU: no graph to sync)
+    if (x.is_cpu() && forced == kernels::QuantizedInput::kInt8 &&
+        (bits == 8 || group_size % kernels::kInt16Block == 0) && at::isfinite(x).all().item<bool>())
+      return at::linear(round_inputs_to_int8(x), dequantize_weight(qweight, scales, bits, group_size, x.size(-1),
+                                                                   at::kFloat)).to(x.scalar_type());
     return at::linear(x, dequantize_weight(qweight, scales, bits, group_size, x.size(-1), x.scalar_type()));
   }
 

@@ -46,7 +46,8 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     weights: weight-only quantization of the decoder body's projections (q/k/v/o_proj,
     gate/up/down_proj of every layer; embeddings, norms, the regression head and project_up stay
     in the model's dtype; activations stay in it too, except that on the CPU bfloat16
-    activations enter the quantized GEMVs as int16 blocks, emu_fast.quantize.round_inputs_to_int16):
+    activations enter the quantized GEMVs as int16 blocks, emu_fast.quantize.round_inputs_to_int16,
+    and emu_fast.set_quantized_activations("int8") opts in to int8 blocks, faster with int4):
       None    (default) the model's weights as they are: float, or a model already quantized
               with emu_fast.quantized_linear.quantize_decoder_linears_ / loaded with
               emu_fast.quantized_io.load_quantized (run in its own scheme).

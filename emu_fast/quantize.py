@@ -1,7 +1,8 @@
 """Weight-only quantization schemes, in plain PyTorch: their definition, and the oracle the
 kernels (torch.ops.emu_fast.gemv_int8 / gemv_int4, csrc/kernels/quantized_gemv.h) are tested
 against. Weights are nn.Linear's [N, K] (out_features, in_features); activations are not
-quantized (bfloat16 ones reach the CPU kernels as int16 blocks: see the end of this note).
+quantized by default (bfloat16 ones reach the CPU kernels as int16 blocks; int8 ones are opt-in:
+see the end of this note).
 
 int8, symmetric per output channel (row):
     scale[n] = max_k |w[n, k]| / 127                      (float32)

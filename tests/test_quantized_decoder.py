@@ -131,6 +131,45 @@ def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, 
     torch.testing.assert_close(torch.cat([first[:, None], rest], 1), outs["fused"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["emu1", "emu2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [64, 128])  # int8's blocks of 128 split across groups; whole in one
+def test_int8_activations_reach_every_step(emu_tokenizer, kind, dtype, group):
+    """emu_fast.set_quantized_activations("int8") (the kernels are held to its exact oracle in
+    test_quantize.py): the fused CPU step and the op-by-op one round alike, bit for bit; it changes
+    the loop by what rounding inputs to int8 costs (1.4e-2 to 5.1e-2 here against the default
+    int16 / float32 inputs, seeds 0-2); and accelerate's first-use self-check passes under it."""
+    model = _model(kind, dtype, tokenizer=emu_tokenizer, layers=3, hidden=128, intermediate=256)
+    lm = model.decoder.lm
+    head = (lm.stu_regress_head if kind == "emu1" else lm.project_down).weight
+    up = None if kind == "emu1" else lm.project_up.weight
+    fused = EmuDecoder.from_llama(lm, head, up, kernels="custom", weights="int4", group_size=group)
+    op_by_op = EmuDecoder.from_llama(lm, head, up, kernels="custom")
+    op_by_op.fused_cpu_step = False
+    tokenizer = model.decoder.tokenizer
+    tokenizer.padding_side = "right" if kind == "emu1" else "left"
+    tok = tokenizer(["a photo of a cat[IMG]", "a red fox sitting in tall grass at dawn[IMG]", "hi[IMG]"],
+                    padding="longest", return_tensors="pt")
+    embeds = lm.model.embed_tokens(tok.input_ids).detach()
+    default = fused.generate(embeds, tok.attention_mask, 6)
+    emu_fast.set_quantized_activations("int8")
+    try:
+        out = fused.generate(embeds, tok.attention_mask, 6)
+        torch.testing.assert_close(op_by_op.generate(embeds, tok.attention_mask, 6), out, rtol=0, atol=0)
+        # the drop-in: its self-check (each op against ATen rounding x alike) passes under int8
+        accelerated = _model(kind, dtype, tokenizer=emu_tokenizer, layers=3, hidden=128, intermediate=256, seed=1)
+        emu_fast.accelerate(accelerated, weights="int4", group_size=group)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            accelerated.generate_image(TEXTS[:2])
+        dec = accelerated.emu_fast_decoder
+        assert dec.kernels == "custom" and dec.fallback_reason == ""
+    finally:
+        emu_fast.set_quantized_activations("auto")
+    assert not torch.equal(out, default)
+    assert rel_err(out, default) < 1e-1
+
+
 def test_every_cpu_isa_gives_the_same_loop(emu_tokenizer):
     """The fused step calls the quantized kernels of each instruction set; the loop stays within
     float32 rounding of the AVX-512 one on every ISA this processor has."""
@@ -317,12 +356,18 @@ def test_measure_quantization_error(emu_tokenizer, capsys):
             # the unquantized model on our float32 path: within 1e-4 of its upstream loop (the
             # tests above), far below what quantization adds, and without upstream's n recomputes
             truth = emu_fast.accelerate(copy.deepcopy(base)).generate_image(texts)
-            for scheme, group in [("int8", None), ("int4", 128), ("int4", 32)]:
+            for scheme, group, activations in [("int8", None, "auto"), ("int4", 128, "auto"), ("int4", 32, "auto"),
+                                               ("int4", 128, "int8")]:
                 model = emu_fast.accelerate(copy.deepcopy(base), weights=scheme, group_size=group)
-                out = model.generate_image(texts)
+                emu_fast.set_quantized_activations(activations)
+                try:
+                    out = model.generate_image(texts)
+                finally:
+                    emu_fast.set_quantized_activations("auto")
                 per_step = ((out - truth).norm(dim=-1) / truth.norm(dim=-1)).max(0).values  # worst row, per step
-                rows.append((kind, n, scheme if group is None else f"{scheme} g{group}",
-                             float(per_step[0]), float(per_step[-1]), rel_err(out, truth)))
+                name = (scheme if group is None else f"{scheme} g{group}") + (
+                    f", {activations} activations" if activations != "auto" else "")
+                rows.append((kind, n, name, float(per_step[0]), float(per_step[-1]), rel_err(out, truth)))
                 assert 0 < rel_err(out, truth) < float("inf")
     with capsys.disabled():
         print("\nquantization error vs the unquantized model (tiny random models, float32 activations)")
