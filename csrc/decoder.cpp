@@ -751,9 +751,19 @@ void EmuDecoder::rewind_lengths_locked(int64_t batch) {
   for (Segment& seg : segs_) seg.lengths_dev.narrow(0, 0, batch).sub_(1);
 }
 
+namespace {
+// The process-wide quantized-input setting (set_quantized_activations) as a bit: a step checked
+// under one setting says nothing about the CPU quantized GEMVs under another, so each is checked.
+uint8_t input_setting_bit() {
+  const auto forced = kernels::quantized_input_override();
+  return static_cast<uint8_t>(1u << (forced ? 1 + static_cast<int>(*forced) : 0));
+}
+}  // namespace
+
 bool EmuDecoder::self_check_due(int64_t batch) const {
   return mode_ == "auto" && kernels_ == &custom_kernels() &&
-         (static_cast<size_t>(batch) >= self_checked_.size() || !self_checked_[batch]) && self_check_enabled();
+         (static_cast<size_t>(batch) >= self_checked_.size() || !(self_checked_[batch] & input_setting_bit())) &&
+         self_check_enabled();
 }
 
 void EmuDecoder::fall_back_locked(const std::string& reason) {
@@ -770,6 +780,7 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   // as it runs for real (the fused CPU step, or op by op): it writes its cache entries last, so
   // a passing check leaves the decoder exactly as an unchecked step would.
   const double bound = self_check_bound(final_norm_.scalar_type());
+  const uint8_t setting = input_setting_bit();
   const CheckedKernels checked(bound);
   const at::Tensor x_ref = up_.has_value() ? checked.gemv(prev.contiguous(), *up_) : prev.contiguous();
   const auto ref = run_step_with(x_ref, checked, /*fused=*/false);
@@ -787,9 +798,13 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   const bool int8_inputs = quant_.bits != 0 && segs_.front().device.is_cpu() &&
                            kernels::quantized_input_override() == kernels::QuantizedInput::kInt8;
   const double step_bound = int8_inputs ? std::max(bound, 2e-2) : bound;
+  // The setting changed (from another thread) while the two steps ran: they may have taken
+  // different inputs, which says nothing about the kernels. Ours stands, unchecked; the next
+  // step of this batch size checks again.
+  if (input_setting_bit() != setting) return ours;
   if (op.empty() && step_error <= step_bound) {
-    if (self_checked_.size() <= static_cast<size_t>(B)) self_checked_.resize(B + 1, false);
-    self_checked_[B] = true;
+    if (self_checked_.size() <= static_cast<size_t>(B)) self_checked_.resize(B + 1, 0);
+    self_checked_[B] |= setting;
     return ours;
   }
   std::ostringstream why;

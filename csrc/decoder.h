@@ -244,7 +244,8 @@ class EmuDecoder {
   RopeFn rope_fn_;
   std::string mode_;                    // "auto", "custom", "aten"
   const StepKernels* kernels_;          // in use now
-  std::vector<bool> self_checked_;      // per batch size: our step matched ATen's
+  // per batch size, one bit per quantized-input setting (input_setting_bit): our step matched ATen's
+  std::vector<uint8_t> self_checked_;
   std::string fallback_reason_;
 
   // The active batch: 0 before prefill. Row b's cache holds lengths_[b] entries, the first at

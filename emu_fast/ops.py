@@ -243,6 +243,8 @@ def set_quantized_activations(mode: str) -> None:
         then take 32 weights an instruction: about 1.5-2x faster GEMVs here. int8 weights gain
         nothing from it (they keep the int16 loop, on these rounded inputs).
     Inputs that are not finite, and int4 groups that are not a multiple of 64, keep float32.
+    Each op call and each decoder step reads the setting once, so a change from another thread
+    takes effect from the next one; a decoder's first-use self-check runs again for each setting.
     """
     if mode not in QUANTIZED_ACTIVATIONS:
         raise ValueError(f"emu_fast.set_quantized_activations: unknown mode {mode!r}; "

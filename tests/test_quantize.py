@@ -307,28 +307,56 @@ def test_integer_inputs_with_non_finite_values_give_what_float32_gives(mode, bad
 def test_set_quantized_activations():
     x, (q8, s8), (q4, s4) = op_case(2, 300, 9, 128, torch.float32)
     xb = x.bfloat16()
+    w8, w4 = dequantize_int8(q8, s8), dequantize_int4(q4, s4, 300, 128)
     assert emu_fast.quantized_activations() == "auto"
     auto = ops.gemv_int4(xb, q4, s4, 128)
+    outputs = {}
     try:
         for mode in ["float32", "int16", "int8"]:
             emu_fast.set_quantized_activations(mode)
             assert emu_fast.quantized_activations() == mode
-            # the public setting is the same switch as the tests' hook, for every activation dtype
-            for xt in (x, xb):
-                assert torch.equal(ops.gemv_int4(xt, q4, s4, 128), with_input(mode, lambda: ops.gemv_int4(xt, q4, s4, 128)))
-                assert emu_fast.quantized_activations() == "auto"   # with_input put "auto" back
-                emu_fast.set_quantized_activations(mode)
-        emu_fast.set_quantized_activations("int8")
-        y = ops.gemv_int4(xb, q4, s4, 128)
-        assert not torch.equal(y, auto)
-        check_bf16 = round_inputs_to_int8(xb.float()) @ dequantize_int4(q4, s4, 300, 128).double().t()
-        assert rel_err(y.float(), check_bf16.float()) < 1e-2   # one bfloat16 rounding of the output
+            # each mode computes its own oracle, on float32 activations (which "auto" leaves as they are)
+            y8, y4 = ops.gemv_int8(x, q8, s8), ops.gemv_int4(x, q4, s4, 128)
+            if mode == "float32":
+                check_against_reference(y8, x, w8)
+                check_against_reference(y4, x, w4)
+            else:
+                check_against_oracle(y8, ROUNDINGS[mode](x), w8)
+                check_against_oracle(y4, ROUNDINGS[mode](x), w4)
+            outputs[mode] = (y4, ops.gemv_int4(xb, q4, s4, 128))
+        assert not torch.equal(outputs["float32"][0], outputs["int16"][0])
+        assert not torch.equal(outputs["int16"][0], outputs["int8"][0])
+        # bfloat16 activations: "int16" is what "auto" does with them; "int8" changes the result
+        assert torch.equal(outputs["int16"][1], auto) and not torch.equal(outputs["int8"][1], auto)
         with pytest.raises(ValueError, match="unknown mode 'int4'"):
             emu_fast.set_quantized_activations("int4")
         assert emu_fast.quantized_activations() == "int8"   # a refused mode changed nothing
     finally:
         emu_fast.set_quantized_activations("auto")
+    assert emu_fast.quantized_activations() == "auto"
     assert torch.equal(ops.gemv_int4(xb, q4, s4, 128), auto)
+    assert torch.equal(ops.gemv_int4(x, q4, s4, 128), outputs["float32"][0])
+
+
+@pytest.mark.parametrize("mode", list(ROUNDINGS))
+def test_integer_inputs_at_extreme_scales_match_their_oracle(mode):
+    """Whole blocks whose largest |x| is 0, subnormal (1e-39), tiny (1e-37: int8's step is then
+    subnormal) or at least 2^126 (1e38: int8's scalar rounding; the products scale each block's
+    sum by step times weight scale, which stays in range), one scale a row so each output is held
+    at its own magnitude."""
+    K = 128 * 3 + 40
+    scales = torch.tensor([1.0, 0.0, 1e-39, 1e-37, 1e38, 3e-3])
+    x = torch.randn(len(scales), K, generator=torch.Generator().manual_seed(7)).clamp(-3, 3) * scales[:, None]
+    w = weight(9, K, seed=3, scale=1e-3)
+    (q8, s8), (q4, s4) = quantize_int8(w), quantize_int4(w, 128)
+    xr = ROUNDINGS[mode](x)
+    assert torch.equal(xr[1], torch.zeros(K, dtype=torch.float64)) and x[4].abs().max() >= 2.0 ** 126
+    for isa in available_isas():
+        y8 = with_isa(isa, lambda: with_input(mode, lambda: ops.gemv_int8(x, q8, s8)))
+        y4 = with_isa(isa, lambda: with_input(mode, lambda: ops.gemv_int4(x, q4, s4, 128)))
+        check_against_oracle(y8, xr, dequantize_int8(q8, s8))
+        check_against_oracle(y4, xr, dequantize_int4(q4, s4, K, 128))
+        assert y8.isfinite().all() and y4.isfinite().all() and (y4[1] == 0).all()
 
 
 def test_isa_hook():

@@ -263,6 +263,29 @@ def test_self_check_catches_a_wrong_quantized_gemv(emu_tokenizer, monkeypatch, s
     assert rel_err(out, expected) < 1e-4  # the ATen step (dequantize + linear) gave the answer
 
 
+def test_each_quantized_input_setting_is_self_checked(emu_tokenizer, monkeypatch):
+    """A batch size checked under the default inputs is checked again under int8 ones (other
+    kernels run): a wrong int4 GEMV that only the int8 setting reached is still caught."""
+    monkeypatch.delenv("EMU_FAST_SELF_CHECK", raising=False)
+    model = _model("emu2", tokenizer=emu_tokenizer, hidden=128, intermediate=256)
+    emu_fast.accelerate(model, weights="int4", group_size=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate_image(TEXTS[:2])          # checked and passed under "auto"
+    try:
+        emu_fast.set_quantized_activations("int8")
+        _C._set_test_fault("gemv_int4")
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model.generate_image(TEXTS[:2])
+    finally:
+        _C._set_test_fault("")
+        emu_fast.set_quantized_activations("auto")
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "the custom gemv_int4 kernel disagrees with ATen" in messages[0], messages
+    assert model.emu_fast_decoder.kernels == "aten"
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -68,8 +68,9 @@ void widen_slice(const T* x, int64_t b, int64_t k, int64_t ld, int64_t k0, int64
 
 template <typename T>
 void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
-  // bfloat16 activations reach the quantized GEMVs as int16 blocks (kernels/quantized_gemv.h)
-  constexpr kernels::QuantizedInput kQuantizedInput = kernels::quantized_input_for<T>();
+  // bfloat16 activations reach the quantized GEMVs as int16 blocks (kernels/quantized_gemv.h),
+  // unless set_quantized_activations says otherwise: read once, so the whole step takes one mode
+  const kernels::QuantizedInput input_mode = kernels::resolve_quantized_input(kernels::quantized_input_for<T>());
   const int64_t B = io.batch, H = a.hidden, D = a.head_dim, Hq = a.heads, Hkv = a.kv_heads, I = a.intermediate;
   const int64_t qkv_w = (Hq + 2 * Hkv) * D;
   Scratch<T> s(a, B);
@@ -88,10 +89,10 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
       if (n0 >= n1) return;
       if (bits == 8) {
         kernels::gemv_int8_rows(static_cast<const int8_t*>(w), scales, s.xf.data(), s.yf.data(), B, K, N, n0, n1,
-                                kQuantizedInput);
+                                input_mode);
       } else if (bits == 4) {
         kernels::gemv_int4_rows(static_cast<const uint8_t*>(w), scales, a.group_size, s.xf.data(), s.yf.data(), B, K,
-                                N, n0, n1, kQuantizedInput);
+                                N, n0, n1, input_mode);
       } else {
         kernels::gemv_rows(static_cast<const T*>(w), s.xf.data(), s.yf.data(), B, K, N, n0, n1);
       }

@@ -310,10 +310,10 @@ at::Tensor gemv_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const std::vector<float> xf = widen_rows<T>(x);
+    const auto input = kernels::resolve_quantized_input(kernels::quantized_input_for<T>());  // once: every row alike
     into_output(ptr<T>(out), B, N, [&](float* y) {
       at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
-        kernels::gemv_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), xf.data(), y, B, K, N, n0, n1,
-                                kernels::quantized_input_for<T>());
+        kernels::gemv_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), xf.data(), y, B, K, N, n0, n1, input);
       });
     });
   });
@@ -329,10 +329,11 @@ at::Tensor gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const std::vector<float> xf = widen_rows_padded<T>(x, kernels::int4_padded_k(K));
+    const auto input = kernels::resolve_quantized_input(kernels::quantized_input_for<T>());  // once: every row alike
     into_output(ptr<T>(out), B, N, [&](float* y) {
       at::parallel_for(0, N, grain_rows(K * B), [&](int64_t n0, int64_t n1) {
         kernels::gemv_int4_rows(ptr<uint8_t>(qweight), ptr<float>(scales), group_size, xf.data(), y, B, K, N, n0,
-                                n1, kernels::quantized_input_for<T>());
+                                n1, input);
       });
     });
   });

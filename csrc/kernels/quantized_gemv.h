@@ -61,7 +61,8 @@ constexpr QuantizedInput quantized_input_for() {
 }
 
 // For n in [n_begin, n_end), b < batch: y[b * ldy + n] = the int8 product above.
-// x float32 [batch, k_dim], contiguous (the caller widens bf16 activations once).
+// x float32 [batch, k_dim], contiguous (the caller widens bf16 activations once). `input` is
+// taken as given (see resolve_quantized_input below).
 void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float* y, int64_t batch,
                     int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end,
                     QuantizedInput input = QuantizedInput::kFloat32);
@@ -77,10 +78,18 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
 Isa quantized_gemv_isa();
 bool set_quantized_gemv_isa(Isa isa);
 
-// Every call takes `input` whatever its caller asked (emu_fast.set_quantized_activations; the
+// Every product takes `input` whatever its caller asked (emu_fast.set_quantized_activations; the
 // tests check the int16 path on float32 inputs against an exact oracle this way); std::nullopt
 // returns the choice to callers. Process-wide, like torch.set_float32_matmul_precision.
 void set_quantized_input_override(std::optional<QuantizedInput> input);
 std::optional<QuantizedInput> quantized_input_override();
+
+// What a product asking for `asked` runs with: the override when one is set. Callers resolve it
+// once per product (or per fused step), before splitting rows across threads, and pass the
+// result to every gemv_*_rows call of it: all its rows then take the same inputs even when the
+// setting changes meanwhile from another thread.
+inline QuantizedInput resolve_quantized_input(QuantizedInput asked) {
+  return quantized_input_override().value_or(asked);
+}
 
 }  // namespace emu_fast::kernels

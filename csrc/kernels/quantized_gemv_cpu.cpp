@@ -34,11 +34,6 @@ constexpr int kRows = 4;
 std::atomic<int> g_isa_override{-1};
 std::atomic<int> g_input_override{-1};
 
-QuantizedInput chosen_input(QuantizedInput asked) {
-  const int forced = g_input_override.load(std::memory_order_relaxed);
-  return forced < 0 ? asked : static_cast<QuantizedInput>(forced);
-}
-
 // xsum[b * groups + g] = sum of x[b, k] over group g (x rows of length ldx, zero past k_dim), in
 // this thread's buffer (kept between calls: no allocation on the step's path).
 const float* group_sums(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, int64_t group) {
@@ -356,7 +351,7 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
                     int64_t ldy, int64_t n_begin, int64_t n_end, QuantizedInput input) {
   if (n_begin >= n_end) return;
   const Isa isa = quantized_gemv_isa();
-  const QuantizedInput chosen = chosen_input(input);
+  const QuantizedInput chosen = input;
   const bool vector = isa != Isa::kPortable;
   if (chosen == QuantizedInput::kInt16) {
     Int16Input& in = int16_scratch();
@@ -385,7 +380,7 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
   if (n_begin >= n_end) return;
   const Isa isa = quantized_gemv_isa();
   const int64_t k_pad = int4_padded_k(k_dim);
-  const QuantizedInput chosen = chosen_input(input);
+  const QuantizedInput chosen = input;
   const bool vector = isa != Isa::kPortable;
   if (chosen == QuantizedInput::kInt16 && group % kInt16Block == 0) {
     Int16Input& in = int16_scratch();

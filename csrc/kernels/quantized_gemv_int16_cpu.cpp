@@ -144,7 +144,9 @@ inline int64_t x_blocks(int64_t k) { return (k + kInt16Block - 1) / kInt16Block;
 
 // ---------------------------------------------------------------- portable
 
-// The exact integer sum of a block, then the block's step and (int4) the group's scale in float32.
+// The exact integer sum of a block, then times the block's step times the weight scale (that
+// product first: with huge activations, a block's sum times its step alone can pass float32's
+// range where the output does not).
 void int8_i16_portable(const int8_t* q, const float* scales, const Int16Input& in, float* y, int64_t batch,
                        int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
   const int64_t blocks = x_blocks(k_dim);
@@ -156,9 +158,9 @@ void int8_i16_portable(const int8_t* q, const float* scales, const Int16Input& i
         int32_t s = 0;
         for (int64_t k = j * kInt16Block; k < std::min(k_dim, (j + 1) * kInt16Block); ++k)
           s += int32_t(q[n * k_dim + k]) * xv[k - j * kInt16Block];
-        total += static_cast<float>(s) * in.step[b * blocks + j];
+        total += static_cast<float>(s) * (in.step[b * blocks + j] * scales[n]);
       }
-      y[b * ldy + n] = total * scales[n];
+      y[b * ldy + n] = total;
     }
 }
 
@@ -170,7 +172,6 @@ void int4_i16_portable(const uint8_t* q, const float* scales, int64_t group, con
     for (int64_t b = 0; b < batch; ++b) {
       float total = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
-        float acc = 0.f;
         for (int64_t j = g * per_group; j < std::min(blocks, (g + 1) * per_group); ++j) {
           const int16_t* xv = in.v.data() + (b * blocks + j) * kInt16Block;
           int32_t s = 0;
@@ -179,9 +180,8 @@ void int4_i16_portable(const uint8_t* q, const float* scales, int64_t group, con
             const int u = (k % kInt4Block) < 16 ? (byte & 15) : (byte >> 4);
             s += (u - 8) * xv[k - j * kInt16Block];
           }
-          acc += static_cast<float>(s) * in.step[b * blocks + j];
+          total += static_cast<float>(s) * (in.step[b * blocks + j] * scales[n * groups + g]);
         }
-        total += scales[n * groups + g] * acc;
       }
       y[b * ldy + n] = total;
     }
@@ -227,12 +227,12 @@ EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void int8_i16_avx2_rows(const int8_t* q, const
       for (int c = 0; c < BC; ++c) {
         const int64_t bj = (b0 + c) * blocks + j;
         const __m256i s = block_dot(u, in.v.data() + bj * kInt16Block);
-        acc[i][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(in.step[bj]), acc[i][c]);
+        acc[i][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(in.step[bj] * scales[n + i]), acc[i][c]);
       }
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int c = 0; c < BC; ++c) y[(b0 + c) * ldy + n + i] = hsum8(acc[i][c]) * scales[n + i];
+    for (int c = 0; c < BC; ++c) y[(b0 + c) * ldy + n + i] = hsum8(acc[i][c]);
 }
 
 // int4: the block is 32 bytes of the row (two blocks of kInt4Block), split into 4 runs of 16

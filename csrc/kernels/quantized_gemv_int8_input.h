@@ -21,8 +21,9 @@ struct Int8Input {
 };
 
 // Fills `in` from float32 x [batch, ldx] (columns [0, k_dim)), rounded as quantized_gemv.h says.
-// int4_order: in the AVX2 int4 kernel's order, with offsets (needs vector). vector: may use
-// AVX2. Returns false when an input is not finite (the float32 path then gives the NaN / inf).
+// int4_order: in the AVX2 int4 kernel's order, with offsets (needs vector: false without it).
+// vector: may use AVX2. Returns false when an input is not finite (the float32 path then gives
+// the NaN / inf).
 bool round_inputs_to_int8(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, bool int4_order, bool vector,
                           Int8Input* in);
 

@@ -189,6 +189,12 @@ EMU_TARGET_AVX2 void int4_i8_avx2(const uint8_t* q, const float* scales, int64_t
 
 bool round_inputs_to_int8(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, bool int4_order, bool vector,
                           Int8Input* in) {
+  // The int4 order is the AVX2 kernel's, made with AVX2: without it, the caller takes float32.
+#ifdef EMU_X86
+  if (int4_order && !vector) return false;
+#else
+  if (int4_order) return false;
+#endif
   const int64_t blocks = x_blocks(k_dim);
   in->v.resize(batch * blocks * kInt8Block);
   in->step.resize(batch * blocks);
@@ -234,7 +240,7 @@ void gemv_int4_rows_int8_avx2(const uint8_t* q, const float* scales, int64_t gro
                               int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
 #ifdef EMU_X86
   int4_i8_avx2(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
-#else
+#else  // unreachable: round_inputs_to_int8 makes no int4-ordered inputs off x86
   (void)q, (void)scales, (void)group, (void)in, (void)y, (void)batch, (void)k_dim, (void)ldy, (void)n_begin,
       (void)n_end;
 #endif
