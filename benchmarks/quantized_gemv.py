@@ -1,5 +1,6 @@
 """Microbenchmark of the weight-only quantized GEMVs against the 16-bit one (issue 10):
-gemv (bfloat16 weights), gemv_int8 and gemv_int4 at one projection's shape, on the CPU or a GPU.
+gemv (bfloat16 weights), gemv_int8 and gemv_int4 at one projection's shape, on the CPU or a GPU
+(on the CPU also gemv_int4 under emu_fast.set_quantized_activations("int8")).
 
     python benchmarks/quantized_gemv.py [--k 5120] [--n 5120] [--batch 1] [--reps 50] [--threads T]
     python benchmarks/quantized_gemv.py --device cuda --k 5120 --n 15360 --batch 8
@@ -24,10 +25,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.machine import read_bandwidth, timed  # noqa: E402
+import emu_fast  # noqa: E402
 from emu_fast import ops  # noqa: E402
 from emu_fast.quantize import quantize_int4, quantize_int8  # noqa: E402
 
 WORKING_SET = 256 * 2**20
+INT4_INT8_ACT = "gemv_int4, int8 activations"
+
+
+def with_int8_activations(fn):
+    emu_fast.set_quantized_activations("int8")
+    try:
+        return fn()
+    finally:
+        emu_fast.set_quantized_activations("auto")
 
 
 def weight_sets(k: int, n: int, group: int, device: str = "cpu"):
@@ -43,7 +54,11 @@ def weight_sets(k: int, n: int, group: int, device: str = "cpu"):
         ("gemv bf16", (w16,), lambda x, t: ops.gemv(x, t[0])),
         ("gemv_int8", (q8, s8), lambda x, t: ops.gemv_int8(x, *t)),
         ("gemv_int4", (q4, s4), lambda x, t: ops.gemv_int4(x, *t, group)),
+        # the same int4 product under emu_fast.set_quantized_activations("int8") (CPU only)
+        (INT4_INT8_ACT, (q4, s4), lambda x, t: with_int8_activations(lambda: ops.gemv_int4(x, *t, group))),
     ]:
+        if name == INT4_INT8_ACT and device != "cpu":
+            continue
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         copies = max(2, -(-WORKING_SET // nbytes))
         sets[name] = ([tuple(t.clone() for t in tensors) for _ in range(copies)], fn, nbytes)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import emu_fast
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -105,8 +107,11 @@ def test_quantized_gemv_benchmark_runs(monkeypatch, capsys, device):
     monkeypatch.setattr(sys, "argv", ["quantized_gemv.py", "--k", "1024", "--n", "256", "--batch", "3", "--reps", "2",
                                       "--device", device])
     quantized_gemv.main()
-    rows = re.findall(r"^(gemv bf16|gemv_int8|gemv_int4)\s+([\d.]+) ms\s+reads\s+([\d.]+) MB.*?([\d.]+)x bf16$",
-                      capsys.readouterr().out, re.M)
-    assert [r[0] for r in rows] == ["gemv bf16", "gemv_int8", "gemv_int4"]
+    rows = re.findall(r"^(gemv bf16|gemv_int8|gemv_int4|gemv_int4, int8 activations)\s+([\d.]+) ms\s+reads\s+"
+                      r"([\d.]+) MB.*?([\d.]+)x bf16$", capsys.readouterr().out, re.M)
+    names = ["gemv bf16", "gemv_int8", "gemv_int4"] + (["gemv_int4, int8 activations"] if device == "cpu" else [])
+    assert [r[0] for r in rows] == names
     assert float(rows[0][3]) == 1.0 and all(float(r[1]) > 0 for r in rows)
     assert float(rows[0][2]) > float(rows[1][2]) > float(rows[2][2])  # bf16 > int8 > int4 bytes
+    assert rows[3:] == [] or rows[3][2] == rows[2][2]  # the int8-activation row reads the same int4 bytes
+    assert emu_fast.quantized_activations() == "auto"  # and puts the setting back
