@@ -754,10 +754,10 @@ void EmuDecoder::rewind_lengths_locked(int64_t batch) {
 namespace {
 // The process-wide quantized-input setting (set_quantized_activations) as a bit: a step checked
 // under one setting says nothing about the CPU quantized GEMVs under another, so each is checked.
-uint8_t input_setting_bit() {
-  const auto forced = kernels::quantized_input_override();
+uint8_t setting_bit(std::optional<kernels::QuantizedInput> forced) {
   return static_cast<uint8_t>(1u << (forced ? 1 + static_cast<int>(*forced) : 0));
 }
+uint8_t input_setting_bit() { return setting_bit(kernels::quantized_input_override()); }
 }  // namespace
 
 bool EmuDecoder::self_check_due(int64_t batch) const {
@@ -780,7 +780,8 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   // as it runs for real (the fused CPU step, or op by op): it writes its cache entries last, so
   // a passing check leaves the decoder exactly as an unchecked step would.
   const double bound = self_check_bound(final_norm_.scalar_type());
-  const uint8_t setting = input_setting_bit();
+  const auto forced = kernels::quantized_input_override();
+  const uint8_t setting = setting_bit(forced);
   const CheckedKernels checked(bound);
   const at::Tensor x_ref = up_.has_value() ? checked.gemv(prev.contiguous(), *up_) : prev.contiguous();
   const auto ref = run_step_with(x_ref, checked, /*fused=*/false);
@@ -795,8 +796,8 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   // last-bit difference between the two steps' float32 sums can flip one input's int8 rounding,
   // a whole step (max / 127) of its block: up to 1.6e-3 seen on tiny random models. A wrong
   // kernel is off by order one.
-  const bool int8_inputs = quant_.bits != 0 && segs_.front().device.is_cpu() &&
-                           kernels::quantized_input_override() == kernels::QuantizedInput::kInt8;
+  const bool int8_inputs =
+      quant_.bits != 0 && segs_.front().device.is_cpu() && forced == kernels::QuantizedInput::kInt8;
   const double step_bound = int8_inputs ? std::max(bound, 2e-2) : bound;
   // The setting changed (from another thread) while the two steps ran: they may have taken
   // different inputs, which says nothing about the kernels. Ours stands, unchecked; the next

@@ -55,7 +55,7 @@ class AtenKernels final : public StepKernels {
     const auto forced = kernels::quantized_input_override();
     // (the kernels' exceptions too: int4 groups not a multiple of 64, non-finite inputs; CPU: no graph to sync)
     if (x.is_cpu() && forced == kernels::QuantizedInput::kInt8 &&
-        (bits == 8 || group_size % kernels::kInt16Block == 0) && at::isfinite(x).all().item<bool>())
+        (bits == 8 || kernels::int4_group_takes_integer_inputs(group_size)) && at::isfinite(x).all().item<bool>())
       return at::linear(round_inputs_to_int8(x), dequantize_weight(qweight, scales, bits, group_size, x.size(-1),
                                                                    at::kFloat)).to(x.scalar_type());
     return at::linear(x, dequantize_weight(qweight, scales, bits, group_size, x.size(-1), x.scalar_type()));

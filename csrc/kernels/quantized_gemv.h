@@ -53,6 +53,10 @@ enum class QuantizedInput { kFloat32, kInt16, kInt8 };
 constexpr int64_t kInt16Block = 64;
 constexpr int64_t kInt8Block = 128;
 
+// The int4 groups the integer inputs (kInt16, kInt8) serve: whole sub-blocks of 64 inputs a
+// group. Other groups take kFloat32 (the kernels, and the ATen step that mirrors them).
+inline bool int4_group_takes_integer_inputs(int64_t group) { return group % kInt16Block == 0; }
+
 // The choice for activations of type T (the fused step's and the ops'): float32 as they are,
 // the 16-bit types as int16 blocks.
 template <typename T>

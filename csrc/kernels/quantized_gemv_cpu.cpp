@@ -203,7 +203,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void int4_avx512(
 
 // ---------------------------------------------------------------- AVX2 + FMA: 8 floats a vector
 
-
 __attribute__((target("avx2,fma"))) inline __m256 widen8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -351,14 +350,13 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
                     int64_t ldy, int64_t n_begin, int64_t n_end, QuantizedInput input) {
   if (n_begin >= n_end) return;
   const Isa isa = quantized_gemv_isa();
-  const QuantizedInput chosen = input;
   const bool vector = isa != Isa::kPortable;
-  if (chosen == QuantizedInput::kInt16) {
+  if (input == QuantizedInput::kInt16) {
     Int16Input& in = int16_scratch();
     if (round_inputs_to_int16(x, batch, k_dim, k_dim, false, vector, &in))
       return gemv_int8_rows_int16(isa, q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
   }
-  if (chosen == QuantizedInput::kInt8) {  // int8 x int8 has no faster AVX2 product than the int16 one
+  if (input == QuantizedInput::kInt8) {  // int8 x int8 has no faster AVX2 product than the int16 one
     Int8Input& in8 = int8_scratch();
     Int16Input& in = int16_scratch();
     if (round_inputs_to_int8(x, batch, k_dim, k_dim, false, vector, &in8)) {
@@ -380,14 +378,13 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
   if (n_begin >= n_end) return;
   const Isa isa = quantized_gemv_isa();
   const int64_t k_pad = int4_padded_k(k_dim);
-  const QuantizedInput chosen = input;
   const bool vector = isa != Isa::kPortable;
-  if (chosen == QuantizedInput::kInt16 && group % kInt16Block == 0) {
+  if (input == QuantizedInput::kInt16 && int4_group_takes_integer_inputs(group)) {
     Int16Input& in = int16_scratch();
     if (round_inputs_to_int16(x, batch, k_pad, k_pad, vector, vector, &in))
       return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
   }
-  if (chosen == QuantizedInput::kInt8 && group % kInt16Block == 0) {
+  if (input == QuantizedInput::kInt8 && int4_group_takes_integer_inputs(group)) {
     Int8Input& in8 = int8_scratch();
     if (round_inputs_to_int8(x, batch, k_pad, k_pad, vector, vector, &in8)) {
       if (vector) return gemv_int4_rows_int8_avx2(q, scales, group, in8, y, batch, k_dim, ldy, n_begin, n_end);
