@@ -353,7 +353,7 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
   const bool vector = isa != Isa::kPortable;
   if (input == QuantizedInput::kInt16) {
     Int16Input& in = int16_scratch();
-    if (round_inputs_to_int16(x, batch, k_dim, k_dim, false, vector, &in))
+    if (round_inputs_to_int16(x, batch, k_dim, k_dim, Int16Order::kNatural, vector, &in))
       return gemv_int8_rows_int16(isa, q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
   }
   if (input == QuantizedInput::kInt8) {  // int8 x int8 has no faster AVX2 product than the int16 one
@@ -381,7 +381,7 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
   const bool vector = isa != Isa::kPortable;
   if (input == QuantizedInput::kInt16 && int4_group_takes_integer_inputs(group)) {
     Int16Input& in = int16_scratch();
-    if (round_inputs_to_int16(x, batch, k_pad, k_pad, vector, vector, &in))
+    if (round_inputs_to_int16(x, batch, k_pad, k_pad, int4_input_order(isa), vector, &in))
       return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
   }
   if (input == QuantizedInput::kInt8 && int4_group_takes_integer_inputs(group)) {

@@ -27,24 +27,52 @@ struct CacheLineAllocator {
 template <typename T>
 using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
+// How a block's inputs are laid out for the kernel that reads them.
+//  kNatural: as in x (int8 weights everywhere; int4 on the portable loop).
+//  kInt4Avx2: permuted for the AVX2 int4 kernel, with offsets (quantized_gemv_int16_cpu.cpp).
+//  kInt4Avx512: the four runs of 16 in the order 0, 2, 1, 3 (avx512_int4_order below).
+enum class Int16Order { kNatural, kInt4Avx2, kInt4Avx512 };
+
 // x rounded to int16, per row of x, in blocks of kInt16Block (zeros past k_dim).
 struct Int16Input {
-  AlignedVector<int16_t> v;       // [batch, blocks * kInt16Block]; int4_order: each block permuted
+  AlignedVector<int16_t> v;       // [batch, blocks * kInt16Block], each block in the Int16Order asked
   AlignedVector<float> step;      // [batch, blocks]: x ~= v * step, step a power of two
-  AlignedVector<int32_t> offset;  // int4_order: [batch, blocks, 8], 8 * the inputs each int32 lane sums
+  AlignedVector<int32_t> offset;  // kInt4Avx2: [batch, blocks, 8], 8 * the inputs each int32 lane sums
 };
 
-// Fills `in` from float32 x [batch, ldx] (columns [0, k_dim)). int4_order: in the AVX2 int4
-// kernel's order, with offsets. vector: may use AVX2. Returns false, when an input is not
-// finite (the float32 path then gives the NaN / inf a float32 product would).
-bool round_inputs_to_int16(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, bool int4_order, bool vector,
+// The AVX-512 int4 kernel widens the 32 bytes of a block's weights to 32 words and takes their
+// low nibbles (bytes 0..15: values 0..15, bytes 16..31: values 32..47, quantized_gemv.h) against
+// v[0..31] and their high nibbles (values 16..31, 48..63) against v[32..63]: so v holds the
+// block's runs of 16 in the order 0, 2, 1, 3.
+inline void avx512_int4_order(const int16_t* natural, int16_t* v) {
+  constexpr int kRun[4] = {0, 2, 1, 3};
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < 16; ++i) v[16 * r + i] = natural[16 * kRun[r] + i];
+}
+
+// Fills `in` from float32 x [batch, ldx] (columns [0, k_dim)), in `order`. vector: may use
+// AVX2 (kInt4Avx2 needs it). Returns false, when an input is not finite (the float32 path then
+// gives the NaN / inf a float32 product would).
+bool round_inputs_to_int16(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, Int16Order order, bool vector,
                            Int16Input* in);
 
-// The products of quantized_gemv.h with these inputs: isa kPortable reads natural order,
-// kAvx2 / kAvx512 (the AVX2 loop) the int4 order for int4.
+// The order the int4 kernel of `isa` reads.
+inline Int16Order int4_input_order(Isa isa) {
+  return isa == Isa::kAvx512 ? Int16Order::kInt4Avx512 : isa == Isa::kAvx2 ? Int16Order::kInt4Avx2 : Int16Order::kNatural;
+}
+
+// The products of quantized_gemv.h with these inputs; int4 reads int4_input_order(isa).
 void gemv_int8_rows_int16(Isa isa, const int8_t* q, const float* scales, const Int16Input& in, float* y,
                           int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);
 void gemv_int4_rows_int16(Isa isa, const uint8_t* q, const float* scales, int64_t group, const Int16Input& in,
                           float* y, int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);
+
+// The AVX-512 kernels (quantized_gemv_int16_avx512_cpu.cpp; vpdpwssd where the processor has
+// AVX512-VNNI), for processors with Isa::kAvx512 only.
+void gemv_int8_rows_int16_avx512(const int8_t* q, const float* scales, const Int16Input& in, float* y, int64_t batch,
+                                 int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);
+void gemv_int4_rows_int16_avx512(const uint8_t* q, const float* scales, int64_t group, const Int16Input& in, float* y,
+                                 int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);
+bool cpu_has_avx512_vnni();
 
 }  // namespace emu_fast::kernels

@@ -316,20 +316,23 @@ EMU_TARGET_AVX2 void int4_i16_avx2(const uint8_t* q, const float* scales, int64_
 
 }  // namespace
 
-bool round_inputs_to_int16(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, bool int4_order, bool vector,
+bool round_inputs_to_int16(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, Int16Order order, bool vector,
                            Int16Input* in) {
+  if (order == Int16Order::kInt4Avx2 && !vector) return false;  // not reached: only AVX2 reads it
   const int64_t blocks = x_blocks(k_dim);
   in->v.resize(batch * blocks * kInt16Block);
   in->step.resize(batch * blocks);
-  in->offset.resize(int4_order ? batch * blocks * 8 : 0);
+  in->offset.resize(order == Int16Order::kInt4Avx2 ? batch * blocks * 8 : 0);
   int16_t natural[kInt16Block];
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t j = 0; j < blocks; ++j) {
       const int64_t k0 = j * kInt16Block, n = std::min(k_dim - k0, kInt16Block);
       int16_t* v = in->v.data() + (b * blocks + j) * kInt16Block;
-      if (!round_block(x + b * ldx + k0, n, vector, int4_order ? natural : v, &in->step[b * blocks + j]))
+      if (!round_block(x + b * ldx + k0, n, vector, order == Int16Order::kNatural ? v : natural,
+                       &in->step[b * blocks + j]))
         return false;
-      if (int4_order) to_int4_order(natural, vector, v, in->offset.data() + (b * blocks + j) * 8);
+      if (order == Int16Order::kInt4Avx2) to_int4_order(natural, vector, v, in->offset.data() + (b * blocks + j) * 8);
+      if (order == Int16Order::kInt4Avx512) avx512_int4_order(natural, v);
     }
   return true;
 }
@@ -337,7 +340,8 @@ bool round_inputs_to_int16(const float* x, int64_t batch, int64_t ldx, int64_t k
 void gemv_int8_rows_int16(Isa isa, const int8_t* q, const float* scales, const Int16Input& in, float* y,
                           int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
 #ifdef EMU_X86
-  if (isa != Isa::kPortable) return int8_i16_avx2(q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
+  if (isa == Isa::kAvx512) return gemv_int8_rows_int16_avx512(q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
+  if (isa == Isa::kAvx2) return int8_i16_avx2(q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
 #endif
   (void)isa;
   int8_i16_portable(q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
@@ -346,7 +350,9 @@ void gemv_int8_rows_int16(Isa isa, const int8_t* q, const float* scales, const I
 void gemv_int4_rows_int16(Isa isa, const uint8_t* q, const float* scales, int64_t group, const Int16Input& in,
                           float* y, int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
 #ifdef EMU_X86
-  if (isa != Isa::kPortable) return int4_i16_avx2(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
+  if (isa == Isa::kAvx512)
+    return gemv_int4_rows_int16_avx512(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
+  if (isa == Isa::kAvx2) return int4_i16_avx2(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
 #endif
   (void)isa;
   int4_i16_portable(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);

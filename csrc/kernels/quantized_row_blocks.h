@@ -1,13 +1,12 @@
 // Reading R quantized weight rows block by block, for the integer-input GEMVs
-// (quantized_gemv_int16_cpu.cpp, quantized_gemv_int8_input_cpu.cpp). x86 only (it prefetches).
+// (quantized_gemv_int16_cpu.cpp, quantized_gemv_int8_input_cpu.cpp, quantized_gemv_int16_avx512.inc).
+// No intrinsics (gcc's __builtin_prefetch is prefetcht0 on x86), so the AVX-512 kernels' emulated
+// build (tests/avx512_emulation) reads their rows with it too.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 #include "kernels/multiversion.h"
-
-#ifdef EMU_X86
-#include <immintrin.h>
 
 namespace emu_fast::kernels {
 
@@ -33,10 +32,8 @@ struct RowBlocks {
   void get(int64_t j, bool prefetch, int64_t distance, const Q** w) const {
     for (int i = 0; i < R; ++i) w[i] = j < whole ? rows[i] + j * kBytes : tail[i];
     if (prefetch)
-      for (int i = 0; i < R; ++i) _mm_prefetch(reinterpret_cast<const char*>(w[i] + distance), _MM_HINT_T0);
+      for (int i = 0; i < R; ++i) __builtin_prefetch(w[i] + distance, 0, 3);
   }
 };
 
 }  // namespace emu_fast::kernels
-
-#endif  // EMU_X86
