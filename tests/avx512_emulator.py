@@ -1,8 +1,8 @@
-"""The AVX-512 kernels of csrc/kernels/quantized_gemv_int16_avx512.inc (int8 / int4 weights times
-int16 inputs, AVX-512BW and VNNI copies), run on any x86 or other processor: `load()` compiles
-tests/avx512_emulation/kernels.cpp, which includes the real kernel file against the portable
-intrinsics of tests/avx512_emulation/intrinsics.h, with g++ (and UBSan where it has it) once per
-source change, and the wrappers below call it through ctypes. What this cannot test is each
+"""The AVX-512 kernels of csrc/kernels/quantized_gemv_avx512.inc (int8 / int4 weights times int16
+inputs, int4 weights times int8 inputs; AVX-512BW and VNNI copies), run on any processor:
+`load()` compiles tests/avx512_emulation/kernels.cpp, which includes the real kernel file against
+the portable intrinsics of tests/avx512_emulation/intrinsics.h, with g++ (and UBSan where it has
+it) once per source change, and the wrappers below call it through ctypes. What this cannot test is each
 intrinsic's mapping to its instruction (intrinsics.h follows Intel's pseudocode for each)."""
 import ctypes
 import hashlib
@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests/avx512_emulation"
 SOURCES = [EMULATION / "kernels.cpp", EMULATION / "intrinsics.h"] + [
-    ROOT / "csrc/kernels" / f for f in ("quantized_gemv_int16_avx512.inc", "quantized_gemv_int16.h",
+    ROOT / "csrc/kernels" / f for f in ("quantized_gemv_avx512.inc", "quantized_gemv_int16.h", "quantized_gemv_int8_input.h",
                                         "quantized_row_blocks.h", "quantized_gemv.h", "gemv.h", "multiversion.h",
                                         "scalar.h")]
 UBSAN_FLAGS = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
@@ -77,4 +77,15 @@ def gemv_int4(v, step, q, scales, group, k_dim, vnni, n_begin=0, n_end=None):
     load().emu_avx512_int4_i16(ctypes.c_int(int(vnni)), _ptr(q.contiguous()), _ptr(scales.contiguous()),
                                ctypes.c_int64(group), _ptr(v.contiguous()), _ptr(step.contiguous()), _ptr(y),
                                *_i64(v.shape[0], k_dim, N, n_begin, n_end))
+    return y
+
+
+def gemv_int4_int8_inputs(v, step, q, scales, group, k_dim, vnni, n_begin=0, n_end=None):
+    """The int4 product with int8 inputs v [B, blocks * 128] (natural order), steps [B, blocks]."""
+    N = q.shape[0]
+    n_end = N if n_end is None else n_end
+    y = torch.full((v.shape[0], N), float("nan"))
+    load().emu_avx512_int4_i8(ctypes.c_int(int(vnni)), _ptr(q.contiguous()), _ptr(scales.contiguous()),
+                              ctypes.c_int64(group), _ptr(v.contiguous()), _ptr(step.contiguous()), _ptr(y),
+                              *_i64(v.shape[0], k_dim, N, n_begin, n_end))
     return y

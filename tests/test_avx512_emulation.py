@@ -1,12 +1,13 @@
-"""The AVX-512 int16-input kernels (csrc/kernels/quantized_gemv_int16_avx512.inc, both the
-AVX-512BW and the VNNI copy) against the exact oracle, run through the portable intrinsics of
+"""The AVX-512 integer-input kernels (csrc/kernels/quantized_gemv_avx512.inc, both the AVX-512BW
+and the VNNI copy: int8 / int4 weights with int16 inputs, int4 with int8 inputs) against the
+exact oracles, run through the portable intrinsics of
 tests/avx512_emulation on every processor (CI has no AVX-512; a processor that has it also runs
 the compiled kernels in test_quantize.py's every-ISA tests)."""
 import pytest
 import torch
 
 import avx512_emulator as emu
-from emu_fast.quantize import dequantize_int4, dequantize_int8, round_inputs_to_int16
+from emu_fast.quantize import dequantize_int4, dequantize_int8, round_inputs_to_int8, round_inputs_to_int16
 from test_quantize import OP_SHAPES, check_against_oracle, int16_case_x, op_case
 
 pytestmark = pytest.mark.skipif(emu.shutil.which("g++") is None and not emu.os.environ.get("CXX"),
@@ -25,6 +26,21 @@ def int16_inputs(x, k_pad):
     xr = (v * step).flatten(-2)[:, :x.shape[1]]
     assert torch.equal(xr, round_inputs_to_int16(x))
     return v.to(torch.int16).flatten(-2), step.squeeze(-1).float(), xr
+
+
+def int8_inputs(x, k_pad):
+    """x as the kernels receive it under set_quantized_activations("int8") (round_inputs_to_int8's
+    arithmetic, padded to k_pad): int8 values in natural order [B, blocks * 128], float32 steps."""
+    blocks = -(-k_pad // 128)
+    padded = torch.nn.functional.pad(x.float(), (0, blocks * 128 - x.shape[1])).unflatten(-1, (blocks, 128))
+    m, e = torch.frexp(padded.abs().amax(-1, keepdim=True))
+    m = torch.where(m == 0, torch.ones_like(m), m)
+    down = (padded.double() * torch.pow(2.0, -e.double())).float()
+    v = torch.round(down * (torch.tensor(127.0) / m)).clamp(-127, 127)
+    step = ((m / 127).double() * torch.pow(2.0, e.double())).float()
+    xr = (v.double() * step.double()).flatten(-2)[:, :x.shape[1]]
+    assert torch.equal(xr, round_inputs_to_int8(x))
+    return v.to(torch.int8).flatten(-2), step.squeeze(-1), xr
 
 
 SHAPES = OP_SHAPES + [(2, 700, 11, 192), (3, 96, 5, 64), (2, 160, 9, 128)]  # K % 64 == 32: a half last block
@@ -74,3 +90,31 @@ def test_emulated_intrinsics_follow_intel():
     assert emu.gemv_int4(v, torch.ones(1, 1), q4, scales, 64, 64, vnni=True).item() == -8 * sum(range(64))
     q4 = torch.full((1, 32), 0xff, dtype=torch.uint8)
     assert emu.gemv_int4(v, torch.ones(1, 1), q4, scales, 64, 64, vnni=False).item() == 7 * sum(range(64))
+
+
+# int8 inputs take the AVX-512 kernel for groups of whole blocks of 128 (others: the AVX2 one)
+INT8_INPUT_SHAPES = [(B, K, N, G) for B, K, N, G in SHAPES if G % 128 == 0] + [(3, 300, 5, 384), (2, 96, 6, 128)]
+
+
+@pytest.mark.parametrize("vnni", [False, True], ids=["avx512bw", "avx512vnni"])
+@pytest.mark.parametrize("B,K,N,G", INT8_INPUT_SHAPES, ids=lambda v: str(v))
+def test_avx512_int4_kernel_with_int8_inputs_matches_the_oracle(vnni, B, K, N, G):
+    x = int16_case_x(B, K, seed=B + K)
+    _, _, (q4, s4) = op_case(B, K, N, G, torch.float32)
+    v, step, xr = int8_inputs(x, -(-K // 32) * 32)
+    y = emu.gemv_int4_int8_inputs(v, step, q4, s4, G, K, vnni)
+    check_against_oracle(y, xr, dequantize_int4(q4, s4, K, G))
+    if vnni:  # vpdpbusd and AVX-512BW's vpmaddubsw + vpmaddwd give the same integers
+        torch.testing.assert_close(y, emu.gemv_int4_int8_inputs(v, step, q4, s4, G, K, False), rtol=0, atol=0)
+    y = emu.gemv_int4_int8_inputs(v, step, q4, s4, G, K, vnni, 1, N)  # rows 1.. only
+    assert y[:, 0].isnan().all() and not y[:, 1:].isnan().any()
+
+
+def test_emulated_byte_products_follow_intel():
+    """vpdpbusd takes a as unsigned bytes and b as signed ones: nibbles 15 (bytes 0xff) times -127
+    over 128 inputs, less the offsets 8 * sum(x), is 7 * -127 * 128."""
+    q4 = torch.full((1, 64), 0xff, dtype=torch.uint8)
+    v = torch.full((1, 128), -127, dtype=torch.int8)
+    for vnni in (False, True):
+        y = emu.gemv_int4_int8_inputs(v, torch.ones(1, 1), q4, torch.ones(1, 1), 128, 128, vnni)
+        assert y.item() == 7 * -127 * 128

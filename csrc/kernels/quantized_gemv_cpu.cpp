@@ -359,7 +359,7 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
   if (input == QuantizedInput::kInt8) {  // int8 x int8 has no faster AVX2 product than the int16 one
     Int8Input& in8 = int8_scratch();
     Int16Input& in = int16_scratch();
-    if (round_inputs_to_int8(x, batch, k_dim, k_dim, false, vector, &in8)) {
+    if (round_inputs_to_int8(x, batch, k_dim, k_dim, Int8Order::kNatural, vector, &in8)) {
       widen_int8_input(in8, batch, k_dim, &in);
       return gemv_int8_rows_int16(isa, q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
     }
@@ -386,8 +386,12 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
   }
   if (input == QuantizedInput::kInt8 && int4_group_takes_integer_inputs(group)) {
     Int8Input& in8 = int8_scratch();
-    if (round_inputs_to_int8(x, batch, k_pad, k_pad, vector, vector, &in8)) {
-      if (vector) return gemv_int4_rows_int8_avx2(q, scales, group, in8, y, batch, k_dim, ldy, n_begin, n_end);
+    const Int8Order order = int4_int8_input_order(isa, group);
+    if (round_inputs_to_int8(x, batch, k_pad, k_pad, order, vector, &in8)) {
+      if (order == Int8Order::kInt4Avx512)
+        return gemv_int4_rows_int8_avx512(q, scales, group, in8, y, batch, k_dim, ldy, n_begin, n_end);
+      if (order == Int8Order::kInt4Avx2)
+        return gemv_int4_rows_int8_avx2(q, scales, group, in8, y, batch, k_dim, ldy, n_begin, n_end);
       Int16Input& in = int16_scratch();  // the portable loop: the same exact sums in int16
       widen_int8_input(in8, batch, k_pad, &in);
       return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);

@@ -67,7 +67,7 @@ void gemv_int8_rows_int16(Isa isa, const int8_t* q, const float* scales, const I
 void gemv_int4_rows_int16(Isa isa, const uint8_t* q, const float* scales, int64_t group, const Int16Input& in,
                           float* y, int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);
 
-// The AVX-512 kernels (quantized_gemv_int16_avx512_cpu.cpp; vpdpwssd where the processor has
+// The AVX-512 kernels (quantized_gemv_avx512_cpu.cpp; vpdpwssd where the processor has
 // AVX512-VNNI), for processors with Isa::kAvx512 only.
 void gemv_int8_rows_int16_avx512(const int8_t* q, const float* scales, const Int16Input& in, float* y, int64_t batch,
                                  int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end);

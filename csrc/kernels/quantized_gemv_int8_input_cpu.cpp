@@ -187,27 +187,30 @@ EMU_TARGET_AVX2 void int4_i8_avx2(const uint8_t* q, const float* scales, int64_t
 
 }  // namespace
 
-bool round_inputs_to_int8(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, bool int4_order, bool vector,
+bool round_inputs_to_int8(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, Int8Order order, bool vector,
                           Int8Input* in) {
-  // The int4 order is the AVX2 kernel's, made with AVX2: without it, the caller takes float32.
+  // The AVX2 int4 order is made with AVX2: without it, the caller takes float32.
 #ifdef EMU_X86
-  if (int4_order && !vector) return false;
+  if (order == Int8Order::kInt4Avx2 && !vector) return false;
 #else
-  if (int4_order) return false;
+  if (order == Int8Order::kInt4Avx2) return false;
 #endif
+  const bool avx2_order = order == Int8Order::kInt4Avx2, avx512_order = order == Int8Order::kInt4Avx512;
   const int64_t blocks = x_blocks(k_dim);
   in->v.resize(batch * blocks * kInt8Block);
   in->step.resize(batch * blocks);
-  in->offset.resize(int4_order ? batch * blocks * 2 * 8 : 0);
-  in->block_offset.resize(int4_order ? batch * blocks * 8 : 0);
+  in->offset.resize(avx2_order ? batch * blocks * 2 * 8 : 0);
+  in->block_offset.resize(avx2_order ? batch * blocks * 8 : avx512_order ? batch * blocks * 16 : 0);
+  int8_t natural[kInt8Block];
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t j = 0; j < blocks; ++j) {
       const int64_t k0 = j * kInt8Block, n = std::min(k_dim - k0, kInt8Block), at = b * blocks + j;
       int8_t* v = in->v.data() + at * kInt8Block;
+      int8_t* out = avx512_order ? natural : v;
 #ifdef EMU_X86
-      const bool ok = vector && n == kInt8Block ? round_block_avx2(x + b * ldx + k0, v, &in->step[at])
-                                                : round_block_scalar(x + b * ldx + k0, n, v, &in->step[at]);
-      if (ok && int4_order) {
+      const bool ok = vector && n == kInt8Block ? round_block_avx2(x + b * ldx + k0, out, &in->step[at])
+                                                : round_block_scalar(x + b * ldx + k0, n, out, &in->step[at]);
+      if (ok && avx2_order) {
         int32_t* off = in->offset.data() + 2 * at * 8;
         to_int4_order_avx2(v, off);
         to_int4_order_avx2(v + kInt8Block / 2, off + 8);
@@ -215,9 +218,10 @@ bool round_inputs_to_int8(const float* x, int64_t batch, int64_t ldx, int64_t k_
       }
 #else
       (void)vector;
-      const bool ok = round_block_scalar(x + b * ldx + k0, n, v, &in->step[at]);  // int4_order is x86's
+      const bool ok = round_block_scalar(x + b * ldx + k0, n, out, &in->step[at]);
 #endif
       if (!ok) return false;
+      if (avx512_order) avx512_int4_int8_order(natural, v, in->block_offset.data() + at * 16);
     }
   return true;
 }

@@ -1,4 +1,4 @@
-// Portable stand-ins for the AVX-512 intrinsics that csrc/kernels/quantized_gemv_int16_avx512.inc
+// Portable stand-ins for the AVX-512 intrinsics that csrc/kernels/quantized_gemv_avx512.inc
 // uses, each following Intel's Intrinsics Guide operation for it, so that file's kernels run on
 // processors without AVX-512 (tests only; see README.md). Include instead of <immintrin.h>.
 #pragma once
@@ -125,4 +125,47 @@ inline float _mm512_reduce_add_ps(__m512 a) {
   for (int w = 8; w >= 1; w /= 2)
     for (int i = 0; i < w; ++i) a.f[i] += a.f[i + w];
   return a.f[0];
+}
+
+inline __m512i _mm512_setzero_si512() { return __m512i{}; }
+inline __m512i _mm512_set1_epi8(char v) {
+  __m512i r;
+  std::memset(r.b, static_cast<unsigned char>(v), 64);
+  return r;
+}
+inline __m512i _mm512_add_epi16(__m512i a, __m512i b) {  // modulo 2^16
+  namespace e = emu_fast::avx512_emulation;
+  __m512i r;
+  for (int i = 0; i < 32; ++i) e::set_lane<uint16_t>(&r, i, uint16_t(e::lane<uint16_t>(&a, i) + e::lane<uint16_t>(&b, i)));
+  return r;
+}
+inline __m512i _mm512_sub_epi32(__m512i a, __m512i b) {
+  namespace e = emu_fast::avx512_emulation;
+  __m512i r;
+  for (int i = 0; i < 16; ++i)
+    e::set_lane<int32_t>(&r, i, e::wrap_add(e::lane<int32_t>(&a, i), -e::lane<int32_t>(&b, i)));
+  return r;
+}
+// vpmaddubsw: Saturate16(ZeroExtend(a.byte[2i]) * SignExtend(b.byte[2i]) + the same for 2i + 1)
+inline __m512i _mm512_maddubs_epi16(__m512i a, __m512i b) {
+  namespace e = emu_fast::avx512_emulation;
+  __m512i r;
+  for (int i = 0; i < 32; ++i) {
+    const int32_t s = int32_t(e::lane<uint8_t>(&a, 2 * i)) * e::lane<int8_t>(&b, 2 * i) +
+                      int32_t(e::lane<uint8_t>(&a, 2 * i + 1)) * e::lane<int8_t>(&b, 2 * i + 1);
+    e::set_lane<int16_t>(&r, i, int16_t(s > 32767 ? 32767 : s < -32768 ? -32768 : s));
+  }
+  return r;
+}
+// vpdpbusd: src.dword[i] + the four ZeroExtend(a.byte[4i + t]) * SignExtend(b.byte[4i + t]),
+// modulo 2^32 (no saturation, unlike vpdpbusds)
+inline __m512i _mm512_dpbusd_epi32(__m512i src, __m512i a, __m512i b) {
+  namespace e = emu_fast::avx512_emulation;
+  __m512i r;
+  for (int i = 0; i < 16; ++i) {
+    int32_t s = 0;
+    for (int t = 0; t < 4; ++t) s += int32_t(e::lane<uint8_t>(&a, 4 * i + t)) * e::lane<int8_t>(&b, 4 * i + t);
+    e::set_lane<int32_t>(&r, i, e::wrap_add(e::lane<int32_t>(&src, i), s));
+  }
+  return r;
 }

@@ -1,6 +1,6 @@
-// The AVX-512 kernels of the int16-input quantized GEMVs (quantized_gemv_int16_avx512.inc),
-// compiled twice: for AVX-512BW, and for AVX-512BW with VNNI (vpdpwssd: a multiply-add and the
-// add in one instruction), the latter picked where the processor has it.
+// The AVX-512 kernels of the integer-input quantized GEMVs (quantized_gemv_avx512.inc), compiled
+// twice: for AVX-512BW, and for AVX-512BW with VNNI (vpdpwssd / vpdpbusd: the multiply-adds and
+// the add in one instruction), the latter picked where the processor has it.
 //
 // Neither copy has run on this project's machines (no AVX-512 there): their loops run in
 // `make test` through tests/avx512_emulation, which compiles the same .inc against portable
@@ -10,6 +10,7 @@
 
 #include "kernels/gemv.h"
 #include "kernels/quantized_gemv_int16.h"
+#include "kernels/quantized_gemv_int8_input.h"
 #include "kernels/quantized_row_blocks.h"
 
 #ifdef EMU_X86
@@ -19,7 +20,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace emu_fast::kernels::avx512_bw {
 #define EMU_AVX512_VNNI 0
-#include "kernels/quantized_gemv_int16_avx512.inc"
+#include "kernels/quantized_gemv_avx512.inc"
 #undef EMU_AVX512_VNNI
 }  // namespace emu_fast::kernels::avx512_bw
 #pragma GCC pop_options
@@ -28,7 +29,7 @@ namespace emu_fast::kernels::avx512_bw {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 namespace emu_fast::kernels::avx512_vnni {
 #define EMU_AVX512_VNNI 1
-#include "kernels/quantized_gemv_int16_avx512.inc"
+#include "kernels/quantized_gemv_avx512.inc"
 #undef EMU_AVX512_VNNI
 }  // namespace emu_fast::kernels::avx512_vnni
 #pragma GCC pop_options
@@ -62,6 +63,15 @@ void gemv_int4_rows_int16_avx512(const uint8_t* q, const float* scales, int64_t 
   if (cpu_has_avx512_vnni())
     return avx512_vnni::int4_i16(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
   avx512_bw::int4_i16(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
+#endif
+}
+
+void gemv_int4_rows_int8_avx512(const uint8_t* q, const float* scales, int64_t group, const Int8Input& in, float* y,
+                                int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+#ifdef EMU_X86
+  if (cpu_has_avx512_vnni())
+    return avx512_vnni::int4_int8(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
+  avx512_bw::int4_int8(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
 #endif
 }
 
