@@ -2,7 +2,8 @@
 inputs, int4 weights times int8 inputs; AVX-512BW and VNNI copies), run on any processor:
 `load()` compiles tests/avx512_emulation/kernels.cpp, which includes the real kernel file against
 the portable intrinsics of tests/avx512_emulation/intrinsics.h, with g++ (and UBSan where it has
-it) once per source change, and the wrappers below call it through ctypes. What this cannot test is each
+it) once per source change, and the wrappers below call it through ctypes. The inputs are rounded and laid out
+by the production code, compiled into the same library. What this cannot test is each
 intrinsic's mapping to its instruction (intrinsics.h follows Intel's pseudocode for each)."""
 import ctypes
 import hashlib
@@ -15,10 +16,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests/avx512_emulation"
-SOURCES = [EMULATION / "kernels.cpp", EMULATION / "intrinsics.h"] + [
-    ROOT / "csrc/kernels" / f for f in ("quantized_gemv_avx512.inc", "quantized_gemv_int16.h", "quantized_gemv_int8_input.h",
-                                        "quantized_row_blocks.h", "quantized_gemv.h", "gemv.h", "multiversion.h",
-                                        "scalar.h")]
+KERNELS = ROOT / "csrc/kernels"
+# The production rounding and layouts (and, to link them, the real AVX-512 copies, never called
+# here), compiled beside the emulated kernels.
+PRODUCTION = [KERNELS / f for f in ("quantized_gemv_int16_cpu.cpp", "quantized_gemv_int8_input_cpu.cpp",
+                                    "quantized_gemv_avx512_cpu.cpp")]
+SOURCES = [EMULATION / "kernels.cpp", EMULATION / "intrinsics.h", *PRODUCTION, *sorted(KERNELS.glob("*.h")),
+           KERNELS / "quantized_gemv_avx512.inc"]
 UBSAN_FLAGS = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
 
 _lib = None
@@ -33,8 +37,8 @@ def _build() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        cmd = [cxx, "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", f"-I{EMULATION}", f"-I{ROOT / 'csrc'}",
-               str(EMULATION / "kernels.cpp"), "-o", str(tmp)]
+        cmd = [cxx, "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wl,--no-undefined", f"-I{EMULATION}",
+               f"-I{ROOT / 'csrc'}", str(EMULATION / "kernels.cpp"), *map(str, PRODUCTION), "-o", str(tmp)]
         # UBSan: a signed overflow or an out-of-range shift in the kernels' arithmetic aborts
         if subprocess.run(cmd + UBSAN_FLAGS, capture_output=True).returncode != 0:
             subprocess.run(cmd, check=True)
@@ -53,39 +57,36 @@ def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def _i64(*v):
-    return [ctypes.c_int64(int(a)) for a in v]
-
-
-def gemv_int8(v, step, q, scales, vnni, n_begin=0, n_end=None):
-    """y [B, N] (rows outside [n_begin, n_end) NaN) from int16 inputs v [B, blocks * 64] in natural
-    order with steps [B, blocks], int8 weights q [N, K] and scales [N]."""
-    N, K = q.shape
+def _call(fn, q, scales, group, x, N, k_dim, vnni, n_begin, n_end):
+    """y [B, N] from x [B, K'] (rows outside [n_begin, n_end) stay NaN)."""
+    x = x.float().contiguous()
     n_end = N if n_end is None else n_end
-    y = torch.full((v.shape[0], N), float("nan"))
-    load().emu_avx512_int8_i16(ctypes.c_int(int(vnni)), _ptr(q.contiguous()), _ptr(scales.contiguous()),
-                               _ptr(v.contiguous()), _ptr(step.contiguous()), _ptr(y),
-                               *_i64(v.shape[0], K, N, n_begin, n_end))
+    y = torch.full((x.shape[0], N), float("nan"))
+    args = [ctypes.c_int(int(vnni)), _ptr(q.contiguous()), _ptr(scales.contiguous())]
+    if group is not None:
+        args.append(ctypes.c_int64(group))
+    args += [_ptr(x), _ptr(y)] + [ctypes.c_int64(int(a)) for a in (x.shape[0], k_dim, N, n_begin, n_end)]
+    rc = getattr(load(), fn)(*args)
+    if rc != 0:
+        raise ValueError(f"{fn}: " + {1: "an input is not finite", 2: "a group the kernel does not take"}[rc])
     return y
 
 
-def gemv_int4(v, step, q, scales, group, k_dim, vnni, n_begin=0, n_end=None):
-    """The int4 product (packed q [N, padded K / 2], scales [N, groups]) with inputs as above."""
-    N = q.shape[0]
-    n_end = N if n_end is None else n_end
-    y = torch.full((v.shape[0], N), float("nan"))
-    load().emu_avx512_int4_i16(ctypes.c_int(int(vnni)), _ptr(q.contiguous()), _ptr(scales.contiguous()),
-                               ctypes.c_int64(group), _ptr(v.contiguous()), _ptr(step.contiguous()), _ptr(y),
-                               *_i64(v.shape[0], k_dim, N, n_begin, n_end))
-    return y
+def gemv_int8(x, q, scales, vnni, n_begin=0, n_end=None):
+    """The AVX-512 path of gemv_int8_rows with int16 inputs: x float32 [B, K], q int8 [N, K], scales [N]."""
+    return _call("emu_avx512_int8_i16", q, scales, None, x, q.shape[0], q.shape[1], vnni, n_begin, n_end)
 
 
-def gemv_int4_int8_inputs(v, step, q, scales, group, k_dim, vnni, n_begin=0, n_end=None):
-    """The int4 product with int8 inputs v [B, blocks * 128] (natural order), steps [B, blocks]."""
-    N = q.shape[0]
-    n_end = N if n_end is None else n_end
-    y = torch.full((v.shape[0], N), float("nan"))
-    load().emu_avx512_int4_i8(ctypes.c_int(int(vnni)), _ptr(q.contiguous()), _ptr(scales.contiguous()),
-                              ctypes.c_int64(group), _ptr(v.contiguous()), _ptr(step.contiguous()), _ptr(y),
-                              *_i64(v.shape[0], k_dim, N, n_begin, n_end))
-    return y
+def _padded(x):
+    """x with zeros to int4_padded_k columns, as gemv_int4_rows receives it."""
+    return torch.nn.functional.pad(x.float(), (0, (-x.shape[1]) % 32))
+
+
+def gemv_int4(x, q, scales, group, vnni, n_begin=0, n_end=None):
+    """The AVX-512 path of gemv_int4_rows with int16 inputs (packed q, scales [N, groups])."""
+    return _call("emu_avx512_int4_i16", q, scales, group, _padded(x), q.shape[0], x.shape[1], vnni, n_begin, n_end)
+
+
+def gemv_int4_int8_inputs(x, q, scales, group, vnni, n_begin=0, n_end=None):
+    """The same under set_quantized_activations("int8") (groups of whole 128-input blocks)."""
+    return _call("emu_avx512_int4_i8", q, scales, group, _padded(x), q.shape[0], x.shape[1], vnni, n_begin, n_end)

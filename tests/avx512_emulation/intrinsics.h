@@ -143,7 +143,7 @@ inline __m512i _mm512_sub_epi32(__m512i a, __m512i b) {
   namespace e = emu_fast::avx512_emulation;
   __m512i r;
   for (int i = 0; i < 16; ++i)
-    e::set_lane<int32_t>(&r, i, e::wrap_add(e::lane<int32_t>(&a, i), -e::lane<int32_t>(&b, i)));
+    e::set_lane<int32_t>(&r, i, static_cast<int32_t>(e::lane<uint32_t>(&a, i) - e::lane<uint32_t>(&b, i)));
   return r;
 }
 // vpmaddubsw: Saturate16(ZeroExtend(a.byte[2i]) * SignExtend(b.byte[2i]) + the same for 2i + 1)
