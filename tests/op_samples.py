@@ -228,6 +228,10 @@ SAMPLES = [
                                                              position_offsets=[0, 3, 6]), cuda=False),
     Sample("decode_attention", "mqa-d128", _attention(2, 8, 1, 128, 20, [11, 3], spare_slots=1,
                                                         position_offsets=[0, 3])),
+    # head dims 48 and 80: the CPU's AVX2 loops take 16 dims a step, the weighted sum up to 64 at
+    # a time (48: three steps, 80: 64 then 16); lengths off a multiple of the 4 keys scored at once
+    Sample("decode_attention", "gqa-d48-long", _attention(2, 4, 2, 48, 70, [69, 13], spare_slots=1), cuda=False),
+    Sample("decode_attention", "d80", _attention(1, 2, 1, 80, 12, [9], spare_slots=1), cuda=False),
     Sample("decode_attention", "odd-heads-d10", _attention(4, 3, 3, 10, 9, [1, 2, 8, 4], spare_slots=1), cuda=False),
     Sample("decode_attention", "gqa-d8", _attention(2, 4, 2, 8, 6, [1, 2], spare_slots=1), cuda=False, opcheck=True),
     Sample("decode_attention", "d64-opcheck", _attention(2, 4, 4, 64, 16, [3, 0]), opcheck=True, **_GPU),

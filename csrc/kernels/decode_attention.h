@@ -52,13 +52,63 @@ struct DecodeHeadArgs {
   const float* sin;
 };
 
+// scores[j] = scale * q . k_row j for j < n (k rows of d), returning the largest.
+template <typename T>
+EMU_ALWAYS_INLINE float attention_scores(const float* q, const T* k, int64_t n, int64_t d, float scale, float* scores) {
+  float max_score = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    const float s = dot_lanes(q, k + j * d, d) * scale;
+    scores[j] = s;
+    max_score = std::max(max_score, s);
+  }
+  return max_score;
+}
+
+// out = inv * sum_j p_j v_row j, in chunks of 32 dims so the accumulator lives in registers and
+// each value row is read once per chunk.
+template <typename T>
+EMU_ALWAYS_INLINE void attention_weighted_sum(const float* p, const T* v, int64_t n, int64_t d, float inv, T* o) {
+  constexpr int64_t kChunk = 32;
+  int64_t i0 = 0;
+  for (; i0 + kChunk <= d; i0 += kChunk) {
+    float acc[kChunk] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = p[j];
+      const T* vr = v + j * d + i0;
+      for (int64_t t = 0; t < kChunk; ++t) acc[t] += pj * to_float(vr[t]);
+    }
+    for (int64_t t = 0; t < kChunk; ++t) o[i0 + t] = from_float<T>(acc[t] * inv);
+  }
+  for (; i0 < d; ++i0) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * to_float(v[j * d + i0]);
+    o[i0] = from_float<T>(acc * inv);
+  }
+}
+
+// The generic inner loops above, for decode_attention_head_with.
+struct GenericAttentionLoops {
+  template <typename T>
+  EMU_ALWAYS_INLINE void prepare_query(float*, int64_t) const {}
+  template <typename T>
+  EMU_ALWAYS_INLINE float scores(const float* q, const T* k, int64_t n, int64_t d, float scale, float* s) const {
+    return attention_scores(q, k, n, d, scale, s);
+  }
+  template <typename T>
+  EMU_ALWAYS_INLINE void weighted_sum(const float* p, const T* v, int64_t n, int64_t d, float inv, T* o) const {
+    attention_weighted_sum(p, v, n, d, inv, o);
+  }
+};
+
 // q: `group` query heads, query head g at q + g * q_head_stride; k, v: this token's [head_dim].
 // k_cache, v_cache: this (sequence, KV head)'s [capacity, head_dim] rows.
 // scratch: float32 of at least len + 1 + head_dim; out: group rows at out + g * out_head_stride.
-template <typename T>
-EMU_ALWAYS_INLINE void decode_attention_head(const DecodeHeadArgs& a, const T* q, int64_t q_head_stride,
-                                  const T* k, const T* v, T* k_cache, T* v_cache, float* scratch,
-                                  T* out, int64_t out_head_stride) {
+// Loops: the scores and weighted-sum loops (GenericAttentionLoops, or a vectorized set that
+// first puts the rotated query in its own order, prepare_query).
+template <typename T, typename Loops>
+EMU_ALWAYS_INLINE void decode_attention_head_with(const DecodeHeadArgs& a, const T* q, int64_t q_head_stride,
+                                                  const T* k, const T* v, T* k_cache, T* v_cache, float* scratch,
+                                                  T* out, int64_t out_head_stride, const Loops& loops) {
   const int64_t d = a.head_dim, n = a.len + 1;
   float* q_rot = scratch;       // [d]
   float* scores = scratch + d;  // [n]
@@ -72,36 +122,21 @@ EMU_ALWAYS_INLINE void decode_attention_head(const DecodeHeadArgs& a, const T* q
 
   for (int64_t g = 0; g < a.group; ++g) {
     rope_rotate(q + g * q_head_stride, a.cos, a.sin, d, q_rot);
-    float max_score = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      const float s = dot_lanes(q_rot, k_cache + j * d, d) * a.scale;
-      scores[j] = s;
-      max_score = std::max(max_score, s);
-    }
+    loops.template prepare_query<T>(q_rot, d);
+    const float max_score = loops.scores(q_rot, k_cache, n, d, a.scale, scores);
     for (int64_t j = 0; j < n; ++j) scores[j] = exp_nonpositive(scores[j] - max_score);
     float denom = 0.f;
     for (int64_t j = 0; j < n; ++j) denom += scores[j];
-    // out = sum_j p_j v_j, in chunks of 32 dims so the accumulator lives in registers and
-    // each value row is read once per chunk.
-    const float inv = 1.f / denom;
-    T* o = out + g * out_head_stride;
-    constexpr int64_t kChunk = 32;
-    int64_t i0 = 0;
-    for (; i0 + kChunk <= d; i0 += kChunk) {
-      float acc[kChunk] = {};
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = scores[j];
-        const T* vr = v_cache + j * d + i0;
-        for (int64_t t = 0; t < kChunk; ++t) acc[t] += p * to_float(vr[t]);
-      }
-      for (int64_t t = 0; t < kChunk; ++t) o[i0 + t] = from_float<T>(acc[t] * inv);
-    }
-    for (; i0 < d; ++i0) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < n; ++j) acc += scores[j] * to_float(v_cache[j * d + i0]);
-      o[i0] = from_float<T>(acc * inv);
-    }
+    loops.weighted_sum(scores, v_cache, n, d, 1.f / denom, out + g * out_head_stride);
   }
+}
+
+template <typename T>
+EMU_ALWAYS_INLINE void decode_attention_head(const DecodeHeadArgs& a, const T* q, int64_t q_head_stride, const T* k,
+                                             const T* v, T* k_cache, T* v_cache, float* scratch, T* out,
+                                             int64_t out_head_stride) {
+  decode_attention_head_with(a, q, q_head_stride, k, v, k_cache, v_cache, scratch, out, out_head_stride,
+                             GenericAttentionLoops{});
 }
 
 // The two CPU instantiations, compiled per instruction set (decode_attention_cpu.cpp).
