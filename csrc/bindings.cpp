@@ -6,6 +6,7 @@
 
 #include "checks.h"
 #include "decoder.h"
+#include "kernels/decode_attention.h"
 #include "kernels/quantized_gemv.h"
 #include "step_kernels.h"
 
@@ -75,6 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "' (avx512, avx2, portable or \"\")");
     return emu_fast::kernels::set_quantized_gemv_isa(Isa::kPortable);
   }, py::arg("isa"));
+
+  // Test-only (tests/test_ops.py): the CPU decode attention's generic loops for every head dim.
+  m.def("_set_attention_generic_loops", &emu_fast::kernels::set_attention_generic_loops, py::arg("generic"));
 
   // How every CPU quantized GEMV takes its inputs, process-wide (emu_fast.set_quantized_activations;
   // the tests force "int16" on float32 inputs): "float32", "int16", "int8"; "" = as each caller

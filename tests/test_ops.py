@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import emu_fast  # noqa: F401
-from emu_fast import ops
+from emu_fast import _C, ops
 
 from op_samples import CPU_DTYPES, CUDA_DTYPES, attention_case, check, opcheck_samples, rand, samples
 
@@ -20,6 +20,18 @@ DEVICES = ["cpu", pytest.param("cuda", marks=ON_GPU)]
 @pytest.mark.parametrize("sample", samples(), ids=str)
 def test_op_matches_reference_cpu(sample, dtype):
     check(sample, getattr(ops, sample.op), sample.build("cpu", dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("sample", [s for s in samples() if s.op == "decode_attention"], ids=str)
+def test_decode_attention_generic_loops_match_reference_cpu(sample, dtype):
+    """The generic C++ loops (processors without AVX2; head dims not a multiple of 16) at every
+    sample's head dim, on a processor whose AVX2 loops would otherwise take most of them."""
+    _C._set_attention_generic_loops(True)
+    try:
+        check(sample, ops.decode_attention, sample.build("cpu", dtype), dtype)
+    finally:
+        _C._set_attention_generic_loops(False)
 
 
 @ON_GPU

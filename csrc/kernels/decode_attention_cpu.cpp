@@ -5,11 +5,12 @@
 // Why: the generic scores loop reduces a 16-lane accumulator to one number for every key and
 // widens bfloat16 keys with two instructions per 8 values; it takes about 18 ns a key at head
 // dim 64 here. The AVX2 loops score 4 keys at a time (one three-step horizontal add for all
-// four), widen bfloat16 with one unpack per 8 values (into the high half of each 32-bit lane,
-// which is a float32), and keep the query and the weighted sum's accumulators in the order that
-// unpack leaves the values in, so nothing is shuffled per key.
+// four), widen bfloat16 with one shift or mask per 8 values (each 32-bit lane holds two
+// bfloat16, the high half of a float32 each), and keep the query and the weighted sum's
+// accumulators in the even/odd order that leaves them in, so nothing is shuffled per key.
 #include "kernels/decode_attention.h"
 
+#include <atomic>
 #include <type_traits>
 
 #include "kernels/multiversion.h"
@@ -21,18 +22,22 @@
 namespace emu_fast::kernels {
 namespace {
 
+std::atomic<bool> g_generic_loops{false};
+
 #ifdef EMU_X86
-// 16 consecutive values as two float32 vectors a, b. float: in order. bf16: unpacking the 16-bit
-// values into the high halves of 32-bit lanes works within 128-bit lanes, so a holds values
-// 0-3 and 8-11, b holds 4-7 and 12-15 (position_after_load below).
+// 16 consecutive values as two float32 vectors a, b. float: in order. bf16: a bfloat16 is the
+// high half of a float32, so the 32-bit lanes of one load give the odd values by masking off the
+// low half and the even ones by shifting it up: a holds values 0, 2, .., 14 and b 1, 3, .., 15
+// (position_after_load below). Shift and mask need no shuffle unit (unpacking does: one port on
+// Intel).
 EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void load16(const float* p, __m256& a, __m256& b) {
   a = _mm256_loadu_ps(p);
   b = _mm256_loadu_ps(p + 8);
 }
 EMU_TARGET_AVX2 EMU_ALWAYS_INLINE void load16(const bf16* p, __m256& a, __m256& b) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
-  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
 
 // Where value i of 16 lands in a|b (a's 8 lanes, then b's).
@@ -41,7 +46,7 @@ constexpr int position_after_load(int i) {
   if constexpr (std::is_same_v<T, float>) {
     return i;
   } else {
-    return i % 8 < 4 ? i % 4 + (i >= 8 ? 4 : 0) : 8 + i % 4 + (i >= 8 ? 4 : 0);
+    return i % 2 == 0 ? i / 2 : 8 + i / 2;
   }
 }
 
@@ -71,15 +76,20 @@ EMU_TARGET_AVX2 float scores_avx2(const float* q, const T* k, int64_t n, int64_t
   __m128 max_v = _mm_set1_ps(-INFINITY);
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    // two accumulators a key (a and b halves), so no key waits on one FMA chain
+    __m256 acc_a[4], acc_b[4];
+    for (int r = 0; r < 4; ++r) acc_a[r] = acc_b[r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < d; c += 16) {
       const __m256 qa = _mm256_loadu_ps(q + c), qb = _mm256_loadu_ps(q + c + 8);
       for (int r = 0; r < 4; ++r) {
         __m256 a, b;
         load16(k + (j + r) * d + c, a, b);
-        acc[r] = _mm256_fmadd_ps(qb, b, _mm256_fmadd_ps(qa, a, acc[r]));
+        acc_a[r] = _mm256_fmadd_ps(qa, a, acc_a[r]);
+        acc_b[r] = _mm256_fmadd_ps(qb, b, acc_b[r]);
       }
     }
+    __m256 acc[4];
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_add_ps(acc_a[r], acc_b[r]);
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     const __m128 four = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), scale_v);
     _mm_storeu_ps(s + j, four);
@@ -157,7 +167,7 @@ template <typename T>
 void decode_attention_head_best(const DecodeHeadArgs& a, const T* q, int64_t q_head_stride, const T* k, const T* v,
                                 T* k_cache, T* v_cache, float* scratch, T* out, int64_t out_head_stride) {
 #ifdef EMU_X86
-  if (cpu_isa() != Isa::kPortable && a.head_dim % 16 == 0)
+  if (cpu_isa() != Isa::kPortable && a.head_dim % 16 == 0 && !g_generic_loops.load(std::memory_order_relaxed))
     return run_best([&]() EMU_LAMBDA_INLINE {
       decode_attention_head_with(a, q, q_head_stride, k, v, k_cache, v_cache, scratch, out, out_head_stride,
                                  Avx2AttentionLoops{});
@@ -169,6 +179,8 @@ void decode_attention_head_best(const DecodeHeadArgs& a, const T* q, int64_t q_h
 }
 
 }  // namespace
+
+void set_attention_generic_loops(bool generic) { g_generic_loops.store(generic, std::memory_order_relaxed); }
 
 void decode_attention_head_cpu(const DecodeHeadArgs& a, const float* q, int64_t q_head_stride, const float* k,
                                const float* v, float* k_cache, float* v_cache, float* scratch, float* out,
