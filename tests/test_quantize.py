@@ -265,6 +265,24 @@ def test_integer_inputs_match_their_oracle_on_every_isa(mode, B, K, N, G):
             assert torch.equal(y4, with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int4(x, q4, s4, G))))
 
 
+def test_float32_inputs_near_the_top_of_float32_range():
+    """The float32-input products sum raw weights times x before scaling: inputs near 1e37 (the
+    output itself well inside float32) are scaled down by a power of two first, on every ISA."""
+    B, K, N, G = 2, 300, 9, 128
+    _, (q8, s8), (q4, s4) = op_case(B, K, N, G, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, K, generator=g) * 1e37
+    x[0, :5] = torch.tensor([1e-30, 0.0, -3e38, 1.0, 2.0 ** 64])  # the largest, a zero, small ones
+    for isa in available_isas():
+        y8 = with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int8(x, q8, s8)))
+        y4 = with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int4(x, q4, s4, G)))
+        check_against_reference(y8, x, dequantize_int8(q8, s8))
+        check_against_reference(y4, x, dequantize_int4(q4, s4, K, G))
+    # just below the cut-over (largest |x| < 2^64) the plain loops run; both sides agree there too
+    x = x / x.abs().max() * 2.0 ** 63
+    check_against_reference(ops.gemv_int8(x, q8, s8), x, dequantize_int8(q8, s8))
+
+
 # ------------------------------------------------------------------------------ int8 inputs (opt-in)
 # emu_fast.set_quantized_activations("int8"): every block of 128 inputs rounded to int8 multiples of
 # its step (emu_fast.quantize.round_inputs_to_int8); held, like int16, to the exact oracle above.

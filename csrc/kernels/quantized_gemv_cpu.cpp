@@ -19,6 +19,8 @@
 #include "kernels/x86_reduce.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <atomic>
 #include <vector>
 
@@ -48,6 +50,37 @@ const float* group_sums(const float* x, int64_t batch, int64_t ldx, int64_t k_di
       xsum[b * groups + g] = s;
     }
   return xsum.data();
+}
+
+// The float32-input products sum raw weights (int8 up to 127, int4 nibbles up to 15) times x
+// before any scale is applied, so inputs near float32's top (|x| ~ 1e36) would overflow where
+// the product itself does not. Such x (largest |x| at least 2^64, every input finite) is scaled
+// down by a power of two first and the outputs up again: exact both ways, but for inputs below
+// 2^-190 of the largest, which become subnormal (far below the sums' own rounding).
+struct TamedInputs {
+  const float* x;
+  float up;  // 1, or the power of two the outputs are multiplied back by
+  void restore(float* y, int64_t batch, int64_t ldy, int64_t n_begin, int64_t n_end) const {
+    if (up == 1.f) return;
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t n = n_begin; n < n_end; ++n) y[b * ldy + n] *= up;
+  }
+};
+
+TamedInputs tame_large_inputs(const float* x, int64_t n) {
+  uint32_t top = 0;  // the largest |x| as bits (integer max: vectorizes, and NaN sorts above inf)
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    top = std::max(top, bits & 0x7fffffffu);
+  }
+  constexpr uint32_t kTwoTo64 = (127u + 64u) << 23, kInf = 0x7f800000u;
+  if (top < kTwoTo64 || top >= kInf) return {x, 1.f};  // the usual case; or NaN / inf flow through
+  const int s = static_cast<int>(top >> 23) - 127 - 63;  // largest < 2^(e + 1): times 2^-s, < 2^64
+  thread_local std::vector<float> scaled;
+  scaled.resize(n);
+  for (int64_t i = 0; i < n; ++i) scaled[i] = std::ldexp(x[i], -s);
+  return {scaled.data(), std::ldexp(1.f, s)};
 }
 
 // 8 * sum_g scale_g * xsum_g: what the nibbles' offset adds to one output.
@@ -364,13 +397,15 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
       return gemv_int8_rows_int16(isa, q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
     }
   }
+  const TamedInputs in = tame_large_inputs(x, batch * k_dim);
   switch (isa) {
 #ifdef EMU_X86
-    case Isa::kAvx512: return int8_avx512(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
-    case Isa::kAvx2: return int8_avx2(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
+    case Isa::kAvx512: int8_avx512(q, scales, in.x, y, batch, k_dim, ldy, n_begin, n_end); break;
+    case Isa::kAvx2: int8_avx2(q, scales, in.x, y, batch, k_dim, ldy, n_begin, n_end); break;
 #endif
-    default: return int8_portable(q, scales, x, y, batch, k_dim, ldy, n_begin, n_end);
+    default: int8_portable(q, scales, in.x, y, batch, k_dim, ldy, n_begin, n_end);
   }
+  in.restore(y, batch, ldy, n_begin, n_end);
 }
 
 void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const float* x, float* y, int64_t batch,
@@ -397,15 +432,16 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
       return gemv_int4_rows_int16(isa, q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
     }
   }
-  const float* xsum = group_sums(x, batch, k_pad, k_dim, group);
+  const TamedInputs in = tame_large_inputs(x, batch * k_pad);
+  const float* xsum = group_sums(in.x, batch, k_pad, k_dim, group);
   switch (isa) {
 #ifdef EMU_X86
-    case Isa::kAvx512:
-      return int4_avx512(q, scales, group, x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
-    case Isa::kAvx2: return int4_avx2(q, scales, group, x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
+    case Isa::kAvx512: int4_avx512(q, scales, group, in.x, xsum, y, batch, k_dim, ldy, n_begin, n_end); break;
+    case Isa::kAvx2: int4_avx2(q, scales, group, in.x, xsum, y, batch, k_dim, ldy, n_begin, n_end); break;
 #endif
-    default: return int4_portable(q, scales, group, x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
+    default: int4_portable(q, scales, group, in.x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
   }
+  in.restore(y, batch, ldy, n_begin, n_end);
 }
 
 }  // namespace emu_fast::kernels
