@@ -37,7 +37,7 @@ def _build() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        cmd = [cxx, "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wl,--no-undefined", f"-I{EMULATION}",
+        cmd = [cxx, "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wl,--no-undefined", f"-I{EMULATION}",
                f"-I{ROOT / 'csrc'}", str(EMULATION / "kernels.cpp"), *map(str, PRODUCTION), "-o", str(tmp)]
         # UBSan: a signed overflow or an out-of-range shift in the kernels' arithmetic aborts
         if subprocess.run(cmd + UBSAN_FLAGS, capture_output=True).returncode != 0:

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "kernels/multiversion.h"
+#include "kernels/x86_reduce.h"
 
 #ifdef EMU_X86
 #include <immintrin.h>
@@ -48,12 +49,6 @@ constexpr int position_after_load(int i) {
   } else {
     return i % 2 == 0 ? i / 2 : 8 + i / 2;
   }
-}
-
-EMU_TARGET_AVX2 EMU_ALWAYS_INLINE float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
 // The query in load16's order, so that lane by lane it meets the key values it multiplies.
@@ -105,7 +100,7 @@ EMU_TARGET_AVX2 float scores_avx2(const float* q, const T* k, int64_t n, int64_t
       load16(k + j * d + c, a, b);
       acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), b, _mm256_fmadd_ps(_mm256_loadu_ps(q + c), a, acc));
     }
-    s[j] = hsum(acc) * scale;
+    s[j] = hsum8(acc) * scale;
     max_score = std::max(max_score, s[j]);
   }
   return max_score;
