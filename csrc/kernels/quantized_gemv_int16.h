@@ -51,7 +51,7 @@ inline void avx512_int4_order(const int16_t* natural, int16_t* v) {
 }
 
 // Fills `in` from float32 x [batch, ldx] (columns [0, k_dim)), in `order`. vector: may use
-// AVX2 (kInt4Avx2 needs it). Returns false, when an input is not finite (the float32 path then
+// AVX2 (each order also has a scalar path). Returns false, when an input is not finite (the float32 path then
 // gives the NaN / inf a float32 product would).
 bool round_inputs_to_int16(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, Int16Order order, bool vector,
                            Int16Input* in);

@@ -318,7 +318,6 @@ EMU_TARGET_AVX2 void int4_i16_avx2(const uint8_t* q, const float* scales, int64_
 
 bool round_inputs_to_int16(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, Int16Order order, bool vector,
                            Int16Input* in) {
-  if (order == Int16Order::kInt4Avx2 && !vector) return false;  // not reached: only AVX2 reads it
   const int64_t blocks = x_blocks(k_dim);
   in->v.resize(batch * blocks * kInt16Block);
   in->step.resize(batch * blocks);
