@@ -1,19 +1,23 @@
 """The drop-in: emu_fast.accelerate(model) swaps an Emu model's generate_image for the KV-cached
 path. Same signature, same result (up to float rounding), on the model's own device and dtype.
+emu_fast.accelerate(pipe) on the Emu2-Gen diffusers pipeline accelerates its
+`multimodal_encoder` and returns the pipeline, whose own __call__ then runs unchanged.
 
-What differs between Emu1 and Emu2 (which modules hold the head and project_up, n, how prompt
-images are encoded) is asked of the model's family (emu_fast.families); nothing here branches
-on it.
+What differs between the model classes (where the LLaMA and the tokenizer are, which modules
+hold the head and project_up, n, how prompt images are encoded, generate_image's signature) is
+asked of the model's family (emu_fast.families); nothing here branches on it.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import types
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
-from .families import DEFAULT_PLACEHOLDER, EmuFamily, family_of
+from .families import EmuFamily, check_tokenizer, family_of
 from .model_checks import check_linear, check_weights_loaded
 from .packing import llama_body_of
 from .quantized_linear import prepare_quantization, quantized_buffers, resolve_device
@@ -22,9 +26,10 @@ from .quantized_linear import prepare_quantization, quantized_buffers, resolve_d
 def _weight_addresses(model, family: EmuFamily):
     """Where every weight the decoder reads lives, to notice later if the model's weights were
     replaced or moved (load_state_dict(assign=True), .to(), ...)."""
-    body = llama_body_of(model.decoder.lm)
+    lm = family.lm(model)
+    body = llama_body_of(lm)
     addresses = [p.data_ptr() for p in body.parameters() if p is not body.embed_tokens.weight]
-    addresses += [t.data_ptr() for t in quantized_buffers(model.decoder.lm)]  # weight-only int8/int4
+    addresses += [t.data_ptr() for t in quantized_buffers(lm)]  # weight-only int8/int4
     return addresses + [m.weight.data_ptr() for m in (family.head(model), family.project_up(model)) if m is not None]
 
 
@@ -67,21 +72,29 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     model too large for the GPU in its float dtype ends up there quantized. The device then
     holds the quantized model and one chunk of float rows at most. Without weights the model is
     moved as model.to(device) would."""
+    pipeline = _pipeline_encoder(model)
+    if pipeline is not None:  # the Emu2-Gen pipeline: its encoder is the model
+        accelerate(pipeline, max_batch=max_batch, max_seq_len=max_seq_len, kernels=kernels, weights=weights,
+                   group_size=group_size, device=device)
+        return model
     family = family_of(model)
+    lm = family.lm(model)
     target = resolve_device(device, "accelerate")                  # a bad device or scheme fails
     prepare_quantization(model, weights, group_size, apply=False)  # before anything changes
     head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)
     up = None if up_module is None else check_linear(up_module, family.up_name(model))
-    body = llama_body_of(model.decoder.lm)
+    body = llama_body_of(lm)
     check_weights_loaded([("model.layers", body.layers), ("model.norm", body.norm),
                           ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
                          + ([(family.up_name(model), up_module)] if up_module is not None else []))
+    if family.tokenizer_path is not None:  # a model with its own tokenizer: checked now, not at the first call
+        check_tokenizer(family.tokenizer(model), body.embed_tokens.weight.shape[0])
     if target is not None:  # quantize onto the device layer by layer (if asked), then move the rest
         prepare_quantization(model, weights, group_size, device=target)
         model.to(target)
         head, up = family.head(model).weight, None if up_module is None else up_module.weight  # moved
-    decoder = EmuDecoder.from_llama(model.decoder.lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len,
+    decoder = EmuDecoder.from_llama(lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len,
                                     kernels=kernels, weights=weights, group_size=group_size)
     if not hasattr(model, "_emu_fast_original_generate_image"):
         model._emu_fast_original_generate_image = model.generate_image
@@ -89,33 +102,71 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     model._emu_fast_family = family
     model._emu_fast_n = family.n(model)
     model._emu_fast_weights = _weight_addresses(model, family)
-    model.generate_image = types.MethodType(_generate_image, model)
+    model.generate_image = types.MethodType(_method_for(family), model)
     return model
 
 
+def _pipeline_encoder(obj):
+    """The Emu model inside a pipeline (Emu2-Gen's `multimodal_encoder`), or None when `obj` is
+    not a pipeline (an Emu model, or anything else: family_of says what it lacks)."""
+    encoder = getattr(obj, "multimodal_encoder", None)
+    if encoder is None or isinstance(obj, torch.nn.Module) and hasattr(obj, "generate_image"):
+        return None
+    return encoder
+
+
+@functools.lru_cache(maxsize=None)
+def _method_for(family: EmuFamily):
+    """generate_image with the family's own signature (names, order, defaults), so every call
+    the model's method takes (by keyword, by position) is taken the same way."""
+    signature = family.signature()
+
+    def generate_image(self, *args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            if "tokenizer" in kwargs and "tokenizer" not in signature.parameters:
+                family.tokenizer(self, kwargs["tokenizer"])  # says the model has its own
+            raise TypeError(f"emu_fast: {type(self).__name__}.generate_image{signature}: {e}") from None
+        bound.apply_defaults()
+        call = bound.arguments
+        return _generate_image(self, call["text"], family.tokenizer(self, call.get("tokenizer")), call["image"],
+                               call["placeholder"])
+
+    generate_image.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + list(signature.parameters.values()))
+    generate_image.__doc__ = f"emu_fast's KV-cached generate_image{signature} (the model's own is " \
+                             "_emu_fast_original_generate_image)."
+    return generate_image
+
+
 @torch.no_grad()
-def _generate_image(self, text: List[str], image: Optional[torch.Tensor] = None,
-                    placeholder: str = DEFAULT_PLACEHOLDER) -> torch.Tensor:
-    if isinstance(text, str) or not all(isinstance(t, str) for t in text):
+def _generate_image(self, text, tokenizer, image: Optional[torch.Tensor], placeholder: str) -> torch.Tensor:
+    if isinstance(text, str) or not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
         raise TypeError("emu_fast: generate_image takes a list of prompt strings")
     if len(text) == 0:
         raise ValueError("emu_fast: generate_image got an empty list of prompts")
+    if not isinstance(placeholder, str) or not placeholder:
+        raise TypeError(f"emu_fast: placeholder must be a non-empty string, got {placeholder!r}")
+    if image is not None and not isinstance(image, torch.Tensor):
+        raise TypeError(f"emu_fast: prompt images must be a tensor [N, 3, H, W], got {type(image).__name__}")
     decoder: EmuDecoder = self.emu_fast_decoder
-    lm = self.decoder.lm
     family: EmuFamily = self._emu_fast_family
+    lm = family.lm(self)
     if _weight_addresses(self, family) != self._emu_fast_weights:
         raise RuntimeError("emu_fast: the model's weights were replaced or moved after emu_fast.accelerate "
                            "(load_state_dict(assign=True), .to(), ...); call emu_fast.accelerate(model) again")
     if decoder.max_batch is not None and len(text) > decoder.max_batch:
         raise ValueError(f"emu_fast: {len(text)} prompts exceed the decoder's max_batch of {decoder.max_batch} "
                          f"(pass a larger max_batch to emu_fast.accelerate)")
-    tokenizer = self.decoder.tokenizer
     table = lm.model.embed_tokens.weight
+    check_tokenizer(tokenizer, table.shape[0])
     image_id = tokenizer.convert_tokens_to_ids("<image>")
 
-    # Tokenize once: the prompt (placeholders expanded) and the trailing [IMG]. Every later
-    # step appends one slot whose input is the previous output, so the cache covers the rest.
-    tok = tokenizer(family.prompt_texts(self, text, placeholder), padding="longest", return_tensors="pt")
+    # Tokenize once: the prompt (placeholders expanded) and the trailing [IMG], padded on the
+    # tokenizer's own side, as upstream's loop pads. Every later step appends one slot whose
+    # input is the previous output, so the cache covers the rest.
+    tok = tokenizer(family.prompt_texts(self, list(text), placeholder), padding="longest", return_tensors="pt")
     ids = tok.input_ids.to(table.device)
     mask = tok.attention_mask
 

@@ -1,28 +1,31 @@
-"""Everything that differs between Emu model families, in one place.
+"""Everything that differs between Emu model classes, in one place.
 
-`accelerate`, the tiny test models and the benchmark ask `family_of(model)` (or
-`family_named("emu1")`) instead of branching on the family themselves. Adding a third variant
-means one new `EmuFamily` subclass here, appended to FAMILIES.
+`accelerate`, the quantized save / load, the tiny test models and the benchmark ask
+`family_of(model)` (or `family_named("emu1")`) instead of branching on the class themselves.
+Adding a variant means one new `EmuFamily` subclass here, appended to FAMILIES.
 
-What a family says (SEMANTICS.md has the upstream code these come from):
+What a family says (docs/model-classes.md has the upstream code these come from):
+- where the Hugging Face-style LLaMA sits (`lm_path`) and where the tokenizer does
+  (`tokenizer_path`; None when `generate_image` takes it as an argument);
 - which attributes identify it (`required`), and which modules hold its regression head and,
   for Emu2, the `project_up` that maps an output back to the next input;
 - n, the embeddings per image (Emu1 `n_causal` = 32, Emu2 `n_query` = 64);
-- the tokenizer's padding side (Emu1 right, Emu2 left);
-- how prompt images become `<image>`-slot vectors, and how prompt text is prepared.
+- the padding side of the tokenizer it ships with (Emu1 right, Emu2 left; a tokenizer given to
+  `generate_image` pads as it is set to);
+- how prompt images become `<image>`-slot vectors, and how prompt text is prepared;
+- the signature of its `generate_image`, which the accelerated one keeps.
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 DEFAULT_PLACEHOLDER = "[<IMG_PLH>]"  # what users write where a prompt image goes
-# The attributes every family's model has: a Hugging Face LLaMA with a tokenizer under
-# `decoder`, the expanded image placeholder, and upstream's own generate_image.
-COMMON = ["decoder.lm.model.layers", "decoder.lm.model.embed_tokens", "decoder.lm.model.norm",
-          "decoder.tokenizer", "image_placeholder", "generate_image"]
+# The tokens Emu adds to the LLaMA tokenizer; generate_image cannot run without them.
+EMU_TOKENS = ("[IMG]", "[/IMG]", "<image>")
 
 
 def find(obj, path: str):
@@ -38,18 +41,59 @@ def missing(obj, paths: Sequence[str]) -> List[str]:
     return [p for p in paths if find(obj, p) is None]
 
 
+# The two generate_image signatures upstream has (the accelerated method binds its arguments
+# with the model's and keeps its defaults and keyword names).
+def _own_tokenizer_call(text, image=None, placeholder=DEFAULT_PLACEHOLDER):
+    """Emu1 / native Emu2: the model holds its tokenizer."""
+
+
+def _tokenizer_argument_call(text, tokenizer, image=None, placeholder=DEFAULT_PLACEHOLDER):
+    """The hub class: the tokenizer is an argument."""
+
+
 class EmuFamily:
-    """One Emu variant. Subclasses fill in the class attributes and the methods below."""
+    """One Emu model class. Subclasses fill in the class attributes and the methods below."""
 
     name: str
-    padding_side: str          # the tokenizer's padding side upstream
-    n_attribute: str           # the model attribute that holds n
-    default_n: int             # n of the released models
-    required: List[str]        # attributes beyond COMMON that identify the family
+    padding_side: str                           # the padding side of the tokenizer it ships with
+    n_attribute: str                            # the model attribute that holds n
+    default_n: int                              # n of the released models
+    required: List[str]                         # attributes beyond the LLaMA's that identify it
+    lm_path: str = "decoder.lm"                 # the LlamaForCausalLM
+    tokenizer_path: Optional[str] = "decoder.tokenizer"  # None: generate_image takes one
+    call = staticmethod(_own_tokenizer_call)    # generate_image's signature (without self)
+
+    def identifying(self) -> List[str]:
+        """Every attribute path a model of this family has."""
+        lm = self.lm_path
+        paths = [f"{lm}.model.layers", f"{lm}.model.embed_tokens", f"{lm}.model.norm", "image_placeholder",
+                 "generate_image"]
+        return paths + ([self.tokenizer_path] if self.tokenizer_path else []) + self.required
 
     def missing(self, model) -> List[str]:
         """What `model` lacks to be of this family ([] when it is)."""
-        return missing(model, COMMON + self.required)
+        return missing(model, self.identifying())
+
+    def lm(self, model) -> nn.Module:
+        """The model's Hugging Face-style LlamaForCausalLM."""
+        return find(model, self.lm_path)
+
+    def tokenizer(self, model, given=None):
+        """The tokenizer generate_image runs with: the model's own, or the one given to it (the
+        hub class). TypeError when the call and the class disagree."""
+        if self.tokenizer_path is None:
+            if given is None:
+                raise TypeError(f"emu_fast: {type(model).__name__}.generate_image needs the tokenizer as an argument "
+                                "(generate_image(text, tokenizer, ...), as the Emu2-Gen pipeline passes it)")
+            return given
+        if given is not None:
+            raise TypeError(f"emu_fast: {type(model).__name__} ({self.name}) has its own tokenizer "
+                            f"(model.{self.tokenizer_path}); its generate_image takes none: drop the tokenizer "
+                            "argument")
+        return find(model, self.tokenizer_path)
+
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.call)
 
     def n(self, model) -> int:
         return int(getattr(model, self.n_attribute))
@@ -115,7 +159,6 @@ class Emu2(EmuFamily):
     padding_side = "left"
     n_attribute = "n_query"
     default_n = 64
-
     required = ["n_query", "encode_image"]
 
     def missing(self, model):
@@ -134,13 +177,42 @@ class Emu2(EmuFamily):
     def up_name(self, model):
         return self._prefix(model) + "project_up"
 
+    def encode_image(self, model, image):
+        return model.encode_image(image)
+
     def prompt_image_embeds(self, model, image):
-        x = model.encode_image(image)
+        x = self.encode_image(model, image)
         x = self.project_up(model)(x.reshape(-1, x.shape[-1]))
         return x.reshape(-1, x.shape[-1])
 
 
-FAMILIES: List[EmuFamily] = [Emu1(), Emu2()]
+class Emu2Hub(Emu2):
+    """The Hugging Face hub class (BAAI/Emu2, Emu2-Gen's `multimodal_encoder`: remote code
+    `modeling_emu.py` `EmuForCausalLM`): the LLaMA at `model.decoder.lm` (the remote code's own
+    4.31-era copy), `project_down` / `project_up`, `n_query` and `image_placeholder` on the outer
+    class, no tokenizer attribute (generate_image(text, tokenizer, image=None, placeholder=...)),
+    prompt images through `model.encode_image` -> `project_up`. Emu2's loop otherwise."""
+
+    name = "emu2-hub"
+    lm_path = "model.decoder.lm"
+    tokenizer_path = None
+    call = staticmethod(_tokenizer_argument_call)
+    required = ["n_query", "model.encode_image", "project_down", "project_up"]
+
+    def missing(self, model):
+        return EmuFamily.missing(self, model)
+
+    def head_name(self, model):
+        return "project_down"
+
+    def up_name(self, model):
+        return "project_up"
+
+    def encode_image(self, model, image):
+        return model.model.encode_image(image)
+
+
+FAMILIES: List[EmuFamily] = [Emu1(), Emu2(), Emu2Hub()]
 
 
 def family_named(name: str) -> EmuFamily:
@@ -150,12 +222,38 @@ def family_named(name: str) -> EmuFamily:
     raise ValueError(f"emu_fast: unknown Emu family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
 
 
+def is_emu_like(model) -> bool:
+    """Whether `model` holds a LLaMA where some family keeps one (an Emu model, or one that is
+    broken in another way: family_of says how), rather than being a LLaMA itself."""
+    return any(find(model, f.lm_path) is not None for f in FAMILIES)
+
+
 def family_of(model) -> EmuFamily:
-    """The family `model` belongs to; TypeError saying what each family would need otherwise."""
-    reasons = []
+    """The family `model` belongs to; TypeError saying what each family would need otherwise
+    (the closest first: a model of a known class with a part missing is told that part)."""
+    lacking = {}
     for family in FAMILIES:
-        lacking = family.missing(model)
-        if not lacking:
+        lacking[family.name] = family.missing(model)
+        if not lacking[family.name]:
             return family
-        reasons.append(f"an {family.name.capitalize()}-style model (missing: {', '.join(lacking)})")
-    raise TypeError(f"emu_fast.accelerate: {type(model).__name__} is neither " + " nor ".join(reasons))
+    closest = sorted(lacking.items(), key=lambda item: len(item[1]))
+    reasons = "; ".join(f"as {name} it lacks {', '.join(paths)}" for name, paths in closest)
+    raise TypeError(f"emu_fast: {type(model).__name__} is not an Emu model emu_fast knows "
+                    f"({', '.join(f.name for f in FAMILIES)}): {reasons}")
+
+
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+    """The tokenizer has Emu's `[IMG]`, `[/IMG]` and `<image>` as single tokens within the
+    model's vocabulary, and pads (generate_image batches prompts of different lengths)."""
+    if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        raise TypeError(f"emu_fast: the tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    ids = tokenizer.convert_tokens_to_ids(list(EMU_TOKENS))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    lacking = [t for t, i in zip(EMU_TOKENS, ids) if i is None or i == unk or not 0 <= i < vocab_size]
+    if lacking:
+        raise ValueError(f"emu_fast: the tokenizer lacks Emu's {', '.join(lacking)} token(s) (within the model's "
+                         f"{vocab_size} embeddings); add them as Emu does: "
+                         "tokenizer.add_tokens(['[IMG]', '[/IMG]', '<image>'], special_tokens=True)")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError("emu_fast: the tokenizer has no pad token; Emu's is '[PAD]' "
+                         "(tokenizer.add_special_tokens({'pad_token': '[PAD]'}))")

@@ -28,7 +28,7 @@ from typing import Dict, NamedTuple, Union
 import torch
 from torch import nn
 
-from .families import family_of
+from .families import family_of, is_emu_like
 from .quantize import SCHEMES
 from .quantized_linear import decoder_linears, llama_of, quantization_of, replace_with_empty_
 
@@ -50,7 +50,7 @@ def _config_of(lm: nn.Module) -> Dict[str, object]:
 
 
 def _family_name(model) -> str:
-    if hasattr(model, "decoder") and hasattr(model.decoder, "lm"):
+    if is_emu_like(model):
         return family_of(model).name
     return "llama"
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.emu_fast.*)
-from .families import family_of
+from .families import family_of, is_emu_like
 from .model_checks import LAYER_LINEARS, check_weights_loaded
 from .packing import llama_body_of
 from .quantize import (DEFAULT_GROUP_SIZE, check_group_size, check_scheme, dequantize_int4, dequantize_int8,
@@ -177,12 +177,12 @@ def is_quantized(module) -> bool:
 def llama_of(model) -> nn.Module:
     """The Hugging Face LLaMA (LlamaForCausalLM or LlamaModel) inside an Emu1/Emu2 model, or
     the model itself when it is one."""
-    if hasattr(model, "decoder") and hasattr(model.decoder, "lm"):
-        family_of(model)  # TypeError saying what is missing, for an Emu-like model that is not one
-        return model.decoder.lm
+    if is_emu_like(model):
+        family = family_of(model)  # TypeError saying what is missing, for an Emu-like model that is not one
+        return family.lm(model)
     if hasattr(llama_body_of(model), "layers"):
         return model
-    raise TypeError(f"emu_fast: {type(model).__name__} is neither an Emu1/Emu2 model nor a Hugging Face LLaMA")
+    raise TypeError(f"emu_fast: {type(model).__name__} is neither an Emu model nor a Hugging Face LLaMA")
 
 
 def decoder_linears(model):

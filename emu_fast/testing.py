@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from emu_fast import reference
+from emu_fast import testing_hub_llama as hub_llama
 from emu_fast.families import DEFAULT_PLACEHOLDER, family_named, family_of
 
 VOCAB = 32004  # LLaMA's 32000 + [PAD], [IMG], [/IMG], <image>
@@ -119,6 +120,17 @@ class _Visual(nn.Module):
         return torch.cat([x.mean(1, keepdim=True), x], dim=1)
 
 
+def _encode_image(visual, image, n_query):
+    """Emu2's encode_image: the visual tokens (class token dropped) average-pooled to n_query."""
+    x = visual(image)[:, 1:, :]  # [N, 16, C]
+    b, n, c = x.shape
+    side = int(n ** 0.5)
+    x = x.permute(0, 2, 1).reshape(b, c, side, side)
+    stride = int(side // (n_query ** 0.5))
+    x = nn.functional.avg_pool2d(x, kernel_size=stride, stride=stride)
+    return x.reshape(b, c, -1).permute(0, 2, 1).contiguous()
+
+
 class _CFormer(nn.Module):
     """Stands in for Emu1's causal former: [N, P, width] -> [N, n_causal, hidden]."""
 
@@ -174,13 +186,7 @@ class TinyEmu2(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, image):
-        x = self.visual(image)[:, 1:, :]  # [N, 16, C]
-        b, n, c = x.shape
-        side = int(n ** 0.5)
-        x = x.permute(0, 2, 1).reshape(b, c, side, side)
-        stride = int(side // (self.n_query ** 0.5))
-        x = nn.functional.avg_pool2d(x, kernel_size=stride, stride=stride)
-        return x.reshape(b, c, -1).permute(0, 2, 1).contiguous()
+        return _encode_image(self.visual, image, self.n_query)
 
     def upstream_prompt_embeds(self, image):
         """Emu2/emu/emu.py: encode_image -> project_up."""
@@ -188,6 +194,77 @@ class TinyEmu2(nn.Module):
         return self.decoder.lm.project_up(x)
 
     generate_image = _upstream_generate_image
+
+
+class _EmuModel(nn.Module):
+    """The hub's EmuModel: `.visual` (EVA-CLIP there), `.decoder.lm`, `encode_image`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.visual = _Visual(config.d_model)
+        self.decoder = nn.Module()
+        self.decoder.lm = hub_llama.LlamaForCausalLM(config)
+        self.n_query = config.vision_config["n_query"]
+
+    @torch.no_grad()
+    def encode_image(self, image):
+        return _encode_image(self.visual, image, self.n_query)
+
+
+class TinyEmu2Hub(nn.Module):
+    """The hub class (BAAI/Emu2, Emu2-Gen's multimodal_encoder: `EmuForCausalLM` of the remote
+    code), restated: `.model` holds `.visual` and `.decoder.lm` (the remote code's own 4.31-era
+    LLaMA, emu_fast.hub_llama), `project_down` / `project_up`, `n_query` and `image_placeholder`
+    on this outer class, no tokenizer: `generate_image(text, tokenizer, image=None, placeholder)`."""
+
+    default_n = 16
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = _EmuModel(config)
+        self.project_down = nn.Linear(config.hidden_size, config.d_model, bias=False)
+        self.project_up = nn.Linear(config.d_model, config.hidden_size, bias=False)
+        self.n_query = config.vision_config["n_query"]
+        self.image_placeholder = "[IMG]" + "<image>" * self.n_query + "[/IMG]"
+
+    @torch.no_grad()
+    def generate_image(self, text, tokenizer, image=None, placeholder=DEFAULT_PLACEHOLDER):
+        """Upstream's loop, the tokenizer given (padding on its own side)."""
+        lm = self.model.decoder.lm
+        prompt = None
+        if image is not None:
+            prompt = self.project_up(self.model.encode_image(image))
+            prompt = prompt.reshape(-1, prompt.shape[-1])
+        return reference.upstream_generate_image(
+            body=_hf_body(lm), embed_tokens=lm.model.embed_tokens, tokenizer=tokenizer, texts=text, n=self.n_query,
+            image_placeholder=self.image_placeholder, regress=self.project_down, project_up=self.project_up,
+            prompt_image_embeds=prompt, placeholder=placeholder, device=lm.model.embed_tokens.weight.device)
+
+
+def tiny_emu2_hub_config(hidden=64, layers=2, heads=4, intermediate=96, n=16, d_model=40, vocab=VOCAB):
+    """The hub model's EmuConfig (LLaMA sizes, d_model, vision_config with n_query), tiny."""
+    return hub_llama.EmuConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                               num_hidden_layers=layers, num_attention_heads=heads, rms_norm_eps=1e-6,
+                               d_model=d_model, vision_config={"n_query": n, "v_query": n, "width": d_model})
+
+
+def tiny_emu2_hub(*, n=None, device=None, dtype=torch.float32, seed=0, init_std=0.05, **shape) -> TinyEmu2Hub:
+    """A tiny random hub-class Emu2 (its tokenizer comes separately: emu_tokenizer(padding_side=...))."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = TinyEmu2Hub(tiny_emu2_hub_config(n=n or TinyEmu2Hub.default_n, **shape)).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.normal_(0, init_std)
+    return model if device is None else model.to(device)
 
 
 def tiny_emu(kind: str = "emu1", *, n: Optional[int] = None, tokenizer=None, device=None, hidden: int = 64,

@@ -116,7 +116,7 @@ def test_peak_memory_after_accelerate(emu_tokenizer):
 
 
 def test_not_an_emu_model_is_a_type_error():
-    with pytest.raises(TypeError, match="neither an Emu1-style model .*missing: .*decoder.lm.model.layers"):
+    with pytest.raises(TypeError, match="not an Emu model emu_fast knows .*as emu1 it lacks .*decoder.lm.model.layers"):
         emu_fast.accelerate(torch.nn.Linear(2, 2))
 
 

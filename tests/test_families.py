@@ -5,7 +5,7 @@ import torch
 
 import emu_fast
 from emu_fast import families
-from emu_fast.testing import rel_err, tiny_emu
+from emu_fast.testing import rel_err, tiny_emu, tiny_emu2_hub
 
 
 @pytest.mark.parametrize("kind,n,padding,out_dim", [("emu1", 8, "right", 64), ("emu2", 16, "left", 40)])
@@ -62,6 +62,13 @@ def test_a_third_variant_is_one_class(monkeypatch):
 
 
 def test_not_an_emu_model_names_what_each_family_lacks():
-    with pytest.raises(TypeError, match=r"neither an Emu1-style model \(missing: decoder.lm.model.layers.*"
-                                        r"nor an Emu2-style model \(missing: .*project_up, project_down\)"):
+    with pytest.raises(TypeError, match=r"Linear is not an Emu model emu_fast knows \(emu1, emu2, emu2-hub\): "
+                                        r"as emu1 it lacks decoder.lm.model.layers.*as emu2 it lacks .*n_query"):
         families.family_of(torch.nn.Linear(2, 2))
+
+
+def test_a_known_class_missing_a_part_is_told_that_part_first():
+    model = tiny_emu2_hub()
+    del model.project_up
+    with pytest.raises(TypeError, match=r"TinyEmu2Hub is not an Emu model .*: as emu2-hub it lacks project_up;"):
+        families.family_of(model)
