@@ -1,7 +1,7 @@
 """emu_fast: KV-cached, fused-kernel generation of Emu's image embeddings.
 
     import emu_fast
-    emu_fast.accelerate(model)           # an Emu1- or Emu2-style model
+    emu_fast.accelerate(model)           # Emu1, Emu2 (native or hub class), or the Emu2-Gen pipeline
     embeds = model.generate_image(["a photo of a cat"])   # same tensor, many times faster
 
 For embedding in other services: emu_fast.EmuDecoder (prefill / step / reset) and the
@@ -12,7 +12,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C, ops, reference  # noqa: F401
 from .accelerate import accelerate
 from .decoder import EmuDecoder
+from .families import family_of
 from .ops import quantized_activations, set_quantized_activations
 
-__all__ = ["accelerate", "EmuDecoder", "ops", "reference", "set_quantized_activations", "quantized_activations"]
+__all__ = ["accelerate", "EmuDecoder", "family_of", "ops", "reference", "set_quantized_activations", "quantized_activations"]
 __version__ = "0.1.0"

@@ -17,6 +17,8 @@ done
 have transformers || missing+=("transformers==5.24.0")
 # Hugging Face accelerate: the device_map placement the Emu2 README loads with (tests/test_device_map.py).
 have accelerate || missing+=("accelerate==1.15.0")
+# diffusers: the Emu2-Gen pipeline stand-in (tests/test_hub_class.py) is a DiffusionPipeline.
+have diffusers || missing+=("diffusers==0.42.1")
 # ninja and cmake may come as commands (system packages) or as the PyPI wheels of that name.
 for tool in ninja cmake; do
   command -v "$tool" >/dev/null 2>&1 || have "$tool" || missing+=("$tool")

@@ -72,3 +72,16 @@ def test_a_known_class_missing_a_part_is_told_that_part_first():
     del model.project_up
     with pytest.raises(TypeError, match=r"TinyEmu2Hub is not an Emu model .*: as emu2-hub it lacks project_up;"):
         families.family_of(model)
+
+
+def test_every_family_is_documented():
+    """The checklist in docs/model-classes.md: each family has a row there and in the README."""
+    from helpers import ROOT
+
+    doc = (ROOT / "docs" / "model-classes.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for family in families.FAMILIES:
+        assert f"| `{family.name}` |" in doc, family.name
+    assert "emu_fast.accelerate(pipe)" in readme and "AutoModelForCausalLM" in readme
+    assert len([line for line in readme.splitlines() if line.startswith("| ") and "emu_fast.accelerate(" in line]) \
+        >= len(families.FAMILIES)
