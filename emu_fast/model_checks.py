@@ -16,6 +16,8 @@ from typing import Iterator, Tuple
 import torch
 from torch import nn
 
+from .families import find
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Quantized replacements of nn.Linear (bitsandbytes, auto-gptq, autoawq, optimum-quanto, hqq);
 # some subclass nn.Linear, so the class is checked before isinstance.
@@ -25,14 +27,6 @@ QUANTIZED_WEIGHTS = {"Params4bit", "Int8Params", "QTensor", "QBytesTensor"}
 
 LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def _get(module: nn.Module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
 
 
 def check_linear(module, name: str) -> torch.Tensor:
@@ -57,7 +51,7 @@ def layer_linears(body: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """(name, module) of every projection of every decoder layer, named as in the state dict."""
     for i, layer in enumerate(body.layers):
         for path in LAYER_LINEARS:
-            yield f"model.layers.{i}.{path}", _get(layer, path)
+            yield f"model.layers.{i}.{path}", find(layer, path)
 
 
 def check_llama_modules(body: nn.Module) -> None:

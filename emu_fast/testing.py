@@ -277,6 +277,9 @@ def tiny_emu(kind: str = "emu1", *, n: Optional[int] = None, tokenizer=None, dev
     lm = tiny_llama(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
                     seed=seed, dtype=dtype, init_std=init_std)
     tok = tokenizer if tokenizer is not None else emu_tokenizer()
+    if family.name not in TINY_MODELS:
+        raise ValueError(f"emu_fast.testing: tiny_emu builds {', '.join(TINY_MODELS)}; the hub class (no tokenizer "
+                         "of its own) is tiny_emu2_hub()")
     cls = TINY_MODELS[family.name]
     model = cls(tok, lm, **{family.n_attribute: n or cls.default_n})
     return model if device is None else model.to(device)
