@@ -283,6 +283,28 @@ def test_float32_inputs_near_the_top_of_float32_range():
     check_against_reference(ops.gemv_int8(x, q8, s8), x, dequantize_int8(q8, s8))
 
 
+@pytest.mark.parametrize("big", [1e6, 1e8, 1e30])
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_float32_int4_input_huge_where_its_weight_is_zero(big, G):
+    """One input huge beside the others, whose weight is 0 in every row, adds nothing: the int4
+    kernels take nibble - 8 before the product. (The rewrite sum (u - 8) x = sum u x - 8 sum x
+    put it into two float32 sums whose difference lost the rest: at 1e6 an output off by ~1e-2,
+    at 1e8 zero.) The bound is check_against_reference's, |x| @ |w| with the huge input's weight
+    0: float32 rounding of the others only. Every ISA; 1e30 also passes the large-input scaling."""
+    B, K, N = 3, 300, 9
+    w = weight(N, K, seed=1)
+    w[:, [5, 130]] = 0          # int4 value 0 (nibble 8) and int8 0 in every row
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(2))
+    x[:, 5] = big
+    x[1, 130] = -big            # a second group, the other sign
+    (q8, s8), (q4, s4) = quantize_int8(w), quantize_int4(w, G)
+    for isa in available_isas():
+        y8 = with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int8(x, q8, s8)))
+        y4 = with_isa(isa, lambda: with_input("float32", lambda: ops.gemv_int4(x, q4, s4, G)))
+        check_against_reference(y8, x, dequantize_int8(q8, s8))
+        check_against_reference(y4, x, dequantize_int4(q4, s4, K, G))
+
+
 # ------------------------------------------------------------------------------ int8 inputs (opt-in)
 # emu_fast.set_quantized_activations("int8"): every block of 128 inputs rounded to int8 multiples of
 # its step (emu_fast.quantize.round_inputs_to_int8); held, like int16, to the exact oracle above.

@@ -7,10 +7,12 @@
 // against the same inputs at once (independent FMA chains; each input load feeds every row),
 // and for batch > 1 those rows stay in L1 while each batch row passes over them.
 //
-// int4 drops the "- 8" of each nibble from the inner loop: per group,
+// int4 takes the "- 8" of each nibble in the inner loop, in integers before the convert (one
+// subtract per vector of 8 or 16 weights). Not the cheaper rewrite
 //   sum (u - 8) x = sum u x - 8 sum x,
-// so the loop multiply-adds the raw nibbles u and each row subtracts 8 * sum_g scale_g * xsum_g
-// once at the end, xsum_g being the sum of x over group g (computed once per call).
+// which cancels catastrophically: one input huge beside the others (1e8) whose weight is 0
+// enters both float32 sums and leaves nothing of the rest. The integer-input paths
+// (quantized_gemv_int16 / _int8_input) may subtract offsets: their block sums are exact integers.
 #include "kernels/quantized_gemv.h"
 
 #include "kernels/gemv.h"
@@ -36,23 +38,7 @@ constexpr int kRows = 4;
 std::atomic<int> g_isa_override{-1};
 std::atomic<int> g_input_override{-1};
 
-// xsum[b * groups + g] = sum of x[b, k] over group g (x rows of length ldx, zero past k_dim), in
-// this thread's buffer (kept between calls: no allocation on the step's path).
-const float* group_sums(const float* x, int64_t batch, int64_t ldx, int64_t k_dim, int64_t group) {
-  const int64_t groups = int4_groups(k_dim, group);
-  thread_local std::vector<float> xsum;
-  xsum.resize(batch * groups);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k1 = std::min(k_dim, (g + 1) * group);
-      float s = 0.f;
-      for (int64_t k = g * group; k < k1; ++k) s += x[b * ldx + k];
-      xsum[b * groups + g] = s;
-    }
-  return xsum.data();
-}
-
-// The float32-input products sum raw weights (int8 up to 127, int4 nibbles up to 15) times x
+// The float32-input products sum raw weights (int8 up to 127, int4 up to 8) times x
 // before any scale is applied, so inputs near float32's top (|x| ~ 1e36) would overflow where
 // the product itself does not. Such x (largest |x| at least 2^64, every input finite) is scaled
 // down by a power of two first and the outputs up again: exact both ways, but for inputs below
@@ -83,13 +69,6 @@ TamedInputs tame_large_inputs(const float* x, int64_t n) {
   return {scaled.data(), std::ldexp(1.f, s)};
 }
 
-// 8 * sum_g scale_g * xsum_g: what the nibbles' offset adds to one output.
-inline float int4_offset(const float* srow, const float* xs, int64_t groups) {
-  float s = 0.f;
-  for (int64_t g = 0; g < groups; ++g) s += srow[g] * xs[g];
-  return 8.f * s;
-}
-
 // The blocks of kInt4Block values group g spans, in a row padded to int4_padded_k(k_dim).
 inline void group_blocks(int64_t g, int64_t group, int64_t k_pad, int64_t* j0, int64_t* j1) {
   *j0 = g * group / kInt4Block;
@@ -117,8 +96,8 @@ void int8_portable(const int8_t* q, const float* scales, const float* x, float* 
   }
 }
 
-void int4_portable(const uint8_t* q, const float* scales, int64_t group, const float* x, const float* xsum,
-                   float* y, int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
+void int4_portable(const uint8_t* q, const float* scales, int64_t group, const float* x, float* y, int64_t batch,
+                   int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
   const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), half = kInt4Block / 2;
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = q + n * (k_pad / 2);
@@ -134,13 +113,14 @@ void int4_portable(const uint8_t* q, const float* scales, int64_t group, const f
           const uint8_t* bytes = row + j * half;
           const float* xj = xb + j * kInt4Block;
           for (int i = 0; i < half; ++i)
-            acc[i] += static_cast<float>(bytes[i] & 15) * xj[i] + static_cast<float>(bytes[i] >> 4) * xj[half + i];
+            acc[i] += static_cast<float>((bytes[i] & 15) - 8) * xj[i] +
+                      static_cast<float>((bytes[i] >> 4) - 8) * xj[half + i];
         }
         float s = 0.f;
         for (int i = 0; i < half; ++i) s += acc[i];
         total += srow[g] * s;
       }
-      y[b * ldy + n] = total - int4_offset(srow, xsum + b * groups, groups);
+      y[b * ldy + n] = total;
     }
   }
 }
@@ -190,10 +170,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void int8_avx512(
 // One block of 32 nibbles (16 bytes) widened: low nibbles = values 0..15, high = 16..31.
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void int4_avx512_block(
-    const uint8_t* q, const float* scales, int64_t group, const float* x, const float* xsum, float* y,
+    const uint8_t* q, const float* scales, int64_t group, const float* x, float* y,
     int64_t batch, int64_t k_dim, int64_t ldy, int64_t n) {
   const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), row_bytes = k_pad / 2;
-  const __m512i low = _mm512_set1_epi32(15);
+  const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
   const uint8_t* r[R];
   for (int i = 0; i < R; ++i) r[i] = q + (n + i) * row_bytes;
   for (int64_t b = 0; b < batch; ++b) {
@@ -211,8 +191,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void int4_avx512_blo
         for (int i = 0; i < R; ++i) {
           const __m512i v =
               _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[i] + j * 16)));
-          acc_lo[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), x_lo, acc_lo[i]);
-          acc_hi[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), x_hi, acc_hi[i]);
+          const __m512i w_lo = _mm512_sub_epi32(_mm512_and_si512(v, low), eight);
+          const __m512i w_hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight);
+          acc_lo[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w_lo), x_lo, acc_lo[i]);
+          acc_hi[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w_hi), x_hi, acc_hi[i]);
         }
       }
       for (int i = 0; i < R; ++i)
@@ -220,18 +202,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void int4_avx512_blo
                                    _mm512_set1_ps(scales[(n + i) * groups + g]), total[i]);
     }
     for (int i = 0; i < R; ++i)
-      y[b * ldy + n + i] =
-          _mm512_reduce_add_ps(total[i]) - int4_offset(scales + (n + i) * groups, xsum + b * groups, groups);
+      y[b * ldy + n + i] = _mm512_reduce_add_ps(total[i]);
   }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void int4_avx512(
-    const uint8_t* q, const float* scales, int64_t group, const float* x, const float* xsum, float* y,
+    const uint8_t* q, const float* scales, int64_t group, const float* x, float* y,
     int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
   for (; n + kRows <= n_end; n += kRows)
-    int4_avx512_block<kRows>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
-  for (; n < n_end; ++n) int4_avx512_block<1>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n);
+    int4_avx512_block<kRows>(q, scales, group, x, y, batch, k_dim, ldy, n);
+  for (; n < n_end; ++n) int4_avx512_block<1>(q, scales, group, x, y, batch, k_dim, ldy, n);
 }
 
 // ---------------------------------------------------------------- AVX2 + FMA: 8 floats a vector
@@ -293,11 +274,11 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const int8_t* q, const float*
 // a vector total, reduced once a row; the group's lines of a later block are prefetched first.
 template <int R>
 __attribute__((target("avx2,fma"))) inline void int4_avx2_block(const uint8_t* q, const float* scales, int64_t group,
-                                                                const float* x, const float* xsum, float* y,
+                                                                const float* x, float* y,
                                                                 int64_t batch, int64_t k_dim, int64_t ldy, int64_t n, bool prefetch) {
   const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), row_bytes = k_pad / 2;
   const int64_t pfd = gemv_prefetch_distance(R * row_bytes);
-  const __m256i low = _mm256_set1_epi32(15);
+  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
   const uint8_t* r[R];
   for (int i = 0; i < R; ++i) r[i] = q + (n + i) * row_bytes;
   for (int64_t b = 0; b < batch; ++b) {
@@ -321,8 +302,10 @@ __attribute__((target("avx2,fma"))) inline void int4_avx2_block(const uint8_t* q
           for (int i = 0; i < R; ++i) {
             const __m256i v =
                 _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r[i] + j * 16 + h * 8)));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), x_lo, acc[i]);
-            acc2[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x_hi, acc2[i]);
+            const __m256i w_lo = _mm256_sub_epi32(_mm256_and_si256(v, low), eight);
+            const __m256i w_hi = _mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w_lo), x_lo, acc[i]);
+            acc2[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(w_hi), x_hi, acc2[i]);
           }
         }
       }
@@ -331,17 +314,17 @@ __attribute__((target("avx2,fma"))) inline void int4_avx2_block(const uint8_t* q
                                    total[i]);
     }
     for (int i = 0; i < R; ++i)
-      y[b * ldy + n + i] = hsum8(total[i]) - int4_offset(scales + (n + i) * groups, xsum + b * groups, groups);
+      y[b * ldy + n + i] = hsum8(total[i]);
   }
 }
 
 __attribute__((target("avx2,fma"))) void int4_avx2(const uint8_t* q, const float* scales, int64_t group,
-                                                   const float* x, const float* xsum, float* y, int64_t batch,
+                                                   const float* x, float* y, int64_t batch,
                                                    int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
   for (; n + kRows <= n_end; n += kRows)
-    int4_avx2_block<kRows>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n, true);
-  for (; n < n_end; ++n) int4_avx2_block<1>(q, scales, group, x, xsum, y, batch, k_dim, ldy, n, false);
+    int4_avx2_block<kRows>(q, scales, group, x, y, batch, k_dim, ldy, n, true);
+  for (; n < n_end; ++n) int4_avx2_block<1>(q, scales, group, x, y, batch, k_dim, ldy, n, false);
 }
 
 #endif  // EMU_X86
@@ -433,13 +416,12 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
     }
   }
   const TamedInputs in = tame_large_inputs(x, batch * k_pad);
-  const float* xsum = group_sums(in.x, batch, k_pad, k_dim, group);
   switch (isa) {
 #ifdef EMU_X86
-    case Isa::kAvx512: int4_avx512(q, scales, group, in.x, xsum, y, batch, k_dim, ldy, n_begin, n_end); break;
-    case Isa::kAvx2: int4_avx2(q, scales, group, in.x, xsum, y, batch, k_dim, ldy, n_begin, n_end); break;
+    case Isa::kAvx512: int4_avx512(q, scales, group, in.x, y, batch, k_dim, ldy, n_begin, n_end); break;
+    case Isa::kAvx2: int4_avx2(q, scales, group, in.x, y, batch, k_dim, ldy, n_begin, n_end); break;
 #endif
-    default: int4_portable(q, scales, group, in.x, xsum, y, batch, k_dim, ldy, n_begin, n_end);
+    default: int4_portable(q, scales, group, in.x, y, batch, k_dim, ldy, n_begin, n_end);
   }
   in.restore(y, batch, ldy, n_begin, n_end);
 }
