@@ -305,6 +305,30 @@ def test_float32_int4_input_huge_where_its_weight_is_zero(big, G):
         check_against_reference(y4, x, dequantize_int4(q4, s4, K, G))
 
 
+@pytest.mark.parametrize("G", [2 ** 63 - 32, 2 ** 63 - 64, 2 ** 62, 2 ** 40 + 32, 2 ** 24])
+@pytest.mark.parametrize("mode", ["float32", "int16", "int8"])
+def test_int4_group_longer_than_the_row(G, mode):
+    """A group at least as long as the row (any multiple of 32 up to int64's top) is one group a
+    row: scales [N, 1], computed as with any such group (ceil(K / G) used to overflow to 0 groups
+    near 2^63, so scales [N, 0] passed and the op gave zeros, or crashed under int8 inputs); [N, 0]
+    is refused naming the count. Every ISA and input mode; held to the reference (float32 inputs)
+    or to the rounded-input oracle (integer inputs, taken when G % 64 == 0)."""
+    B, K, N = 3, 72, 5
+    w = weight(N, K, seed=4)
+    q4, s4 = quantize_int4(w, 128)  # K <= 128: the same single group as any G >= K
+    assert s4.shape == (N, 1)
+    x = torch.randn(B, K, generator=torch.Generator().manual_seed(5))
+    w4 = dequantize_int4(q4, s4, K, 128)
+    for isa in available_isas():
+        y4 = with_isa(isa, lambda: with_input(mode, lambda: ops.gemv_int4(x, q4, s4, G)))
+        if mode == "float32" or G % 64:
+            check_against_reference(y4, x, w4)
+        else:
+            check_against_oracle(y4, ROUNDINGS[mode](x), w4)
+    with pytest.raises(ValueError, match=r"must have 1 groups per row \(72 inputs, group_size"):
+        ops.gemv_int4(x, q4, s4[:, :0].contiguous(), G)
+
+
 # ------------------------------------------------------------------------------ int8 inputs (opt-in)
 # emu_fast.set_quantized_activations("int8"): every block of 128 inputs rounded to int8 multiples of
 # its step (emu_fast.quantize.round_inputs_to_int8); held, like int16, to the exact oracle above.

@@ -57,7 +57,8 @@ at::Tensor quantized_gemv(const char* op, const at::Tensor& x_in, const at::Tens
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const uint8_t* q = ptr<uint8_t>(qweight);
     check_launch(int4 ? cuda::launch_quantized_gemv<Tt, true>(q, ptr<float>(scales), scales.size(1),
-                                                              static_cast<int>(group_size), ptr<Tt>(x), ldx,
+                                                              static_cast<int>(kernels::int4_kernel_group(K, group_size)),
+                                                              ptr<Tt>(x), ldx,
                                                               ptr<Tt>(out), N, B, static_cast<int>(K),
                                                               static_cast<int>(N), stream)
                       : cuda::launch_quantized_gemv<Tt, false>(q, ptr<float>(scales), 1, 0, ptr<Tt>(x), ldx,

@@ -28,7 +28,19 @@ constexpr int64_t kInt4Block = 32;
 
 inline int64_t int4_padded_k(int64_t k_dim) { return (k_dim + kInt4Block - 1) / kInt4Block * kInt4Block; }
 inline int64_t int4_row_bytes(int64_t k_dim) { return int4_padded_k(k_dim) / 2; }
-inline int64_t int4_groups(int64_t k_dim, int64_t group) { return (k_dim + group - 1) / group; }
+// ceil(k_dim / group), without forming k_dim + group - 1: a group near 2^63 (a multiple of 32,
+// so accepted) is one group a row, not an overflow to 0 groups.
+inline int64_t int4_groups(int64_t k_dim, int64_t group) { return k_dim <= 0 ? 0 : (k_dim - 1) / group + 1; }
+
+// What the kernels may be given for `group`: itself when shorter than the row; a group at least
+// as long as the row (any size up to int64's top) is one group a row, and becomes the padded row
+// rounded up to 128 plus group % 128. That fits in int wherever k_dim does (the CUDA launchers
+// take int), and keeps group % 64 and group % 128, on which the paths depend (integer inputs,
+// the tensor-core kernel), so every path computes as it would with `group` itself.
+inline int64_t int4_kernel_group(int64_t k_dim, int64_t group) {
+  if (group < k_dim) return group;
+  return (int4_padded_k(k_dim) + 127) / 128 * 128 + group % 128;
+}
 
 // How the products take their inputs x.
 //  kFloat32: as given; each weight is widened to float32 and multiply-added in float32.
