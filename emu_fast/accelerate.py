@@ -18,6 +18,7 @@ import torch
 
 from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
 from .families import EmuFamily, check_tokenizer, family_of
+from .prompts import check_request, embed_prompts
 from .model_checks import check_linear, check_weights_loaded
 from .packing import llama_body_of
 from .quantized_linear import prepare_quantization, quantized_buffers, resolve_device
@@ -142,44 +143,21 @@ def _method_for(family: EmuFamily):
 
 @torch.no_grad()
 def _generate_image(self, text, tokenizer, image: Optional[torch.Tensor], placeholder: str) -> torch.Tensor:
-    if isinstance(text, str) or not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
-        raise TypeError("emu_fast: generate_image takes a list of prompt strings")
-    if len(text) == 0:
-        raise ValueError("emu_fast: generate_image got an empty list of prompts")
-    if not isinstance(placeholder, str) or not placeholder:
-        raise TypeError(f"emu_fast: placeholder must be a non-empty string, got {placeholder!r}")
+    text = check_request(text, placeholder)
     if image is not None and not isinstance(image, torch.Tensor):
         raise TypeError(f"emu_fast: prompt images must be a tensor [N, 3, H, W], got {type(image).__name__}")
     decoder: EmuDecoder = self.emu_fast_decoder
     family: EmuFamily = self._emu_fast_family
-    lm = family.lm(self)
     if _weight_addresses(self, family) != self._emu_fast_weights:
         raise RuntimeError("emu_fast: the model's weights were replaced or moved after emu_fast.accelerate "
                            "(load_state_dict(assign=True), .to(), ...); call emu_fast.accelerate(model) again")
     if decoder.max_batch is not None and len(text) > decoder.max_batch:
         raise ValueError(f"emu_fast: {len(text)} prompts exceed the decoder's max_batch of {decoder.max_batch} "
                          f"(pass a larger max_batch to emu_fast.accelerate)")
-    table = lm.model.embed_tokens.weight
-    check_tokenizer(tokenizer, table.shape[0])
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-
-    # Tokenize once: the prompt (placeholders expanded) and the trailing [IMG], padded on the
-    # tokenizer's own side, as upstream's loop pads. Every later step appends one slot whose
-    # input is the previous output, so the cache covers the rest.
-    tok = tokenizer(family.prompt_texts(self, list(text), placeholder), padding="longest", return_tensors="pt")
-    ids = tok.input_ids.to(table.device)
-    mask = tok.attention_mask
-
-    n_slots = int((ids == image_id).sum())
-    if image is not None:
-        vectors = family.prompt_image_embeds(self, image).to(table.dtype)
-        if vectors.shape[0] != n_slots:
-            raise ValueError(
-                f"emu_fast: the prompts have {n_slots} <image> slots but the prompt images give "
-                f"{vectors.shape[0]} vectors ({image.shape[0]} image(s) x {vectors.shape[0] // max(1, image.shape[0])})")
-        embeds = torch.ops.emu_fast.splice_embeddings(ids, table.detach(), vectors, image_id)
-    else:
-        # Upstream leaves the <image> token's own embedding in unfilled prompt slots.
-        embeds = torch.ops.emu_fast.splice_embeddings(ids, table.detach(), table.new_empty(0, table.shape[1]), -1)
+    table = family.lm(self).model.embed_tokens.weight
+    vectors = None if image is None else family.prompt_image_embeds(self, image)
+    # Tokenized once: every later step appends one slot whose input is the previous output, so
+    # the cache covers the rest of upstream's loop.
+    embeds, mask = embed_prompts(tokenizer, table, text, self.image_placeholder, placeholder, vectors)
     # A split model: prompts go in on the first layer's device, outputs come out on the head's.
     return decoder.generate(embeds.to(decoder.input_device), mask, self._emu_fast_n)
