@@ -13,7 +13,8 @@ from . import _C, ops, reference  # noqa: F401
 from .accelerate import accelerate
 from .decoder import EmuDecoder
 from .families import family_of
+from .loading import EmuGenerator, from_pretrained
 from .ops import quantized_activations, set_quantized_activations
 
-__all__ = ["accelerate", "EmuDecoder", "family_of", "ops", "reference", "set_quantized_activations", "quantized_activations"]
+__all__ = ["accelerate", "EmuDecoder", "EmuGenerator", "family_of", "from_pretrained", "ops", "reference", "set_quantized_activations", "quantized_activations"]
 __version__ = "0.1.0"
