@@ -339,3 +339,29 @@ def test_multi_shard_load_holds_about_one_shard_plus_one_layer(tmp_path):
           f"{transient / 2**20:.0f} MB (bound {(largest + float_layer) / 2**20 + 64:.0f} MB)")
     assert transient <= largest + float_layer + (64 << 20)
     assert transient < total  # the bound above is not the whole checkpoint
+
+
+def test_quantized_load_holds_one_float_projection_on_the_device_at_a_time(tmp_path, monkeypatch):
+    """The device-memory claim without a device: every float projection moved to the target is
+    dead (quantized and freed) before the next one arrives, so the device holds the result plus
+    one float projection at most, never a float layer."""
+    import weakref
+
+    from emu_fast import loading
+
+    model = tiny_emu2_hub(n=16, hidden=128, intermediate=192, layers=3)
+    root = hub_folder(tmp_path, model)
+    alive, seen = [], [0]
+    put = loading._Slots.put_projection
+
+    def watched(self, i, param, w):
+        assert all(ref() is None for ref in alive), "a float projection outlived its quantization"
+        alive.append(weakref.ref(w))
+        seen[0] += 1
+        return put(self, i, param, w)
+
+    monkeypatch.setattr(loading._Slots, "put_projection", watched)
+    gen = emu_fast.from_pretrained(root, dtype=torch.float32, weights="int4", group_size=64)
+    assert seen[0] == 3 * 7 and all(ref() is None for ref in alive)
+    assert all(t.dtype in (torch.uint8, torch.float32) for layer in gen._tensors["slots"].decoder_layers()
+               for t in layer[1:3] + layer[4:])
