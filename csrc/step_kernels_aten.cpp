@@ -4,6 +4,7 @@
 // whole cache capacity under a length mask), so a CUDA graph captures it like the custom step.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -141,7 +142,9 @@ at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales
   const at::Tensor u = at::cat({at::bitwise_and(b, 15), at::bitwise_right_shift(b, 4)}, 2)
                            .reshape({N, blocks * 32})
                            .narrow(1, 0, in_features);
-  const at::Tensor per_input = scales.repeat_interleave(group_size, 1).narrow(1, 0, in_features);
+  // A group at least as long as the row is the row's one group: repeated in_features times, not
+  // group_size times (which may be near 2^63).
+  const at::Tensor per_input = scales.repeat_interleave(std::min(group_size, in_features), 1).narrow(1, 0, in_features);
   return ((u.to(at::kFloat) - 8.0) * per_input).to(dtype);
 }
 

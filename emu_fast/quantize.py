@@ -12,7 +12,8 @@ int8, symmetric per output channel (row):
 
 int4, symmetric group-wise along the input dimension (groups of `group_size` consecutive
 inputs of one row, default 128, a multiple of 32; the last group of a row is shorter when
-K % group_size != 0):
+K % group_size != 0, and a group_size of at least K makes the row one group, whatever its size:
+scales [N, 1], nothing padded to the group):
     scale[n, g] = max_{k in g} |w[n, k]| / 7                (float32)
     q[n, k]     = clamp(round(w[n, k] / scale[n, g]), -7, 7)  (values in [-7, 7]; -8 is never written)
     w'[n, k]    = q[n, k] * scale[n, k // group_size]
@@ -60,10 +61,18 @@ def _check_weight(fn: str, w: torch.Tensor) -> None:
         raise ValueError(f"emu_fast.{fn}: the weight has inf or NaN entries; they cannot be quantized")
 
 
+MAX_GROUP_SIZE = 2 ** 63 - INT4_BLOCK   # the largest multiple of 32 the kernels' int64 holds
+
+
 def check_group_size(group_size: int, fn: str = "quantize_int4") -> int:
+    """group_size as given: a positive multiple of 32 up to MAX_GROUP_SIZE. A group at least as
+    long as a row is that row's one group (nothing is padded to the group)."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 \
             or group_size % INT4_BLOCK != 0:
         raise ValueError(f"emu_fast.{fn}: group_size must be a positive multiple of {INT4_BLOCK}, got {group_size!r}")
+    if group_size > MAX_GROUP_SIZE:
+        raise ValueError(f"emu_fast.{fn}: group_size must be at most 2**63 - {INT4_BLOCK} (any group at least as "
+                         f"long as a row is one group a row), got {group_size!r}")
     return group_size
 
 
@@ -147,11 +156,13 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
     for n0 in range(0, N, _ROWS_PER_CHUNK):
         rows = w[n0:n0 + _ROWS_PER_CHUNK].to(device).float()
         n = rows.shape[0]
-        padded = rows.new_zeros(n, G * group_size)
+        # A group at least as long as the row is the row (not padded to the group's length).
+        span = K if G == 1 else group_size
+        padded = rows.new_zeros(n, G * span)
         padded[:, :K] = rows
-        grouped = padded.view(n, G, group_size)
+        grouped = padded.view(n, G, span)
         q, scale = _symmetric(grouped, grouped.abs().amax(dim=2, keepdim=True), INT4_MAX)
-        qweight[n0:n0 + n] = pack_int4(q.view(n, G * group_size)[:, :K].to(torch.int8))
+        qweight[n0:n0 + n] = pack_int4(q.view(n, G * span)[:, :K].to(torch.int8))
         scales[n0:n0 + n] = scale[:, :, 0]
     return qweight, scales
 
@@ -161,7 +172,8 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, in_features: in
     """The weight gemv_int4 computes with: value * scale of its group, in float32, then `dtype`."""
     check_group_size(group_size, "dequantize_int4")
     q = unpack_int4(qweight, in_features).float()
-    per_input = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
+    # min: a group at least as long as the row is the row's one group
+    per_input = scales.float().repeat_interleave(min(group_size, in_features), dim=1)[:, :in_features]
     return (q * per_input).to(dtype)
 
 

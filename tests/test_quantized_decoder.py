@@ -241,6 +241,37 @@ def test_save_load_accelerate_same_output(emu_tokenizer, tmp_path, kind, scheme)
     assert torch.equal(other.generate_image(texts), expected)
 
 
+@pytest.mark.parametrize("group", [2 ** 24, 2 ** 40 + 32, 2 ** 63 - 32])
+def test_int4_group_longer_than_every_row(emu_tokenizer, tmp_path, group):
+    """A group_size at least as long as every projection's row (hidden 64, intermediate 128) is
+    one group a row: scales [N, 1], nothing padded to the group (2**24 padded each row to it,
+    over 5 GiB for a 64 x 64 projection; 2**40 failed in the allocator). It computes as any
+    group longer than the rows with the same remainder mod 128 (which picks the kernels' paths):
+    bit for bit against group 128 + group % 128, through quantize_decoder_linears_, accelerate
+    (its self-check passes) and save -> load, whose metadata keeps group_size as given."""
+    kw = dict(tokenizer=emu_tokenizer, hidden=64, intermediate=128)
+    base = _model("emu2", **kw)
+    same = 128 + group % 128
+    direct = ql.quantize_decoder_linears_(copy.deepcopy(base), "int4", group)
+    ref = ql.quantize_decoder_linears_(copy.deepcopy(base), "int4", same)
+    for m, r in zip(_linears(direct), _linears(ref)):
+        assert m.group_size == group and m.scales.shape == (m.out_features, 1)
+        assert torch.equal(m.qweight, r.qweight) and torch.equal(m.scales, r.scales)
+    model = emu_fast.accelerate(copy.deepcopy(base), weights="int4", group_size=group)
+    expected = emu_fast.accelerate(copy.deepcopy(base), weights="int4", group_size=same).generate_image(TEXTS[:2])
+    dec = model.emu_fast_decoder
+    assert dec.group_size == group
+    assert torch.equal(model.generate_image(TEXTS[:2]), expected)
+    assert dec.kernels == "custom" and dec.fallback_reason == ""
+    path = tmp_path / "q.safetensors"
+    save_quantized(model, path)
+    fresh = load_quantized(_model("emu2", seed=7, **kw), path)
+    assert ql.quantization_of(fresh) == ("int4", group)
+    assert torch.equal(emu_fast.accelerate(fresh).generate_image(TEXTS[:2]), expected)
+    with pytest.raises(ValueError, match=r"group_size must be at most 2\*\*63 - 32 .*got 9223372036854775808"):
+        emu_fast.accelerate(copy.deepcopy(base), weights="int4", group_size=2 ** 63)
+
+
 # ------------------------------------------------------------------------------ the self-check
 
 
