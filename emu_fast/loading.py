@@ -418,6 +418,33 @@ class _Slots:
         return out
 
 
+def estimate_bytes(config: dict, *, dtype: torch.dtype = torch.bfloat16, weights: Optional[str] = None,
+                   group_size: Optional[int] = None, head_dim_out: int = 0) -> Dict[str, int]:
+    """What from_pretrained keeps on the device for a language model of this config, in bytes:
+    "layers" (the decoder layers' projections, quantized as asked, and norms), "embed" (the
+    embedding table in `dtype`), "head" (final norm, regression head [head_dim_out, hidden] and,
+    for Emu2, project_up, in `dtype`), and "float_layer" (one layer's projections in `dtype`; a
+    quantized load holds one projection of it at a time beside the result)."""
+    shape = _Shape.of(config, Path("<config>"))
+    size = torch.empty(0, dtype=dtype).element_size()
+    kv = shape.kv_heads * shape.head_dim
+    projections = [(shape.hidden + 2 * kv, shape.hidden), (shape.hidden, shape.hidden),
+                   (2 * shape.intermediate, shape.hidden), (shape.hidden, shape.intermediate)]
+    group = (group_size or DEFAULT_GROUP_SIZE) if weights == "int4" else None
+
+    def stored(rows, k):
+        if weights is None:
+            return rows * k * size
+        if weights == "int8":
+            return rows * k + rows * 4
+        return rows * int4_row_bytes(k) + rows * int4_groups(k, group) * 4
+
+    layer = sum(stored(r, k) for r, k in projections) + 2 * shape.hidden * size
+    float_layer = sum(r * k for r, k in projections) * size
+    return {"layers": shape.layers * layer, "embed": shape.vocab * shape.hidden * size,
+            "head": (shape.hidden + 2 * head_dim_out * shape.hidden) * size, "float_layer": float_layer}
+
+
 # ------------------------------------------------------------------------------------ the generator
 
 
@@ -708,10 +735,10 @@ def _place(t: torch.Tensor, role: str, slots: _Slots, other: Dict[str, torch.Ten
         slots.layers[i][base] = t.to(device=target, dtype=dtype, copy=True)
     elif kind == "weight":
         w = t.to(device=target, dtype=dtype)  # the model's dtype first: quantized as the loaded model would be
-        if slots.scheme is not None and not torch.isfinite(w).all():
-            raise CheckpointError(f"emu_fast.from_pretrained: {role} holds non-finite values; quantizing them "
-                                  "would give garbage")
-        slots.put_projection(i, base, w)
+        try:
+            slots.put_projection(i, base, w)  # the quantizer refuses non-finite weights
+        except ValueError as e:
+            raise CheckpointError(f"emu_fast.from_pretrained: {role}: {e}") from None
         del w
     else:
         if kind == "scales" and not (torch.isfinite(t).all() and (t >= 0).all()):

@@ -115,3 +115,20 @@ def test_quantized_gemv_benchmark_runs(monkeypatch, capsys, device):
     assert float(rows[0][2]) > float(rows[1][2]) > float(rows[2][2])  # bf16 > int8 > int4 bytes
     assert rows[3:] == [] or rows[3][2] == rows[2][2]  # the int8-activation row reads the same int4 bytes
     assert emu_fast.quantized_activations() == "auto"  # and puts the setting back
+
+
+def test_load_benchmark_runs(tmp_path):
+    """benchmarks/load.py --quick: both methods load the generated checkpoint to a decoder of the
+    same quantized weights, each in its own process, and the table and JSON report them."""
+    import subprocess
+
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "benchmarks/load.py", "--quick", "--json", str(out), "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^from_pretrained\s+[\d.]+", done.stdout, re.M)
+    assert re.search(r"^dispatch\+accelerate\s+[\d.]+", done.stdout, re.M)
+    result = json.loads(out.read_text())
+    runs = result["results"]
+    assert runs["from_pretrained"]["weight_bytes"] == runs["dispatch+accelerate"]["weight_bytes"] > 0
+    assert all(r["seconds"] > 0 and r["rss_peak"] >= r["rss_before"] for r in runs.values())

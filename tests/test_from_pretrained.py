@@ -365,3 +365,14 @@ def test_quantized_load_holds_one_float_projection_on_the_device_at_a_time(tmp_p
     assert seen[0] == 3 * 7 and all(ref() is None for ref in alive)
     assert all(t.dtype in (torch.uint8, torch.float32) for layer in gen._tensors["slots"].decoder_layers()
                for t in layer[1:3] + layer[4:])
+
+
+def test_non_finite_weight_is_refused_when_quantizing(tmp_path):
+    def poison(state, config):
+        state[LAYER0 + "mlp.down_proj.weight"][3, 5] = float("nan")
+
+    path = _single_hub_file(tmp_path, poison)
+    gen = emu_fast.from_pretrained(path, dtype=torch.float32)  # a float load takes the model as it is
+    assert gen.weights is None
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.down_proj\.weight: .*inf or NaN"):
+        emu_fast.from_pretrained(path, dtype=torch.float32, weights="int8")
