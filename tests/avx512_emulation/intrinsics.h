@@ -1,6 +1,6 @@
 // Portable stand-ins for the AVX-512 intrinsics that csrc/kernels/quantized_gemv_avx512.inc
 // uses, each following Intel's Intrinsics Guide operation for it, so that file's kernels run on
-// processors without AVX-512 (tests only; see README.md). Include instead of <immintrin.h>.
+// processors without AVX-512 (tests only; see docs/emulators.md). Include instead of <immintrin.h>.
 #pragma once
 #include <cmath>
 #include <cstdint>
