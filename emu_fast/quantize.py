@@ -8,7 +8,9 @@ int8, symmetric per output channel (row):
     scale[n] = max_k |w[n, k]| / 127                      (float32)
     q[n, k]  = clamp(round(w[n, k] / scale[n]), -127, 127)  (int8; round half to even)
     w'[n, k] = q[n, k] * scale[n]
-  A row of zeros gets scale 0 and q 0, and dequantizes to zeros (no NaN).
+  A row of zeros gets scale 0 and q 0, and dequantizes to zeros (no NaN). A scale is never
+  subnormal: one below 2^-126 (float32's smallest normal) is raised to it (MIN_SCALE); so every
+  scale is 0 or a normal positive float32, for int4 too, which is what load_quantized accepts.
 
 int4, symmetric group-wise along the input dimension (groups of `group_size` consecutive
 inputs of one row, default 128, a multiple of 32; the last group of a row is shorter when
@@ -76,10 +78,16 @@ def check_group_size(group_size: int, fn: str = "quantize_int4") -> int:
     return group_size
 
 
+# The smallest scale a nonzero row / group gets: float32's smallest normal number. Below it a
+# scale would be subnormal (amax < qmax * 2^-126, weights that are zero for any purpose), losing
+# bits of its own; the file loader refuses subnormal scales (quantized_io).
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
 def _symmetric(w: torch.Tensor, amax: torch.Tensor, qmax: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale) for float32 w with amax broadcastable to it: scale = amax / qmax, q rounded
-    and clamped to [-qmax, qmax]; where amax is 0, scale 0 and q 0."""
-    scale = amax / qmax
+    """(q, scale) for float32 w with amax broadcastable to it: scale = amax / qmax (at least
+    MIN_SCALE), q rounded and clamped to [-qmax, qmax]; where amax is 0, scale 0 and q 0."""
+    scale = torch.where(amax == 0, amax, (amax / qmax).clamp(min=MIN_SCALE))
     q = torch.round(w / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp_(-qmax, qmax)
     return q, scale
 

@@ -16,7 +16,9 @@ parts) are not in the file: they come from however the model is built.
 
 Loading checks the file before it changes the model: a file that is not safetensors (corrupt,
 truncated), not ours, of another version, or whose config, scheme, keys, shapes or dtypes do not
-match the model raises ValueError naming what differs. Then the model's decoder linears are
+match the model raises ValueError naming what differs; so do damaged metadata (a config that is
+not a JSON object, a bad int4 group_size) and scales that are NaN, inf, negative or subnormal
+(emu_fast.quantize writes 0 for an all-zero row or group, else a normal positive float32). Then the model's decoder linears are
 replaced by empty quantized modules (if not quantized yet) and every tensor is copied in.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from .families import family_of, is_emu_like
-from .quantize import SCHEMES
+from .quantize import MIN_SCALE, SCHEMES, check_group_size
 from .quantized_linear import decoder_linears, llama_of, quantization_of, replace_with_empty_
 
 FORMAT = "emu_fast.quantized"
@@ -110,9 +112,31 @@ def _read_metadata(f, path) -> Dict[str, object]:
                   "config": json.loads(meta["config"]), "family": meta["family"]}
     except (KeyError, ValueError) as e:
         _fail(path, f"damaged metadata ({type(e).__name__}: {e})")
+    if not isinstance(parsed["config"], dict):
+        _fail(path, f"damaged metadata (config is {type(parsed['config']).__name__} {meta['config']!r}, "
+                    "not a JSON object)")
     if parsed["scheme"] not in SCHEMES:
         _fail(path, f"unknown weight scheme {parsed['scheme']!r}; known: {', '.join(SCHEMES)}")
+    if parsed["scheme"] == "int4":
+        try:
+            check_group_size(parsed["group_size"], "load_quantized")
+        except ValueError as e:
+            _fail(path, f"damaged metadata ({e})")
     return parsed
+
+
+def _check_scales(f, path, keys) -> None:
+    """Every quantized module's scales are 0 (an all-zero row or group) or a normal positive
+    float32, as emu_fast.quantize writes them; NaN, inf, negative or subnormal ones would give
+    garbage outputs without a word, so the file is refused naming the tensor."""
+    for k in keys:
+        s = f.get_tensor(k)
+        bad = ~(torch.isfinite(s) & ((s == 0) | (s >= MIN_SCALE)))
+        if bool(bad.any()):
+            i = tuple(int(j) for j in bad.nonzero()[0])
+            _fail(path, f"{k} holds {int(bad.sum())} scales that are NaN, inf, negative or subnormal (first "
+                        f"{float(s[i])!r} at {list(i)}); scales are 0 (an all-zero row or group) or at least "
+                        f"{MIN_SCALE!r}")
 
 
 @torch.no_grad()
@@ -167,6 +191,9 @@ def _load(model, lm, f, path):
         file_shape, file_dtype = tuple(sl.get_shape()), sl.get_dtype()
         if file_shape != shape or _DTYPES.get(file_dtype) != dtype:
             _fail(path, f"{k} is {file_dtype} {list(file_shape)} in the file but {dtype} {list(shape)} in the model")
+
+    quantized = {name for name, _, _, _ in decoder_linears(model)}
+    _check_scales(f, path, sorted(k for k in keys if k.endswith(".scales") and k.rsplit(".", 1)[0] in quantized))
 
     if current is None:
         replace_with_empty_(model, scheme, group_size)

@@ -850,3 +850,57 @@ def test_load_rejects_bad_files(tmp_path, emu_tokenizer):
         load_quantized(q4, good)
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(target, tmp_path / "unquantized.safetensors")
+
+
+def test_load_rejects_damaged_metadata_and_bad_scales(tmp_path, emu_tokenizer):
+    """A config that is valid JSON but not an object, a bad int4 group_size, and scales that are
+    NaN, inf, negative or subnormal are refused with ValueError naming what (they raised
+    AttributeError, or loaded and gave garbage), the model unchanged. Scales of 0 load: the
+    quantizer writes them for an all-zero row or group."""
+    from safetensors.torch import save_file
+
+    q4 = quantize_decoder_linears_(tiny_emu("emu2", tokenizer=emu_tokenizer), weights="int4", group_size=32)
+    state = quantized_state_dict(q4)
+    target = tiny_emu("emu2", tokenizer=emu_tokenizer, seed=3)
+    before = copy.deepcopy(target.decoder.lm.state_dict())
+    for config in ("[]", "null", "1", '"hidden_size"'):
+        save_file(state.tensors, tmp_path / "c.safetensors", metadata=dict(state.metadata, config=config))
+        with pytest.raises(ValueError, match=r"damaged metadata \(config is \w+ .* not a JSON object\)"):
+            load_quantized(target, tmp_path / "c.safetensors")
+    for group in ("0", "-32", "48"):
+        save_file(state.tensors, tmp_path / "g.safetensors", metadata=dict(state.metadata, group_size=group))
+        with pytest.raises(ValueError, match=r"damaged metadata \(.*group_size must be a positive multiple of 32"):
+            load_quantized(target, tmp_path / "g.safetensors")
+    key = "model.layers.1.self_attn.o_proj.scales"
+    for bad in (float("nan"), float("inf"), -float("inf"), -0.5, 1e-40, 2.0 ** -127):
+        tensors = dict(state.tensors)
+        tensors[key] = tensors[key].clone()
+        tensors[key][3, 1] = bad
+        save_file(tensors, tmp_path / "s.safetensors", metadata=state.metadata)
+        with pytest.raises(ValueError, match=rf"{key} holds 1 scales that are NaN, inf, negative or subnormal "
+                                             rf"\(first .* at \[3, 1\]\)"):
+            load_quantized(target, tmp_path / "s.safetensors")
+    _unchanged(target, before)
+    # a zero row's scales, and the smallest normal scale, load and compute as the quantized model
+    tensors = dict(state.tensors)
+    tensors[key] = tensors[key].clone()
+    tensors[key][3] = 0
+    tensors[key][4, 0] = torch.finfo(torch.float32).tiny
+    save_file(tensors, tmp_path / "ok.safetensors", metadata=state.metadata)
+    load_quantized(target, tmp_path / "ok.safetensors")
+    assert torch.equal(target.decoder.lm.model.layers[1].self_attn.o_proj.scales, tensors[key])
+
+
+@pytest.mark.parametrize("tiny", [1e-36, 1e-38, 1e-40, 1e-42])
+def test_quantizer_writes_no_subnormal_scale(tiny):
+    """Weights so small that max|w| / qmax would be subnormal get the smallest normal scale
+    (2^-126) instead, so every scale the quantizer writes loads; each weight stays within half a
+    scale of its value and tiny nonzero rows keep a nonzero scale."""
+    w = weight(4, 100, seed=2) * tiny
+    w[0] = 0
+    for q, s, deq, span in [(*quantize_int8(w), None, None), (*quantize_int4(w, 32), None, 32)]:
+        deq = dequantize_int8(q, s) if span is None else dequantize_int4(q, s, 100, 32)
+        assert ((s == 0) | (s >= torch.finfo(torch.float32).tiny)).all() and (s[1:] > 0).all()
+        assert (s[0] == 0).all()
+        per_input = s[:, None] if span is None else s.repeat_interleave(32, 1)[:, :100]
+        assert ((deq.double() - w.double()).abs() <= per_input.double() / 2 * (1 + 1e-6)).all()
