@@ -780,13 +780,17 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   // as it runs for real (the fused CPU step, or op by op): it writes its cache entries last, so
   // a passing check leaves the decoder exactly as an unchecked step would.
   const double bound = self_check_bound(final_norm_.scalar_type());
+  const uint64_t generation = kernels::quantized_input_generation();  // before the setting is read
   const auto forced = kernels::quantized_input_override();
   const uint8_t setting = setting_bit(forced);
   const CheckedKernels checked(bound);
   const at::Tensor x_ref = up_.has_value() ? checked.gemv(prev.contiguous(), *up_) : prev.contiguous();
   const auto ref = run_step_with(x_ref, checked, /*fused=*/false);
   rewind_lengths_locked(B);
+  const bool flip = test_fault("flip_quantized_input");  // what another thread may do meanwhile
+  if (flip) kernels::set_quantized_input_override(kernels::QuantizedInput::kInt8);
   auto ours = run_step(next_input(prev));
+  if (flip) kernels::set_quantized_input_override(forced);
   double op_error = 0.0;
   const std::string op = checked.worst_op(&op_error);
   const double step_error = std::max(relative_error(std::get<0>(ours), std::get<0>(ref)),
@@ -799,10 +803,10 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   const bool int8_inputs =
       quant_.bits != 0 && segs_.front().device.is_cpu() && forced == kernels::QuantizedInput::kInt8;
   const double step_bound = int8_inputs ? std::max(bound, 2e-2) : bound;
-  // The setting changed (from another thread) while the two steps ran: they may have taken
-  // different inputs, which says nothing about the kernels. Ours stands, unchecked; the next
-  // step of this batch size checks again.
-  if (input_setting_bit() != setting) return ours;
+  // The setting was set (from another thread) while the two steps ran, even if set back to what
+  // it was: they may have taken different inputs, which says nothing about the kernels. Ours
+  // stands, unchecked; the next step of this batch size checks again.
+  if (kernels::quantized_input_generation() != generation) return ours;
   if (op.empty() && step_error <= step_bound) {
     if (self_checked_.size() <= static_cast<size_t>(B)) self_checked_.resize(B + 1, 0);
     self_checked_[B] |= setting;

@@ -69,8 +69,10 @@ bool custom_quantized_support(const at::Device& device, int64_t bits, std::strin
 // Test-only: makes the named custom kernel wrong on purpose ("gemv", "norm_gemv", "gemv_add",
 // "norm_gemv_silu", "rms_norm", "add_rms_norm", "silu_mul", "decode_attention", "gemv_int8", "gemv_int4",
 // "regression_head", or "decode_step": the fused CPU step), so
-// the tests can show the self-check catches it and the fallback gives the right answer. "" to
-// clear. Process-wide; never set outside tests.
+// the tests can show the self-check catches it and the fallback gives the right answer; or
+// "flip_quantized_input": the self-check's own step runs with int8 quantized inputs set and
+// then the setting set back, as another thread may do (the check must not judge that step).
+// "" to clear. Process-wide; never set outside tests.
 void set_test_fault(const std::string& op);
 bool test_fault(const char* op);
 

@@ -38,6 +38,47 @@ at::Tensor round_inputs_to_int8(const at::Tensor& x) {
   return at::where(zero, at::zeros_like(v), v * step).flatten(-2).narrow(-1, 0, k);
 }
 
+// x rounded as the CPU quantized GEMVs take 16-bit activations (QuantizedInput::kInt16;
+// emu_fast.quantize.round_inputs_to_int16), in float32: blocks of kInt16Block inputs of the last
+// dimension, each rounded half to even to int16 multiples of 2^(e - 15), max|x| < 2^e, clamped
+// to 32767 steps (computed in float64, where the steps of tiny blocks do not underflow).
+at::Tensor round_inputs_to_int16(const at::Tensor& x) {
+  const int64_t k = x.size(-1), block = kernels::kInt16Block;
+  const at::Tensor padded =
+      at::constant_pad_nd(x.to(at::kDouble), {0, (block - k % block) % block}).unflatten(-1, {-1, block});
+  const at::Tensor e = std::get<1>(at::frexp(padded.abs().amax(-1, /*keepdim=*/true)));
+  const at::Tensor step = at::exp2((e - 15).to(at::kDouble));
+  return (at::round(padded / step).clamp_max(32767) * step).flatten(-2).narrow(-1, 0, k).to(at::kFloat);
+}
+
+// The int4 values (nibble - 8) of qweight as float32 [N, in_features]: block j of a row is bytes
+// 16 j .. 16 j + 15, low nibbles values 32 j .. 32 j + 15, high nibbles 32 j + 16 .. 32 j + 31,
+// each stored + 8 (emu_fast/quantize.py pack_int4).
+at::Tensor int4_values(const at::Tensor& qweight, int64_t in_features) {
+  const int64_t N = qweight.size(0), blocks = qweight.size(1) / 16;
+  const at::Tensor b = qweight.view({N, blocks, 1, 16});
+  const at::Tensor u = at::cat({at::bitwise_and(b, 15), at::bitwise_right_shift(b, 4)}, 2)
+                           .reshape({N, blocks * 32})
+                           .narrow(1, 0, in_features);
+  return u.to(at::kFloat) - 8.0;
+}
+
+// x [B, K] float32 times the quantized weight as the kernels compute it: float32 products of x
+// with the integer weights, each row's (int8) or each group's (int4) sum scaled after it, the
+// groups' scaled sums added. (Not a weight dequantized first: a bfloat16 one would round every
+// weight, and subnormal scales every product, where the kernels round once.)
+at::Tensor quantized_product(const at::Tensor& xf, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
+                             int64_t group_size) {
+  if (bits == 8) return at::linear(xf, qweight.to(at::kFloat)) * scales;
+  const int64_t B = xf.size(0), K = xf.size(1), N = qweight.size(0), G = scales.size(1);
+  const int64_t span = G <= 1 ? K : group_size;  // one group a row: the row, whatever group_size is
+  const int64_t pad = G * span - K;
+  const at::Tensor w = at::constant_pad_nd(int4_values(qweight, K), {0, pad}).view({N, G, span});
+  const at::Tensor xg = at::constant_pad_nd(xf, {0, pad}).view({B, G, span});
+  const at::Tensor partial = at::matmul(xg.transpose(0, 1), w.permute({1, 2, 0}));  // [G, B, N]
+  return (partial * scales.t().unsqueeze(1)).sum(0);
+}
+
 class AtenKernels final : public StepKernels {
  public:
   const char* name() const override { return "aten"; }
@@ -45,21 +86,24 @@ class AtenKernels final : public StepKernels {
   // float32 accumulation, one rounding (as cuBLAS/oneDNN do for bf16 and as the reference does).
   Tensor gemv(const Tensor& x, const Tensor& weight) const override { return at::linear(x, weight); }
 
-  // The weight dequantized for the call in x's dtype (one projection's worth), then linear: as
-  // the quantized modules' forward does for long inputs.
-  // Under set_quantized_activations("int8") the CPU kernels round x to int8 blocks (a change of
-  // the result, not an approximation of it): so does this step there, in float32, so that the
-  // self-check still holds them to their own arithmetic. (int16 and float32 inputs need nothing:
-  // int16's rounding is below float32's self-check bound and bfloat16's own.)
+  // As the kernels compute (quantized_product above), rounded to x's dtype once. On the CPU x is
+  // first rounded as the kernels take it there: int16 blocks for 16-bit activations, int8 blocks
+  // under set_quantized_activations("int8"), as it is for float32 (or as the setting forces);
+  // int4 groups that are not a multiple of 64 and calls with a non-finite input keep x as it is,
+  // as the kernels do (a host sync, on the CPU only: no graph there). So the self-check holds our
+  // kernels to their own arithmetic, up to float32 summation order.
   Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
                         int64_t group_size) const override {
-    const auto forced = kernels::quantized_input_override();
-    // (the kernels' exceptions too: int4 groups not a multiple of 64, non-finite inputs; CPU: no graph to sync)
-    if (x.is_cpu() && forced == kernels::QuantizedInput::kInt8 &&
-        (bits == 8 || kernels::int4_group_takes_integer_inputs(group_size)) && at::isfinite(x).all().item<bool>())
-      return at::linear(round_inputs_to_int8(x), dequantize_weight(qweight, scales, bits, group_size, x.size(-1),
-                                                                   at::kFloat)).to(x.scalar_type());
-    return at::linear(x, dequantize_weight(qweight, scales, bits, group_size, x.size(-1), x.scalar_type()));
+    at::Tensor xf = x.to(at::kFloat);
+    if (x.is_cpu()) {
+      using kernels::QuantizedInput;
+      const QuantizedInput input =
+          kernels::resolve_quantized_input(x.scalar_type() == at::kFloat ? QuantizedInput::kFloat32 : QuantizedInput::kInt16);
+      if (input != QuantizedInput::kFloat32 && (bits == 8 || kernels::int4_group_takes_integer_inputs(group_size)) &&
+          at::isfinite(x).all().item<bool>())
+        xf = input == QuantizedInput::kInt8 ? round_inputs_to_int8(x) : round_inputs_to_int16(x);
+    }
+    return quantized_product(xf, qweight, scales, bits, group_size).to(x.scalar_type());
   }
 
   Tensor norm_gemv(const Tensor& x, const Tensor& norm_weight, double eps, const Tensor& weight) const override {
@@ -135,17 +179,10 @@ class AtenKernels final : public StepKernels {
 at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
                              int64_t in_features, at::ScalarType dtype) {
   if (bits == 8) return (qweight.to(at::kFloat) * scales.unsqueeze(1)).to(dtype);
-  // int4: block j of a row is bytes 16 j .. 16 j + 15, low nibbles values 32 j .. 32 j + 15,
-  // high nibbles 32 j + 16 .. 32 j + 31, each stored + 8 (emu_fast/quantize.py pack_int4).
-  const int64_t N = qweight.size(0), blocks = qweight.size(1) / 16;
-  const at::Tensor b = qweight.view({N, blocks, 1, 16});
-  const at::Tensor u = at::cat({at::bitwise_and(b, 15), at::bitwise_right_shift(b, 4)}, 2)
-                           .reshape({N, blocks * 32})
-                           .narrow(1, 0, in_features);
   // A group at least as long as the row is the row's one group: repeated in_features times, not
   // group_size times (which may be near 2^63).
   const at::Tensor per_input = scales.repeat_interleave(std::min(group_size, in_features), 1).narrow(1, 0, in_features);
-  return ((u.to(at::kFloat) - 8.0) * per_input).to(dtype);
+  return (int4_values(qweight, in_features) * per_input).to(dtype);
 }
 
 const StepKernels& aten_kernels() {

@@ -100,6 +100,12 @@ bool set_quantized_gemv_isa(Isa isa);
 void set_quantized_input_override(std::optional<QuantizedInput> input);
 std::optional<QuantizedInput> quantized_input_override();
 
+// How many times set_quantized_input_override has been called (bumped after each store, even one
+// that sets the value already there): a caller reading it before and after some work knows
+// whether the setting may have changed meanwhile, even if it was flipped and flipped back (the
+// self-check does not judge a step during which it changed).
+uint64_t quantized_input_generation();
+
 // What a product asking for `asked` runs with: the override when one is set. Callers resolve it
 // once per product (or per fused step), before splitting rows across threads, and pass the
 // result to every gemv_*_rows call of it: all its rows then take the same inputs even when the

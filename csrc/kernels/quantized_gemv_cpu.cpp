@@ -37,6 +37,7 @@ constexpr int kRows = 4;
 
 std::atomic<int> g_isa_override{-1};
 std::atomic<int> g_input_override{-1};
+std::atomic<uint64_t> g_input_generation{0};
 
 // The float32-input products sum raw weights (int8 up to 127, int4 up to 8) times x
 // before any scale is applied, so inputs near float32's top (|x| ~ 1e36) would overflow where
@@ -354,8 +355,11 @@ Int8Input& int8_scratch() {
 }
 
 void set_quantized_input_override(std::optional<QuantizedInput> input) {
-  g_input_override.store(input ? static_cast<int>(*input) : -1, std::memory_order_relaxed);
+  g_input_override.store(input ? static_cast<int>(*input) : -1);
+  g_input_generation.fetch_add(1);  // after the store: a reader that saw the old count rereads it
 }
+
+uint64_t quantized_input_generation() { return g_input_generation.load(); }
 
 std::optional<QuantizedInput> quantized_input_override() {
   const int forced = g_input_override.load(std::memory_order_relaxed);
