@@ -43,7 +43,7 @@ from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder, _check_
 from .families import DEFAULT_PLACEHOLDER, check_tokenizer, family_named
 from .prompts import check_request, embed_prompts, image_placeholder
 from .quantize import DEFAULT_GROUP_SIZE, check_group_size, check_scheme, quantize_int4, quantize_int8
-from .quantize import int4_groups, int4_row_bytes
+from .quantize import MIN_SCALE, int4_groups, int4_row_bytes
 from .quantized_io import FORMAT as QUANTIZED_FORMAT
 from .quantized_linear import resolve_device
 
@@ -741,6 +741,7 @@ def _place(t: torch.Tensor, role: str, slots: _Slots, other: Dict[str, torch.Ten
             raise CheckpointError(f"emu_fast.from_pretrained: {role}: {e}") from None
         del w
     else:
-        if kind == "scales" and not (torch.isfinite(t).all() and (t >= 0).all()):
-            raise CheckpointError(f"emu_fast.from_pretrained: {role} holds scales that are negative or not finite")
+        if kind == "scales" and not bool((torch.isfinite(t) & ((t == 0) | (t >= MIN_SCALE))).all()):
+            raise CheckpointError(f"emu_fast.from_pretrained: {role} holds scales that are NaN, inf, negative or "
+                                  f"subnormal; scales are 0 (an all-zero row or group) or at least {MIN_SCALE!r}")
         slots.put_quantized(i, base, kind, t)

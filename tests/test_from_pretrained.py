@@ -376,3 +376,22 @@ def test_non_finite_weight_is_refused_when_quantizing(tmp_path):
     assert gen.weights is None
     with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.down_proj\.weight: .*inf or NaN"):
         emu_fast.from_pretrained(path, dtype=torch.float32, weights="int8")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 1e-40])
+def test_prequantized_file_with_bad_scales_is_refused(tmp_path, bad):
+    model = tiny_emu2_hub(n=16, hidden=128, intermediate=192)
+    gen = emu_fast.from_pretrained(hub_folder(tmp_path, model), dtype=torch.float32, weights="int8")
+    gen.save_quantized(tmp_path / "q.safetensors")
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "q.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    state["model.layers.1.mlp.up_proj.scales"][7] = bad
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.scales holds scales that are NaN, inf, "
+                                              r"negative or subnormal"):
+        emu_fast.from_pretrained(tmp_path / "bad.safetensors", tokenizer=emu_tokenizer(padding_side="left"))
