@@ -41,6 +41,7 @@ import torch
 
 from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder, _check_kernels, _check_limit
 from .families import DEFAULT_PLACEHOLDER, check_tokenizer, family_named
+from .layer_weights import LayerWeights
 from .prompts import check_request, embed_prompts, image_placeholder
 from .quantize import DEFAULT_GROUP_SIZE, check_group_size, check_scheme, quantize_int4, quantize_int8
 from .quantize import MIN_SCALE, int4_groups, int4_row_bytes
@@ -408,14 +409,9 @@ class _Slots:
                                                  device=self.device))[r0:r1] = t.to(self.device)
 
     def decoder_layers(self) -> List[List[torch.Tensor]]:
-        out = []
-        for layer in self.layers:
-            row = [layer["input_layernorm"], layer["qkv"], layer["o"], layer["post_attention_layernorm"],
-                   layer["gate_up"], layer["down"]]
-            if self.scheme is not None:
-                row += [layer["qkv.scales"], layer["o.scales"], layer["gate_up.scales"], layer["down.scales"]]
-            out.append(row)
-        return out
+        return [LayerWeights(layer["input_layernorm"], layer["qkv"], layer["o"], layer["post_attention_layernorm"],
+                             layer["gate_up"], layer["down"], *(layer.get(f"{p}.scales") for p in self.parts))
+                .as_list() for layer in self.layers]
 
 
 def estimate_bytes(config: dict, *, dtype: torch.dtype = torch.bfloat16, weights: Optional[str] = None,
