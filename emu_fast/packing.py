@@ -15,6 +15,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .layer_weights import LayerWeights
 from .model_checks import check_llama_modules
 
 
@@ -72,14 +73,14 @@ def pack_llama_layers(lm) -> List[List[torch.Tensor]]:
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
             raise ValueError("emu_fast: biased o_proj/down_proj are not LLaMA's; not supported")
-        layers.append([
-            layer.input_layernorm.weight.detach(),
-            pack_linears([attn.q_proj, attn.k_proj, attn.v_proj]),
-            attn.o_proj.weight.detach(),
-            layer.post_attention_layernorm.weight.detach(),
-            pack_linears([mlp.gate_proj, mlp.up_proj]),
-            mlp.down_proj.weight.detach(),
-        ])
+        layers.append(LayerWeights(
+            input_norm=layer.input_layernorm.weight.detach(),
+            qkv=pack_linears([attn.q_proj, attn.k_proj, attn.v_proj]),
+            o=attn.o_proj.weight.detach(),
+            post_norm=layer.post_attention_layernorm.weight.detach(),
+            gate_up=pack_linears([mlp.gate_proj, mlp.up_proj]),
+            down=mlp.down_proj.weight.detach(),
+        ).as_list())
     return layers
 
 
