@@ -98,11 +98,21 @@ def test_quantized_loop_matches_dequantized_reference(emu_tokenizer, kind, schem
 
 @pytest.mark.parametrize("kind", ["emu1", "emu2"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-# bf16: the ATen step rounds at other points than ours; 1.3e-2 to 2.7e-2 seen over seeds and shapes
-@pytest.mark.parametrize("dtype,aten_tol", [(torch.float32, 1e-5), (torch.bfloat16, 4e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, dtype, aten_tol, shape):
+def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, dtype, shape):
+    """float32: the ATen loop within 1e-5 of the fused one (float32 summation order only).
+    bfloat16: each op of the two steps computes the same real arithmetic (the ATen gemv_quantized
+    as the kernels: integer weights, scale after each row's / group's sum, x rounded to int16
+    blocks as the CPU kernels take it), differing only in float32 summation order before each
+    bf16 rounding; but in a bf16 feedback loop one flipped rounding is amplified, so the two loops
+    are not held to each other (seeds 0-5, both shapes: bit-identical in 37 of 48 cases here, up to
+    1.6e-2 otherwise, and 4.4e-2 on AVX-512 before the ATen step computed as the kernels). Each is
+    held instead to the float32 loop on the dequantized weights with QUANTIZED_LOOP_TOL, the bound
+    every bf16 loop test holds a correct bf16 implementation to against float32 arithmetic, so it
+    holds on any ISA (seen here: 8.5e-3 to 3.6e-2, either loop)."""
     model = _model(kind, dtype, tokenizer=emu_tokenizer, layers=3, **SHAPES[shape])
+    plain = copy.deepcopy(model).float()
     lm = model.decoder.lm
     head = (lm.stu_regress_head if kind == "emu1" else lm.project_down).weight
     up = None if kind == "emu1" else lm.project_up.weight
@@ -124,7 +134,16 @@ def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, 
     # the fused CPU step and the op-by-op composition round alike: bit for bit, as unquantized
     torch.testing.assert_close(outs["op_by_op"], outs["fused"], rtol=0, atol=0)
     torch.testing.assert_close(outs["split"], outs["fused"], rtol=0, atol=0)
-    assert rel_err(outs["aten"], outs["fused"]) < aten_tol
+    if dtype == torch.float32:
+        assert rel_err(outs["aten"], outs["fused"]) < 1e-5
+    else:
+        reference = _dequantized_reference(model, plain).decoder.lm
+        ref_head = (reference.stu_regress_head if kind == "emu1" else reference.project_down).weight
+        ref_up = None if kind == "emu1" else reference.project_up.weight
+        # our float32 loop: within 1e-4 of the upstream one (the float32 tests here), far inside the bound
+        expected = EmuDecoder.from_llama(reference, ref_head, ref_up).generate(embeds.float(), tok.attention_mask, 6)
+        for name in ("fused", "aten"):
+            assert rel_err(outs[name], expected) < QUANTIZED_LOOP_TOL[dtype], name
     # step / decode by hand equal generate
     first = fused.prefill(embeds, tok.attention_mask)
     rest = fused.decode(first, 5)
