@@ -380,9 +380,11 @@ void EmuDecoder::ensure_rope_locked(const char* who, int64_t positions) {
   if (positions <= rope_cos_.size(0)) return;
   TORCH_CHECK_VALUE(static_cast<bool>(rope_fn_), who, ": needs RoPE tables for ", positions,
                     " positions but the decoder was given ", rope_cos_.size(0), " (pass longer rope_cos/rope_sin)");
-  // Rounded like the cache, and at least twice its length (a prompt's padding plus its steps),
-  // so tables are rarely rebuilt.
-  const int64_t P = std::max(round_seq(positions, kNoLimit), 2 * cap_seq_);
+  // Rounded like the cache, and at least twice the tables' length before, so a run of growing
+  // requests rebuilds them a few times only; never more than about twice what is needed (the
+  // tables are below `positions` here). Not twice the cache's capacity: reserve(1, 2^22) built
+  // tables for 2^23 positions, and several times that in the rope_fn's temporaries.
+  const int64_t P = std::max(round_seq(positions, kNoLimit), 2 * rope_cos_.size(0));
   at::Tensor cos, sin;
   std::tie(cos, sin) = rope_fn_(P);
   const int64_t D = head_dim_;

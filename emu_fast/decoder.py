@@ -28,9 +28,24 @@ def _check_kernels(kernels):
         raise ValueError(f"emu_fast: kernels must be one of {KERNELS}, got {kernels!r}")
 
 
+INT64_MAX = 2 ** 63 - 1  # what the C++ decoder's sizes hold
+
+
 def _check_limit(name, value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"emu_fast: {name} must be a positive int or None (no limit), got {value!r}")
+    _check_limit_fits(name, value)
+
+
+def _check_limit_fits(name, value):
+    """A limit past int64 (the C++ decoder's) as a ValueError naming it, not pybind's signature dump."""
+    if isinstance(value, int) and value > INT64_MAX:
+        raise ValueError(f"emu_fast: {name} must be at most 2**63 - 1 (or None: no limit), got {value!r}")
+
+
+def _check_size(who, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        raise ValueError(f"emu_fast.{who}: {name} must be an int in [0, 2**63 - 1], got {value!r}")
 
 
 class EmuDecoder(_C.EmuDecoder):
@@ -40,6 +55,8 @@ class EmuDecoder(_C.EmuDecoder):
                  max_batch=DEFAULT_MAX_BATCH, max_seq_len=DEFAULT_MAX_SEQ_LEN, rope_cos=None, rope_sin=None,
                  rope_theta=None, rope_fn=None, kernels="auto", segment_starts=None, weight_bits=0, group_size=0):
         _check_kernels(kernels)
+        _check_limit_fits("max_batch", max_batch)  # the rest is checked in C++
+        _check_limit_fits("max_seq_len", max_seq_len)
         self._warned_fallback = False
         # By hand, without a model: tables from rope_theta, extended on demand (from_llama passes
         # the model's own through rope_fn). Tables passed without rope_fn are all there is.
@@ -142,6 +159,13 @@ class EmuDecoder(_C.EmuDecoder):
             per_device[device] = per_device.get(device, 0) + kv.numel() * kv.element_size()
         return {"weights": self.weight_bytes, "kv_cache": self.kv_cache_bytes, "scratch": self.scratch_bytes,
                 "batch": batch, "seq_len": seq_len, "kv_cache_per_device": per_device}
+
+    def reserve(self, batch: int, seq_len: int) -> None:
+        """Grow the KV cache to at least batch x seq_len now (within the limits); never shrinks
+        it. ValueError naming an argument that is not an int in [0, 2**63 - 1]."""
+        _check_size("EmuDecoder.reserve", "batch", batch)
+        _check_size("EmuDecoder.reserve", "seq_len", seq_len)
+        return super().reserve(batch, seq_len)
 
     def _warn_if_fell_back(self):
         """The self-check's fallback, as a Python warning, once per decoder."""

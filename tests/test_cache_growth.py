@@ -203,3 +203,45 @@ def test_decoder_keeps_no_model_alive(emu_tokenizer):
     assert alive() is None
     assert dec.generate(embeds, mask, 2).shape[1] == 2 and dec.rope_positions > embeds.shape[1]
     assert rel_err(dec.generate(*short, expected.shape[1]), expected) < FP32_TOL
+
+
+def test_large_reserve_builds_rope_tables_for_what_is_needed(emu_tokenizer):
+    """reserve(1, 2**16 + 1): the RoPE tables cover the reserved positions (rounded up to 128
+    like the cache), not twice the cache's capacity (reserve(1, 2**22) on this hidden-64 model
+    built tables for 2**23 positions, with several times that in temporaries: 3.2 GB). Growing
+    past them later at most doubles them. Measured on memory_summary's scratch bytes."""
+    s = Setup("emu2", emu_tokenizer)
+    dec = s.decoder(max_batch=None, max_seq_len=None)
+    need = 2 ** 16 + 1
+    dec.reserve(1, need)
+    P = (need + 127) // 128 * 128
+    assert dec.capacity == (1, P) and dec.rope_positions == P
+    per_position = 2 * (dec.head_dim // 2) * 4  # cos and sin, float32
+    lengths = 2 * 1 * 8 + 1 * dec.num_kv_heads * 4
+    assert dec.memory_summary()["scratch"] == P * per_position + lengths
+    # a request past the tables: they grow to twice their length, no more
+    dec.reserve(1, P + 1)
+    assert dec.rope_positions == 2 * P
+    assert dec.memory_summary()["scratch"] == 2 * P * per_position + lengths
+
+
+def test_limits_and_reserve_sizes_past_int64_are_refused_naming_them(emu_tokenizer):
+    """Sizes of 2**63 and more do not fit the decoder's int64: a ValueError naming the argument,
+    not pybind's signature dump (TypeError), from EmuDecoder, from_llama and reserve."""
+    from emu_fast import packing
+
+    s = Setup("emu2", emu_tokenizer)
+    for name in ("max_batch", "max_seq_len"):
+        with pytest.raises(ValueError, match=rf"{name} must be at most 2\*\*63 - 1 .*got 9223372036854775808"):
+            EmuDecoder.from_llama(s.lm, s.head, s.up, **{name: 2 ** 63})
+        with pytest.raises(ValueError, match=rf"{name} must be at most 2\*\*63 - 1"):
+            EmuDecoder(packing.pack_llama_layers(s.lm), s.lm.model.norm.weight.detach(), s.head, s.up, num_heads=4,
+                       num_kv_heads=4, rms_eps=s.lm.config.rms_norm_eps, **{name: 2 ** 64})
+    dec = EmuDecoder.from_llama(s.lm, s.head, s.up, max_batch=2 ** 62, max_seq_len=2 ** 63 - 1)  # the largest: no limit
+    assert (dec.max_batch, dec.max_seq_len) == (2 ** 62, None)
+    for args, name in [((2 ** 63, 1), "batch"), ((1, 2 ** 63), "seq_len"), ((1, 2 ** 70), "seq_len"),
+                       ((-1, 1), "batch"), ((1, 1.5), "seq_len"), ((True, 1), "batch")]:
+        with pytest.raises(ValueError, match=rf"EmuDecoder.reserve: {name} must be an int in \[0, 2\*\*63 - 1\]"):
+            dec.reserve(*args)
+    assert dec.capacity == (0, 0)
+    assert rel_err(dec.generate(*s.inputs(PROMPTS[1]), s.n), s.expected(PROMPTS[1])) < FP32_TOL
