@@ -28,6 +28,7 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.emu_fast.*)
 from .families import family_of, is_emu_like
+from .layer_weights import LayerWeights
 from .model_checks import LAYER_LINEARS, check_weights_loaded
 from .packing import llama_body_of
 from .quantize import (DEFAULT_GROUP_SIZE, check_group_size, check_scheme, dequantize_int4, dequantize_int8,
@@ -382,11 +383,11 @@ def pack_quantized_layers(lm):
     for layer in llama_body_of(lm).layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-        layers.append([
-            layer.input_layernorm.weight.detach(), _pack_buffers(qkv, "qweight"), attn.o_proj.qweight,
-            layer.post_attention_layernorm.weight.detach(), _pack_buffers(gate_up, "qweight"), mlp.down_proj.qweight,
-            _pack_buffers(qkv, "scales"), attn.o_proj.scales, _pack_buffers(gate_up, "scales"), mlp.down_proj.scales,
-        ])
+        layers.append(LayerWeights(
+            input_norm=layer.input_layernorm.weight.detach(), qkv=_pack_buffers(qkv, "qweight"), o=attn.o_proj.qweight,
+            post_norm=layer.post_attention_layernorm.weight.detach(), gate_up=_pack_buffers(gate_up, "qweight"),
+            down=mlp.down_proj.qweight, qkv_scales=_pack_buffers(qkv, "scales"), o_scales=attn.o_proj.scales,
+            gate_up_scales=_pack_buffers(gate_up, "scales"), down_scales=mlp.down_proj.scales).as_list())
     return layers
 
 
