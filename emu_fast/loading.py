@@ -7,8 +7,9 @@ No model object is built: the language model's tensors are read one at a time (s
 memory-mapped, pickles with torch.load(mmap=True, weights_only=True)), cast to `dtype`, moved to
 `device` and, with weights="int8" / "int4", quantized there as each projection arrives (its float
 copy freed at once), straight into the stacked q/k/v and gate/up buffers the decoder reads.
-Vision and lm_head tensors are never read. Peak host memory is about one shard (the mapped file)
-plus one tensor; peak device memory the result plus one float projection.
+Vision and lm_head tensors are never read. Peak host memory is about one tensor (a safetensors
+file is mapped anew for each; a pickle shard while it is read); peak device memory the result
+plus one float projection.
 
 Layouts (docs/model-classes.md; every name is checked, a tensor at a time, before the decoder
 exists, so a bad checkpoint never yields a decoder that runs):
@@ -29,6 +30,7 @@ transformers config), unless a `config.json` sits beside the file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,6 +44,7 @@ import torch
 from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder, _check_kernels, _check_limit
 from .families import DEFAULT_PLACEHOLDER, check_tokenizer, family_named
 from .layer_weights import LayerWeights
+from .packing import _release_freed_host_memory
 from .prompts import check_request, embed_prompts, image_placeholder
 from .quantize import DEFAULT_GROUP_SIZE, check_group_size, check_scheme, quantize_int4, quantize_int8
 from .quantize import MIN_SCALE, int4_groups, int4_row_bytes
@@ -137,45 +140,60 @@ def _find_files(path: Path) -> Tuple[List[Path], Optional[Path], Path]:
 
 
 class _Reader:
-    """One shard, read a tensor at a time: safetensors memory-mapped; a pickle through
-    torch.load(mmap=True, weights_only=True), its tensors mapped, not read, until asked for."""
+    """One shard, read a tensor at a time. safetensors: memory-mapped anew for each tensor and
+    unmapped once it is converted, so the host holds the pages of one tensor, not of the shard.
+    A pickle: torch.load(mmap=True, weights_only=True), its tensors mapped, not read, until
+    asked for (the whole shard's mapping lives until the reader closes)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._handle = None
         self._state = None
         try:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._handle = safe_open(os.fspath(path), framework="pt", device="cpu")
-                self.metadata = self._handle.metadata() or {}
+                with self._open() as handle:
+                    self.metadata = handle.metadata() or {}
+                    self._shapes = {k: (tuple(handle.get_slice(k).get_shape()),
+                                        _SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype(),
+                                                                handle.get_slice(k).get_dtype()))
+                                    for k in handle.keys()}
             else:
                 self._state = _load_pickle(path)
                 self.metadata = {}
+                self._shapes = {k: (tuple(t.shape), t.dtype) for k, t in self._state.items()}
         except CheckpointError:
             raise
         except Exception as e:  # a truncated or corrupt file, whatever the library raises
             _fail(path, f"not a readable checkpoint ({type(e).__name__}: {e})")
 
+    def _open(self):
+        from safetensors import safe_open
+
+        return safe_open(os.fspath(self.path), framework="pt", device="cpu")
+
     def keys(self) -> List[str]:
-        return list(self._handle.keys()) if self._handle is not None else list(self._state)
+        return list(self._shapes)
 
     def shape_dtype(self, name: str) -> Tuple[Tuple[int, ...], torch.dtype]:
-        if self._handle is not None:
-            sl = self._handle.get_slice(name)
-            return tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
-        t = self._state[name]
-        return tuple(t.shape), t.dtype
+        return self._shapes[name]
 
-    def get(self, name: str) -> torch.Tensor:
+    @contextlib.contextmanager
+    def tensor(self, name: str) -> Iterator[torch.Tensor]:
+        """The tensor, valid inside the block (its mapping is released after it)."""
+        if self._state is not None:
+            yield self._state[name]
+            return
         try:
-            return self._handle.get_tensor(name) if self._handle is not None else self._state[name]
+            handle = self._open()
+            t = handle.get_tensor(name)
         except Exception as e:
             _fail(self.path, f"{name} could not be read ({type(e).__name__}: {e})")
+        try:
+            yield t
+        finally:
+            del t, handle
 
     def close(self):
-        self._handle = self._state = None
+        self._state = None
 
 
 def _load_pickle(path: Path) -> Dict[str, torch.Tensor]:
@@ -637,15 +655,15 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
             reader = _Reader(f)
             try:
                 for name in by_file[f]:
-                    _place(reader.get(name), roles[name], slots, other, dtype, target, pre is not None)
+                    with reader.tensor(name) as t:
+                        _place(t, roles[name], slots, other, dtype, target, pre is not None)
+                    del t  # its mapping (the file's pages it touched) goes with it
+                    if target.type == "cpu":
+                        _release_freed_host_memory()  # the conversion's freed temporaries
                     if bar is not None:
                         bar.update(_nbytes(*ckpt.shapes[name]))
             finally:
                 reader.close()
-            if target.type == "cpu":
-                from .packing import _release_freed_host_memory
-
-                _release_freed_host_memory()
     finally:
         if bar is not None:
             bar.close()
