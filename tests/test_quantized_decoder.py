@@ -106,11 +106,11 @@ def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, 
     as the kernels: integer weights, scale after each row's / group's sum, x rounded to int16
     blocks as the CPU kernels take it), differing only in float32 summation order before each
     bf16 rounding; but in a bf16 feedback loop one flipped rounding is amplified, so the two loops
-    are not held to each other (seeds 0-5, both shapes: bit-identical in 37 of 48 cases here, up to
-    1.6e-2 otherwise, and 4.4e-2 on AVX-512 before the ATen step computed as the kernels). Each is
+    are not held to each other (seeds 0-5, both shapes, AVX2: bit-identical in 37 of 48 cases, up to
+    1.6e-2 otherwise; 4.4e-2 was seen on AVX-512 before the ATen step computed as the kernels). Each is
     held instead to the float32 loop on the dequantized weights with QUANTIZED_LOOP_TOL, the bound
     every bf16 loop test holds a correct bf16 implementation to against float32 arithmetic, so it
-    holds on any ISA (seen here: 8.5e-3 to 3.6e-2, either loop)."""
+    holds on any ISA (AVX2: 8.5e-3 to 3.6e-2, either loop)."""
     model = _model(kind, dtype, tokenizer=emu_tokenizer, layers=3, **SHAPES[shape])
     plain = copy.deepcopy(model).float()
     lm = model.decoder.lm
