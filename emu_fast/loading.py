@@ -49,6 +49,7 @@ from .prompts import check_request, embed_prompts, image_placeholder
 from .quantize import DEFAULT_GROUP_SIZE, check_group_size, check_scheme, quantize_int4, quantize_int8
 from .quantize import MIN_SCALE, int4_groups, int4_row_bytes
 from .quantized_io import FORMAT as QUANTIZED_FORMAT
+from .quantized_io import _DTYPES as SAFETENSORS_DTYPES
 from .quantized_linear import resolve_device
 
 PathLike = Union[str, os.PathLike]
@@ -153,7 +154,7 @@ class _Reader:
                 with self._open() as handle:
                     self.metadata = handle.metadata() or {}
                     self._shapes = {k: (tuple(handle.get_slice(k).get_shape()),
-                                        _SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype(),
+                                        SAFETENSORS_DTYPES.get(handle.get_slice(k).get_dtype(),
                                                                 handle.get_slice(k).get_dtype()))
                                     for k in handle.keys()}
             else:
@@ -217,11 +218,6 @@ def _load_pickle(path: Path) -> Dict[str, torch.Tensor]:
                                               for k, v in state.items()):
         _fail(path, "is not a state dict of tensors (nor one under 'module')")
     return state
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                       "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-                       "I64": torch.int64, "BOOL": torch.bool}
 
 
 def _canonical(name: str) -> Optional[str]:
