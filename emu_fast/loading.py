@@ -41,6 +41,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
+from .config import LlamaShape, check_llama_config
 from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder, _check_kernels, _check_limit
 from .families import DEFAULT_PLACEHOLDER, check_tokenizer, family_named
 from .layer_weights import LayerWeights
@@ -49,6 +50,7 @@ from .prompts import check_request, embed_prompts, image_placeholder
 from .quantize import DEFAULT_GROUP_SIZE, check_group_size, check_scheme, quantize_int4, quantize_int8
 from .quantize import MIN_SCALE, int4_groups, int4_row_bytes
 from .quantized_io import FORMAT as QUANTIZED_FORMAT
+from .quantized_io import parse_metadata
 from .quantized_io import _DTYPES as SAFETENSORS_DTYPES
 from .quantized_linear import resolve_device
 
@@ -104,8 +106,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _find_files(path: Path) -> Tuple[List[Path], Optional[Path], Path]:
-    """(files, index file or None, folder) of a checkpoint path: a folder (a pipeline's, its
+def _find_files(path: Path) -> Tuple[List[Path], Path]:
+    """(files, folder) of a checkpoint path: a folder (a pipeline's, its
     multimodal_encoder/, or one holding an index or a single weights file), an index, or a file."""
     if not path.exists():
         raise FileNotFoundError(f"emu_fast.from_pretrained: {os.fspath(path)} does not exist")
@@ -124,7 +126,7 @@ def _find_files(path: Path) -> Tuple[List[Path], Optional[Path], Path]:
         if len(singles) > 1 and not (path / SINGLE_FILES[0]).is_file() and not (path / SINGLE_FILES[1]).is_file():
             _fail(path, f"holds several weight files and no index ({', '.join(p.name for p in singles[:4])}): "
                         "pass the one to load")
-        return [singles[0]], None, path
+        return [singles[0]], path
     if path.name.endswith(".json"):
         index = _read_json(path)
         weight_map = index.get("weight_map")
@@ -134,10 +136,10 @@ def _find_files(path: Path) -> Tuple[List[Path], Optional[Path], Path]:
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             _fail(path, f"names shard(s) that are not there: {', '.join(absent)}")
-        return files, path, path.parent
+        return files, path.parent
     if path.suffix not in (".safetensors",) + PICKLE_SUFFIXES:
         _fail(path, f"is not a checkpoint file (.safetensors, {', '.join(PICKLE_SUFFIXES)} or an index .json)")
-    return [path], None, path.parent
+    return [path], path.parent
 
 
 class _Reader:
@@ -275,7 +277,7 @@ def _config_from(config, folder: Path, hub_config: Optional[dict]) -> dict:
 def read_checkpoint(path: PathLike, config=None, n: Optional[int] = None) -> Checkpoint:
     """Every file, tensor name, shape and dtype of the checkpoint at `path`, its config, family
     and n: the headers only (nothing but pickles' tensor maps is read)."""
-    files, index, folder = _find_files(Path(path))
+    files, folder = _find_files(Path(path))
     hub_config = None
     if (folder / "config.json").is_file():
         candidate = _read_json(folder / "config.json")
@@ -286,15 +288,11 @@ def read_checkpoint(path: PathLike, config=None, n: Optional[int] = None) -> Che
         reader = _Reader(f)
         try:
             if reader.metadata.get("format") == QUANTIZED_FORMAT:
-                try:
-                    quantized = {"scheme": reader.metadata["scheme"], "group_size": int(reader.metadata["group_size"]),
-                                 "family": reader.metadata.get("family"),
-                                 "config": json.loads(reader.metadata["config"]),
-                                 "n": int(reader.metadata.get("n", 0)) or None}
-                except (KeyError, ValueError) as e:
-                    _fail(f, f"damaged emu_fast metadata ({type(e).__name__}: {e})")
-                if not isinstance(quantized["config"], dict):
-                    _fail(f, "damaged emu_fast metadata (config is not an object)")
+                quantized = parse_metadata(reader.metadata, f, fail=_fail)
+                try:  # what a generator's save adds: n
+                    quantized["n"] = int(reader.metadata.get("n", 0)) or None
+                except ValueError as e:
+                    _fail(f, f"damaged metadata ({type(e).__name__}: {e})")
             for name in reader.keys():
                 if name in weight_map:
                     _fail(f, f"{name} is also in {weight_map[name].name}")
@@ -322,48 +320,31 @@ def read_checkpoint(path: PathLike, config=None, n: Optional[int] = None) -> Che
 # ------------------------------------------------------------------------------------ the plan
 
 
-@dataclass
-class _Shape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    eps: float
-    theta: float
-    vocab: int
+def _shape_of(cfg: dict, where: Path) -> LlamaShape:
+    """The LLaMA shape of a config dict (config.LlamaShape, as from_llama reads a model's), with
+    the checks a model's config gets; a missing or bad field is a CheckpointError."""
+    from types import SimpleNamespace
 
-    @classmethod
-    def of(cls, cfg: dict, where: Path) -> "_Shape":
-        try:
-            heads = int(cfg["num_attention_heads"])
-            rope = cfg.get("rope_parameters") or {}
-            shape = cls(hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]), heads=heads,
-                        kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                        intermediate=int(cfg["intermediate_size"]), eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                        theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
-                        vocab=int(cfg.get("vocab_size") or 0))
-        except (KeyError, TypeError, ValueError) as e:
-            _fail(where, f"its config lacks a LLaMA field or has a bad one ({type(e).__name__}: {e})")
-        from .config import check_llama_config
-        from types import SimpleNamespace
-
-        check_llama_config(SimpleNamespace(**{k: v for k, v in cfg.items() if isinstance(k, str)}))
-        if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
-            _fail(where, f"its config's {shape.heads} heads / {shape.kv_heads} KV heads do not divide hidden "
-                         f"{shape.hidden}")
-        return shape
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    fields = SimpleNamespace(**{"rms_norm_eps": 1e-6, **{k: v for k, v in cfg.items() if isinstance(k, str)}})
+    try:
+        shape = LlamaShape.from_hf(fields)
+        shape = LlamaShape(*(int(getattr(shape, f)) for f in ("hidden", "layers", "heads", "kv_heads",
+                                                              "intermediate")),
+                           eps=float(shape.eps), rope_theta=float(shape.rope_theta))
+    except (AttributeError, TypeError, ValueError) as e:
+        _fail(where, f"its config lacks a LLaMA field or has a bad one ({type(e).__name__}: {e})")
+    check_llama_config(fields)
+    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+        _fail(where, f"its config's {shape.heads} heads / {shape.kv_heads} KV heads do not divide hidden "
+                     f"{shape.hidden}")
+    return shape
 
 
 class _Slots:
     """The decoder's tensors, allocated on the device as their first part arrives, filled in
     place: per layer the two norms and four (stacked) projections, float or quantized."""
 
-    def __init__(self, shape: _Shape, dtype, device, scheme: Optional[str], group_size: Optional[int]):
+    def __init__(self, shape: LlamaShape, dtype, device, scheme: Optional[str], group_size: Optional[int]):
         self.shape, self.dtype, self.device, self.scheme, self.group = shape, dtype, device, scheme, group_size
         s = shape
         kv = s.kv_heads * s.head_dim
@@ -371,8 +352,6 @@ class _Slots:
         self.parts = {"qkv": ([s.hidden, kv, kv], s.hidden), "o": ([s.hidden], s.hidden),
                       "gate_up": ([s.intermediate, s.intermediate], s.hidden), "down": ([s.hidden], s.intermediate)}
         self.layers: List[Dict[str, torch.Tensor]] = [{} for _ in range(s.layers)]
-        self.filled: set = set()
-        self.other: Dict[str, torch.Tensor] = {}
 
     def expected(self, has_up: bool) -> set:
         names = {"embed", "norm", "head"} | ({"up"} if has_up else set())
@@ -435,7 +414,7 @@ def estimate_bytes(config: dict, *, dtype: torch.dtype = torch.bfloat16, weights
     embedding table in `dtype`), "head" (final norm, regression head [head_dim_out, hidden] and,
     for Emu2, project_up, in `dtype`), and "float_layer" (one layer's projections in `dtype`; a
     quantized load holds one projection of it at a time beside the result)."""
-    shape = _Shape.of(config, Path("<config>"))
+    shape = _shape_of(config, Path("<config>"))
     size = torch.empty(0, dtype=dtype).element_size()
     kv = shape.kv_heads * shape.head_dim
     projections = [(shape.hidden + 2 * kv, shape.hidden), (shape.hidden, shape.hidden),
@@ -451,7 +430,7 @@ def estimate_bytes(config: dict, *, dtype: torch.dtype = torch.bfloat16, weights
 
     layer = sum(stored(r, k) for r, k in projections) + 2 * shape.hidden * size
     float_layer = sum(r * k for r, k in projections) * size
-    return {"layers": shape.layers * layer, "embed": shape.vocab * shape.hidden * size,
+    return {"layers": shape.layers * layer, "embed": int(config.get("vocab_size") or 0) * shape.hidden * size,
             "head": (shape.hidden + 2 * head_dim_out * shape.hidden) * size, "float_layer": float_layer}
 
 
@@ -583,7 +562,7 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
     target = resolve_device(device, "from_pretrained") or torch.device("cpu")
     ckpt = read_checkpoint(path, config, n)
     where = ckpt.files[0]
-    shape = _Shape.of(ckpt.config, where)
+    shape = _shape_of(ckpt.config, where)
     pre = ckpt.quantized
     if pre is not None:
         if weights is not None and weights != pre["scheme"]:
@@ -630,9 +609,10 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
         _check_shape(name, role, ckpt, shape, slots, scheme, group)
     by_role = {r: n for n, r in roles.items()}
     vocab = ckpt.shapes[by_role["embed"]][0][0]
-    if shape.vocab and vocab != shape.vocab:
+    config_vocab = int(ckpt.config.get("vocab_size") or 0)
+    if config_vocab and vocab != config_vocab:
         _fail(ckpt.weight_map[by_role["embed"]], f"{by_role['embed']} has {vocab} rows; the config's vocab_size is "
-                                                 f"{shape.vocab}")
+                                                 f"{config_vocab}")
     if has_up and ckpt.shapes[by_role["up"]][0][1] != ckpt.shapes[by_role["head"]][0][0]:
         _fail(ckpt.weight_map[by_role["up"]], f"{by_role['up']} takes {ckpt.shapes[by_role['up']][0][1]} inputs; the "
                                               f"head {by_role['head']} gives {ckpt.shapes[by_role['head']][0][0]}")
@@ -674,14 +654,14 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
     return EmuGenerator(decoder, other["embed"], tok, ckpt.n, family.name, ckpt.config, scheme, group, tensors)
 
 
-def _rope_fn(shape: _Shape, dtype, device):
+def _rope_fn(shape: LlamaShape, dtype, device):
     """RoPE tables from theta, rounded to the model's dtype as a loaded model's rotary module
     hands them to its attention (4.31's cached tables are built in float32 and cast with the
     model; later versions cast cos/sin to the activations' dtype)."""
     from .rope import theta_rope_tables
 
     def tables(positions: int):
-        cos, sin = theta_rope_tables(shape.head_dim, positions, shape.theta, device)
+        cos, sin = theta_rope_tables(shape.head_dim, positions, shape.rope_theta, device)
         return cos.to(dtype).float(), sin.to(dtype).float()
 
     return tables
@@ -694,7 +674,7 @@ def _nbytes(shape, dtype) -> int:
     return size * (torch.empty(0, dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1)
 
 
-def _check_shape(name, role, ckpt: Checkpoint, shape: _Shape, slots: _Slots, scheme, group) -> None:
+def _check_shape(name, role, ckpt: Checkpoint, shape: LlamaShape, slots: _Slots, scheme, group) -> None:
     got, dtype = ckpt.shapes[name]
     f = ckpt.weight_map[name]
     if role == "embed":

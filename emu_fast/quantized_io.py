@@ -102,26 +102,31 @@ def _fail(path, message: str):
 
 
 def _read_metadata(f, path) -> Dict[str, object]:
-    meta = f.metadata() or {}
+    return parse_metadata(f.metadata() or {}, path)
+
+
+def parse_metadata(meta: Dict[str, str], path, fail=_fail) -> Dict[str, object]:
+    """The scheme, group size, config and family of an emu_fast file's safetensors metadata,
+    checked; `fail(path, message)` raises (load_quantized's ValueError by default)."""
     if meta.get("format") != FORMAT:
-        _fail(path, "not an emu_fast quantized checkpoint (no emu_fast metadata; write one with save_quantized)")
+        fail(path, "not an emu_fast quantized checkpoint (no emu_fast metadata; write one with save_quantized)")
     if meta.get("version") != VERSION:
-        _fail(path, f"format version {meta.get('version')!r}; this emu_fast reads version {VERSION}")
+        fail(path, f"format version {meta.get('version')!r}; this emu_fast reads version {VERSION}")
     try:
         parsed = {"scheme": meta["scheme"], "group_size": int(meta["group_size"]),
                   "config": json.loads(meta["config"]), "family": meta["family"]}
     except (KeyError, ValueError) as e:
-        _fail(path, f"damaged metadata ({type(e).__name__}: {e})")
+        fail(path, f"damaged metadata ({type(e).__name__}: {e})")
     if not isinstance(parsed["config"], dict):
-        _fail(path, f"damaged metadata (config is {type(parsed['config']).__name__} {meta['config']!r}, "
-                    "not a JSON object)")
+        fail(path, f"damaged metadata (config is {type(parsed['config']).__name__} {meta['config']!r}, "
+                   "not a JSON object)")
     if parsed["scheme"] not in SCHEMES:
-        _fail(path, f"unknown weight scheme {parsed['scheme']!r}; known: {', '.join(SCHEMES)}")
+        fail(path, f"unknown weight scheme {parsed['scheme']!r}; known: {', '.join(SCHEMES)}")
     if parsed["scheme"] == "int4":
         try:
             check_group_size(parsed["group_size"], "load_quantized")
         except ValueError as e:
-            _fail(path, f"damaged metadata ({e})")
+            fail(path, f"damaged metadata ({e})")
     return parsed
 
 
