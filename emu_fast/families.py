@@ -28,6 +28,12 @@ DEFAULT_PLACEHOLDER = "[<IMG_PLH>]"  # what users write where a prompt image goe
 EMU_TOKENS = ("[IMG]", "[/IMG]", "<image>")
 
 
+def expand_prompts(texts: Sequence[str], image_placeholder: str, placeholder: str = DEFAULT_PLACEHOLDER) -> List[str]:
+    """Each placeholder replaced by `image_placeholder` (`[IMG]<image>*n[/IMG]`), then the `[IMG]`
+    that opens the image being generated appended: the strings generate_image tokenizes once."""
+    return [t.replace(placeholder, image_placeholder) + "[IMG]" for t in texts]
+
+
 def find(obj, path: str):
     """obj.a.b.c for path "a.b.c", or None where an attribute is missing."""
     for name in path.split("."):
@@ -123,7 +129,7 @@ class EmuFamily:
     def prompt_texts(self, model, texts: Sequence[str], placeholder: str = DEFAULT_PLACEHOLDER) -> List[str]:
         """The strings generate_image tokenizes once: each placeholder expanded to the model's
         `[IMG]<image>*n[/IMG]`, then the `[IMG]` that opens the image being generated."""
-        return [t.replace(placeholder, model.image_placeholder) + "[IMG]" for t in texts]
+        return expand_prompts(texts, model.image_placeholder, placeholder)
 
     def __repr__(self) -> str:
         return f"<emu_fast family {self.name}>"

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .families import DEFAULT_PLACEHOLDER, check_tokenizer
+from .families import DEFAULT_PLACEHOLDER, check_tokenizer, expand_prompts
 
 
 def image_placeholder(n: int) -> str:
@@ -38,8 +38,7 @@ def embed_prompts(tokenizer, table: torch.Tensor, texts: Sequence[str], expanded
     without, those slots keep the `<image>` token's own embedding, as upstream leaves them."""
     check_tokenizer(tokenizer, table.shape[0])
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    texts = [t.replace(placeholder, expanded) + "[IMG]" for t in texts]
-    tok = tokenizer(texts, padding="longest", return_tensors="pt")
+    tok = tokenizer(expand_prompts(texts, expanded, placeholder), padding="longest", return_tensors="pt")
     ids = tok.input_ids.to(table.device)
     n_slots = int((ids == image_id).sum())
     if slot_vectors is not None:
