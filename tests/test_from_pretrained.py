@@ -22,7 +22,7 @@ from emu_fast.quantized_io import save_quantized
 from emu_fast.quantized_linear import pack_quantized_layers, quantize_decoder_linears_
 from emu_fast.testing import emu_tokenizer, rel_err, tiny_emu, tiny_emu2_hub
 
-from helpers import ROOT
+from helpers import ROOT, save_sharded
 
 TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle, at dawn", "a [<IMG_PLH>]"]
 
@@ -31,35 +31,15 @@ def image(count, seed=0):
     return torch.randn(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def _shards(state, folder, shards, name, index_name, save):
-    names = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        part = names[i::shards]
-        file = name.format(i + 1, shards)
-        save({k: state[k].contiguous() for k in part}, folder / file)
-        weight_map.update({k: file for k in part})
-    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def _safetensors(tensors, path):
-    save_file(tensors, str(path))
-
-
-def _pickle(tensors, path):
-    torch.save(tensors, path)
-
-
 def hub_folder(tmp_path, model, *, pickles=False, fp32_on_disk=True):
     """The Emu2-Gen pipeline's folder: multimodal_encoder/ (config.json, shards, index) and tokenizer/."""
     enc = tmp_path / "Emu2-Gen" / "multimodal_encoder"
     enc.mkdir(parents=True)
     state = {k: v if fp32_on_disk else v.bfloat16() for k, v in model.state_dict().items()}
     if pickles:  # BAAI/Emu2's fp32 pickle shards
-        _shards(state, enc, 3, "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json", _pickle)
+        save_sharded(state, enc, 3, "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json")
     else:
-        _shards(state, enc, 2, "model.bf16-{:05d}-of-{:05d}.safetensors", "model.safetensors.index.bf16.json",
-                _safetensors)
+        save_sharded(state, enc, 2, index_name="model.safetensors.index.bf16.json")
     (enc / "config.json").write_text(model.config.to_json_string())
     emu_tokenizer(padding_side="left").save_pretrained(str(tmp_path / "Emu2-Gen" / "tokenizer"))
     return tmp_path / "Emu2-Gen"

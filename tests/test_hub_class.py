@@ -4,7 +4,6 @@ diffusers pipeline around it, and Emu2's README multi-GPU recipe (init_empty_wei
 load_checkpoint_and_dispatch). Every result is held to the model's own generate_image (the
 upstream loop) on the same weights: 1e-4 per output vector in float32."""
 import copy
-import json
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ import torch
 import emu_fast
 from emu_fast.quantized_io import load_quantized, save_quantized
 from emu_fast.testing import TinyEmu2Hub, emu_tokenizer, rel_err, tiny_emu, tiny_emu2_hub, tiny_emu2_hub_config
+
+from helpers import save_sharded
 
 TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle, at dawn", "a [<IMG_PLH>]"]
 
@@ -153,25 +154,11 @@ def test_a_pipeline_without_an_emu_encoder_is_refused():
 
 # ------------------------------------------------------------------------------ Emu2's README recipe
 
-def _save_sharded(state, folder, shards=2):
-    """A hub-style checkpoint: safetensors shards and their index (model.safetensors.index.json)."""
-    from safetensors.torch import save_file
-
-    names = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        part = names[i::shards]
-        file = f"model.bf16-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({k: state[k].contiguous() for k in part}, str(folder / file))
-        weight_map.update({k: file for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
 @pytest.mark.parametrize("weights", [None, "int8"])
 def test_readme_multi_gpu_recipe_then_accelerate(tmp_path, weights):
     accelerate = pytest.importorskip("accelerate")
     source = hub(seed=3)
-    _save_sharded(source.state_dict(), tmp_path)
+    save_sharded(source.state_dict(), tmp_path, 2)
     tok = emu_tokenizer(padding_side="left")
     expected = source.generate_image(TEXTS, tok, image(2))
 
