@@ -67,17 +67,27 @@ def tiny_llama(hidden=64, layers=2, heads=4, kv_heads=None, intermediate=96, voc
                       initializer_range=init_std, pad_token_id=0)
     # Built directly in `dtype`: an Emu1-13B-shaped model in float32 and then cast would need
     # three times its bf16 size on the GPU at once.
+    lm = _built_in(dtype, lambda: LlamaForCausalLM(cfg).eval())
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if name.endswith("norm.weight"):
+                _random_norm_(p)
+    return lm
+
+
+def _built_in(dtype, build):
+    """build() with `dtype` as torch's default dtype, so parameters are made in it directly."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        lm = LlamaForCausalLM(cfg).eval()
+        return build()
     finally:
         torch.set_default_dtype(previous)
-    with torch.no_grad():  # random norm weights, so a wrong or missing norm shows
-        for name, p in lm.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-    return lm
+
+
+def _random_norm_(p):
+    """Random RMSNorm weights around 1, so a wrong or missing norm shows."""
+    p.copy_(1 + 0.2 * torch.randn_like(p))
 
 
 def _hf_body(lm):
@@ -252,16 +262,11 @@ def tiny_emu2_hub_config(hidden=64, layers=2, heads=4, intermediate=96, n=16, d_
 def tiny_emu2_hub(*, n=None, device=None, dtype=torch.float32, seed=0, init_std=0.05, **shape) -> TinyEmu2Hub:
     """A tiny random hub-class Emu2 (its tokenizer comes separately: emu_tokenizer(padding_side=...))."""
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = TinyEmu2Hub(tiny_emu2_hub_config(n=n or TinyEmu2Hub.default_n, **shape)).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    model = _built_in(dtype, lambda: TinyEmu2Hub(tiny_emu2_hub_config(n=n or TinyEmu2Hub.default_n, **shape)).eval())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                _random_norm_(p)
             elif p.dim() == 2:
                 p.normal_(0, init_std)
     return model if device is None else model.to(device)
