@@ -33,7 +33,7 @@ $(OLD_VENV)/.ready: $(STAMP) scripts/transformers_env.sh
 test-transformers-4.31: $(OLD_VENV)/.ready
 	$(OLD_VENV)/bin/python -m pytest -q tests
 
-# The issue-2 point (a table, all five methods), then the sweep over batch and prompt length
+# The default point (a table, all five methods), then the sweep over batch and prompt length
 # without the slow upstream loop, drawn as a PNG (about 3 minutes on 2 cores in all).
 bench: $(STAMP)
 	$(PYTHON) benchmarks/latency.py --json build/bench.json

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import emu_fast  # noqa: E402
-from emu_fast.families import family_named, family_of  # noqa: E402
+from emu_fast.dropin.families import family_named, family_of  # noqa: E402
 from emu_fast.testing import rel_err, tiny_emu  # noqa: E402
 
 from benchmarks.machine import OtherWork, busy_warning, describe, one_line, read_bandwidth, sync, timed  # noqa: E402
@@ -172,7 +172,7 @@ def first_line(e: BaseException) -> str:
 def prefill_and_steps(prefill, steps, device, reps):
     """(median seconds of `prefill()`, best seconds of `steps(prefill())`, the n-1 decode
     steps) over the repetitions. Best for the steps, like the bandwidth they are compared with
-    (this machine is shared); both from the same runs, so a prefill is not run twice as often."""
+    (other work on a shared machine only ever slows a run); both from the same runs, so a prefill is not run twice as often."""
     prefills, best = [], float("inf")
     for _ in range(max(3, reps)):
         sync(device)

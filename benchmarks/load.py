@@ -62,7 +62,7 @@ import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 import emu_fast
 from emu_fast.testing import TinyEmu2Hub
-from emu_fast.testing_hub_llama import EmuConfig
+from emu_fast.testing.hub_llama import EmuConfig
 
 def rss():
     for line in open("/proc/self/status"):

@@ -2,7 +2,7 @@
 
 A latency figure means little without the machine: the description (CPU model, threads, GPU,
 library versions, the emu_fast commit) is printed with every run and stored in its JSON.
-The bandwidth is measured in the same run because this machine is shared and a decode step
+The bandwidth is measured in the same run because a shared machine's varies and a decode step
 is bound by reading its weights: the step's fraction of it is the figure that travels.
 """
 from __future__ import annotations

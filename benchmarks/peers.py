@@ -8,11 +8,11 @@
   step optionally compiled with `torch.compile` (fixed shapes, so one compilation per batch
   and cache size).
 
-Both compute what the model's own `generate_image` computes (SEMANTICS.md: one prefill of the
+Both compute what the model's own `generate_image` computes (docs/architecture.md, "Why the results agree": one prefill of the
 prompt plus `[IMG]`, then each output fed back as the next input), checked by
 tests/test_benchmark.py to 1e-4 in float32. Nothing here branches on Emu1/Emu2: what differs
 (regression head, project_up, prompt images, prompt text) comes from
-`emu_fast.families.family_of(model)`.
+`emu_fast.dropin.families.family_of(model)`.
 
 Padding and positions: upstream runs the prompt with no position ids, so every row's tokens sit
 at 0..T-1, pads included (right padding for Emu1, left for Emu2). Each row's next token
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emu_fast.families import DEFAULT_PLACEHOLDER, family_of
+from emu_fast.dropin.families import DEFAULT_PLACEHOLDER, family_of
 from emu_fast.reference import rms_norm
 from emu_fast.rope import model_rope_tables
 

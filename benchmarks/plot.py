@@ -1,6 +1,6 @@
 """The sweep as a picture: time per decode step against batch and against prompt length, one
-line per method, with the floor a step cannot beat on this machine (reading the step's weights
-once at the bandwidth measured in the same run)."""
+line per method, with the floor a step cannot beat on the machine that ran it (reading the
+step's weights once at the bandwidth measured in the same run)."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence

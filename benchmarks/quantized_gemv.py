@@ -1,4 +1,4 @@
-"""Microbenchmark of the weight-only quantized GEMVs against the 16-bit one (issue 10):
+"""Microbenchmark of the weight-only quantized GEMVs against the 16-bit one:
 gemv (bfloat16 weights), gemv_int8 and gemv_int4 at one projection's shape, on the CPU or a GPU
 (on the CPU also gemv_int4 under emu_fast.set_quantized_activations("int8")).
 
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.machine import read_bandwidth, timed  # noqa: E402
 import emu_fast  # noqa: E402
 from emu_fast import ops  # noqa: E402
-from emu_fast.quantize import quantize_int4, quantize_int8  # noqa: E402
+from emu_fast.quant.schemes import quantize_int4, quantize_int8  # noqa: E402
 
 WORKING_SET = 256 * 2**20
 INT4_INT8_ACT = "gemv_int4, int8 activations"

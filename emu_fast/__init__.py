@@ -10,9 +10,9 @@ torch.ops.emu_fast.* custom ops (emu_fast.ops).
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, ops, reference  # noqa: F401
-from .accelerate import accelerate
 from .decoder import EmuDecoder
-from .families import family_of
+from .dropin.accelerate import accelerate
+from .dropin.families import family_of
 from .loading import EmuGenerator, from_pretrained
 from .ops import quantized_activations, set_quantized_activations
 

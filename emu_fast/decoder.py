@@ -9,10 +9,12 @@ import torch
 
 from . import _C
 from .config import LlamaShape, check_llama_config
-from .packing import llama_body_of, pack_llama_layers
-from .quantized_linear import BITS, pack_quantized_layers, prepare_quantization
+from .dropin.packing import pack_layers
+from .dropin.segments import layer_devices, plan_segments
+from .dropin.walk import llama_body_of
+from .quant.apply import prepare_quantization
+from .quant.schemes import REGISTRY, scheme_of_bits
 from .rope import model_rope_fn, theta_rope_tables
-from .segments import layer_devices, plan_segments
 
 KERNELS = ("auto", "custom", "aten")
 
@@ -96,13 +98,13 @@ class EmuDecoder(_C.EmuDecoder):
         "custom" or "aten" (the portable step: any torch device).
 
         A model split over devices (accelerate's device_map) runs each layer where its weights are
-        (emu_fast.segments); the head runs on the head's device, with copies there of the final
+        (emu_fast.dropin.segments); the head runs on the head's device, with copies there of the final
         norm's weight and of up_weight when those sit elsewhere (a few MB). split_before: more
         segment cuts, at these layer indices, on one device (tests run the split path so).
 
         weights: None (the projections as the model holds them: float, or Int8Linear /
-        Int4Linear from emu_fast.quantized_linear), "int8" or "int4": weight-only quantization of
-        the decoder body's projections, done in place on `lm` first (emu_fast.quantize states the
+        Int4Linear from emu_fast.quant.modules), "int8" or "int4": weight-only quantization of
+        the decoder body's projections, done in place on `lm` first (emu_fast.quant.schemes states the
         schemes; group_size: int4's group, default 128) unless `lm` is quantized so already."""
         check_llama_config(lm.config)
         shape = LlamaShape.from_hf(lm.config)
@@ -118,7 +120,7 @@ class EmuDecoder(_C.EmuDecoder):
         rope_fn = model_rope_fn(lm, shape.head_dim)
         quant = prepare_quantization(lm, weights, group_size, "EmuDecoder.from_llama")
         return cls(
-            pack_llama_layers(lm) if quant is None else pack_quantized_layers(lm),
+            pack_layers(lm, quantized=quant is not None),
             final_norm,
             head,
             up,
@@ -130,14 +132,15 @@ class EmuDecoder(_C.EmuDecoder):
             rope_fn=rope_fn,
             kernels=kernels,
             segment_starts=[seg.start for seg in plan],
-            weight_bits=0 if quant is None else BITS[quant[0]],
+            weight_bits=0 if quant is None else REGISTRY[quant[0]].bits,
             group_size=0 if quant is None or quant[1] is None else quant[1],
         )
 
     @property
     def weights(self) -> Optional[str]:
         """The projections' weight-only scheme: "int8", "int4" or None (the model's dtype)."""
-        return {0: None, 8: "int8", 4: "int4"}[self.weight_bits]
+        scheme = scheme_of_bits(self.weight_bits)
+        return None if scheme is None else scheme.name
 
     @property
     def dtype(self) -> torch.dtype:

@@ -13,7 +13,7 @@ import torch
 class LayerWeights:
     """input_norm / post_norm [H]; qkv: q, k, v stacked by rows; gate_up: gate, up stacked; o, down.
     Float projections in the model's dtype, or quantized (int8 [rows, K], int4 packed
-    [rows, K / 2]) with their float32 scales (emu_fast/quantize.py states the layouts)."""
+    [rows, K / 2]) with their float32 scales (emu_fast/quant/schemes.py states the layouts)."""
 
     input_norm: torch.Tensor
     qkv: torch.Tensor

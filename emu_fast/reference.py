@@ -5,7 +5,7 @@ It has two parts, both short enough to read in one sitting:
 * the LLaMA body as Hugging Face runs it (RMSNorm, rotate-half RoPE, multi-head attention with
   optional grouped KV heads, SwiGLU MLP), over a plain dict of weights with Hugging Face names;
 * Emu's upstream `generate_image` loop, which re-tokenizes and re-runs the whole sequence at
-  every one of the n steps, with no KV cache (see ../shared/emu/SEMANTICS.md);
+  every one of the n steps, with no KV cache (docs/architecture.md, "Why the results agree");
 
 plus one function per emu_fast op, computed the obvious way in float32.
 """
@@ -122,7 +122,8 @@ def upstream_generate_image(
     placeholder: str = "[<IMG_PLH>]",
     device=None,
 ) -> torch.Tensor:
-    """Emu's generate_image loop exactly as upstream runs it (SEMANTICS.md): n full forward
+    """Emu's generate_image loop exactly as upstream runs it (docs/architecture.md, "Why the
+    results agree"): n full forward
     passes over re-tokenized, growing prompts. `body(embeds, mask)` returns final-normed hidden
     states; `regress` is the regression head (Emu1 stu_regress_head, Emu2 project_down);
     `project_up` maps outputs back to inputs (Emu2) or is None (Emu1). `prompt_image_embeds`
@@ -211,11 +212,11 @@ def regression_head(hidden, norm_weight, eps, head_weight, up_weight=None):
 
 def gemv_int8(x, qweight, scales):
     """x @ dequantize_int8(qweight, scales)^T in float32, rounded to x's dtype."""
-    from .quantize import dequantize_int8
+    from .quant.schemes import dequantize_int8
     return gemv(x, dequantize_int8(qweight, scales))
 
 
 def gemv_int4(x, qweight, scales, group_size):
     """x @ dequantize_int4(qweight, scales, K, group_size)^T in float32, rounded to x's dtype."""
-    from .quantize import dequantize_int4
+    from .quant.schemes import dequantize_int4
     return gemv(x, dequantize_int4(qweight, scales, x.shape[1], group_size))

@@ -16,7 +16,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from .packing import llama_body_of
+from .dropin.walk import llama_body_of
 
 
 def rotary_modules(lm) -> List[torch.nn.Module]:
@@ -57,8 +57,8 @@ def _call_rotary(module: torch.nn.Module, positions: int, head_dim: int, dtype, 
 
 # How far two layers' cached cos/sin tables may differ and still be one RoPE: transformers 4.31
 # builds each layer's table at init from the same inv_freq, but the angle t * inv_freq is not
-# always rounded the same way from one layer's build to the next (seen here: about 1 in 6
-# processes), one float32 ulp of an angle near 2048, so up to 2.4e-4 in cos. The frequencies
+# always rounded the same way from one layer's build to the next (in some processes, not all),
+# one float32 ulp of an angle near 2048, so up to 2.4e-4 in cos. The frequencies
 # themselves (inv_freq) must be equal.
 TABLE_TOLERANCE = 1e-3
 

@@ -30,7 +30,7 @@ if command -v compute-sanitizer >/dev/null; then
   # device memory (the split-KV workspace, the cache past each row's length).
   for tool in memcheck racecheck synccheck initcheck; do
     run_to "$OUT/$TAG-sanitizer-$tool.txt" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-      "$PYTHON" -m pytest -q -x tests/test_cuda.py -k "decode_attention or gemv or glue or graph_equals"
+      "$PYTHON" -m pytest -q -x tests/gpu/test_cuda.py -k "decode_attention or gemv or glue or graph_equals"
   done
 fi
 run_to "$OUT/$TAG-emu1-13b-b1-p128.txt" "$PYTHON" benchmarks/latency.py --profile 4 --json "$OUT/$TAG-emu1-13b-b1-p128.json"

@@ -15,9 +15,9 @@ for mod in pybind11 numpy pytest hypothesis tqdm matplotlib; do
 done
 # The version the tests were last run against; an installed one (say, a GPU machine's) is kept.
 have transformers || missing+=("transformers==5.24.0")
-# Hugging Face accelerate: the device_map placement the Emu2 README loads with (tests/test_device_map.py).
+# Hugging Face accelerate: the device_map placement the Emu2 README loads with (tests/models/test_device_map.py).
 have accelerate || missing+=("accelerate==1.15.0")
-# diffusers: the Emu2-Gen pipeline stand-in (tests/test_hub_class.py) is a DiffusionPipeline.
+# diffusers: the Emu2-Gen pipeline stand-in (tests/models/test_hub_class.py) is a DiffusionPipeline.
 have diffusers || missing+=("diffusers==0.42.1")
 # ninja and cmake may come as commands (system packages) or as the PyPI wheels of that name.
 for tool in ninja cmake; do

@@ -1,7 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The test modules sit in folders by layer (ops/, decoder/, quant/, models/, gpu/, emulators/);
+# the helpers they share (helpers, op_samples, decoder_setup, quant_samples, the emulators) sit
+# here, importable from every folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

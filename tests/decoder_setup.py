@@ -1,5 +1,5 @@
-"""The tiny Emu-shaped setup the decoder tests share (tests/test_decoder.py and, on the CUDA
-kernels, tests/test_cuda_emulation.py): a tiny LLaMA with an Emu1 or Emu2 regression head, its
+"""The tiny Emu-shaped setup the decoder tests share (tests/decoder/test_decoder.py and, on the CUDA
+kernels, tests/emulators/test_cuda_emulation.py): a tiny LLaMA with an Emu1 or Emu2 regression head, its
 prompts run through the tokenizer and splice, and the float32 upstream loop as the expected
 output. Test modules import this, never each other."""
 import torch

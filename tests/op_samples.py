@@ -1,7 +1,7 @@
 """Per-op sample inputs and checks, in one place (extension-cpp style): one list of samples per
 op drives the correctness tests against emu_fast.reference on the CPU and a GPU
-(tests/test_ops.py), torch.library.opcheck (tests/test_ops.py, tests/test_cuda.py) and the CUDA
-kernels on the emulator (tests/test_cuda_emulation.py). Tolerances are stated here, by dtype.
+(tests/ops/test_ops.py), torch.library.opcheck (tests/ops/test_ops.py, tests/gpu/test_cuda.py) and the CUDA
+kernels on the emulator (tests/emulators/test_cuda_emulation.py). Tolerances are stated here, by dtype.
 Test modules import this, never each other."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from emu_fast import reference
 
 # (rtol, atol) against a float32 reference computed from the same (rounded) inputs.
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-# float32 on a GPU: the samples taken from tests/test_cuda.py (long dot products and softmaxes with
+# float32 on a GPU: the samples taken from tests/gpu/test_cuda.py (long dot products and softmaxes with
 # __expf and fused multiply-adds) allow this; the others keep TOL.
 GPU_FP32_TOL = (1e-4, 1e-4)
 # flash-attention's rule for low precision: the error against float32 is at most this multiple

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import emu_fast
-from emu_fast import families
+from emu_fast.dropin import families
 from emu_fast.testing import rel_err, tiny_emu, tiny_emu2_hub
 
 

@@ -1,5 +1,5 @@
 """The CUDA path against the float32 reference: ops (the samples of tests/op_samples.py run in
-tests/test_ops.py::test_op_matches_reference_cuda; here the GPU-only cases),
+tests/ops/test_ops.py::test_op_matches_reference_cuda; here the GPU-only cases),
 EmuDecoder on the GPU, CUDA-graph replay equal to eager, the drop-in on a CUDA model, and bad
 input on CUDA tensors. Skipped without a GPU (the CPU suite covers the same behaviour there)."""
 import pytest
@@ -371,7 +371,7 @@ def test_quantized_gemv_cuda(dtype, scheme, B, K):
     """emu_fast::gemv_int8 / gemv_int4 on the GPU against x @ dequantize(...)^T, including a K the
     int4 kernel reads zero-padded, int8's scalar loop (K % 16 != 0) and two batch launches; the
     same op on the CPU agrees to the dtype's tolerance, and opcheck passes."""
-    from emu_fast import quantize
+    from emu_fast.quant import schemes as quantize
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, K, generator=g) * K ** -0.5
     x = torch.randn(B, K, generator=g).to(dtype)

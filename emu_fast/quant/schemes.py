@@ -1,6 +1,7 @@
-"""Weight-only quantization schemes, in plain PyTorch: their definition, and the oracle the
-kernels (torch.ops.emu_fast.gemv_int8 / gemv_int4, csrc/kernels/quantized_gemv.h) are tested
-against. Weights are nn.Linear's [N, K] (out_features, in_features); activations are not
+"""Weight-only quantization schemes, in plain PyTorch: their definition, the oracle the
+kernels (torch.ops.emu_fast.gemv_int8 / gemv_int4) are tested against, and the scheme registry
+(REGISTRY: one QuantScheme per scheme, which everything else looks a scheme up in instead of
+branching on its name or bits). Weights are nn.Linear's [N, K] (out_features, in_features); activations are not
 quantized by default (bfloat16 ones reach the CPU kernels as int16 blocks; int8 ones are opt-in:
 see the end of this note).
 
@@ -39,7 +40,7 @@ the process; its opt-in "int8" rounds each block of 128 inputs to int8 (`round_i
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -47,7 +48,6 @@ INT8_MAX = 127
 INT4_MAX = 7
 INT4_BLOCK = 32              # values per packed block (16 bytes); group sizes are multiples of it
 DEFAULT_GROUP_SIZE = 128
-SCHEMES = ("int8", "int4")
 _ROWS_PER_CHUNK = 256        # rows quantized at once: temporaries of 256 x K float32
 
 
@@ -228,10 +228,113 @@ def round_inputs_to_int8(x: torch.Tensor, block: int = INT8_INPUT_BLOCK) -> torc
     return out.flatten(-2)[..., :K]
 
 
-# ------------------------------------------------------------------------------------ by name
+# ------------------------------------------------------------------------------ the registry
 
 
-def check_scheme(weights: str, fn: str = "quantize") -> str:
-    if weights not in SCHEMES:
+class QuantScheme:
+    """One weight-only scheme, all that the rest of emu_fast asks of it: its name, its bits (what
+    the C++ EmuDecoder takes as weight_bits), the layout and shapes of its qweight / scales, how
+    to quantize and dequantize (the packing included), and the op its GEMV runs on. Grouped
+    schemes take a group_size (inputs sharing a scale); the others have one scale per row."""
+
+    name: str
+    bits: int
+    qweight_dtype: torch.dtype
+    empty_code: int          # the byte an empty qweight holds: the code of 0
+    op: str                  # torch.ops.emu_fast.<op>(x, qweight, scales[, group_size])
+    grouped: bool
+
+    def group(self, group_size: Optional[int], fn: str = "quantize") -> Optional[int]:
+        """The group size this scheme runs with: None for a scheme without groups, else
+        group_size checked (DEFAULT_GROUP_SIZE when None)."""
+        return None
+
+    def qweight_shape(self, rows: int, in_features: int) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def scales_shape(self, rows: int, in_features: int, group: Optional[int]) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def quantize(self, w: torch.Tensor, group: Optional[int] = None, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group: Optional[int] = None,
+                   dtype=torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gemv(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: Optional[int] = None):
+        """x [B, K] @ the dequantized weight^T, by the scheme's op."""
+        op = getattr(torch.ops.emu_fast, self.op)
+        return op(x, qweight, scales, group) if self.grouped else op(x, qweight, scales)
+
+    def stored_bytes(self, rows: int, in_features: int, group: Optional[int]) -> int:
+        """Bytes of a [rows, in_features] projection stored in this scheme (qweight and scales)."""
+        q = torch.empty(0, dtype=self.qweight_dtype).element_size()
+        return _numel(self.qweight_shape(rows, in_features)) * q + _numel(self.scales_shape(rows, in_features, group)) * 4
+
+    def group_note(self, group: Optional[int]) -> str:
+        """" (group 128)" for a grouped scheme's group, "" otherwise (for messages)."""
+        return f" (group {group})" if self.grouped and group else ""
+
+    def __repr__(self) -> str:
+        return f"<emu_fast scheme {self.name}>"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class _Int8(QuantScheme):
+    name, bits, qweight_dtype, empty_code, op, grouped = "int8", 8, torch.int8, 0, "gemv_int8", False
+
+    def qweight_shape(self, rows, in_features):
+        return (rows, in_features)
+
+    def scales_shape(self, rows, in_features, group):
+        return (rows,)
+
+    def quantize(self, w, group=None, device=None):
+        return quantize_int8(w, device=device)
+
+    def dequantize(self, qweight, scales, in_features, group=None, dtype=torch.float32):
+        return dequantize_int8(qweight, scales, dtype)
+
+
+class _Int4(QuantScheme):
+    name, bits, qweight_dtype, empty_code, op, grouped = "int4", 4, torch.uint8, 0x88, "gemv_int4", True
+
+    def group(self, group_size, fn="quantize"):
+        return DEFAULT_GROUP_SIZE if group_size is None else check_group_size(group_size, fn)
+
+    def qweight_shape(self, rows, in_features):
+        return (rows, int4_row_bytes(in_features))
+
+    def scales_shape(self, rows, in_features, group):
+        return (rows, int4_groups(in_features, group))
+
+    def quantize(self, w, group=None, device=None):
+        return quantize_int4(w, DEFAULT_GROUP_SIZE if group is None else group, device=device)
+
+    def dequantize(self, qweight, scales, in_features, group=None, dtype=torch.float32):
+        return dequantize_int4(qweight, scales, in_features, DEFAULT_GROUP_SIZE if group is None else group, dtype)
+
+
+INT8, INT4 = _Int8(), _Int4()
+REGISTRY: Dict[str, QuantScheme] = {s.name: s for s in (INT8, INT4)}
+SCHEMES = tuple(REGISTRY)
+GROUPED = tuple(name for name, s in REGISTRY.items() if s.grouped)
+
+
+def scheme_named(weights: str, fn: str = "quantize") -> QuantScheme:
+    """The registered scheme called `weights`; ValueError naming the known ones otherwise."""
+    if weights not in REGISTRY:
         raise ValueError(f"emu_fast.{fn}: unknown weight scheme {weights!r}; known: {', '.join(SCHEMES)}")
-    return weights
+    return REGISTRY[weights]
+
+
+def scheme_of_bits(bits: int) -> Optional[QuantScheme]:
+    """The scheme of an EmuDecoder's weight_bits (0: float weights, None)."""
+    return None if bits == 0 else next(s for s in REGISTRY.values() if s.bits == bits)

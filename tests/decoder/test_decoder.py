@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from emu_fast import EmuDecoder
-from emu_fast.packing import pack_llama_layers
+from emu_fast.dropin.packing import pack_layers
 from emu_fast.testing import rel_err
 
 from decoder_setup import LOOP_TOL, PROMPTS, Setup
@@ -206,8 +206,8 @@ def test_constructor_rejects_inconsistent_weights(emu_tokenizer):
 
 
 def _layers(s):
-    from emu_fast.packing import pack_llama_layers
-    return pack_llama_layers(s.lm)
+    from emu_fast.dropin.packing import pack_layers
+    return pack_layers(s.lm)
 
 
 def test_decode_equals_step_loop_and_checks_steps(emu_tokenizer):
@@ -360,7 +360,7 @@ def test_offloaded_layer_is_refused_by_name(emu_tokenizer):
 def test_layers_on_two_devices_need_segments(emu_tokenizer):
     """By hand, a decoder whose layers differ in device must be told its segments."""
     s = Setup("emu1", emu_tokenizer)
-    layers = pack_llama_layers(s.lm)
+    layers = pack_layers(s.lm)
     layers[1] = [w.to("meta") for w in layers[1]]  # stands in for a second GPU
     with pytest.raises(ValueError, match=r"layer 1 input_norm is on meta but segment 0 \(from layer 0\) is on cpu"):
         EmuDecoder(layers, s.lm.model.norm.weight.detach(), s.head, None, num_heads=4, num_kv_heads=4,

@@ -1,4 +1,4 @@
-"""The decoder on weight-only int8 / int4 projections (issue 10, phase 2): the whole generation
+"""The decoder on weight-only int8 / int4 projections: the whole generation
 loop for Emu1 and Emu2 (ragged batches, prompt images, float32 and bfloat16) against the
 upstream loop run on a plain copy of the model holding the weights the quantized modules give
 back (dequantize()), so what is measured is our kernels, not quantization; the fused CPU step,
@@ -16,9 +16,11 @@ from torch import nn
 
 import emu_fast
 from emu_fast import EmuDecoder, _C
-from emu_fast import quantized_linear as ql
-from emu_fast.model_checks import LAYER_LINEARS
-from emu_fast.quantized_io import load_quantized, save_quantized
+from emu_fast.dropin.packing import pack_layers
+from emu_fast.dropin.walk import LAYER_LINEARS
+from emu_fast.quant import apply as ql
+from emu_fast.quant.io import load_quantized, save_quantized
+from emu_fast.quant.modules import Int4Linear, Int8Linear
 from emu_fast.testing import rel_err, tiny_emu
 
 from decoder_setup import LOOP_TOL
@@ -72,7 +74,8 @@ def _quantized_pair(kind, scheme, dtype=torch.float32, **kw):
 # UNQUANTIZED bf16 model (our kernels) is 1.9e-2 to 7.3e-2 from its own float32 copy, and the int8
 # loop 2.2e-2 to 5.9e-2 with float32 kernel inputs, 2.4e-2 to 6.3e-2 with int16 ones (the same
 # spread: one rounding flip in a bf16 output changes the fed-back trajectory). The kernels
-# themselves are held far tighter: float32 loops below, ops in test_quantize.py.
+# themselves are held far tighter: float32 loops below, ops in test_quantized_gemv.py
+# and test_quantized_inputs.py.
 QUANTIZED_LOOP_TOL = {**LOOP_TOL, torch.bfloat16: 8e-2}
 
 
@@ -155,8 +158,8 @@ def test_fused_op_by_op_split_and_aten_steps_agree(emu_tokenizer, kind, scheme, 
 @pytest.mark.parametrize("group", [64, 128])  # int8's blocks of 128 split across groups; whole in one
 def test_int8_activations_reach_every_step(emu_tokenizer, kind, dtype, group):
     """emu_fast.set_quantized_activations("int8") (the kernels are held to its exact oracle in
-    test_quantize.py): the fused CPU step and the op-by-op one round alike, bit for bit; it changes
-    the loop by what rounding inputs to int8 costs (1.4e-2 to 5.1e-2 here against the default
+    test_quantized_inputs.py): the fused CPU step and the op-by-op one round alike, bit for bit; it changes
+    the loop by what rounding inputs to int8 costs (1.4e-2 to 5.1e-2 on these tiny models against the default
     int16 / float32 inputs, seeds 0-2); and accelerate's first-use self-check passes under it."""
     model = _model(kind, dtype, tokenizer=emu_tokenizer, layers=3, hidden=128, intermediate=256)
     lm = model.decoder.lm
@@ -211,7 +214,7 @@ def test_accelerate_with_weights_is_a_drop_in(emu_tokenizer, kind, scheme):
     model = _model(kind, tokenizer=emu_tokenizer)
     float_bytes = emu_fast.accelerate(copy.deepcopy(model)).emu_fast_decoder.weight_bytes
     assert emu_fast.accelerate(model, weights=scheme, group_size=GROUP[scheme]) is model
-    cls = ql.Int8Linear if scheme == "int8" else ql.Int4Linear
+    cls = Int8Linear if scheme == "int8" else Int4Linear
     assert all(type(m) is cls for m in _linears(model))
     dec = model.emu_fast_decoder
     out = model.generate_image(TEXTS, _images(2))
@@ -368,7 +371,7 @@ def _decoder_args(scheme="int8", kind="emu2"):
     model = _model(kind, layers=2)
     ql.quantize_decoder_linears_(model, scheme, GROUP[scheme] or 128)
     lm = model.decoder.lm
-    layers = ql.pack_quantized_layers(lm)
+    layers = pack_layers(lm, quantized=True)
     kw = dict(num_heads=4, num_kv_heads=2, rms_eps=lm.config.rms_norm_eps, rope_theta=10000.0,
               weight_bits={"int8": 8, "int4": 4}[scheme], group_size=GROUP[scheme] or 0)
     return layers, lm.model.norm.weight.detach(), lm.project_down.weight.detach(), lm.project_up.weight.detach(), kw

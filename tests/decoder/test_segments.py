@@ -1,4 +1,4 @@
-"""Decoder segments (emu_fast.segments): the segment plan and layer_devices unit-tested (devices
+"""Decoder segments (emu_fast.dropin.segments): the segment plan and layer_devices unit-tested (devices
 are only named: no GPU needed); a decoder cut into segments on one CPU (split_before) gives
 bitwise the unsplit decoder's outputs, on the fused CPU step, op by op and on the ATen step,
 across cache growth; per-segment KV caches and their memory accounting."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from emu_fast.segments import Segment, layer_devices, plan_segments
+from emu_fast.dropin.segments import Segment, layer_devices, plan_segments
 from emu_fast.testing import tiny_llama
 
 from decoder_setup import PROMPTS, Setup

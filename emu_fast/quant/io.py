@@ -18,8 +18,8 @@ Loading checks the file before it changes the model: a file that is not safetens
 truncated), not ours, of another version, or whose config, scheme, keys, shapes or dtypes do not
 match the model raises ValueError naming what differs; so do damaged metadata (a config that is
 not a JSON object, a bad int4 group_size) and scales that are NaN, inf, negative or subnormal
-(emu_fast.quantize writes 0 for an all-zero row or group, else a normal positive float32). Then the model's decoder linears are
-replaced by empty quantized modules (if not quantized yet) and every tensor is copied in.
+(emu_fast.quant.schemes writes 0 for an all-zero row or group, else a normal positive float32).
+Then the model's decoder linears are replaced by empty quantized modules (if not quantized yet) and every tensor is copied in.
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from typing import Dict, NamedTuple, Union
 import torch
 from torch import nn
 
-from .families import family_of, is_emu_like
-from .quantize import MIN_SCALE, SCHEMES, check_group_size
-from .quantized_linear import decoder_linears, llama_of, quantization_of, replace_with_empty_
+from ..dropin.families import family_of, is_emu_like
+from ..dropin.walk import layer_linears, llama_of
+from .apply import quantization_of, replace_with_empty_
+from .modules import QUANTIZED_MODULES
+from .schemes import MIN_SCALE, REGISTRY, SCHEMES
 
 FORMAT = "emu_fast.quantized"
 VERSION = "1"
@@ -63,7 +65,7 @@ def quantized_state_dict(model) -> QuantizedState:
     quantization = quantization_of(model)
     if quantization is None:
         raise ValueError("emu_fast.save_quantized: the model is not quantized; call "
-                         "emu_fast.quantized_linear.quantize_decoder_linears_(model, weights=...) first")
+                         "emu_fast.quant.apply.quantize_decoder_linears_(model, weights=...) first")
     scheme, group_size = quantization
     lm = llama_of(model)
     tensors, seen = {}, set()
@@ -80,7 +82,7 @@ def quantized_state_dict(model) -> QuantizedState:
         if key is not None:
             seen.add(key)
     modules = [{"name": name, "in_features": m.in_features, "out_features": m.out_features,
-                "bias": m.bias is not None} for name, _, _, m in decoder_linears(model)]
+                "bias": m.bias is not None} for name, _, _, m in layer_linears(model)]
     metadata = {"format": FORMAT, "version": VERSION, "scheme": scheme,
                 "group_size": str(group_size if group_size is not None else 0), "family": _family_name(model),
                 "config": json.dumps(_config_of(lm)), "modules": json.dumps(modules)}
@@ -122,17 +124,16 @@ def parse_metadata(meta: Dict[str, str], path, fail=_fail) -> Dict[str, object]:
                    "not a JSON object)")
     if parsed["scheme"] not in SCHEMES:
         fail(path, f"unknown weight scheme {parsed['scheme']!r}; known: {', '.join(SCHEMES)}")
-    if parsed["scheme"] == "int4":
-        try:
-            check_group_size(parsed["group_size"], "load_quantized")
-        except ValueError as e:
-            fail(path, f"damaged metadata ({e})")
+    try:
+        REGISTRY[parsed["scheme"]].group(parsed["group_size"], "load_quantized")
+    except ValueError as e:
+        fail(path, f"damaged metadata ({e})")
     return parsed
 
 
 def _check_scales(f, path, keys) -> None:
     """Every quantized module's scales are 0 (an all-zero row or group) or a normal positive
-    float32, as emu_fast.quantize writes them; NaN, inf, negative or subnormal ones would give
+    float32, as emu_fast.quant.schemes writes them; NaN, inf, negative or subnormal ones would give
     garbage outputs without a word, so the file is refused naming the tensor."""
     for k in keys:
         s = f.get_tensor(k)
@@ -177,12 +178,13 @@ def _load(model, lm, f, path):
     differ = [f"{k}: file {meta['config'].get(k)!r}, model {v!r}" for k, v in ours.items() if meta["config"].get(k) != v]
     if differ:
         _fail(path, "its config does not match the model's (" + "; ".join(differ) + ")")
-    scheme, group_size = meta["scheme"], meta["group_size"]
-    wanted = (scheme, group_size if scheme == "int4" else None)
+    scheme = REGISTRY[meta["scheme"]]
+    group_size = scheme.group(meta["group_size"], "load_quantized")
+    wanted = (scheme.name, group_size)
     current = quantization_of(model)
     if current is not None and current != wanted:
-        _fail(path, f"holds {scheme} weights{f' (group {group_size})' if scheme == 'int4' else ''} but the model "
-                    f"is already quantized as {current[0]}{f' (group {current[1]})' if current[1] else ''}")
+        _fail(path, f"holds {scheme.name} weights{scheme.group_note(group_size)} but the model is already quantized "
+                    f"as {current[0]}{REGISTRY[current[0]].group_note(current[1])}")
 
     # Every check that needs only the file's header and the model's shapes, before any change.
     expected = {k: (tuple(v.shape), v.dtype) for k, v in _shapes_after_quantization(model, lm, current, wanted)}
@@ -194,14 +196,14 @@ def _load(model, lm, f, path):
     for k, (shape, dtype) in expected.items():
         sl = f.get_slice(k)
         file_shape, file_dtype = tuple(sl.get_shape()), sl.get_dtype()
-        if file_shape != shape or _DTYPES.get(file_dtype) != dtype:
+        if file_shape != shape or SAFETENSORS_DTYPES.get(file_dtype) != dtype:
             _fail(path, f"{k} is {file_dtype} {list(file_shape)} in the file but {dtype} {list(shape)} in the model")
 
-    quantized = {name for name, _, _, _ in decoder_linears(model)}
+    quantized = {name for name, _, _, _ in layer_linears(model)}
     _check_scales(f, path, sorted(k for k in keys if k.endswith(".scales") and k.rsplit(".", 1)[0] in quantized))
 
     if current is None:
-        replace_with_empty_(model, scheme, group_size)
+        replace_with_empty_(model, scheme.name, group_size)
     state = lm.state_dict()
     if any(t.is_meta for t in state.values()):
         lm.load_state_dict({k: f.get_tensor(k) for k in keys}, strict=True, assign=True)
@@ -211,7 +213,7 @@ def _load(model, lm, f, path):
     return model
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
            "BOOL": torch.bool}
 
@@ -221,17 +223,14 @@ def _shapes_after_quantization(model, lm, current, wanted):
     decoder linears are quantized as `wanted`, computed without changing the model."""
     if current is not None:
         return [(k, v) for k, v in lm.state_dict().items()]
-    from .quantized_linear import QUANTIZED_MODULES
-
     scheme, group_size = wanted
     cls = QUANTIZED_MODULES[scheme]
-    kw = {"group_size": group_size} if scheme == "int4" else {}
     replaced = {}
-    for name, _, _, module in decoder_linears(model):
+    for name, _, _, module in layer_linears(model):
         q = cls(module.in_features, module.out_features, module.bias is not None,
-                dtype=module.weight.dtype, device="meta", **kw)
+                dtype=module.weight.dtype, device="meta", group_size=group_size)
         for k, v in q.state_dict().items():
             replaced[f"{name}.{k}"] = v
-    quantized = {name for name, _, _, _ in decoder_linears(model)}
+    quantized = {name for name, _, _, _ in layer_linears(model)}
     out = [(k, v) for k, v in lm.state_dict().items() if k.rsplit(".", 1)[0] not in quantized]
     return out + list(replaced.items())

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 import emu_fast
+from emu_fast.dropin.packing import pack_layers
 from emu_fast.loading import CheckpointError
-from emu_fast.quantized_io import save_quantized
-from emu_fast.quantized_linear import pack_quantized_layers, quantize_decoder_linears_
+from emu_fast.quant.apply import quantize_decoder_linears_
+from emu_fast.quant.io import save_quantized
 from emu_fast.testing import emu_tokenizer, rel_err, tiny_emu, tiny_emu2_hub
 
 from helpers import ROOT, save_sharded
@@ -129,7 +130,7 @@ def test_quantized_load_equals_quantizing_the_model_in_place(tmp_path, weights, 
     gen = emu_fast.from_pretrained(root, dtype=torch.float32, weights=weights, group_size=group)
     assert gen.weights == weights and gen.decoder.weights == weights
     quantize_decoder_linears_(model, weights=weights, group_size=group or 128)
-    packed = pack_quantized_layers(model.model.decoder.lm)
+    packed = pack_layers(model.model.decoder.lm, quantized=True)
     for ours, theirs in zip(gen._tensors["slots"].decoder_layers(), packed):  # the tensors the decoder reads
         for a, b in zip(ours, theirs):
             assert torch.equal(a, b)
@@ -334,12 +335,12 @@ def test_quantized_load_holds_one_float_projection_on_the_device_at_a_time(tmp_p
     one float projection at most, never a float layer."""
     import weakref
 
-    from emu_fast import loading
+    from emu_fast.loading.slots import Slots
 
     model = tiny_emu2_hub(n=16, hidden=128, intermediate=192, layers=3)
     root = hub_folder(tmp_path, model)
     alive, seen = [], [0]
-    put = loading._Slots.put_projection
+    put = Slots.put_projection
 
     def watched(self, i, param, w):
         assert all(ref() is None for ref in alive), "a float projection outlived its quantization"
@@ -347,7 +348,7 @@ def test_quantized_load_holds_one_float_projection_on_the_device_at_a_time(tmp_p
         seen[0] += 1
         return put(self, i, param, w)
 
-    monkeypatch.setattr(loading._Slots, "put_projection", watched)
+    monkeypatch.setattr(Slots, "put_projection", watched)
     gen = emu_fast.from_pretrained(root, dtype=torch.float32, weights="int4", group_size=64)
     assert seen[0] == 3 * 7 and all(ref() is None for ref in alive)
     assert all(t.dtype in (torch.uint8, torch.float32) for layer in gen._tensors["slots"].decoder_layers()

@@ -48,7 +48,7 @@ def test_emu2_checkpoint_names_match_the_model():
     names = set(index["weight_map"])
     assert weights(names) == weights(lm.state_dict())
     assert set(lm.state_dict()) <= names
-    emu_fast.packing.pack_llama_layers(lm)
+    emu_fast.dropin.packing.pack_layers(lm)
     assert weights(names) == weights(lm.state_dict())  # packing keeps every name
 
 

@@ -5,7 +5,7 @@ examples (needs transformers), with the real Emu tokenizer.
     model = tiny_emu()               # a tiny Emu1; tiny_emu("emu2") for Emu2
     model.generate_image(["a photo of a cat"])
 
-The models have the attributes upstream's have (SEMANTICS.md; baaivision/Emu Emu1/models/
+The models have the attributes upstream's have (docs/model-classes.md; baaivision/Emu Emu1/models/
 modeling_emu.py and Emu2/emu/emu.py) and a `generate_image` that runs upstream's recompute
 loop (emu_fast.reference.upstream_generate_image) on Hugging Face modules, as upstream does.
 The tokenizer is the real Emu1 (LLaMA) one, from a copy of its files carried in this package
@@ -25,11 +25,11 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from emu_fast import reference
-from emu_fast import testing_hub_llama as hub_llama
-from emu_fast.families import DEFAULT_PLACEHOLDER, family_named, family_of
+from emu_fast.dropin.families import DEFAULT_PLACEHOLDER, family_named, family_of
+from emu_fast.testing import hub_llama
 
 VOCAB = 32004  # LLaMA's 32000 + [PAD], [IMG], [/IMG], <image>
-TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "emu1_tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "data" / "emu1_tokenizer"
 # Emu adds these to the LLaMA tokenizer in this order, which gives them these ids.
 EMU_SPECIAL_TOKENS = {"[PAD]": 32000, "[IMG]": 32001, "[/IMG]": 32002, "<image>": 32003}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import emu_fast
-from emu_fast.quantized_io import load_quantized, save_quantized
+from emu_fast.quant.io import load_quantized, save_quantized
 from emu_fast.testing import TinyEmu2Hub, emu_tokenizer, rel_err, tiny_emu, tiny_emu2_hub, tiny_emu2_hub_config
 
 from helpers import save_sharded
@@ -220,7 +220,7 @@ def test_hub_class_split_over_segments():
 def test_hub_class_quantized_save_and_load(tmp_path):
     tok = emu_tokenizer(padding_side="left")
     model = hub(hidden=128, intermediate=192)
-    emu_fast.quantized_linear.quantize_decoder_linears_(model, weights="int4", group_size=64)
+    emu_fast.quant.apply.quantize_decoder_linears_(model, weights="int4", group_size=64)
     expected = model.generate_image(TEXTS, tok, image(2))
     save_quantized(model, tmp_path / "hub-int4.safetensors")
     fresh = hub(hidden=128, intermediate=192, seed=0)  # the same project_up/down and vision parts

@@ -5,7 +5,7 @@ emu_fast.accelerate(pipe) on the Emu2-Gen diffusers pipeline accelerates its
 
 What differs between the model classes (where the LLaMA and the tokenizer are, which modules
 hold the head and project_up, n, how prompt images are encoded, generate_image's signature) is
-asked of the model's family (emu_fast.families); nothing here branches on it.
+asked of the model's family (emu_fast.dropin.families); nothing here branches on it.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from typing import Optional
 
 import torch
 
-from .decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
+from ..decoder import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, EmuDecoder
 from .families import EmuFamily, check_tokenizer, family_of
 from .prompts import check_request, embed_prompts
 from .model_checks import check_linear, check_weights_loaded
-from .packing import llama_body_of
-from .quantized_linear import prepare_quantization, quantized_buffers, resolve_device
+from ..quant.apply import prepare_quantization, quantized_buffers, resolve_device
+from .walk import llama_body_of
 
 
 def _weight_addresses(model, family: EmuFamily):
@@ -52,24 +52,24 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     weights: weight-only quantization of the decoder body's projections (q/k/v/o_proj,
     gate/up/down_proj of every layer; embeddings, norms, the regression head and project_up stay
     in the model's dtype; activations stay in it too, except that on the CPU bfloat16
-    activations enter the quantized GEMVs as int16 blocks, emu_fast.quantize.round_inputs_to_int16,
+    activations enter the quantized GEMVs as int16 blocks, emu_fast.quant.schemes.round_inputs_to_int16,
     and emu_fast.set_quantized_activations("int8") opts in to int8 blocks, faster with int4):
       None    (default) the model's weights as they are: float, or a model already quantized
-              with emu_fast.quantized_linear.quantize_decoder_linears_ / loaded with
-              emu_fast.quantized_io.load_quantized (run in its own scheme).
+              with emu_fast.quant.apply.quantize_decoder_linears_ / loaded with
+              emu_fast.quant.io.load_quantized (run in its own scheme).
       "int8"  symmetric per output row: scale = max|w| / 127, q = round(w / scale) in [-127, 127].
       "int4"  symmetric in groups of `group_size` consecutive inputs of a row (default
               128, a multiple of 32): scale = max|w| / 7 per group, q in [-7, 7], two a byte.
     The model is quantized in place (Int8Linear / Int4Linear modules replace the projections
     and the float weights are released layer by layer), so its own forward keeps working on
-    the same quantized weights; emu_fast.quantize defines the schemes exactly. An unknown scheme,
+    the same quantized weights; emu_fast.quant.schemes defines the schemes exactly. An unknown scheme,
     or one that differs from the model's existing quantization, raises ValueError before
     anything changes.
 
     device: where the model is to run (default: where it is). With weights="int8" / "int4", a
     model loaded on the CPU is quantized onto the device layer by layer (each projection's float
     weight copied over a chunk of rows at a time and quantized there; see
-    emu_fast.quantized_linear.quantize_decoder_linears_), then the rest of the model follows: a
+    emu_fast.quant.apply.quantize_decoder_linears_), then the rest of the model follows: a
     model too large for the GPU in its float dtype ends up there quantized. The device then
     holds the quantized model and one chunk of float rows at most. Without weights the model is
     moved as model.to(device) would."""

@@ -70,7 +70,7 @@ def test_asking_for_many_positions_leaves_the_model_alone():
 
 def test_decoder_refuses_bad_rope_tables():
     lm = tiny_llama(hidden=64, heads=4, vocab=100)
-    layers = emu_fast.packing.pack_llama_layers(lm)
+    layers = emu_fast.dropin.packing.pack_layers(lm)
     norm, head = lm.model.norm.weight.detach(), torch.zeros(64, 64)
     cos, sin = model_rope_tables(lm, 64, 16)
 

@@ -2,13 +2,13 @@
 the VNNI copy: int8 / int4 weights with int16 inputs, int4 with int8 inputs), from the production
 rounding and input layouts through the kernels, against the exact oracles. They run through the
 portable intrinsics of tests/avx512_emulation on every processor (CI has no AVX-512); a processor
-that has it also runs the compiled kernels in test_quantize.py's every-ISA tests."""
+that has it also runs the compiled kernels in tests/quant/test_quantized_inputs.py's every-ISA tests."""
 import pytest
 import torch
 
 import avx512_emulator as emu
-from emu_fast.quantize import dequantize_int4, dequantize_int8, round_inputs_to_int8, round_inputs_to_int16
-from test_quantize import OP_SHAPES, check_against_oracle, int16_case_x, op_case
+from emu_fast.quant.schemes import dequantize_int4, dequantize_int8, round_inputs_to_int8, round_inputs_to_int16
+from quant_samples import OP_SHAPES, check_against_oracle, int16_case_x, op_case
 
 pytestmark = pytest.mark.skipif(emu.shutil.which("g++") is None and not emu.os.environ.get("CXX"),
                                 reason="needs a C++ compiler")

@@ -11,12 +11,11 @@ disk, or as a model built without weights has them.
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
-
 import torch
 from torch import nn
 
-from .families import find
+from ..quant.modules import is_quantized
+from .walk import layer_linears
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Quantized replacements of nn.Linear (bitsandbytes, auto-gptq, autoawq, optimum-quanto, hqq);
@@ -24,9 +23,6 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QUANTIZED_LINEARS = {"Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4", "QuantLinear", "WQLinear_GEMM",
                      "WQLinear_GEMV", "QLinear", "HQQLinear"}
 QUANTIZED_WEIGHTS = {"Params4bit", "Int8Params", "QTensor", "QBytesTensor"}
-
-LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def check_linear(module, name: str) -> torch.Tensor:
@@ -47,19 +43,24 @@ def check_linear(module, name: str) -> torch.Tensor:
     return module.weight
 
 
-def layer_linears(body: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    """(name, module) of every projection of every decoder layer, named as in the state dict."""
-    for i, layer in enumerate(body.layers):
-        for path in LAYER_LINEARS:
-            yield f"model.layers.{i}.{path}", find(layer, path)
+def check_llama_modules(lm: nn.Module) -> None:
+    """Every projection of a Hugging Face LLaMA's layers is one emu_fast can pack and run as
+    float weights (a missing one is a TypeError from the walker)."""
+    for p in layer_linears(lm):
+        check_linear(p.module, p.name)
 
 
-def check_llama_modules(body: nn.Module) -> None:
-    """Every projection of a Hugging Face LlamaModel's layers is one emu_fast can pack and run."""
-    for name, module in layer_linears(body):
-        if module is None:
-            raise TypeError(f"emu_fast: {name} is missing; not a Hugging Face LLaMA layer")
-        check_linear(module, name)
+def check_quantized_modules(lm: nn.Module) -> None:
+    """Every projection of the LLaMA's layers is an emu_fast quantized linear (of one scheme:
+    emu_fast.quant.apply.quantization_of), bias-free, with its buffers loaded."""
+    for name, _, _, module in layer_linears(lm):
+        if not is_quantized(module):
+            raise TypeError(f"emu_fast: {name} is a {type(module).__name__}, not a quantized linear; the decoder's "
+                            "projections must all be quantized the same way")
+        if module.bias is not None:
+            raise TypeError(f"emu_fast: {name} has a bias; Emu's is bias-free and emu_fast assumes so")
+        if module.qweight.is_meta or module.scales.is_meta:
+            raise TypeError(f"emu_fast: {name} has no data (on the meta device); load its weights first")
 
 
 def check_weights_loaded(modules) -> None:

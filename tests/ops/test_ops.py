@@ -45,7 +45,7 @@ def test_op_matches_reference_cuda(sample, dtype):
 
 @pytest.mark.parametrize("op_and_args", list(opcheck_samples("cpu")), ids=lambda c: c[0])
 def test_opcheck(op_and_args):
-    """(tests/test_cuda.py runs the same samples through opcheck on a GPU.)"""
+    """(tests/gpu/test_cuda.py runs the same samples through opcheck on a GPU.)"""
     name, args = op_and_args
     torch.library.opcheck(getattr(torch.ops.emu_fast, name).default, args)
 

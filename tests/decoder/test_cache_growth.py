@@ -1,4 +1,4 @@
-"""Memory sized to the request (issue 8 item 4): the KV cache starts empty and grows to the
+"""Memory sized to the request: the KV cache starts empty and grows to the
 largest batch x length requested (lengths rounded up to a multiple of 128), the RoPE tables
 with it; growth mid-sequence carries the cached keys/values over so the sequence continues
 bitwise; max_batch / max_seq_len are optional limits; memory_summary() adds up."""
@@ -127,18 +127,18 @@ def test_limits_are_respected_and_the_decoder_stays_usable(emu_tokenizer):
 
 
 def test_fixed_rope_tables_say_when_they_are_too_short(emu_tokenizer):
-    from emu_fast import packing
+    from emu_fast.dropin import packing
     from emu_fast.rope import theta_rope_tables
 
     s = Setup("emu1", emu_tokenizer)
     cos, sin = theta_rope_tables(16, 8, 1e4)
-    dec = EmuDecoder(packing.pack_llama_layers(s.lm), s.lm.model.norm.weight.detach(), s.head, None, num_heads=4,
+    dec = EmuDecoder(packing.pack_layers(s.lm), s.lm.model.norm.weight.detach(), s.head, None, num_heads=4,
                      num_kv_heads=4, rms_eps=1e-6, rope_cos=cos, rope_sin=sin)
     embeds, mask = s.inputs(PROMPTS[1])
     with pytest.raises(ValueError, match=r"needs RoPE tables for \d+ positions but the decoder was given 8"):
         dec.generate(embeds, mask, s.n)
     # By hand with rope_theta (the default), the tables grow as needed.
-    dec = EmuDecoder(packing.pack_llama_layers(s.lm), s.lm.model.norm.weight.detach(), s.head, None, num_heads=4,
+    dec = EmuDecoder(packing.pack_layers(s.lm), s.lm.model.norm.weight.detach(), s.head, None, num_heads=4,
                      num_kv_heads=4, rms_eps=s.lm.config.rms_norm_eps, rope_theta=s.lm.config.rope_theta
                      if hasattr(s.lm.config, "rope_theta") else 1e4)
     assert dec.generate(embeds, mask, s.n).shape == (1, s.n, 64)
@@ -228,14 +228,14 @@ def test_large_reserve_builds_rope_tables_for_what_is_needed(emu_tokenizer):
 def test_limits_and_reserve_sizes_past_int64_are_refused_naming_them(emu_tokenizer):
     """Sizes of 2**63 and more do not fit the decoder's int64: a ValueError naming the argument,
     not pybind's signature dump (TypeError), from EmuDecoder, from_llama and reserve."""
-    from emu_fast import packing
+    from emu_fast.dropin import packing
 
     s = Setup("emu2", emu_tokenizer)
     for name in ("max_batch", "max_seq_len"):
         with pytest.raises(ValueError, match=rf"{name} must be at most 2\*\*63 - 1 .*got 9223372036854775808"):
             EmuDecoder.from_llama(s.lm, s.head, s.up, **{name: 2 ** 63})
         with pytest.raises(ValueError, match=rf"{name} must be at most 2\*\*63 - 1"):
-            EmuDecoder(packing.pack_llama_layers(s.lm), s.lm.model.norm.weight.detach(), s.head, s.up, num_heads=4,
+            EmuDecoder(packing.pack_layers(s.lm), s.lm.model.norm.weight.detach(), s.head, s.up, num_heads=4,
                        num_kv_heads=4, rms_eps=s.lm.config.rms_norm_eps, **{name: 2 ** 64})
     dec = EmuDecoder.from_llama(s.lm, s.head, s.up, max_batch=2 ** 62, max_seq_len=2 ** 63 - 1)  # the largest: no limit
     assert (dec.max_batch, dec.max_seq_len) == (2 ** 62, None)

@@ -1,5 +1,5 @@
 """The CUDA kernels themselves, run on the CPU by the emulator in tests/cuda_emulation/, against
-the float32 reference: the same cases as tests/test_cuda.py plus every code path a GPU run would
+the float32 reference: the same cases as tests/gpu/test_cuda.py plus every code path a GPU run would
 pick by shape or alignment (split plans, scalar and vector loads, each batch template), on
 machines with no GPU. Also shows the emulator catches the CUDA misuse it claims to."""
 import collections
@@ -346,7 +346,7 @@ def test_quantized_decoder_on_the_cuda_kernels_matches_the_fused_cpu_step(emu_to
 def _quantized_case(scheme, B, K, N, dtype, group=128, seed=0, x_offset=0):
     """x (x_offset elements into its buffer: misaligned rows for x_offset % 8 != 0), the quantized
     weight with a zero row (scale 0), and the op's arguments."""
-    from emu_fast import quantize
+    from emu_fast.quant import schemes as quantize
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * K ** -0.5
     w[N // 2] = 0
@@ -374,7 +374,7 @@ def _quantized_case(scheme, B, K, N, dtype, group=128, seed=0, x_offset=0):
     ("int4", 2, 600, 18, 256),    # groups of two steps, a short last group
 ])
 def test_quantized_gemv_kernels_match_reference(dtype, scheme, B, K, N, group):
-    """The CUDA kernels against x @ dequantize(...)^T (emu_fast/quantize.py, the scheme's
+    """The CUDA kernels against x @ dequantize(...)^T (emu_fast/quant/schemes.py, the scheme's
     definition) on every path: vector widths, template batches, batch chunks, int8's scalar loop,
     int4's zero-padded blocks and short groups; a zero row gives zeros."""
     x, args = _quantized_case(scheme, B, K, N, dtype, group or 128)
@@ -394,7 +394,7 @@ def test_quantized_gemv_kernels_take_every_stored_byte(scheme, K, dtype):
     kernels' bit-level conversion (no I2F) gives the value the scheme defines. int8 also through
     its scalar loop (K % 16 != 0), int4 with a zero-padded last block, in bf16 on the
     tensor-core kernel (its bf16 pairs built from the bits)."""
-    from emu_fast.quantize import int4_row_bytes
+    from emu_fast.quant.schemes import int4_row_bytes
     row_bytes = K if scheme == "int8" else int4_row_bytes(K)
     q = torch.arange(8 * 256, dtype=torch.int64).remainder(256)  # 0..255, eight times
     q = q[torch.randperm(q.numel(), generator=torch.Generator().manual_seed(0))][: 8 * row_bytes]
