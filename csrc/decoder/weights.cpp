@@ -13,6 +13,7 @@
 #include "kernels/cpu/quantized_gemv.h"
 #include "ops/checks.h"
 #include "ops/op_set.h"
+#include "ops/schemes.h"
 
 namespace emu_fast {
 namespace {
@@ -32,32 +33,28 @@ void check_weight(const at::Tensor& t, const std::string& where, const char* nam
 
 std::string layer_name(size_t l) { return "layer " + std::to_string(l) + " "; }
 
-const char* scheme_name(int64_t bits) { return bits == 8 ? "int8" : "int4"; }
-
-// A quantized projection computing [N] outputs from K inputs: its qweight and scales as
-// WeightQuant's scheme lays them out (kernels/quantized_gemv.h), on `device`, contiguous.
+// A quantized projection computing [N] outputs from K inputs: its qweight and scales as its
+// scheme lays them out (ops/schemes.h), on `device`, contiguous.
 void check_quantized_weight(const at::Tensor& q, const at::Tensor& scales, const std::string& where, const char* name,
                             int64_t N, int64_t K, const WeightQuant& quant, const at::Device& device,
                             const char* device_owner) {
-  const bool int8 = quant.bits == 8;
-  const std::vector<int64_t> q_shape = {N, int8 ? K : kernels::int4_row_bytes(K)};
-  const std::vector<int64_t> s_shape =
-      int8 ? std::vector<int64_t>{N} : std::vector<int64_t>{N, kernels::int4_groups(K, quant.group_size)};
-  const at::ScalarType q_dtype = int8 ? at::kChar : at::kByte;
-  const std::string what = std::string(name) + " (" + scheme_name(quant.bits) + ")";
+  const QuantScheme& scheme = *quant_scheme(quant.bits);
+  const std::vector<int64_t> q_shape = {N, scheme.qweight_cols(K)};
+  const int64_t scale_cols = scheme.scale_cols(K, quant.group_size);
+  const std::vector<int64_t> s_shape = scheme.grouped ? std::vector<int64_t>{N, scale_cols} : std::vector<int64_t>{N};
+  const std::string what = std::string(name) + " (" + scheme.name + ")";
   TORCH_CHECK_VALUE(q.defined(), kDecoderName, ": ", where, what, " qweight is missing");
   TORCH_CHECK_VALUE(scales.defined(), kDecoderName, ": ", where, what, " scales are missing");
-  TORCH_CHECK_TYPE(q.scalar_type() == q_dtype, kDecoderName, ": ", where, what, " qweight is ", py_dtype(q.scalar_type()),
-                   ", expected ", py_dtype(q_dtype), " for ", scheme_name(quant.bits), " weights");
+  TORCH_CHECK_TYPE(q.scalar_type() == scheme.qweight, kDecoderName, ": ", where, what, " qweight is ",
+                   py_dtype(q.scalar_type()), ", expected ", py_dtype(scheme.qweight), " for ", scheme.name, " weights");
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, kDecoderName, ": ", where, what, " scales are ",
                    py_dtype(scales.scalar_type()), ", expected torch.float32");
   TORCH_CHECK_VALUE(q.sizes() == at::IntArrayRef(q_shape), kDecoderName, ": ", where, what, " qweight has shape ", q.sizes(),
-                    ", expected ", at::IntArrayRef(q_shape),
-                    int8 ? "" : " (two values a byte, rows padded to a multiple of 32 values)");
+                    ", expected ", at::IntArrayRef(q_shape), " (", scheme.layout, ")");
   TORCH_CHECK_VALUE(scales.sizes() == at::IntArrayRef(s_shape), kDecoderName, ": ", where, what, " scales have shape ",
                     scales.sizes(), ", expected ", at::IntArrayRef(s_shape),
-                    int8 ? " (one per output row)"
-                         : " (one per output row and group of " + std::to_string(quant.group_size) + " inputs)");
+                    scheme.grouped ? " (one per output row and group of " + std::to_string(quant.group_size) + " inputs)"
+                                   : std::string(" (one per output row)"));
   for (const at::Tensor* t : {&q, &scales}) {
     const char* part = t == &q ? " qweight" : " scales";
     TORCH_CHECK_VALUE(t->device() == device, kDecoderName, ": ", where, what, part, " is on ", t->device(), " but ",
@@ -102,19 +99,20 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                     rms_eps);
   head_dim_ = hidden_ / num_heads;
   const auto st = final_norm_.scalar_type();
-  TORCH_CHECK_VALUE(weight_bits == 0 || weight_bits == 8 || weight_bits == 4, kDecoderName,
+  const QuantScheme* scheme = quant_scheme(weight_bits);
+  TORCH_CHECK_VALUE(weight_bits == 0 || scheme != nullptr, kDecoderName,
                     ": weight_bits must be 0 (unquantized), 8 (int8) or 4 (int4), got ", weight_bits);
-  if (weight_bits == 4)
+  if (scheme != nullptr && scheme->grouped)
     TORCH_CHECK_VALUE(group_size > 0 && group_size % kernels::kInt4Block == 0, kDecoderName,
                       ": int4 weights need a group_size that is a positive multiple of ", kernels::kInt4Block,
                       ", got ", group_size);
-  quant_ = WeightQuant{weight_bits, weight_bits == 4 ? group_size : 0};
+  quant_ = WeightQuant{weight_bits, scheme != nullptr && scheme->grouped ? group_size : 0};
   const size_t per_layer = weight_bits == 0 ? 6 : 10;
   const std::string layer_parts =
       weight_bits == 0 ? "6 tensors [input_norm, qkv, o, post_norm, gate_up, down]"
                        : std::string("10 tensors [input_norm, qkv, o, post_norm, gate_up, down, qkv_scales, o_scales, "
                                      "gate_up_scales, down_scales] for ") +
-                             scheme_name(weight_bits) + " weights";
+                             scheme->name + " weights";
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kDecoderName,
                    ": weights must be float32, bfloat16 or float16, got ", py_dtype(st));
 

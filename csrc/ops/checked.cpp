@@ -8,6 +8,8 @@
 #include <cstring>
 #include <limits>
 
+#include "ops/schemes.h"
+
 namespace emu_fast {
 
 bool self_check_enabled() {
@@ -86,7 +88,7 @@ at::Tensor CheckedKernels::norm_gemv_silu(const Tensor& x, const Tensor& norm_we
 
 at::Tensor CheckedKernels::gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
                                           int64_t group_size) const {
-  return both(bits == 8 ? "gemv_int8" : "gemv_int4",
+  return both(quant_scheme(bits)->op,
               [&](const StepKernels& k) { return k.gemv_quantized(x, qweight, scales, bits, group_size); });
 }
 

@@ -10,6 +10,7 @@
 
 #include "ops/limits.h"
 #include "ops/op_set.h"
+#include "ops/schemes.h"
 
 namespace emu_fast {
 namespace {
@@ -151,10 +152,10 @@ bool custom_kernels_support(const at::Device& device, at::ScalarType dtype, int6
 
 bool custom_quantized_support(const at::Device& device, int64_t bits, std::string* why) {
   if (bits == 0 || device.is_cpu()) return true;
-  const char* name = bits == 8 ? "emu_fast::gemv_int8" : "emu_fast::gemv_int4";
+  const std::string name = std::string("emu_fast::") + quant_scheme(bits)->op;
   const c10::DispatchKey key = c10::TensorOptions().device(device).computeDispatchKey();
-  if (c10::Dispatcher::singleton().findSchemaOrThrow(name, "").hasKernelForDispatchKey(key)) return true;
-  if (why != nullptr) *why = std::string(name) + " has no kernel for " + device.str() + " in this build";
+  if (c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").hasKernelForDispatchKey(key)) return true;
+  if (why != nullptr) *why = name + " has no kernel for " + device.str() + " in this build";
   return false;
 }
 
