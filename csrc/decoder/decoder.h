@@ -51,6 +51,10 @@ struct DecoderLayerWeights {
   // their float32 scales ([N], or [N, ceil(K / group_size)]); qkv's and gate_up's stack the
   // rows' of q/k/v and gate/up like the weights. Undefined for unquantized weights.
   at::Tensor qkv_scales, o_scales, gate_up_scales, down_scales;
+
+  // The one place the positional list Python passes (emu_fast/layer_weights.py, LayerWeights.as_list:
+  // 6 tensors, or 10 with the scales) becomes names. The caller checked its length.
+  static DecoderLayerWeights from_list(const std::vector<at::Tensor>& w);
 };
 
 // How the four projections of every layer are stored (emu_fast/quantize.py defines the

@@ -65,6 +65,17 @@ void check_quantized_weight(const at::Tensor& q, const at::Tensor& scales, const
 
 }  // namespace
 
+DecoderLayerWeights DecoderLayerWeights::from_list(const std::vector<at::Tensor>& w) {
+  DecoderLayerWeights out{w[0], w[1], w[2], w[3], w[4], w[5]};
+  if (w.size() == 10) {
+    out.qkv_scales = w[6];
+    out.o_scales = w[7];
+    out.gate_up_scales = w[8];
+    out.down_scales = w[9];
+  }
+  return out;
+}
+
 EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::Tensor final_norm,
                        at::Tensor head_weight, c10::optional<at::Tensor> up_weight, int64_t num_heads,
                        int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
@@ -135,30 +146,30 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
     const at::Device device = layers[begin][0].device();
     const std::string owner = "segment " + std::to_string(i) + " (from layer " + std::to_string(begin) + ")";
     for (int64_t l = begin; l < end; ++l) {
-      const auto& w = layers[l];
       const std::string where = layer_name(l);
-      TORCH_CHECK_VALUE(w.size() == per_layer, kDecoderName, ": layer ", l, " needs ", layer_parts, ", got ", w.size());
-      TORCH_CHECK_VALUE(w[4].defined() && w[4].dim() == 2 && w[4].size(0) % 2 == 0, kDecoderName, ": layer ", l,
-                        " gate_up must be [2*intermediate, hidden]");
-      const int64_t I = w[4].size(0) / 2;
+      TORCH_CHECK_VALUE(layers[l].size() == per_layer, kDecoderName, ": layer ", l, " needs ", layer_parts, ", got ",
+                        layers[l].size());
+      const DecoderLayerWeights w = DecoderLayerWeights::from_list(layers[l]);
+      TORCH_CHECK_VALUE(w.gate_up.defined() && w.gate_up.dim() == 2 && w.gate_up.size(0) % 2 == 0, kDecoderName,
+                        ": layer ", l, " gate_up must be [2*intermediate, hidden]");
+      const int64_t I = w.gate_up.size(0) / 2;
       const int64_t I0 = layers_.empty() ? I : layers_[0].gate_up.size(0) / 2;
       TORCH_CHECK_VALUE(I == I0, kDecoderName, ": layer ", l, " has intermediate size ", I, " but layer 0 has ", I0,
                         "; LLaMA's are all equal");
-      check_weight(w[0], where, "input_norm", {H}, st, device, owner.c_str());
-      check_weight(w[3], where, "post_norm", {H}, st, device, owner.c_str());
+      check_weight(w.input_norm, where, "input_norm", {H}, st, device, owner.c_str());
+      check_weight(w.post_norm, where, "post_norm", {H}, st, device, owner.c_str());
       if (weight_bits == 0) {
-        check_weight(w[1], where, "qkv", {qkv_rows, H}, st, device, owner.c_str());
-        check_weight(w[2], where, "o", {H, num_heads * D}, st, device, owner.c_str());
-        check_weight(w[4], where, "gate_up", {2 * I, H}, st, device, owner.c_str());
-        check_weight(w[5], where, "down", {H, I}, st, device, owner.c_str());
-        layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+        check_weight(w.qkv, where, "qkv", {qkv_rows, H}, st, device, owner.c_str());
+        check_weight(w.o, where, "o", {H, num_heads * D}, st, device, owner.c_str());
+        check_weight(w.gate_up, where, "gate_up", {2 * I, H}, st, device, owner.c_str());
+        check_weight(w.down, where, "down", {H, I}, st, device, owner.c_str());
       } else {
-        check_quantized_weight(w[1], w[6], where, "qkv", qkv_rows, H, quant_, device, owner.c_str());
-        check_quantized_weight(w[2], w[7], where, "o", H, num_heads * D, quant_, device, owner.c_str());
-        check_quantized_weight(w[4], w[8], where, "gate_up", 2 * I, H, quant_, device, owner.c_str());
-        check_quantized_weight(w[5], w[9], where, "down", H, I, quant_, device, owner.c_str());
-        layers_.push_back({w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9]});
+        check_quantized_weight(w.qkv, w.qkv_scales, where, "qkv", qkv_rows, H, quant_, device, owner.c_str());
+        check_quantized_weight(w.o, w.o_scales, where, "o", H, num_heads * D, quant_, device, owner.c_str());
+        check_quantized_weight(w.gate_up, w.gate_up_scales, where, "gate_up", 2 * I, H, quant_, device, owner.c_str());
+        check_quantized_weight(w.down, w.down_scales, where, "down", H, I, quant_, device, owner.c_str());
       }
+      layers_.push_back(w);
     }
     segs_.push_back(Segment{begin, end, device});
   }
