@@ -4,11 +4,11 @@
 #include <pybind11/stl.h>
 #include <torch/python.h>
 
-#include "checks.h"
-#include "decoder.h"
-#include "kernels/decode_attention.h"
-#include "kernels/quantized_gemv.h"
-#include "step_kernels.h"
+#include "ops/checks.h"
+#include "decoder/decoder.h"
+#include "kernels/cpu/decode_attention.h"
+#include "kernels/cpu/quantized_gemv.h"
+#include "ops/op_set.h"
 
 namespace py = pybind11;
 using emu_fast::EmuDecoder;

@@ -21,14 +21,14 @@ fi
 INC=(-Icsrc -I"$OUT/include" -I"$TORCH_DIR/include" -I"$TORCH_DIR/include/torch/csrc/api/include")
 ARCH=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a)
 set -x
-[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -Icsrc -c csrc/cuda/kernels/kernels_check.cu -o "$OUT/kernels_check.o"
+[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -Icsrc -c csrc/kernels/cuda/kernels_check.cu -o "$OUT/kernels_check.o"
 if [ "${SKIP_GLUE:-0}" != 1 ]; then
-  for f in csrc/cuda/*.cu; do
+  for f in csrc/ops/*.cu; do
     "$NVCC" -std=c++20 -O3 "${ARCH[@]}" --expt-relaxed-constexpr "${INC[@]}" -DEMU_FAST_WITH_CUDA=1 \
       -c "$f" -o "$OUT/$(basename "$f" .cu).o"
   done
 fi
-for f in csrc/cuda/decoder_graph.cpp csrc/decoder.cpp csrc/step_kernels_custom.cpp; do
+for f in csrc/decoder/*.cpp csrc/ops/op_set.cpp; do
   g++ -std=c++20 -fsyntax-only -Wall -Wno-unused-parameter "${INC[@]}" -I"$CUDA_INC" -DEMU_FAST_WITH_CUDA=1 "$f"
 done
 set +x

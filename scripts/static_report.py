@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static performance report of the CUDA decode step: ESTIMATES FROM COMPILED CODE (no GPU ran this).
 
-One command: `python scripts/static_report.py` compiles csrc/cuda/kernels/kernels_check.cu (every
+One command: `python scripts/static_report.py` compiles csrc/kernels/cuda/kernels_check.cu (every
 kernel instantiation) for sm_90a and sm_80, reads ptxas -v (registers, spills, shared memory) and
 the SASS (nvdisasm on the cubin), and feeds a latency/issue model that estimates the time of every
 kernel the step launches and of the whole step, for Emu1-13B and Emu2 in bf16, batch 1 and 8, 160
@@ -99,7 +99,7 @@ def compile_cubin(src, arch, workdir):
     flags) into one cubin; returns (cubin path, ptxas -v text)."""
     cubin = os.path.join(workdir, f"kernels-{arch}.cubin")
     cmd = [os.environ.get("NVCC", "nvcc"), "-std=c++20", "-O3", f"-I{src}/csrc", "-cubin", f"-arch={arch}",
-           "-Xptxas", "-v", os.path.join(src, "csrc/cuda/kernels/kernels_check.cu"), "-o", cubin]
+           "-Xptxas", "-v", os.path.join(cuda_kernels_dir(src), "kernels_check.cu"), "-o", cubin]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"static_report: nvcc failed:\n{r.stderr}")
@@ -357,34 +357,49 @@ def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain, gap_u
                 ns_per_iter_one_warp=cyc / g["clock"] * 1e9, bytes=bytes_, blocks=blocks, waves=waves, iters_per_warp=iters_per_warp)
 
 
+def cuda_kernels_dir(source_dir):
+    """The CUDA kernel headers of a tree (csrc/kernels/cuda; csrc/cuda/kernels in older trees, so
+    a before/after pair can straddle the move)."""
+    new = os.path.join(source_dir, "csrc/kernels/cuda")
+    return new if os.path.isdir(new) else os.path.join(source_dir, "csrc/cuda/kernels")
+
+
+def decoder_source(source_dir):
+    """The decoder's C++ source of a tree as one text (csrc/decoder/*.cpp; csrc/decoder.cpp in older trees)."""
+    d = os.path.join(source_dir, "csrc/decoder")
+    paths = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".cpp")) if os.path.isdir(d) else [
+        os.path.join(source_dir, "csrc/decoder.cpp")]
+    return "".join(open(p).read() for p in paths)
+
+
 def fused_layer(source_dir):
     """Whether the decoder in the source compiled folds the norms and residual adds into its
     GEMVs (norm_gemv / gemv_add), as EmuDecoder::run_layers does since fb65004."""
-    return "gemv_add(" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
+    return "gemv_add(" in decoder_source(source_dir)
 
 
 def silu_epilogue(source_dir):
     """Whether the gate/up GEMV writes silu(gate) * up itself (norm_gemv_silu, since 8d435e2)."""
-    return "norm_gemv_silu(" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
+    return "norm_gemv_silu(" in decoder_source(source_dir)
 
 
 def pdl_launches(source_dir):
     """Whether the step's kernels launch with programmatic dependent launch in the source compiled
     (the GEMV launcher uses EMU_FAST_LAUNCH_PDL and common.cuh issues griddepcontrol.wait)."""
-    kdir = os.path.join(source_dir, "csrc/cuda/kernels")
+    kdir = cuda_kernels_dir(source_dir)
     return ("griddepcontrol.wait" in open(os.path.join(kdir, "common.cuh")).read()
             and "EMU_FAST_LAUNCH_PDL(" in open(os.path.join(kdir, "gemv.cuh")).read())
 
 
 def combine_folded(source_dir):
     """Whether the decoder passes split_counters, so attention merges its splits in the same launch."""
-    return "split_counters" in open(os.path.join(source_dir, "csrc/decoder.cpp")).read()
+    return "split_counters" in decoder_source(source_dir)
 
 
 def split_rule(source_dir):
     """(blocks per SM decode_attention_splits aims at, cache rows per split at most), read from
     the source compiled (so a before/after pair each models its own split rule)."""
-    text = open(os.path.join(source_dir, "csrc/cuda/kernels/decode_attention.cuh")).read()
+    text = open(os.path.join(cuda_kernels_dir(source_dir), "decode_attention.cuh")).read()
     m = re.search(r"want = \((\d+) \* static_cast<int64_t>\(sm_count\)", text)
     r = re.search(r"\(capacity \+ (\d+)\) / (\d+)", text)
     if not m or not r:

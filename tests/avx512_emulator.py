@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests/avx512_emulation"
-KERNELS = ROOT / "csrc/kernels"
+KERNELS = ROOT / "csrc/kernels/cpu"
 # The production rounding and layouts (and, to link them, the real AVX-512 copies, never called
 # here), compiled beside the emulated kernels.
 PRODUCTION = [KERNELS / f for f in ("quantized_gemv_int16_cpu.cpp", "quantized_gemv_int8_input_cpu.cpp",

@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests/cuda_emulation"
 SOURCES = [EMULATION / f for f in ("emulator.cpp", "kernels.cpp", "selftest.cpp")]
-HEADERS = (sorted((EMULATION / "include").glob("*.h")) + sorted((ROOT / "csrc/cuda/kernels").glob("*.cuh"))
-           + [ROOT / "csrc" / f for f in ("op_limits.h", "compose.h", "kernels/splice.h")])
+HEADERS = (sorted((EMULATION / "include").glob("*.h")) + sorted((ROOT / "csrc/kernels/cuda").glob("*.cuh"))
+           + [ROOT / "csrc" / f for f in ("ops/limits.h", "ops/compose.h", "kernels/cpu/splice_embeddings.h")])
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 H100_SMS = 132
 
@@ -55,8 +55,8 @@ def _build() -> Path:
     out = ROOT / "build/cuda-emulation" / f"libemu_cuda_{key}.so"
     if not out.exists():
         gen = ROOT / "build/cuda-emulation" / f"src_{key}_{os.getpid()}"
-        for header in (ROOT / "csrc/cuda/kernels").glob("*.cuh"):
-            _rewrite_shared(header, gen / "cuda/kernels" / header.name)
+        for header in (ROOT / "csrc/kernels/cuda").glob("*.cuh"):
+            _rewrite_shared(header, gen / "kernels/cuda" / header.name)
         _rewrite_shared(EMULATION / "selftest.cpp", gen / "selftest.cpp")
         sources = [EMULATION / "emulator.cpp", EMULATION / "kernels.cpp", gen / "selftest.cpp"]
         tmp = out.with_suffix(f".{os.getpid()}.tmp")

@@ -10,20 +10,20 @@
 #include <cstring>
 
 #include "intrinsics.h"
-#include "kernels/gemv.h"
-#include "kernels/quantized_gemv_int16.h"
-#include "kernels/quantized_gemv_int8_input.h"
-#include "kernels/quantized_row_blocks.h"
+#include "kernels/cpu/gemv.h"
+#include "kernels/cpu/quantized_gemv_int16.h"
+#include "kernels/cpu/quantized_gemv_int8_input.h"
+#include "kernels/cpu/quantized_row_blocks.h"
 
 namespace emu_fast::kernels::emulated_avx512_bw {
 #define EMU_AVX512_VNNI 0
-#include "kernels/quantized_gemv_avx512.inc"
+#include "kernels/cpu/quantized_gemv_avx512.inc"
 #undef EMU_AVX512_VNNI
 }  // namespace emu_fast::kernels::emulated_avx512_bw
 
 namespace emu_fast::kernels::emulated_avx512_vnni {
 #define EMU_AVX512_VNNI 1
-#include "kernels/quantized_gemv_avx512.inc"
+#include "kernels/cpu/quantized_gemv_avx512.inc"
 #undef EMU_AVX512_VNNI
 }  // namespace emu_fast::kernels::emulated_avx512_vnni
 

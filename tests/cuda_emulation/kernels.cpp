@@ -3,12 +3,13 @@
 // csrc/compose.h and the splice numbering of csrc/kernels/splice.h, run on the emulator. Each
 // takes what the torch glue unwraps from its tensors; dtype: 0 float32, 1 bfloat16, 2 float16.
 // Each returns the cudaError_t of the launch; emu_last_error() says what went wrong.
-#include "compose.h"
-#include "cuda/kernels/decode_attention.cuh"
-#include "cuda/kernels/elementwise.cuh"
-#include "cuda/kernels/gemv.cuh"
-#include "cuda/kernels/quantized_gemv.cuh"
-#include "kernels/splice.h"
+#include "ops/compose.h"
+#include "kernels/cuda/decode_attention.cuh"
+#include "kernels/cuda/norm.cuh"
+#include "kernels/cuda/splice_embeddings.cuh"
+#include "kernels/cuda/gemv.cuh"
+#include "kernels/cuda/quantized_gemv.cuh"
+#include "kernels/cpu/splice_embeddings.h"
 
 namespace {
 

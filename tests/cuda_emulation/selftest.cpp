@@ -1,7 +1,7 @@
 // Kernels that use CUDA correctly and incorrectly on purpose, so that the tests can show the
 // emulator computes the one and catches each of the others (tests/test_cuda_emulation.py).
 #include "cuda_runtime.h"
-#include "cuda/kernels/common.cuh"  // the kernels' PDL calls
+#include "kernels/cuda/common.cuh"  // the kernels' PDL calls
 
 using emu_fast::cuda::allow_dependent_launch;
 using emu_fast::cuda::wait_for_prior_grid;

@@ -1,0 +1,100 @@
+#include "decoder/cpu_fused_step.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "decoder/cpu_decode_step.h"
+#include "decoder/decoder.h"
+#include "kernels/cpu/scalar.h"
+
+namespace emu_fast::cpu {
+namespace {
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+template <typename T>
+class FusedStepT final : public FusedStep {
+ public:
+  explicit FusedStepT(StepModel<T> model) : model_(std::move(model)) {}
+
+  void run(const at::Tensor& x, const int64_t* lengths, const int64_t* positions, const at::Tensor& out,
+           const at::Tensor& next) const override {
+    const at::Tensor xc = x.contiguous();
+    StepIO<T> io;
+    io.batch = x.size(0);
+    io.lengths = lengths;
+    io.positions = positions;
+    io.x = ptr<T>(xc);
+    io.out = ptr<T>(out);
+    io.next = model_.head != nullptr && model_.up != nullptr ? ptr<T>(next) : nullptr;
+    io.threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    decode_step(model_, io);
+  }
+
+ private:
+  StepModel<T> model_;
+};
+
+template <typename T>
+std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& layers,
+                                      const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
+                                      const at::Tensor& final_norm, const at::Tensor& head,
+                                      const c10::optional<at::Tensor>& up, const at::Tensor& rope_cos,
+                                      const at::Tensor& rope_sin, int64_t num_heads, int64_t num_kv_heads,
+                                      double eps, const WeightQuant& quant) {
+  StepModel<T> m;
+  m.hidden = final_norm.size(0);
+  m.heads = num_heads;
+  m.kv_heads = num_kv_heads;
+  m.head_dim = m.hidden / num_heads;
+  m.intermediate = layers[0].gate_up.size(0) / 2;  // (down's width is in bytes for int4)
+  m.bits = quant.bits;
+  m.group_size = quant.group_size;
+  m.capacity = k_cache[0].size(2);
+  m.out_dim = head.defined() ? head.size(0) : m.hidden;
+  m.eps = static_cast<float>(eps);
+  m.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.head_dim)));
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& w = layers[l];
+    auto p = [](const at::Tensor& weight, const at::Tensor& scales) {
+      return StepProj{weight.data_ptr(), scales.defined() ? scales.data_ptr<float>() : nullptr};
+    };
+    m.layers.push_back({ptr<T>(w.input_norm), ptr<T>(w.post_norm), p(w.qkv, w.qkv_scales), p(w.o, w.o_scales),
+                        p(w.gate_up, w.gate_up_scales), p(w.down, w.down_scales), ptr<T>(k_cache[l]),
+                        ptr<T>(v_cache[l])});
+  }
+  m.final_norm = ptr<T>(final_norm);
+  m.head = head.defined() ? ptr<T>(head) : nullptr;
+  m.up = head.defined() && up.has_value() ? ptr<T>(*up) : nullptr;
+  m.rope_cos = rope_cos.data_ptr<float>();
+  m.rope_sin = rope_sin.data_ptr<float>();
+  return std::make_shared<FusedStepT<T>>(std::move(m));
+}
+
+}  // namespace
+
+std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerWeights>& layers,
+                                                 const std::vector<at::Tensor>& k_cache,
+                                                 const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,
+                                                 const at::Tensor& head, const c10::optional<at::Tensor>& up,
+                                                 const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                                                 int64_t num_heads, int64_t num_kv_heads, double eps,
+                                                 const WeightQuant& quant) {
+  if (!final_norm.device().is_cpu()) return nullptr;
+  switch (final_norm.scalar_type()) {
+    case at::kFloat:
+      return make<float>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads, num_kv_heads, eps,
+                         quant);
+    case at::kBFloat16:
+      return make<kernels::bf16>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads,
+                                 num_kv_heads, eps, quant);
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace emu_fast::cpu

@@ -1,0 +1,103 @@
+// Prefill: the prompts through every layer as GEMMs (ATen), filling the KV cache, and the
+// regression head at each row's last valid token.
+#include "decoder/decoder.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "decoder/prompt_mask.h"
+#include "kernels/cpu/quantized_gemv.h"
+#include "ops/op_set.h"
+
+namespace emu_fast {
+
+// x [B, T, heads, D] rotated by cos/sin [B, T, 1, D/2], in float32, back to x's dtype.
+at::Tensor EmuDecoder::rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const {
+  const at::Tensor xf = x.to(at::kFloat);
+  const at::Tensor x1 = xf.narrow(-1, 0, head_dim_ / 2), x2 = xf.narrow(-1, head_dim_ / 2, head_dim_ / 2);
+  return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1).to(x.scalar_type());
+}
+
+PromptLayout EmuDecoder::parse(const char* who, const at::Tensor& embeds, const at::Tensor& attention_mask) const {
+  return parse_prompts(who, embeds, attention_mask,
+                       {hidden_, max_batch_, max_seq_len_, final_norm_.scalar_type(), input_device()});
+}
+
+at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayout& prompts) {
+  const int64_t B = prompts.batch, H = hidden_, D = head_dim_;
+  const std::vector<int64_t>& starts = prompts.starts;
+  const std::vector<int64_t>& lens = prompts.lens;
+  reset_locked();
+  // Prefill is GEMM-bound; its glue (norms, SiLU, the head) runs on our kernels only when they
+  // were asked for by name. In "auto" mode it is ATen's: it runs before any self-check, and a
+  // wrong kernel here would poison the cache every later step reads.
+  const StepKernels& k = mode_ == "custom" ? custom_kernels() : aten_kernels();
+
+  // --- Lay each prompt's valid tokens out from index 0 (the cache's layout), RoPE positions
+  // starting at its left padding so the arithmetic is upstream's.
+  const int64_t L = *std::max_element(lens.begin(), lens.end());
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor starts_host = at::tensor(starts, i64), lens_host = at::tensor(lens, i64);
+  const at::Tensor offs_host = at::arange(L, i64);
+  // Rows past a prompt's end repeat its last token; the key mask hides them.
+  const at::Tensor src_host =
+      starts_host.unsqueeze(1) + at::minimum(offs_host.unsqueeze(0), lens_host.unsqueeze(1) - 1);
+  at::Tensor h = embeds.gather(1, src_host.to(embeds.device()).unsqueeze(-1).expand({B, L, H})).reshape({B * L, H});
+  // With no padding the mask is plain causal: is_causal lets SDPA pick its flash kernel, which
+  // takes no explicit mask.
+  const bool unpadded = std::all_of(lens.begin(), lens.end(), [L](int64_t n) { return n == L; });
+  at::Tensor attn_mask_host;
+  if (!unpadded) {
+    const at::Tensor key_valid = offs_host.unsqueeze(0) < lens_host.unsqueeze(1);        // [B, L]
+    const at::Tensor causal = at::ones({L, L}, i64.dtype(at::kBool)).tril();              // [L, L]
+    attn_mask_host = causal.unsqueeze(0).unsqueeze(0) & key_valid.view({B, 1, 1, L});
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t Hq = num_heads_, Hkv = num_kv_heads_;
+
+  for (Segment& seg : segs_) {
+    const at::Device dev = seg.device;
+    h = h.to(dev);
+    const at::Tensor src = src_host.to(dev).reshape(-1);
+    const at::Tensor cos = seg.rope_cos.index_select(0, src).view({B, L, 1, D / 2});
+    const at::Tensor sin = seg.rope_sin.index_select(0, src).view({B, L, 1, D / 2});
+    const at::Tensor attn_mask = unpadded ? at::Tensor() : attn_mask_host.to(dev);
+    for (int64_t l = seg.begin; l < seg.end; ++l) {
+      const auto& w = layers_[l];
+      const at::Tensor x = k.rms_norm(h, w.input_norm, eps_);
+      const at::Tensor qkv = prefill_linear(x, w.qkv, w.qkv_scales).view({B, L, Hq + 2 * Hkv, D});
+      const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
+      const at::Tensor kk = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
+      const at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2);
+      k_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(kk);
+      v_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(v);
+      const at::Tensor kx = Hq == Hkv ? kk : kk.repeat_interleave(Hq / Hkv, 1);
+      const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
+      const at::Tensor o = unpadded ? at::scaled_dot_product_attention(q, kx, vx, {}, 0.0, true, scale)
+                                    : at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
+      h = h + prefill_linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o, w.o_scales);
+      const at::Tensor y = k.rms_norm(h, w.post_norm, eps_);
+      h = h + prefill_linear(k.silu_mul(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+    }
+    seg.lengths_dev.narrow(0, 0, B).copy_(lens_host);
+    seg.starts_dev.narrow(0, 0, B).copy_(starts_host);
+  }
+  const at::Device out_dev = output_device();
+  const at::Tensor last = h.to(out_dev).view({B, L, H}).index(
+      {at::arange(B, i64.device(out_dev)), (lens_host - 1).to(out_dev)});
+  const at::Tensor out = std::get<0>(k.regression_head(last, final_norm_, eps_, head_, up_));
+
+  batch_ = B;
+  for (int64_t b = 0; b < B; ++b) {
+    lengths_[b] = lens[b];
+    starts_[b] = starts[b];
+  }
+  return out;
+}
+
+at::Tensor EmuDecoder::prefill_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) const {
+  if (quant_.bits == 0) return at::linear(x, w);
+  return at::linear(x, dequantize_weight(w, scales, quant_.bits, quant_.group_size, x.size(-1), x.scalar_type()));
+}
+
+}  // namespace emu_fast
