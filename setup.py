@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ setup(
     name="emu_fast",
     version="0.1.0",
     description="Fast KV-cached image-embedding generation for BAAI Emu models",
-    packages=["emu_fast"],
+    packages=find_packages(include=["emu_fast", "emu_fast.*"]),
     # The real Emu tokenizer, so emu_fast.testing's tiny models (tests, benchmark, README
     # examples) need nothing beside the package.
     package_data={"emu_fast": ["data/emu1_tokenizer/*.json"]},

@@ -34,7 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
   });
 
-  // The ops' argument checks (csrc/checks.cpp), for the fake kernels in emu_fast/ops.py: meta
+  // The ops' argument checks (csrc/ops/<op>.cpp), for the fake kernels in emu_fast/ops.py: meta
   // and fake tensors are refused as the CPU and CUDA kernels refuse them (metadata only).
   // cuda: check as the CUDA kernels do (float16 taken, op_limits.h), else as the CPU's.
   using T = const at::Tensor&;
@@ -63,9 +63,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     emu_fast::check_gemv_int4(x, q, s, group, cuda);
   });
 
-  // Test-only (tests/test_self_check.py): make one custom kernel wrong on purpose; "" clears.
+  // Test-only (tests/decoder/test_self_check.py): make one custom kernel wrong on purpose; "" clears.
   m.def("_set_test_fault", &emu_fast::set_test_fault, py::arg("op"));
-  // Test-only (tests/test_quantize.py): the instruction set of the quantized GEMVs ("avx512",
+  // Test-only (tests/quant/test_quantized_inputs.py): the instruction set of the quantized GEMVs ("avx512",
   // "avx2", "portable"; "" = the best this processor has). Returns False for one it lacks.
   m.def("_set_quantized_gemv_isa", [](const std::string& name) {
     using emu_fast::kernels::Isa;
@@ -77,7 +77,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return emu_fast::kernels::set_quantized_gemv_isa(Isa::kPortable);
   }, py::arg("isa"));
 
-  // Test-only (tests/test_ops.py): the CPU decode attention's generic loops for every head dim.
+  // Test-only (tests/ops/test_ops.py): the CPU decode attention's generic loops for every head dim.
   m.def("_set_attention_generic_loops", &emu_fast::kernels::set_attention_generic_loops, py::arg("generic"));
 
   // How every CPU quantized GEMV takes its inputs, process-wide (emu_fast.set_quantized_activations;
@@ -117,7 +117,7 @@ any torch device) or "auto" (ours where we have them, checked against ATen at fi
 batch size; ATen elsewhere or after a failed check). segment_starts: the first layer of each
 run of layers on one device (a model split over devices); each segment keeps its own cache.
 weight_bits: 0 (the projections in the model's dtype), 8 or 4 (weight-only int8 / int4, the
-schemes of emu_fast.quantize; group_size: int4's group): each layer's list is then followed by
+schemes of emu_fast.quant.schemes; group_size: int4's group): each layer's list is then followed by
 [qkv_scales, o_scales, gate_up_scales, down_scales] and qkv/o/gate_up/down are the qweights.
 )doc")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor,

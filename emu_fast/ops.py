@@ -1,6 +1,6 @@
 """Python face of the emu_fast custom ops (torch.ops.emu_fast.*): fake implementations, so
 the ops trace under torch.compile / FakeTensor, and typed wrappers. The schemas live in
-csrc/ops_registration.cpp, the kernels in csrc/cpu and csrc/cuda."""
+csrc/ops/<op>.cpp, the kernels in csrc/kernels/cpu and csrc/kernels/cuda."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -213,12 +213,12 @@ def silu_mul(gate_up) -> torch.Tensor:
 
 def gemv_int8(x, qweight, scales) -> torch.Tensor:
     """x [B,K] @ (qweight int8 [N,K] * scales float32 [N, None])^T -> [B,N] in x's dtype (the
-    int8 scheme of emu_fast.quantize), the weight dequantized in registers."""
+    int8 scheme of emu_fast.quant.schemes), the weight dequantized in registers."""
     return _ops.gemv_int8(x, qweight, scales)
 
 
 def gemv_int4(x, qweight, scales, group_size: int) -> torch.Tensor:
-    """x [B,K] @ W^T with W the int4 weight of emu_fast.quantize (qweight uint8 [N, ceil(K/32)*16],
+    """x [B,K] @ W^T with W the int4 weight of emu_fast.quant.schemes (qweight uint8 [N, ceil(K/32)*16],
     scales float32 [N, ceil(K/group_size)]) -> [B,N] in x's dtype."""
     return _ops.gemv_int4(x, qweight, scales, group_size)
 
@@ -234,11 +234,11 @@ def set_quantized_activations(mode: str) -> None:
     like torch.set_float32_matmul_precision. The CUDA kernels are not affected.
 
     "auto" (the default): float32 activations as they are; bfloat16 / float16 ones as int16 blocks
-        of 64 (emu_fast.quantize.round_inputs_to_int16: exact for every bfloat16 input at least
+        of 64 (emu_fast.quant.schemes.round_inputs_to_int16: exact for every bfloat16 input at least
         2^-7 of its block's largest, far inside bfloat16's own rounding).
     "float32", "int16": that path for every activation dtype.
     "int8": opt-in, coarser than bfloat16: each block of 128 inputs is rounded to int8 multiples
-        of max|x| / 127 (emu_fast.quantize.round_inputs_to_int8; an input moves by up to
+        of max|x| / 127 (emu_fast.quant.schemes.round_inputs_to_int8; an input moves by up to
         max|x| / 254, as llama.cpp's int8 activations do). With int4 weights the AVX2 products
         then take 32 weights an instruction: about 1.5-2x faster GEMVs here. int8 weights gain
         nothing from it (they keep the int16 loop, on these rounded inputs).

@@ -1,7 +1,7 @@
-"""The CUDA kernels of csrc/cuda/kernels/, run on the CPU by the emulator in tests/cuda_emulation/
+"""The CUDA kernels of csrc/kernels/cuda/, run on the CPU by the emulator in tests/cuda_emulation/
 (see its README). `load()` compiles them with g++ once per source change (a few seconds) and
 returns wrappers with the same arguments and results as the emu_fast CUDA ops, taking CPU
-tensors. They unwrap tensors as csrc/cuda/ops_cuda.cu does and call the same host code
+tensors. They unwrap tensors as csrc/ops/<op>.cu does and call the same host code
 (tests/cuda_emulation/kernels.cpp): launch plans, size rules and compositions are not restated
 here. The argument checks in front of them are the ones the CPU ops share and are tested there."""
 import ctypes
@@ -183,7 +183,7 @@ def selftest(which: str, x: torch.Tensor, blocks: int, threads: int) -> torch.Te
 
 
 def _gemv(op, x, w, norm_weight=None, eps=0.0, residual=None):
-    """cuda::launch_gemv as csrc/cuda/ops_cuda.cu's gemv_impl runs it: the tensor-core or CUDA-core
+    """cuda::launch_gemv as csrc/ops/<op>.cu's gemv_impl runs it: the tensor-core or CUDA-core
     kernel up to batch 16 / 8 and a GEMM above (here a plain loop where the op calls cuBLAS),
     the norm in the prologue with norm_weight, the residual in the epilogue with residual."""
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -208,7 +208,7 @@ def gemv(x, w):
 
 
 def _quantized_rows(x, int4):
-    """x as csrc/cuda/quantized_ops_cuda.cu's kernel_rows gives it to the kernel: in place when its
+    """x as csrc/ops/quantized_gemv.cu's kernel_rows gives it to the kernel: in place when its
     rows are 16-byte aligned and hold whole vectors, else a fresh dense copy (int4: zero-padded to
     whole 32-value blocks; int8 with K % 16 != 0: as it is, for the scalar loop)."""
     B, K = x.shape

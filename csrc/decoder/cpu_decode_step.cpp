@@ -35,7 +35,7 @@ struct Scratch {
     gate_up.resize(B * 2 * I);
     act.resize(B * I);
     branch.resize(B * H);
-    // + a block: int4 reads its inputs in zero-padded blocks of 32 (kernels/quantized_gemv.h)
+    // + a block: int4 reads its inputs in zero-padded blocks of 32 (kernels/cpu/quantized_gemv.h)
     xf.resize(B * (std::max({H, I, QD, a.out_dim}) + kernels::kInt4Block));
     yf.resize(B * std::max({qkv_w, 2 * I, H, a.out_dim}));
   }
@@ -68,7 +68,7 @@ void widen_slice(const T* x, int64_t b, int64_t k, int64_t ld, int64_t k0, int64
 
 template <typename T>
 void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
-  // bfloat16 activations reach the quantized GEMVs as int16 blocks (kernels/quantized_gemv.h),
+  // bfloat16 activations reach the quantized GEMVs as int16 blocks (kernels/cpu/quantized_gemv.h),
   // unless set_quantized_activations says otherwise: read once, so the whole step takes one mode
   const kernels::QuantizedInput input_mode = kernels::resolve_quantized_input(kernels::quantized_input_for<T>());
   const int64_t B = io.batch, H = a.hidden, D = a.head_dim, Hq = a.heads, Hkv = a.kv_heads, I = a.intermediate;
@@ -81,7 +81,7 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     // y[B, N] = (widened x)[B, K] @ w^T: this thread's rows, rounded to T right away. w is T
-    // [N, K] (bits 0) or a quantized weight (bits 8 / 4, kernels/quantized_gemv.h: widened in
+    // [N, K] (bits 0) or a quantized weight (bits 8 / 4, kernels/cpu/quantized_gemv.h: widened in
     // registers, float32 accumulation) with its scales.
     auto gemv = [&](const void* w, const float* scales, int64_t bits, int64_t N, int64_t K, T* y) {
       int64_t n0, n1;

@@ -9,7 +9,7 @@
 namespace emu_fast::cpu {
 
 // A projection's weight: T [N, K] (StepModel::bits 0), or the quantized weight of
-// kernels/quantized_gemv.h (bits 8: int8 [N, K]; bits 4: packed uint8) with its float32 scales.
+// kernels/cpu/quantized_gemv.h (bits 8: int8 [N, K]; bits 4: packed uint8) with its float32 scales.
 struct StepProj {
   const void* w;
   const float* scales;  // nullptr when unquantized
@@ -23,7 +23,7 @@ struct StepLayer {
 };
 
 // What stays fixed for a decoder's life (shapes, weights, caches, RoPE tables): built once, by
-// cpu/fused_step.cpp when the decoder is constructed.
+// cpu_fused_step.cpp when the decoder is constructed.
 template <typename T>
 struct StepModel {
   int64_t hidden, heads, kv_heads, head_dim, intermediate, capacity, out_dim;

@@ -1,4 +1,4 @@
-// EmuDecoder's CPU step in one parallel region (cpu/decode_step.cpp), with its layer table
+// EmuDecoder's CPU step in one parallel region (cpu_decode_step.cpp), with its layer table
 // (weight and cache pointers, shapes) built once when the decoder is constructed.
 #pragma once
 #include <ATen/core/Tensor.h>

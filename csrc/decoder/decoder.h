@@ -8,9 +8,9 @@
 // holds; max_batch / max_seq_len are optional upper limits, not sizes. No global state: several
 // decoders may live side by side; reset() forgets the batch without reallocating.
 //
-// Kernels: "custom" (ours), "aten" (the portable step, step_kernels.h: any torch device) or
+// Kernels: "custom" (ours), "aten" (the portable step, ops/op_set.h: any torch device) or
 // "auto" (ours where we have them, checked against ATen at first use for each batch size,
-// self_check.h; ATen elsewhere or after a failed check).
+// ops/checked.h; ATen elsewhere or after a failed check).
 //
 // Segments: the layers may sit on several devices (a model split by Hugging Face accelerate's
 // device_map). Each run of consecutive layers on one device is a segment with its own KV cache,
@@ -57,7 +57,7 @@ struct DecoderLayerWeights {
   static DecoderLayerWeights from_list(const std::vector<at::Tensor>& w);
 };
 
-// How the four projections of every layer are stored (emu_fast/quantize.py defines the
+// How the four projections of every layer are stored (emu_fast/quant/schemes.py defines the
 // schemes): bits 0 (the model's dtype), 8 (int8 per output row) or 4 (int4 in groups of
 // group_size inputs). One scheme for the whole decoder; norms, the head and up stay unquantized.
 struct WeightQuant {
@@ -179,7 +179,7 @@ class EmuDecoder {
   void ensure_rope_locked(const char* who, int64_t positions);
   void rebuild_step_locked();
   void set_rope_locked(const at::Tensor& cos, const at::Tensor& sin);
-  bool graphs_possible() const;  // every part on CUDA (cuda/decoder_graph.cpp)
+  bool graphs_possible() const;  // every part on CUDA (cuda_graphs.cpp)
   // A run of consecutive layers on one device and what the step keeps there.
   struct Segment {
     int64_t begin, end;  // layers [begin, end)
@@ -231,7 +231,7 @@ class EmuDecoder {
                   bool keep);
   void fit_prompts_locked(const char* who, const PromptLayout& prompts, int64_t steps);
   void fit_steps_locked(const char* who, int64_t steps);
-  int64_t graph_bytes() const;  // cuda/decoder_graph.cpp; 0 without CUDA
+  int64_t graph_bytes() const;  // cuda_graphs.cpp; 0 without CUDA
   // Runs result.size(1) steps from x through a CUDA graph; returns how many it ran (fewer when
   // the graph's own self-check failed: the caller finishes on the ATen step).
   int64_t decode_with_graph(at::Tensor x, const at::Tensor& result);
@@ -263,7 +263,7 @@ class EmuDecoder {
   bool use_cuda_graphs_ = true;
   bool fused_cpu_step_ = true;
   std::mutex mutex_;  // one call at a time: prefill/step/decode mutate the cache and lengths
-  struct Graph;                                    // defined in cuda/decoder_graph.cpp
+  struct Graph;                                    // defined in cuda_graphs.cpp
   std::vector<std::shared_ptr<Graph>> graphs_;     // one per batch size, captured on first use
 };
 

@@ -30,7 +30,7 @@ int64_t round_seq(int64_t n, int64_t limit) {
 int64_t EmuDecoder::graph_bytes() const { return 0; }
 int64_t cuda_free_bytes(const at::Device&) { return -1; }
 #else
-int64_t cuda_free_bytes(const at::Device& device);  // cuda/decoder_graph.cpp
+int64_t cuda_free_bytes(const at::Device& device);  // cuda_graphs.cpp
 #endif
 
 void EmuDecoder::reserve(int64_t batch, int64_t seq_len) {

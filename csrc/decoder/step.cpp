@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_with(const at::Tensor& x, const StepKernels& k, bool fused) {
-  // On the CPU each segment runs in one parallel region (cpu/decode_step.cpp); elsewhere op by
+  // On the CPU each segment runs in one parallel region (cpu_decode_step.cpp); elsewhere op by
   // op, part by part (what a CUDA graph captures). The residual stream moves between devices
   // once per boundary.
   if (fused && segs_.front().fused) {
@@ -144,7 +144,7 @@ at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const StepKernels& k, 
   auto proj = [&](const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
     return k.gemv_quantized(x, q, s, quant_.bits, quant_.group_size);
   };
-  // Composed from our ops as the fused CPU step runs (cpu/decode_step.cpp), rounding for
+  // Composed from our ops as the fused CPU step runs (cpu_decode_step.cpp), rounding for
   // rounding: each projection's output is rounded to the dtype (the GEMV op's result) and joins
   // the residual stream in the next add_rms_norm, which rounds the sum, then normalizes it.
   // `branch` is the projection not yet added (the previous layer's down, the o projection).

@@ -1,5 +1,5 @@
 // The first-use self-check: before a decoder trusts our kernels at a batch size, one decode
-// step runs on them and on the ATen step (step_kernels.h) from the same cache and input, and
+// step runs on them and on the ATen step (ops/op_set.h) from the same cache and input, and
 // every op is compared with its ATen twin on the same inputs. A mismatch (an error over the
 // dtype's bound, or a non-finite value where ATen's is finite) makes the decoder warn once,
 // naming the op and the batch size, and fall back to the ATen step for good. Our kernels have

@@ -52,7 +52,7 @@ void check_rms_norm(const char* op, const at::Tensor& x, const at::Tensor& weigh
 void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                         bool allow_half);
 void check_silu_mul(const at::Tensor& gate_up, bool allow_half);
-// The weight-only quantized GEMVs (layouts: kernels/quantized_gemv.h).
+// The weight-only quantized GEMVs (layouts: kernels/cpu/quantized_gemv.h).
 void check_gemv_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, bool allow_half);
 void check_gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
                      bool allow_half);

@@ -1,5 +1,5 @@
 // What the CUDA op files (ops_cuda.cu, quantized_ops_cuda.cu) share to unwrap tensors for the
-// launchers of csrc/cuda/kernels/: the storage type of a dtype, raw pointers, launch errors.
+// launchers of csrc/kernels/cuda/: the storage type of a dtype, raw pointers, launch errors.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>

@@ -214,7 +214,7 @@ at::Tensor gemv_add_cpu(const at::Tensor& x, const at::Tensor& weight, const at:
   return out;
 }
 
-// The composition itself: the CPU decode step fuses it (csrc/cpu/decode_step.cpp), not this op.
+// The composition itself: the CPU decode step fuses it (decoder/cpu_decode_step.cpp), not this op.
 at::Tensor norm_gemv_silu_cpu(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                               const at::Tensor& gate_up_weight) {
   check_norm_gemv_silu(x, norm_weight, gate_up_weight, false);

@@ -1,5 +1,5 @@
-// What the CUDA kernels support, stated once. Torch-free: the kernels (csrc/cuda/kernels), their
-// glue (csrc/cuda/ops_cuda.cu), the argument checks (csrc/checks.cpp) and EmuDecoder's
+// What the CUDA kernels support, stated once. Torch-free: the kernels (csrc/kernels/cuda), their
+// glue (csrc/ops/<op>.cu), the argument checks (csrc/ops/<op>.cpp) and EmuDecoder's
 // constructor all read it.
 #pragma once
 #include <cstdint>

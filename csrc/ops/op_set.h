@@ -25,8 +25,8 @@ class StepKernels {
   // silu_mul(norm_gemv(x, norm_weight, eps, gate_up_weight)): the gate/up projection and SiLU * mul.
   virtual Tensor norm_gemv_silu(const Tensor& x, const Tensor& norm_weight, double eps,
                                 const Tensor& gate_up_weight) const = 0;
-  // x [B, K] @ W^T for a weight-only quantized W (emu_fast/quantize.py, layouts in
-  // kernels/quantized_gemv.h): bits 8: qweight int8 [N, K], scales float32 [N]; bits 4: qweight
+  // x [B, K] @ W^T for a weight-only quantized W (emu_fast/quant/schemes.py, layouts in
+  // kernels/cpu/quantized_gemv.h): bits 8: qweight int8 [N, K], scales float32 [N]; bits 4: qweight
   // uint8 [N, ceil(K/32)*16], scales float32 [N, ceil(K/group_size)]. [B, N] in x's dtype.
   virtual Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
                                 int64_t group_size) const = 0;
@@ -53,7 +53,7 @@ const StepKernels& custom_kernels();
 const StepKernels& aten_kernels();
 
 // The weight a quantized projection computes with ([N, in_features], float32 inside, then
-// `dtype`): emu_fast.quantize.dequantize_int8 / dequantize_int4 in ATen, on qweight's device.
+// `dtype`): emu_fast.quant.schemes.dequantize_int8 / dequantize_int4 in ATen, on qweight's device.
 at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
                              int64_t in_features, at::ScalarType dtype);
 

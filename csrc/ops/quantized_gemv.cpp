@@ -20,8 +20,8 @@ namespace {
 
 // The schemas, defined for emu_fast:: (our kernels) and emu_fast_aten:: (their ATen twins).
 constexpr const char* kSchemas[] = {
-    // Weight-only quantized GEMVs (emu_fast/quantize.py defines the schemes; layouts in
-    // kernels/quantized_gemv.h): x [B,K] float32/bfloat16 -> [B,N] in x's dtype, the weight
+    // Weight-only quantized GEMVs (emu_fast/quant/schemes.py defines the schemes; layouts in
+    // kernels/cpu/quantized_gemv.h): x [B,K] float32/bfloat16 -> [B,N] in x's dtype, the weight
     // dequantized in registers, float32 accumulation, for small B.
     // gemv_int8: qweight int8 [N,K], scales float32 [N]: x @ (qweight * scales[:, None])^T.
     "gemv_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor",
@@ -121,7 +121,7 @@ at::Tensor gemv_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
 // ---- ATen twins: the same op in plain ATen (any device; the portable step) ----
 
 // x rounded as the CPU quantized GEMVs take it under set_quantized_activations("int8")
-// (kernels/quantized_gemv.h, QuantizedInput::kInt8; emu_fast.quantize.round_inputs_to_int8),
+// (kernels/cpu/quantized_gemv.h, QuantizedInput::kInt8; emu_fast.quant.schemes.round_inputs_to_int8),
 // in float32: blocks of kInt8Block inputs of the last dimension, each v * step.
 at::Tensor round_inputs_to_int8(const at::Tensor& x) {
   const int64_t k = x.size(-1), block = kernels::kInt8Block;
@@ -137,7 +137,7 @@ at::Tensor round_inputs_to_int8(const at::Tensor& x) {
 }
 
 // x rounded as the CPU quantized GEMVs take 16-bit activations (QuantizedInput::kInt16;
-// emu_fast.quantize.round_inputs_to_int16), in float32: blocks of kInt16Block inputs of the last
+// emu_fast.quant.schemes.round_inputs_to_int16), in float32: blocks of kInt16Block inputs of the last
 // dimension, each rounded half to even to int16 multiples of 2^(e - 15), max|x| < 2^e, clamped
 // to 32767 steps (computed in float64, where the steps of tiny blocks do not underflow).
 at::Tensor round_inputs_to_int16(const at::Tensor& x) {
@@ -151,7 +151,7 @@ at::Tensor round_inputs_to_int16(const at::Tensor& x) {
 
 // The int4 values (nibble - 8) of qweight as float32 [N, in_features]: block j of a row is bytes
 // 16 j .. 16 j + 15, low nibbles values 32 j .. 32 j + 15, high nibbles 32 j + 16 .. 32 j + 31,
-// each stored + 8 (emu_fast/quantize.py pack_int4).
+// each stored + 8 (emu_fast/quant/schemes.py pack_int4).
 at::Tensor int4_values(const at::Tensor& qweight, int64_t in_features) {
   const int64_t N = qweight.size(0), blocks = qweight.size(1) / 16;
   const at::Tensor b = qweight.view({N, blocks, 1, 16});

@@ -312,7 +312,7 @@ void launch_dependents() {
   State& s = state();
   if (s.pdl && !s.current->waited)
     fail(s, "griddepcontrol.launch_dependents before griddepcontrol.wait: the next kernel could start "
-            "before the one before this has finished (csrc/cuda/kernels/common.cuh)");
+            "before the one before this has finished (csrc/kernels/cuda/common.cuh)");
 }
 
 int64_t last_launch_waits() { return state().waits; }

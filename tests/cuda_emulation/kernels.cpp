@@ -1,5 +1,5 @@
-// C entry points (for ctypes) over the very host code csrc/cuda/ops_cuda.cu calls: the launchers
-// of csrc/cuda/kernels/ (launch plans, size rules, empty input), the compositions of
+// C entry points (for ctypes) over the very host code csrc/ops/<op>.cu calls: the launchers
+// of csrc/kernels/cuda/ (launch plans, size rules, empty input), the compositions of
 // csrc/compose.h and the splice numbering of csrc/kernels/splice.h, run on the emulator. Each
 // takes what the torch glue unwraps from its tensors; dtype: 0 float32, 1 bfloat16, 2 float16.
 // Each returns the cudaError_t of the launch; emu_last_error() says what went wrong.
@@ -73,7 +73,7 @@ int emu_gemv(int dtype, const void* w, const void* x, void* y, int64_t batch, in
   });
 }
 
-// emu_fast::gemv_int8 (group 0) / gemv_int4 (group > 0) as csrc/cuda/quantized_ops_cuda.cu
+// emu_fast::gemv_int8 (group 0) / gemv_int4 (group > 0) as csrc/ops/quantized_gemv.cu
 // launches them, x already as that glue prepares it (int4: padded and aligned).
 int emu_quantized_gemv(int dtype, const void* q, const float* scales, int64_t scale_ld, int group, const void* x,
                        int64_t ldx, void* y, int64_t batch, int k_dim, int n_rows) {

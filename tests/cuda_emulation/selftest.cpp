@@ -1,5 +1,5 @@
 // Kernels that use CUDA correctly and incorrectly on purpose, so that the tests can show the
-// emulator computes the one and catches each of the others (tests/test_cuda_emulation.py).
+// emulator computes the one and catches each of the others (tests/emulators/test_cuda_emulation.py).
 #include "cuda_runtime.h"
 #include "kernels/cuda/common.cuh"  // the kernels' PDL calls
 

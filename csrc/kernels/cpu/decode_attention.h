@@ -147,7 +147,7 @@ void decode_attention_head_cpu(const DecodeHeadArgs& a, const bf16* q, int64_t q
                                const bf16* k, const bf16* v, bf16* k_cache, bf16* v_cache,
                                float* scratch, bf16* out, int64_t out_head_stride);
 
-// Test hook (tests/test_ops.py): true makes every head take the generic loops, as processors
+// Test hook (tests/ops/test_ops.py): true makes every head take the generic loops, as processors
 // without AVX2 and head dims that are not a multiple of 16 do, so x86 machines test them too.
 void set_attention_generic_loops(bool generic);
 

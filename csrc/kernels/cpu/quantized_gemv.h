@@ -1,7 +1,7 @@
 // Small-batch matrix-vector products with weight-only quantized weights, y = x W^T, W [N, K]
 // dequantized in registers (never written out), float32 accumulation (int16 inputs: exact
 // integer sums within a block, float32 across blocks; QuantizedInput below). The schemes are defined
-// in emu_fast/quantize.py (the Python oracle); the layouts the kernels read:
+// in emu_fast/quant/schemes.py (the Python oracle); the layouts the kernels read:
 //
 // int8: q int8 [N, K] row-major, scales float32 [N]; W[n, k] = q[n, k] * scales[n].
 //   y[b, n] = scales[n] * sum_k q[n, k] * x[b, k].

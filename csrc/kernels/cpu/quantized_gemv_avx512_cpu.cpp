@@ -4,7 +4,7 @@
 //
 // Neither copy has run on this project's machines (no AVX-512 there): their loops run in
 // `make test` through tests/avx512_emulation, which compiles the same .inc against portable
-// implementations of the intrinsics; a processor with AVX-512 also runs them in tests/test_quantize.py
+// implementations of the intrinsics; a processor with AVX-512 also runs them in tests/quant/test_quantized_inputs.py
 // (every ISA against the exact oracle) and the fused step's self-check.
 #include <cstdint>
 #include <stdexcept>

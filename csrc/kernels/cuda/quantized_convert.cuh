@@ -1,7 +1,7 @@
 // Weight-only int8 / int4 values from their stored bits to what the GEMVs multiply with, for
 // the CUDA-core kernel (quantized_gemv.cuh: float32) and the tensor-core kernel
 // (quantized_mma_gemv.cuh: exact bf16 pairs), by bit tricks instead of I2F (the conversion
-// unit runs at 1/8 of the FMA rate on sm_80 / sm_90). Layouts: emu_fast/quantize.py. No torch
+// unit runs at 1/8 of the FMA rate on sm_80 / sm_90). Layouts: emu_fast/quant/schemes.py. No torch
 // includes.
 #pragma once
 #include "common.cuh"

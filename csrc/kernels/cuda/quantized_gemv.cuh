@@ -1,6 +1,6 @@
 // Weight-only int8 / int4 GEMV on CUDA cores: y[b, n] = sum_k x[b, k] W[n, k] with W dequantized
 // in registers (never written out), float32 accumulation, y rounded to T once. The schemes and
-// layouts are emu_fast/quantize.py's and csrc/kernels/quantized_gemv.h's (the CPU kernels):
+// layouts are emu_fast/quant/schemes.py's and csrc/kernels/cpu/quantized_gemv.h's (the CPU kernels):
 //   int8: q int8 [N, K], scales float32 [N]; y = scales[n] * sum_k q x (the scale after the sum).
 //   int4: q uint8 [N, padded_k / 2] in blocks of 32 values = 16 bytes; byte i of block j holds
 //         value 32 j + i in its low nibble and 32 j + 16 + i in its high nibble, as q + 8; scales

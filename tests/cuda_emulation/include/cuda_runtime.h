@@ -1,5 +1,5 @@
 // CPU stand-in for <cuda_runtime.h>, for the CUDA kernel emulator only (see ../README.md): just
-// the CUDA surface csrc/cuda/kernels/*.cuh uses, so g++ can compile those headers unchanged
+// the CUDA surface csrc/kernels/cuda/*.cuh uses, so g++ can compile those headers unchanged
 // and run their kernels on the CPU. Nothing here is built into emu_fast.
 #pragma once
 // The kernels' PDL calls (common.cuh) go to the emulator's checks.

@@ -1,4 +1,4 @@
-// A CUDA execution model on the CPU, for testing the kernels in csrc/cuda/kernels/ where no GPU
+// A CUDA execution model on the CPU, for testing the kernels in csrc/kernels/cuda/ where no GPU
 // is available. Each block runs on its own as blockDim cooperative fibers (ucontext) on one OS
 // thread; a fiber runs until it reaches __syncthreads or a warp shuffle and then waits until
 // every thread of its block (barrier) or of its warp (shuffle) has got there, exactly the
@@ -58,7 +58,7 @@ T& shared_array(Site) {
 }
 
 // Runs body once per thread of every block of the grid; records launch errors for
-// cudaGetLastError. pdl: a programmatic dependent launch, whose rules (csrc/cuda/kernels/
+// cudaGetLastError. pdl: a programmatic dependent launch, whose rules (csrc/kernels/cuda/
 // common.cuh) are checked: every thread calls griddepcontrol.wait (wait_for_prior_grid) before
 // it returns, and launch_dependents only after its wait. (What a thread reads before its wait is
 // not checked: the emulator runs one launch after another.)
