@@ -12,6 +12,7 @@
 #include "ops/checks.h"
 #include "ops/cpu_glue.h"
 #include "ops/limits.h"
+#include "ops/registration.h"
 
 namespace emu_fast {
 
@@ -209,13 +210,7 @@ at::Tensor decode_attention_aten(const at::Tensor& q, const at::Tensor& k, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(emu_fast, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
-
-TORCH_LIBRARY_FRAGMENT(emu_fast_aten, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
+EMU_FAST_DEFINE_OP_AND_TWIN(kSchemas)
 
 TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("decode_attention", &decode_attention_cpu);

@@ -10,10 +10,11 @@
 #include <vector>
 
 #include "kernels/cpu/gemv.h"
+#include "ops/aten_twin.h"
 #include "ops/checks.h"
 #include "ops/compose.h"
-#include "ops/aten_twin.h"
 #include "ops/cpu_glue.h"
+#include "ops/registration.h"
 
 namespace emu_fast {
 
@@ -268,13 +269,7 @@ std::tuple<at::Tensor, at::Tensor> regression_head_aten(const at::Tensor& hidden
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(emu_fast, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
-
-TORCH_LIBRARY_FRAGMENT(emu_fast_aten, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
+EMU_FAST_DEFINE_OP_AND_TWIN(kSchemas)
 
 TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("gemv", &gemv_cpu);

@@ -8,9 +8,10 @@
 #include <tuple>
 
 #include "kernels/cpu/norm.h"
-#include "ops/checks.h"
 #include "ops/aten_twin.h"
+#include "ops/checks.h"
 #include "ops/cpu_glue.h"
+#include "ops/registration.h"
 
 namespace emu_fast {
 
@@ -107,13 +108,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_aten(const at::Tensor& x, const 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(emu_fast, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
-
-TORCH_LIBRARY_FRAGMENT(emu_fast_aten, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
+EMU_FAST_DEFINE_OP_AND_TWIN(kSchemas)
 
 TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);

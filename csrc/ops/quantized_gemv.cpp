@@ -13,6 +13,7 @@
 #include "ops/checks.h"
 #include "ops/cpu_glue.h"
 #include "ops/op_set.h"
+#include "ops/registration.h"
 
 namespace emu_fast {
 
@@ -207,13 +208,7 @@ at::Tensor gemv_int4_aten(const at::Tensor& x, const at::Tensor& qweight, const 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(emu_fast, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
-
-TORCH_LIBRARY_FRAGMENT(emu_fast_aten, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
+EMU_FAST_DEFINE_OP_AND_TWIN(kSchemas)
 
 TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("gemv_int8", &gemv_int8_cpu);

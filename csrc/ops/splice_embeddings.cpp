@@ -11,6 +11,7 @@
 #include "kernels/cpu/splice_embeddings.h"
 #include "ops/checks.h"
 #include "ops/cpu_glue.h"
+#include "ops/registration.h"
 
 namespace emu_fast {
 
@@ -109,13 +110,7 @@ at::Tensor splice_embeddings_aten(const at::Tensor& ids, const at::Tensor& table
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(emu_fast, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
-
-TORCH_LIBRARY_FRAGMENT(emu_fast_aten, m) {
-  for (const char* s : kSchemas) m.def(s);
-}
+EMU_FAST_DEFINE_OP_AND_TWIN(kSchemas)
 
 TORCH_LIBRARY_IMPL(emu_fast, CPU, m) {
   m.impl("splice_embeddings", &splice_embeddings_cpu);
