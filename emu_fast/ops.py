@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
+from .quant.schemes import REGISTRY
 
 _ops = torch.ops.emu_fast
 
@@ -59,22 +60,26 @@ def _cuda(t) -> bool:
     return t.device.type == "cuda"
 
 
-# Each fake kernel runs the op's own C++ argument checks (csrc/checks.cpp, through _C), so meta
+def _checked(op: str, *args) -> None:
+    """The op's checks, for its fake kernel: every tensor on one device, then the op's C++
+    argument checks, _C.check_<op>(*args) (the CUDA kernels' when args[0] is a CUDA tensor)."""
+    _same_device(op, *(a for a in args if isinstance(a, torch.Tensor)))
+    _run_check(getattr(_C, f"check_{op}"), *args, cuda=_cuda(args[0]))
+
+
+# Each fake kernel runs the op's own C++ argument checks (csrc/ops/checks.cpp, through _C), so meta
 # and fake tensors (torch.compile) are refused at trace time exactly as the kernels refuse them.
 
 
 @torch.library.register_fake("emu_fast::splice_embeddings")
 def _(input_ids, embed_table, slot_values, slot_token_id):
-    _same_device("splice_embeddings", input_ids, embed_table, slot_values)
-    _run_check(_C.check_splice_embeddings, input_ids, embed_table, slot_values, cuda=_cuda(embed_table))
+    _checked("splice_embeddings", input_ids, embed_table, slot_values)
     return embed_table.new_empty(input_ids.shape[0], input_ids.shape[1], embed_table.shape[1])
 
 
 @torch.library.register_fake("emu_fast::decode_attention")
 def _(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scale, split_counters=None):
-    _same_device("decode_attention", q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin)
-    _run_check(_C.check_decode_attention, q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin,
-               cuda=_cuda(q))
+    _checked("decode_attention", q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin)
     if split_counters is not None:
         _same_device("decode_attention", q, split_counters)
         _run_check(_C.check_split_counters, q, k_cache, split_counters, cuda=_cuda(q))
@@ -83,8 +88,7 @@ def _(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos, rope_sin, scal
 
 @torch.library.register_fake("emu_fast::regression_head")
 def _(hidden, norm_weight, eps, head_weight, up_weight):
-    _same_device("regression_head", hidden, norm_weight, head_weight, up_weight)
-    _run_check(_C.check_regression_head, hidden, norm_weight, head_weight, up_weight, cuda=_cuda(hidden))
+    _checked("regression_head", hidden, norm_weight, head_weight, up_weight)
     out = hidden.new_empty(hidden.shape[0], head_weight.shape[0])
     nxt = hidden.new_empty(hidden.shape[0], up_weight.shape[0] if up_weight is not None else 0)
     return out, nxt
@@ -92,64 +96,56 @@ def _(hidden, norm_weight, eps, head_weight, up_weight):
 
 @torch.library.register_fake("emu_fast::gemv")
 def _(x, weight):
-    _same_device("gemv", x, weight)
-    _run_check(_C.check_gemv, x, weight, cuda=_cuda(x))
+    _checked("gemv", x, weight)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("emu_fast::norm_gemv")
 def _(x, norm_weight, eps, weight):
-    _same_device("norm_gemv", x, norm_weight, weight)
-    _run_check(_C.check_norm_gemv, x, norm_weight, weight, cuda=_cuda(x))
+    _checked("norm_gemv", x, norm_weight, weight)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("emu_fast::gemv_add")
 def _(x, weight, residual):
-    _same_device("gemv_add", x, weight, residual)
-    _run_check(_C.check_gemv_add, x, weight, residual, cuda=_cuda(x))
+    _checked("gemv_add", x, weight, residual)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.register_fake("emu_fast::norm_gemv_silu")
 def _(x, norm_weight, eps, gate_up_weight):
-    _same_device("norm_gemv_silu", x, norm_weight, gate_up_weight)
-    _run_check(_C.check_norm_gemv_silu, x, norm_weight, gate_up_weight, cuda=_cuda(x))
+    _checked("norm_gemv_silu", x, norm_weight, gate_up_weight)
     return x.new_empty(x.shape[0], gate_up_weight.shape[0] // 2)
 
 
 @torch.library.register_fake("emu_fast::rms_norm")
 def _(x, weight, eps):
-    _same_device("rms_norm", x, weight)
-    _run_check(_C.check_rms_norm, x, weight, cuda=_cuda(x))
+    _checked("rms_norm", x, weight)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("emu_fast::add_rms_norm")
 def _(x, residual, weight, eps):
-    _same_device("add_rms_norm", x, residual, weight)
-    _run_check(_C.check_add_rms_norm, x, residual, weight, cuda=_cuda(x))
+    _checked("add_rms_norm", x, residual, weight)
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("emu_fast::silu_mul")
 def _(gate_up):
-    _run_check(_C.check_silu_mul, gate_up, cuda=_cuda(gate_up))
+    _checked("silu_mul", gate_up)
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
-@torch.library.register_fake("emu_fast::gemv_int8")
-def _(x, qweight, scales):
-    _same_device("gemv_int8", x, qweight, scales)
-    _run_check(_C.check_gemv_int8, x, qweight, scales, cuda=_cuda(x))
-    return x.new_empty(x.shape[0], qweight.shape[0])
+def _register_quantized_gemv_fake(op: str) -> None:
+    """The fake of a weight scheme's GEMV, op(x, qweight, scales[, group_size]) -> [B, N]."""
+    @torch.library.register_fake(f"emu_fast::{op}")
+    def _(x, qweight, scales, *group_size):  # a grouped scheme's op takes its group size
+        _checked(op, x, qweight, scales, *group_size)
+        return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-@torch.library.register_fake("emu_fast::gemv_int4")
-def _(x, qweight, scales, group_size):
-    _same_device("gemv_int4", x, qweight, scales)
-    _run_check(_C.check_gemv_int4, x, qweight, scales, group_size, cuda=_cuda(x))
-    return x.new_empty(x.shape[0], qweight.shape[0])
+for _scheme in REGISTRY.values():  # gemv_int8, gemv_int4
+    _register_quantized_gemv_fake(_scheme.op)
 
 
 def splice_embeddings(input_ids: torch.Tensor, embed_table: torch.Tensor, slot_values: torch.Tensor,

@@ -6,15 +6,14 @@ it) once per source change, and the wrappers below call it through ctypes. The i
 by the production code, compiled into the same library. What this cannot test is each
 intrinsic's mapping to its instruction (intrinsics.h follows Intel's pseudocode for each)."""
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
+import os  # noqa: F401  (tests/emulators/test_avx512_emulation.py asks emu.os and emu.shutil for a compiler)
+import shutil  # noqa: F401
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, build_shared_library, compiler, sources_key
+
 EMULATION = ROOT / "tests/avx512_emulation"
 KERNELS = ROOT / "csrc/kernels/cpu"
 # The production rounding and layouts (and, to link them, the real AVX-512 copies, never called
@@ -23,26 +22,19 @@ PRODUCTION = [KERNELS / f for f in ("quantized_gemv_int16_cpu.cpp", "quantized_g
                                     "quantized_gemv_avx512_cpu.cpp")]
 SOURCES = [EMULATION / "kernels.cpp", EMULATION / "intrinsics.h", *PRODUCTION, *sorted(KERNELS.glob("*.h")),
            KERNELS / "quantized_gemv_avx512.inc"]
+# UBSan: a signed overflow or an out-of-range shift in the kernels' arithmetic aborts
 UBSAN_FLAGS = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
 
 _lib = None
 
 
 def _build() -> Path:
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    for f in SOURCES:
-        digest.update(f.name.encode() + f.read_bytes())
-    out = ROOT / "build/avx512-emulation" / f"libemu_avx512_{digest.hexdigest()[:16]}.so"
+    out = ROOT / "build/avx512-emulation" / f"libemu_avx512_{sources_key([Path(__file__), *SOURCES])}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        cmd = [cxx, "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wl,--no-undefined", f"-I{EMULATION}",
-               f"-I{ROOT / 'csrc'}", str(EMULATION / "kernels.cpp"), *map(str, PRODUCTION), "-o", str(tmp)]
-        # UBSan: a signed overflow or an out-of-range shift in the kernels' arithmetic aborts
-        if subprocess.run(cmd + UBSAN_FLAGS, capture_output=True).returncode != 0:
-            subprocess.run(cmd, check=True)
-        tmp.rename(out)
+        build_shared_library([compiler(), "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wl,--no-undefined",
+                              f"-I{EMULATION}", f"-I{ROOT / 'csrc'}", str(EMULATION / "kernels.cpp"),
+                              *map(str, PRODUCTION)], out, UBSAN_FLAGS)
     return out
 
 

@@ -5,18 +5,17 @@ tensors. They unwrap tensors as csrc/ops/<op>.cu does and call the same host cod
 (tests/cuda_emulation/kernels.cpp): launch plans, size rules and compositions are not restated
 here. The argument checks in front of them are the ones the CPU ops share and are tested there."""
 import ctypes
-import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, build_shared_library, compiler, sources_key  # noqa: F401  (compiler: for the tests)
+
 EMULATION = ROOT / "tests/cuda_emulation"
 SOURCES = [EMULATION / f for f in ("emulator.cpp", "kernels.cpp", "selftest.cpp")]
 HEADERS = (sorted((EMULATION / "include").glob("*.h")) + sorted((ROOT / "csrc/kernels/cuda").glob("*.cuh"))
@@ -26,11 +25,8 @@ H100_SMS = 132
 
 _lib = None
 
-
-def compiler():
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
+# UndefinedBehaviorSanitizer catches misaligned vector loads (which fault on a GPU), signed
+# overflow and the like; used wherever the compiler has it.
 UBSAN_FLAGS = ["-fsanitize=undefined", "-fno-sanitize=vptr"]
 
 
@@ -48,10 +44,7 @@ def _rewrite_shared(src: Path, dst: Path):
 
 
 def _build() -> Path:
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    for f in SOURCES + HEADERS:
-        digest.update(f.name.encode() + f.read_bytes())
-    key = digest.hexdigest()[:16]
+    key = sources_key([Path(__file__), *SOURCES, *HEADERS])
     out = ROOT / "build/cuda-emulation" / f"libemu_cuda_{key}.so"
     if not out.exists():
         gen = ROOT / "build/cuda-emulation" / f"src_{key}_{os.getpid()}"
@@ -59,15 +52,9 @@ def _build() -> Path:
             _rewrite_shared(header, gen / "kernels/cuda" / header.name)
         _rewrite_shared(EMULATION / "selftest.cpp", gen / "selftest.cpp")
         sources = [EMULATION / "emulator.cpp", EMULATION / "kernels.cpp", gen / "selftest.cpp"]
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler(), "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{EMULATION / 'include'}", f"-I{gen}", f"-I{ROOT / 'csrc'}",
-               *map(str, sources), "-o", str(tmp)]
-        # UndefinedBehaviorSanitizer catches misaligned vector loads (which fault on a GPU),
-        # signed overflow and the like; used wherever the compiler has it.
-        if subprocess.run(cmd + UBSAN_FLAGS, capture_output=True).returncode != 0:
-            subprocess.run(cmd, check=True)
-        tmp.rename(out)
+        build_shared_library([compiler(), "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas",
+                              "-Wno-unused-parameter", "-U_FORTIFY_SOURCE", f"-I{EMULATION / 'include'}", f"-I{gen}",
+                              f"-I{ROOT / 'csrc'}", *map(str, sources)], out, UBSAN_FLAGS)
         shutil.rmtree(gen)
     return out
 

@@ -1,9 +1,13 @@
-"""What several test modules share: where the carried Emu data lives, tolerances, comparisons.
-Test modules import this, never each other."""
+"""What several test modules share: where the carried Emu data lives, tolerances, comparisons,
+building the emulators' libraries. Test modules import this, never each other."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Iterable, List, Optional
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,3 +37,31 @@ def save_sharded(state, folder, shards, file_name="model.bf16-{:05d}-of-{:05d}.s
             torch.save(part, Path(folder) / file)
         weight_map.update({k: file for k in part})
     (Path(folder) / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+# ------------------------------------------------------------------ the emulators' libraries
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler the emulators are built with: $CXX, else g++ or c++ on PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def sources_key(files: Iterable[Path]) -> str:
+    """16 hex digits that change with the name or contents of any of `files`."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_shared_library(cmd: List[str], out: Path, sanitizer_flags: List[str]) -> None:
+    """Compiles `cmd` (a compiler command without its -o) into the shared library `out`: with
+    `sanitizer_flags` where the compiler has the sanitizer, else without. Written under a name of
+    this process and renamed into place, so processes building at once never load a half-written
+    file."""
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [*cmd, "-o", str(tmp)]
+    if subprocess.run(cmd + sanitizer_flags, capture_output=True).returncode != 0:
+        subprocess.run(cmd, check=True)
+    tmp.rename(out)

@@ -267,27 +267,20 @@ SAMPLES = [
     Sample("gemv", "7x100x3", _gemv(7, 100, 3)),
     Sample("gemv", "16x257x129-gemm", _gemv(16, 257, 129)),
     Sample("gemv", "2x8x3", _gemv(2, 8, 3), opcheck=True),
-    Sample("gemv", "1x5120x1000", _gemv(1, 5120, 1000, seed=1), **_GPU),
-    Sample("gemv", "2x4096x300", _gemv(2, 4096, 300, seed=2), **_GPU),
-    Sample("gemv", "3x520x33", _gemv(3, 520, 33, seed=3), **_GPU),
-    Sample("gemv", "5x100x7", _gemv(5, 100, 7, seed=5), **_GPU),
-    Sample("gemv", "8x33x17", _gemv(8, 33, 17, seed=8), **_GPU),
-    # every exact-batch instance (1..8) through both its multi-vector loop and its tail: K of
-    # several 256-element strides plus a remainder (a lane's vectors in flight, then the rest)
-    Sample("gemv", "4x1288x40", _gemv(4, 1288, 40, seed=4), **_GPU),
-    Sample("gemv", "6x1800x24", _gemv(6, 1800, 24, seed=6), **_GPU),
-    Sample("gemv", "8x2056x20", _gemv(8, 2056, 20, seed=8), **_GPU),
+    # the GPU's sizes, then every exact-batch instance (1..8) through both its multi-vector loop
+    # and its tail: K of several 256-element strides plus a remainder (a lane's vectors in
+    # flight, then the rest)
+    *[Sample("gemv", f"{B}x{K}x{N}", _gemv(B, K, N, seed=B), **_GPU)
+      for B, K, N in [(1, 5120, 1000), (2, 4096, 300), (3, 520, 33), (5, 100, 7), (8, 33, 17),
+                      (4, 1288, 40), (6, 1800, 24), (8, 2056, 20)]],
     # the tensor-core kernel (16-bit types, K a multiple of 32, batch up to 16): rows not a
     # multiple of 16, fewer chunks than warps, chunks in flight plus a tail, two batch tiles
-    Sample("gemv", "5x96x37-mma", _gemv(5, 96, 37, seed=11), **_GPU),
-    Sample("gemv", "1x2080x33-mma", _gemv(1, 2080, 33, seed=12), **_GPU),
-    Sample("gemv", "12x1056x50-mma", _gemv(12, 1056, 50, seed=13), **_GPU),
-    Sample("gemv", "16x320x17-mma", _gemv(16, 320, 17, seed=14), **_GPU),
+    *[Sample("gemv", f"{B}x{K}x{N}-mma", _gemv(B, K, N, seed=seed), **_GPU)
+      for seed, (B, K, N) in enumerate([(5, 96, 37), (1, 2080, 33), (12, 1056, 50), (16, 320, 17)], start=11)],
     Sample("gemv", "9x256x300-gemm", _gemv(9, 256, 300, seed=9), **_GPU),
-    Sample("gemv", "1x5120x5120", _gemv(1, 5120, 5120), emulate=False, **_GPU),
-    Sample("gemv", "3x4096x1000", _gemv(3, 4096, 1000), emulate=False, **_GPU),
-    Sample("gemv", "8x520x33", _gemv(8, 520, 33), emulate=False, **_GPU),
-    Sample("gemv", "2x100x7", _gemv(2, 100, 7), emulate=False, **_GPU),
+    # on the GPU and the CPU, not the emulator
+    *[Sample("gemv", f"{B}x{K}x{N}", _gemv(B, K, N), emulate=False, **_GPU)
+      for B, K, N in [(1, 5120, 5120), (3, 4096, 1000), (8, 520, 33), (2, 100, 7)]],
     # norm_gemv, gemv_add (B, K, N): odd sizes, every CUDA-core batch instance (1..8) and the
     # GEMM past it, K unaligned for 16-byte vectors and aligned, and the tensor-core kernel
     # (16-bit types, K a multiple of 32, batch up to 16, one and two batch tiles)

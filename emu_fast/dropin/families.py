@@ -139,10 +139,7 @@ class Emu1(EmuFamily):
     """baaivision/Emu Emu1/models/modeling_emu.py: `decoder.lm.stu_regress_head`, fed back as is;
     prompt images through `visual.forward_features` -> `ln_visual` -> `cformer`."""
 
-    name = "emu1"
-    padding_side = "right"
-    n_attribute = "n_causal"
-    default_n = 32
+    name, padding_side, n_attribute, default_n = "emu1", "right", "n_causal", 32
     required = ["decoder.lm.stu_regress_head", "n_causal"]
 
     def head_name(self, model):
@@ -161,10 +158,7 @@ class Emu2(EmuFamily):
     `decoder.lm` as upstream, or on the model); prompt images through `encode_image` ->
     `project_up`."""
 
-    name = "emu2"
-    padding_side = "left"
-    n_attribute = "n_query"
-    default_n = 64
+    name, padding_side, n_attribute, default_n = "emu2", "left", "n_query", 64
     required = ["n_query", "encode_image"]
 
     def missing(self, model):

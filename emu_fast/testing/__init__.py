@@ -154,45 +154,53 @@ class _CFormer(nn.Module):
         return self.proj(attn @ feats)
 
 
-class TinyEmu1(nn.Module):
-    default_n = 8
-    def __init__(self, tokenizer, lm: LlamaForCausalLM, n_causal=8, vision_width=24):
-        super().__init__()
-        hidden = lm.config.hidden_size
-        dtype = lm.model.embed_tokens.weight.dtype
+class _TinyNativeEmu(nn.Module):
+    """What the native stand-ins share: upstream's generate_image, and (_hold_lm) the LLaMA and
+    the tokenizer at `decoder`, the tokenizer padding on the family's side, n under the family's
+    attribute, the image placeholder. Subclasses build their vision parts and heads around it."""
+
+    family: str
+
+    def _hold_lm(self, tokenizer, lm: LlamaForCausalLM, n: int) -> None:
+        family = family_named(self.family)
         self.decoder = nn.Module()
         self.decoder.lm = lm
         self.decoder.tokenizer = tokenizer
-        tokenizer.padding_side = family_named("emu1").padding_side
+        tokenizer.padding_side = family.padding_side
+        setattr(self, family.n_attribute, n)
+        self.image_placeholder = "[IMG]" + "<image>" * n + "[/IMG]"
+
+    generate_image = _upstream_generate_image
+
+
+class TinyEmu1(_TinyNativeEmu):
+    family, default_n = "emu1", 8
+
+    def __init__(self, tokenizer, lm: LlamaForCausalLM, n_causal=8, vision_width=24):
+        super().__init__()
+        hidden, dtype = lm.config.hidden_size, lm.model.embed_tokens.weight.dtype
+        self._hold_lm(tokenizer, lm, n_causal)
         lm.stu_regress_head = nn.Linear(hidden, hidden, bias=False).to(dtype)
         self.visual = _Visual(vision_width).to(dtype)
         self.ln_visual = nn.LayerNorm(vision_width).to(dtype)
         self.cformer = _CFormer(vision_width, n_causal, hidden).to(dtype)
-        self.n_causal = n_causal
-        self.image_placeholder = "[IMG]" + "<image>" * n_causal + "[/IMG]"
 
     def upstream_prompt_embeds(self, image):
         """Emu1/models/modeling_emu.py: visual.forward_features -> ln_visual -> cformer."""
         return self.cformer(self.ln_visual(self.visual.forward_features(image)))
 
-    generate_image = _upstream_generate_image
 
+class TinyEmu2(_TinyNativeEmu):
+    family, default_n = "emu2", 16
 
-class TinyEmu2(nn.Module):
-    default_n = 16
     def __init__(self, tokenizer, lm: LlamaForCausalLM, n_query=16, vision_width=40):
         super().__init__()
-        hidden = lm.config.hidden_size
-        dtype = lm.model.embed_tokens.weight.dtype
+        hidden, dtype = lm.config.hidden_size, lm.model.embed_tokens.weight.dtype
         self.visual = _Visual(vision_width).to(dtype)
-        self.decoder = nn.Module()
-        self.decoder.lm = lm
-        self.decoder.tokenizer = tokenizer
-        tokenizer.padding_side = tokenizer.truncation_side = family_named("emu2").padding_side
+        self._hold_lm(tokenizer, lm, n_query)
+        tokenizer.truncation_side = tokenizer.padding_side
         lm.project_up = nn.Linear(vision_width, hidden, bias=False).to(dtype)
         lm.project_down = nn.Linear(hidden, vision_width, bias=False).to(dtype)
-        self.n_query = n_query
-        self.image_placeholder = "[IMG]" + "<image>" * n_query + "[/IMG]"
 
     @torch.no_grad()
     def encode_image(self, image):
@@ -202,8 +210,6 @@ class TinyEmu2(nn.Module):
         """Emu2/emu/emu.py: encode_image -> project_up."""
         x = self.encode_image(image)
         return self.decoder.lm.project_up(x)
-
-    generate_image = _upstream_generate_image
 
 
 class _EmuModel(nn.Module):
