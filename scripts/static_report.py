@@ -44,7 +44,12 @@ in issue 9; --gpu h200 for the H200), sm_80 code on the A100 SXM 80GB (2.04 TB/s
   * Optimistic where two terms are close (max, not sum; DRAM latency does not grow with load
     here); a kernel whose chain + gap dominate is labelled "launch+chain".
 """
-import argparse, json, math, os, re, shutil, subprocess, sys, tempfile
+import argparse, json, math, os, re, sys, tempfile
+
+# What the compiled code says (ptxas, SASS, occupancy, the main loop's scoreboard) and what the
+# source tree says (which launch and fusion choices it makes), each in its own module beside this.
+from static_report_sass import SM_LIMITS, find_tool, iteration_cycles, kernel_table
+from static_report_source import combine_folded, describe, fused_layer, pdl_launches, silu_epilogue, split_rule
 
 LABEL = "estimate from compiled code (no GPU ran this)"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,256 +58,17 @@ GPUS = {  # spec sheet figures; the model's primary is the H100 SXM, as in issue
     "h200": dict(name="H200", bw=4.8e12, sms=132, clock=1.98e9),
     "a100": dict(name="A100 SXM 80GB", bw=2.039e12, sms=108, clock=1.41e9),
 }
-# Per-SM limits (CUDA occupancy calculator / programming guide tables for cc 9.0 and 8.0).
-SM_LIMITS = {
-    "sm_90a": dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32, smem=228 * 1024, smem_reserved=1024),
-    "sm_80": dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32, smem=164 * 1024, smem_reserved=1024),
-}
 MODELS = {
     "Emu1-13B": dict(hidden=5120, layers=40, heads=40, kv_heads=40, head_dim=128, inter=13824, head=(5120, 5120), up=None),
     "Emu2": dict(hidden=6656, layers=60, heads=52, kv_heads=52, head_dim=128, inter=17920, head=(1792, 6656), up=(6656, 1792)),
 }
-# Block sizes (from the launchers) and the DRAM round trips outside the main loop, read from the
-# source: loads of lengths / inputs, the reductions' barriers, the final stores.
+# The DRAM round trips outside the main loop, read from the source: loads of lengths / inputs,
+# the reductions' barriers, the final stores.
 KERNEL_CHAINS = {"gemv": 1, "gemv_norm": 3, "attention": 3, "combine": 3, "rms_norm": 2, "silu_mul": 2, "aten_small": 1}
 # Of those, the round trips a kernel makes before its griddepcontrol.wait under PDL (they overlap the
 # previous kernel): attention reads the lengths / positions, then the RoPE coefficients, before it.
 # (The GEMVs' pre-wait weight loads belong to the main loop, not to the chain.)
 CHAIN_BEFORE_WAIT = {"attention": 2}
-BLOCK = {"gemv": 256, "gemv_mma": 256, "qgemv": 256, "attention": 128, "combine": 128, "rms_norm": 256, "silu_mul": 256}
-
-
-def find_tool(name, pip_pkg):
-    """nvdisasm comes with the CUDA toolkit or as a PyPI wheel; look in $<NAME>, on PATH, next to
-    nvcc, in the wheels' nvidia/cu*/bin; if absent, try pip once; else say how to get it."""
-    def search():
-        nvcc = shutil.which("nvcc")
-        cands = [os.environ.get(name.upper()), shutil.which(name), nvcc and os.path.join(os.path.dirname(os.path.realpath(nvcc)), name)]
-        cands += [os.path.join(p, "nvidia", sub, "bin", name) for p in sys.path for sub in ("cu13", "cu12")]
-        return next((c for c in cands if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
-    if tool := search():
-        return tool
-    print(f"static_report: {name} not found, trying `pip install {pip_pkg}`", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", pip_pkg], check=False)
-    import site
-    sys.path += site.getsitepackages() + [site.getusersitepackages()]
-    if tool := search():
-        return tool
-    # Exit status 3: a tool is missing (CI treats that as a skip, any other failure as a failure).
-    print(f"static_report: {name} is needed: `pip install {pip_pkg}` (or put the CUDA toolkit's bin on PATH, "
-          f"or set {name.upper()}=/path/to/{name})", file=sys.stderr)
-    sys.exit(3)
-
-
-def compile_cubin(src, arch, workdir):
-    """Compiles every kernel instantiation of the tree `src` as the project does (cuda_check.sh
-    flags) into one cubin; returns (cubin path, ptxas -v text)."""
-    cubin = os.path.join(workdir, f"kernels-{arch}.cubin")
-    cmd = [os.environ.get("NVCC", "nvcc"), "-std=c++20", "-O3", f"-I{src}/csrc", "-cubin", f"-arch={arch}",
-           "-Xptxas", "-v", os.path.join(cuda_kernels_dir(src), "kernels_check.cu"), "-o", cubin]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"static_report: nvcc failed:\n{r.stderr}")
-    return cubin, r.stdout + r.stderr
-
-
-def demangle(names):
-    """Readable kernel names: cu++filt if present, else c++filt (the Itanium ABI is the same)."""
-    tool = shutil.which("cu++filt") or shutil.which("c++filt")
-    if not tool or not names:
-        return {n: n for n in names}
-    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
-
-
-def parse_ptxas(text):
-    """Per mangled kernel: registers, spill bytes, stack, static shared memory, from ptxas -v."""
-    res, cur = {}, None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)'", line)
-        if m:
-            cur = res.setdefault(m.group(1), dict(regs=0, spill_stores=0, spill_loads=0, stack=0, smem=0))
-        elif cur is not None:
-            if m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
-                cur.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
-            if m := re.search(r"Used (\d+) registers", line):
-                cur["regs"] = int(m[1])
-                s = re.search(r"(\d+) bytes smem", line)
-                cur["smem"] = int(s[1]) if s else 0
-    return res
-
-
-def occupancy(arch, regs, smem, threads):
-    """Resident blocks and warps per SM from registers (per-warp allocation rounded to 256),
-    static shared memory (+1 KB reserved per block) and the block/warp caps."""
-    L = SM_LIMITS[arch]
-    warps = math.ceil(threads / 32)
-    per_warp = math.ceil(max(regs, 1) * 32 / L["reg_unit"]) * L["reg_unit"]
-    by_regs = L["regs"] // (per_warp * warps)
-    by_smem = L["smem"] // (smem + L["smem_reserved"]) if smem else L["max_blocks"]
-    blocks = min(by_regs, by_smem, L["max_blocks"], L["max_warps"] // warps)
-    limiter = min((by_regs, "registers"), (by_smem, "shared memory"), (L["max_blocks"], "blocks"),
-                  (L["max_warps"] // warps, "warps"))[1]
-    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * warps, occupancy=blocks * warps / L["max_warps"], limiter=limiter)
-
-
-INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
-
-
-def parse_sass(dis):
-    """nvdisasm -c output -> {mangled: [(addr, opcode, operands)], labels} per function."""
-    funcs, cur, pending = {}, None, []
-    for line in dis.splitlines():
-        if m := re.match(r"^\.text\.(\w+):", line):
-            cur = funcs[m[1]] = dict(insns=[], labels={}, preds=[])
-            continue
-        if cur is None:
-            continue
-        if m := re.match(r"^(\.L_x_\d+):", line):
-            pending.append(m[1])
-        elif m := INSN.search(line):
-            for lab in pending:
-                cur["labels"][lab] = len(cur["insns"])
-            pending = []
-            cur["insns"].append((int(m[1], 16), m[3], m[4].strip()))
-            cur["preds"].append((m[2] or "").strip())
-    return funcs
-
-
-def load_bytes(op):
-    """Bytes per lane of a global load opcode (LDG.E.128 -> 16, .64 -> 8, .U16 -> 2, else 4)."""
-    for tag, n in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
-        if tag in op:
-            return n
-    return 4
-
-
-def regs_of(tok):
-    """Registers named by one operand: R4 -> {4}; R4.64 -> {4, 5}."""
-    out = set()
-    for m in re.finditer(r"\bR(\d+)(\.64)?", tok):
-        out |= {int(m[1]), int(m[1]) + 1} if m[2] else {int(m[1])}
-    return out
-
-
-def dest_and_srcs(op, operands):
-    """Destination registers (first operand when it is a plain register, widened for vector loads)
-    and source registers (the rest; every operand for stores, branches and predicate writers)."""
-    parts = [p.strip() for p in operands.split(",")] if operands else []
-    if parts and re.fullmatch(r"R\d+", parts[0]) and not op.startswith(("ST", "RED", "ATOM", "BRA")):
-        r = int(parts[0][1:])
-        width = load_bytes(op) // 4 if op.startswith("LD") else (2 if ".WIDE" in op else 1)
-        return set(range(r, r + max(width, 1))), set().union(*[regs_of(p) for p in parts[1:]]) if parts[1:] else set()
-    return set(), set().union(*[regs_of(p) for p in parts]) if parts else set()
-
-
-def loops(fn):
-    """Loops as (head index, backward-branch index): a BRA whose target label precedes it."""
-    out = []
-    for i, (_, op, opnds) in enumerate(fn["insns"]):
-        if op.startswith("BRA") and (m := re.search(r"\(\s*(\.L_x_\d+)\s*\)", opnds)):
-            t = fn["labels"].get(m[1])
-            if t is not None and t <= i:
-                out.append((t, i))
-    return out
-
-
-def drop_fallback_blocks(fn, h, b, stream):
-    """The loop body fn[h..b] without the basic blocks that stream with loads narrower than its
-    widest (the scalar fall-back of a runtime `vector_loads` / alignment test inside the same
-    loop): the model follows the vector path, as on aligned tensors."""
-    body = fn["insns"][h:b + 1]
-    widest = max((load_bytes(op) for _, op, _ in body if op.startswith("LDG") and stream(op)), default=0)
-    starts, blocks = set(fn["labels"].values()), [[]]
-    for i, ins in zip(range(h, b + 1), body):
-        if i in starts and blocks[-1]:
-            blocks.append([])
-        blocks[-1].append(ins)
-        if ins[1].startswith(("BRA", "EXIT")):
-            blocks.append([])
-    is_narrow = lambda op: op.startswith("LDG") and stream(op) and load_bytes(op) < widest
-    # If-converted fall-backs: the narrow loads and everything under their predicate (@!P0 ...).
-    preds = {fn["preds"][i] for i in range(h, b + 1) if is_narrow(fn["insns"][i][1]) and fn["preds"][i]}
-    dropped = {id(fn["insns"][i]) for i in range(h, b + 1) if fn["preds"][i] in preds}
-    return [ins for blk in blocks if not any(is_narrow(op) and id(i) not in dropped for i in blk for op in [i[1]])
-            for ins in blk if id(ins) not in dropped]
-
-
-def analyse_loop(fn, stream):
-    """Picks the main loop (most global-load bytes per iteration, then the shortest) and counts its
-    instructions, global loads by width, the stream loads (DRAM) issued before the first instruction
-    that reads any loaded register, and runs the one-warp scoreboard over it (see the docstring)."""
-    best = None
-    for h, b in loops(fn):
-        body = fn["insns"][h:b + 1]
-        lb = [load_bytes(op) * (1 + 1000 * stream(op)) for _, op, _ in body if op.startswith("LDG")]
-        key = (sum(lb), -(b - h))
-        if best is None or key > best[0]:
-            best = (key, (h, b))
-    if best is None or best[0][0] == 0:
-        return None
-    body = drop_fallback_blocks(fn, *best[1], stream)
-    glds = [op for _, op, _ in body if op.startswith("LDG")]
-    streamed = [op for op in glds if stream(op)]
-    loaded, before = set(), 0
-    for _, op, opnds in body:
-        d, s = dest_and_srcs(op, opnds)
-        if s & loaded:
-            break
-        if op.startswith("LDG"):
-            loaded |= d
-            before += stream(op)
-    return dict(instructions=len(body), global_loads=len(glds), loads_128=sum(".128" in o for o in glds),
-                stream_loads=len(streamed), stream_bytes_per_lane=sum(load_bytes(o) for o in streamed),
-                stream_load_width=max((load_bytes(o) for o in streamed), default=0),
-                stream_loads_before_first_use=before,
-                load_opcodes=sorted(set(glds)), _body=body)
-
-
-def iteration_cycles(body, stream, dram_cyc, l2_cyc):
-    """Cycles one warp spends per loop iteration, alone on its scheduler: three passes of the body
-    in SASS order with a register scoreboard; the third pass is the steady state."""
-    ready, t, marks = {}, 0.0, []
-    for _ in range(3):
-        marks.append(t)
-        for _, op, opnds in body:
-            d, s = dest_and_srcs(op, opnds)
-            t = max([t + 1] + [ready.get(r, 0) for r in s])
-            lat = (dram_cyc if stream(op) else l2_cyc) if op.startswith("LDG") else 30 if op.startswith(("LDS", "SHFL")) else 4
-            for r in d:
-                ready[r] = t + lat
-    return t - marks[2]
-
-
-def kernel_table(arch, src, workdir, nvdisasm):
-    """Compiles, parses ptxas and SASS; returns {readable name: stats} for the bf16 kernels."""
-    cubin, ptx = compile_cubin(src, arch, workdir)
-    props = parse_ptxas(ptx)
-    dis = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
-    sass, names = parse_sass(dis), demangle(list(props))
-    out = {}
-    for mangled, p in props.items():
-        name = names[mangled]
-        if "bfloat16" not in name:
-            continue
-        kind = ("qgemv_mma" if "quantized_mma_gemv_kernel" in name else
-                "qgemv" if "quantized_gemv_kernel" in name else "gemv" if "gemv_kernel" in name else "gemv_mma" if "gemv_mma_kernel" in name else
-                "combine" if "combine" in name else
-                "attention" if "decode_attention" in name else "rms_norm" if "rms_norm" in name else
-                "silu_mul" if "silu_mul" in name else "splice")
-        # DRAM-stream loads: the GEMVs' evict-first weight loads; attention's K/V loads, not the
-        # coherent (.STRONG, __ldcg) loads of the split partials its last block merges from L2.
-        if kind in ("gemv", "gemv_mma", "qgemv", "qgemv_mma"):
-            stream = lambda op: ".EF" in op
-        elif kind == "attention":
-            stream = lambda op: op.startswith("LDG") and ".STRONG" not in op
-        else:
-            stream = lambda op: op.startswith("LDG")
-        loop = analyse_loop(sass.get(mangled, dict(insns=[], labels={})), stream)
-        occ = occupancy(arch, p["regs"], p["smem"], BLOCK.get(kind, 256))
-        out[name] = dict(kind=kind, mangled=mangled, **p, **occ, loop=loop, _stream=stream,
-                         sass_instructions=len(sass.get(mangled, {}).get("insns", [])))
-    return out
 
 
 def find(kernels, kind, pred=lambda n: True):
@@ -355,57 +121,6 @@ def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain, gap_u
         little = warps * 32 * loop["stream_loads_before_first_use"] * loop["stream_load_width"] * g["sms"] / (a["dram_ns"] * 1e-9)
     return dict(us=t * 1e6, gap_us=gap, little_tbps=little and little / 1e12, bw_us=t_bw * 1e6, latency_us=t_lat * 1e6, issue_us=t_issue * 1e6, bound=bound,
                 ns_per_iter_one_warp=cyc / g["clock"] * 1e9, bytes=bytes_, blocks=blocks, waves=waves, iters_per_warp=iters_per_warp)
-
-
-def cuda_kernels_dir(source_dir):
-    """The CUDA kernel headers of a tree (csrc/kernels/cuda; csrc/cuda/kernels in older trees, so
-    a before/after pair can straddle the move)."""
-    new = os.path.join(source_dir, "csrc/kernels/cuda")
-    return new if os.path.isdir(new) else os.path.join(source_dir, "csrc/cuda/kernels")
-
-
-def decoder_source(source_dir):
-    """The decoder's C++ source of a tree as one text (csrc/decoder/*.cpp; csrc/decoder.cpp in older trees)."""
-    d = os.path.join(source_dir, "csrc/decoder")
-    paths = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".cpp")) if os.path.isdir(d) else [
-        os.path.join(source_dir, "csrc/decoder.cpp")]
-    return "".join(open(p).read() for p in paths)
-
-
-def fused_layer(source_dir):
-    """Whether the decoder in the source compiled folds the norms and residual adds into its
-    GEMVs (norm_gemv / gemv_add), as EmuDecoder::run_layers does since fb65004."""
-    return "gemv_add(" in decoder_source(source_dir)
-
-
-def silu_epilogue(source_dir):
-    """Whether the gate/up GEMV writes silu(gate) * up itself (norm_gemv_silu, since 8d435e2)."""
-    return "norm_gemv_silu(" in decoder_source(source_dir)
-
-
-def pdl_launches(source_dir):
-    """Whether the step's kernels launch with programmatic dependent launch in the source compiled
-    (the GEMV launcher uses EMU_FAST_LAUNCH_PDL and common.cuh issues griddepcontrol.wait)."""
-    kdir = cuda_kernels_dir(source_dir)
-    return ("griddepcontrol.wait" in open(os.path.join(kdir, "common.cuh")).read()
-            and "EMU_FAST_LAUNCH_PDL(" in open(os.path.join(kdir, "gemv.cuh")).read())
-
-
-def combine_folded(source_dir):
-    """Whether the decoder passes split_counters, so attention merges its splits in the same launch."""
-    return "split_counters" in decoder_source(source_dir)
-
-
-def split_rule(source_dir):
-    """(blocks per SM decode_attention_splits aims at, cache rows per split at most), read from
-    the source compiled (so a before/after pair each models its own split rule)."""
-    text = open(os.path.join(cuda_kernels_dir(source_dir), "decode_attention.cuh")).read()
-    m = re.search(r"want = \((\d+) \* static_cast<int64_t>\(sm_count\)", text)
-    r = re.search(r"\(capacity \+ (\d+)\) / (\d+)", text)
-    if not m or not r:
-        sys.exit("static_report: cannot find decode_attention_splits' rule in decode_attention.cuh; update "
-                 "split_rule()")
-    return int(m.group(1)), int(r.group(2))
 
 
 def step(kernels, a, model, batch, keys):
@@ -584,13 +299,6 @@ def markdown(reports, a):
                      f"{s['fraction_of_floor']:.0%} | {s['step_ms_every_gap_full']:.2f} |")
         L.append("")
     return "\n".join(L)
-
-
-def describe(src):
-    """The compiled tree as `path @ commit (+ uncommitted changes)`, so before/after are traceable."""
-    git = lambda *c: subprocess.run(["git", "-C", src, *c], capture_output=True, text=True).stdout.strip()
-    dirty = git("status", "--porcelain", "--", "csrc")
-    return f"{os.path.abspath(src)} @ {git('rev-parse', '--short', 'HEAD') or '?'}" + (" + uncommitted csrc changes" if dirty else "")
 
 
 def main():
