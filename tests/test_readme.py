@@ -13,7 +13,7 @@ from helpers import ROOT
 README = (ROOT / "README.md").read_text()
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [ROOT / "README.md", *DOCS, ROOT / "CHANGELOG.md"]
-README_MAX_LINES = 220
+README_MAX_LINES = 200
 
 
 def python_blocks(text):
