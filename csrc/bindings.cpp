@@ -6,12 +6,18 @@
 
 #include "ops/checks.h"
 #include "decoder/decoder.h"
-#include "kernels/cpu/decode_attention.h"
-#include "kernels/cpu/quantized_gemv.h"
+#include "kernels/cpu/isa.h"
+#include "kernels/cpu/quantized_gemv_table.h"
 #include "ops/op_set.h"
 
 namespace py = pybind11;
 using emu_fast::EmuDecoder;
+
+namespace {
+std::vector<std::string> _cpu_isa_names() {
+  return {std::begin(emu_fast::kernels::kIsaNames), std::end(emu_fast::kernels::kIsaNames)};
+}
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "emu_fast C++ extension: EmuDecoder and the emu_fast::* custom ops";
@@ -65,20 +71,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // Test-only (tests/decoder/test_self_check.py): make one custom kernel wrong on purpose; "" clears.
   m.def("_set_test_fault", &emu_fast::set_test_fault, py::arg("op"));
-  // Test-only (tests/quant/test_quantized_inputs.py): the instruction set of the quantized GEMVs ("avx512",
+  // Test-only (tests/ops, tests/quant): the instruction-set level every CPU kernel runs ("avx512",
   // "avx2", "portable"; "" = the best this processor has). Returns False for one it lacks.
-  m.def("_set_quantized_gemv_isa", [](const std::string& name) {
-    using emu_fast::kernels::Isa;
-    if (name.empty()) return emu_fast::kernels::set_quantized_gemv_isa(emu_fast::kernels::cpu_isa());
-    if (name == "avx512") return emu_fast::kernels::set_quantized_gemv_isa(Isa::kAvx512);
-    if (name == "avx2") return emu_fast::kernels::set_quantized_gemv_isa(Isa::kAvx2);
-    TORCH_CHECK_VALUE(name == "portable", "emu_fast: unknown instruction set '", name,
-                      "' (avx512, avx2, portable or \"\")");
-    return emu_fast::kernels::set_quantized_gemv_isa(Isa::kPortable);
+  m.def("_set_cpu_isa", [](const std::string& name) {
+    namespace k = emu_fast::kernels;
+    if (name.empty()) return k::set_isa_limit(k::cpu_isa());
+    for (int level = 0; level < k::kIsaLevels; ++level)
+      if (name == k::kIsaNames[level]) return k::set_isa_limit(static_cast<k::Isa>(level));
+    TORCH_CHECK_VALUE(false, "emu_fast: unknown instruction set '", name, "' (one of ", c10::Join(", ", _cpu_isa_names()),
+                      ", or \"\")");
   }, py::arg("isa"));
+  // Test-only: every level's name, lowest first.
+  m.def("_cpu_isa_levels", &_cpu_isa_names);
 
-  // Test-only (tests/ops/test_ops.py): the CPU decode attention's generic loops for every head dim.
-  m.def("_set_attention_generic_loops", &emu_fast::kernels::set_attention_generic_loops, py::arg("generic"));
+  // Test-only (tests/quant/test_quantized_gemv.py): the level whose kernel a CPU quantized GEMV of
+  // `bits` with `input` ("float32", "int16", "int8") inputs and int4 group `group` runs.
+  m.def("_quantized_gemv_level", [](int64_t bits, const std::string& input, int64_t group) -> std::string {
+    namespace k = emu_fast::kernels;
+    TORCH_CHECK_VALUE(bits == 8 || bits == 4, "emu_fast: bits must be 8 or 4, got ", bits);
+    TORCH_CHECK_VALUE(input == "float32" || input == "int16" || input == "int8", "emu_fast: unknown input '", input, "'");
+    const k::Isa level = k::quantized_gemv_level(
+        bits == 8 ? k::QuantizedWeight::kInt8 : k::QuantizedWeight::kInt4,
+        input == "int16" ? k::QuantizedInput::kInt16 : input == "int8" ? k::QuantizedInput::kInt8 : k::QuantizedInput::kFloat32,
+        group);
+    return k::kIsaNames[static_cast<int>(level)];
+  }, py::arg("bits"), py::arg("input"), py::arg("group"));
 
   // How every CPU quantized GEMV takes its inputs, process-wide (emu_fast.set_quantized_activations;
   // the tests force "int16" on float32 inputs): "float32", "int16", "int8"; "" = as each caller

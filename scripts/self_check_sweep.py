@@ -33,12 +33,12 @@ WEIGHTS = {"float": (None, None), "int8": ("int8", None), "int4": ("int4", 64)}
 
 
 def best_isa() -> str:
-    """The instruction set the quantized kernels run with here (the test hook accepts only those
-    this processor has; "" puts back the default)."""
+    """The instruction set the CPU kernels run with here (the test hook accepts only those this
+    processor has; "" puts back the default)."""
     try:
-        return next(isa for isa in ("avx512", "avx2", "portable") if emu_fast._C._set_quantized_gemv_isa(isa))
+        return next(isa for isa in reversed(emu_fast._C._cpu_isa_levels()) if emu_fast._C._set_cpu_isa(isa))
     finally:
-        emu_fast._C._set_quantized_gemv_isa("")
+        emu_fast._C._set_cpu_isa("")
 
 
 def main() -> int:

@@ -18,10 +18,9 @@ EMULATION = ROOT / "tests/avx512_emulation"
 KERNELS = ROOT / "csrc/kernels/cpu"
 # The production rounding and layouts (and, to link them, the real AVX-512 copies, never called
 # here), compiled beside the emulated kernels.
-PRODUCTION = [KERNELS / f for f in ("quantized_gemv_int16_cpu.cpp", "quantized_gemv_int8_input_cpu.cpp",
-                                    "quantized_gemv_avx512_cpu.cpp")]
+PRODUCTION = [KERNELS / f for f in ("quantized_inputs.cpp", "quantized_gemv_avx512.cpp")]
 SOURCES = [EMULATION / "kernels.cpp", EMULATION / "intrinsics.h", *PRODUCTION, *sorted(KERNELS.glob("*.h")),
-           KERNELS / "quantized_gemv_avx512.inc"]
+           *sorted(KERNELS.glob("*.inc"))]
 # UBSan: a signed overflow or an out-of-range shift in the kernels' arithmetic aborts
 UBSAN_FLAGS = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined"]
 

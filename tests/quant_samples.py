@@ -7,7 +7,7 @@ from emu_fast.dropin.walk import LAYER_LINEARS
 from emu_fast.quant.schemes import quantize_int4, quantize_int8, round_inputs_to_int8, round_inputs_to_int16
 
 
-ISAS = ["avx512", "avx2", "portable"]
+ISAS = _C._cpu_isa_levels()[::-1]  # every level the build knows, best first
 
 
 def available_isas():
@@ -15,19 +15,19 @@ def available_isas():
     have = []
     try:
         for isa in ISAS:
-            if _C._set_quantized_gemv_isa(isa):
+            if _C._set_cpu_isa(isa):
                 have.append(isa)
     finally:
-        _C._set_quantized_gemv_isa("")
+        _C._set_cpu_isa("")
     return have
 
 
 def with_isa(isa, fn):
-    assert _C._set_quantized_gemv_isa(isa)
+    assert _C._set_cpu_isa(isa)
     try:
         return fn()
     finally:
-        _C._set_quantized_gemv_isa("")
+        _C._set_cpu_isa("")
 
 
 def weight(N, K, seed=0, zero_rows=(), scale=None):

@@ -11,8 +11,7 @@
 
 #include "intrinsics.h"
 #include "kernels/cpu/gemv.h"
-#include "kernels/cpu/quantized_gemv_int16.h"
-#include "kernels/cpu/quantized_gemv_int8_input.h"
+#include "kernels/cpu/quantized_inputs.h"
 #include "kernels/cpu/quantized_row_blocks.h"
 
 namespace emu_fast::kernels::emulated_avx512_bw {
@@ -30,7 +29,7 @@ namespace emu_fast::kernels::emulated_avx512_vnni {
 namespace {
 namespace k = emu_fast::kernels;
 // The production rounding may use AVX2 where the processor has it, as gemv_*_rows do.
-bool vector() { return k::cpu_isa() != k::Isa::kPortable; }
+bool vector() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 }  // namespace
 
 extern "C" {
@@ -41,7 +40,7 @@ extern "C" {
 int emu_avx512_int8_i16(int vnni, const int8_t* q, const float* scales, const float* x, float* y, int64_t batch,
                         int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
   k::Int16Input in;
-  if (!k::round_inputs_to_int16(x, batch, k_dim, k_dim, k::Int16Order::kNatural, vector(), &in)) return 1;
+  if (!k::round_inputs_to_int16(x, batch, k_dim, k_dim, k::InputLayout::kInt16, vector(), &in)) return 1;
   if (vnni) {
     k::emulated_avx512_vnni::int8_i16(q, scales, in, y, batch, k_dim, ldy, n_begin, n_end);
   } else {
@@ -54,7 +53,7 @@ int emu_avx512_int4_i16(int vnni, const uint8_t* q, const float* scales, int64_t
                         int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
   const int64_t k_pad = k::int4_padded_k(k_dim);
   k::Int16Input in;
-  if (!k::round_inputs_to_int16(x, batch, k_pad, k_pad, k::int4_input_order(k::Isa::kAvx512), vector(), &in))
+  if (!k::round_inputs_to_int16(x, batch, k_pad, k_pad, k::InputLayout::kInt16Int4Avx512, vector(), &in))
     return 1;
   if (vnni) {
     k::emulated_avx512_vnni::int4_i16(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
@@ -64,13 +63,13 @@ int emu_avx512_int4_i16(int vnni, const uint8_t* q, const float* scales, int64_t
   return 0;
 }
 
-// int8 inputs: only for the groups the AVX-512 kernel takes (int4_int8_input_order).
+// int8 inputs: only for the groups the AVX-512 kernel takes (whole blocks of 128; its table entry).
 int emu_avx512_int4_i8(int vnni, const uint8_t* q, const float* scales, int64_t group, const float* x, float* y,
                        int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end) {
-  if (k::int4_int8_input_order(k::Isa::kAvx512, group) != k::Int8Order::kInt4Avx512) return 2;
+  if (group % k::kInt8Block != 0) return 2;
   const int64_t k_pad = k::int4_padded_k(k_dim);
   k::Int8Input in;
-  if (!k::round_inputs_to_int8(x, batch, k_pad, k_pad, k::Int8Order::kInt4Avx512, vector(), &in)) return 1;
+  if (!k::round_inputs_to_int8(x, batch, k_pad, k_pad, k::InputLayout::kInt8Int4Avx512, vector(), &in)) return 1;
   if (vnni) {
     k::emulated_avx512_vnni::int4_int8(q, scales, group, in, y, batch, k_dim, ldy, n_begin, n_end);
   } else {

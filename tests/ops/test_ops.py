@@ -27,11 +27,11 @@ def test_op_matches_reference_cpu(sample, dtype):
 def test_decode_attention_generic_loops_match_reference_cpu(sample, dtype):
     """The generic C++ loops (processors without AVX2; head dims not a multiple of 16) at every
     sample's head dim, on a processor whose AVX2 loops would otherwise take most of them."""
-    _C._set_attention_generic_loops(True)
+    assert _C._set_cpu_isa("portable")
     try:
         check(sample, ops.decode_attention, sample.build("cpu", dtype), dtype)
     finally:
-        _C._set_attention_generic_loops(False)
+        _C._set_cpu_isa("")
 
 
 @ON_GPU

@@ -24,6 +24,7 @@ from emu_fast.quant.modules import Int4Linear, Int8Linear
 from emu_fast.testing import rel_err, tiny_emu
 
 from decoder_setup import LOOP_TOL
+from quant_samples import available_isas
 
 TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle, at dawn", "a [<IMG_PLH>]"]
 # (texts, prompt images): a ragged batch with prompt images in two rows; batch 1, text only.
@@ -198,11 +199,11 @@ def test_every_cpu_isa_gives_the_same_loop(emu_tokenizer):
     model, reference_model = _quantized_pair("emu2", "int4", tokenizer=emu_tokenizer)
     expected = reference_model.generate_image(TEXTS[:2])
     try:
-        for isa in ["avx512", "avx2", "portable"]:
-            if _C._set_quantized_gemv_isa(isa):
-                assert rel_err(model.generate_image(TEXTS[:2]), expected) < 1e-4, isa
+        for isa in available_isas():
+            assert _C._set_cpu_isa(isa)
+            assert rel_err(model.generate_image(TEXTS[:2]), expected) < 1e-4, isa
     finally:
-        _C._set_quantized_gemv_isa("")
+        _C._set_cpu_isa("")
 
 
 # ------------------------------------------------------------------------------ the drop-in

@@ -32,9 +32,30 @@ def test_isa_hook():
     assert have[-1] == "portable" and len(have) >= 1
     for isa in ISAS:
         if isa not in have:  # a processor without it: the hook refuses, and nothing changes
-            assert _C._set_quantized_gemv_isa(isa) is False
+            assert _C._set_cpu_isa(isa) is False
     with pytest.raises(ValueError, match="unknown instruction set"):
-        _C._set_quantized_gemv_isa("sse9")
+        _C._set_cpu_isa("sse9")
+
+
+# The level each (weight, input, group) runs at, as the kernel tables claim: every pair at the
+# level itself, but int4 x int8 on AVX-512 only for groups of whole 128-input blocks (else the
+# AVX2 kernel).
+def expected_level(isa, bits, inputs, group):
+    if isa == "avx512" and bits == 4 and inputs == "int8" and group % 128:
+        return "avx2"
+    return isa
+
+
+@pytest.mark.parametrize("bits,inputs,group", [(8, "float32", 1), (8, "int16", 1), (8, "int8", 1),
+                                               (4, "float32", 32), (4, "int16", 64), (4, "int8", 64),
+                                               (4, "int8", 128)])
+def test_each_level_runs_its_own_kernels(bits, inputs, group):
+    """A level the processor has serves the products its table claims (a table that is silently
+    empty, e.g. compiled without its instruction set, would fall back to the generic loops, whose
+    results are also correct)."""
+    for isa in available_isas():
+        level = with_isa(isa, lambda: _C._quantized_gemv_level(bits, inputs, group))
+        assert level == expected_level(isa, bits, inputs, group), (isa, bits, inputs, group)
 
 
 def test_ops_take_strided_x_and_empty_sizes():

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "kernels/cpu/fast_math.h"
-#include "kernels/cpu/multiversion.h"
+#include "kernels/cpu/isa.h"
 #include "kernels/cpu/scalar.h"
 
 namespace emu_fast::kernels {
@@ -146,10 +146,6 @@ void decode_attention_head_cpu(const DecodeHeadArgs& a, const float* q, int64_t 
 void decode_attention_head_cpu(const DecodeHeadArgs& a, const bf16* q, int64_t q_head_stride,
                                const bf16* k, const bf16* v, bf16* k_cache, bf16* v_cache,
                                float* scratch, bf16* out, int64_t out_head_stride);
-
-// Test hook (tests/ops/test_ops.py): true makes every head take the generic loops, as processors
-// without AVX2 and head dims that are not a multiple of 16 do, so x86 machines test them too.
-void set_attention_generic_loops(bool generic);
 
 // A batch's decode attention as (sequence, KV head) tasks, so callers can split them across
 // threads: q [B, Hq, D], k/v [B, Hkv, D] (rows at the given batch strides, e.g. slices of one

@@ -10,20 +10,12 @@
 // accumulators in the even/odd order that leaves them in, so nothing is shuffled per key.
 #include "kernels/cpu/decode_attention.h"
 
-#include <atomic>
 #include <type_traits>
 
-#include "kernels/cpu/multiversion.h"
-#include "kernels/cpu/x86_reduce.h"
-
-#ifdef EMU_X86
-#include <immintrin.h>
-#endif
+#include "kernels/cpu/isa.h"
 
 namespace emu_fast::kernels {
 namespace {
-
-std::atomic<bool> g_generic_loops{false};
 
 #ifdef EMU_X86
 // 16 consecutive values as two float32 vectors a, b. float: in order. bf16: a bfloat16 is the
@@ -162,7 +154,7 @@ template <typename T>
 void decode_attention_head_best(const DecodeHeadArgs& a, const T* q, int64_t q_head_stride, const T* k, const T* v,
                                 T* k_cache, T* v_cache, float* scratch, T* out, int64_t out_head_stride) {
 #ifdef EMU_X86
-  if (cpu_isa() != Isa::kPortable && a.head_dim % 16 == 0 && !g_generic_loops.load(std::memory_order_relaxed))
+  if (active_isa() != Isa::kPortable && a.head_dim % 16 == 0)
     return run_best([&]() EMU_LAMBDA_INLINE {
       decode_attention_head_with(a, q, q_head_stride, k, v, k_cache, v_cache, scratch, out, out_head_stride,
                                  Avx2AttentionLoops{});
@@ -174,8 +166,6 @@ void decode_attention_head_best(const DecodeHeadArgs& a, const T* q, int64_t q_h
 }
 
 }  // namespace
-
-void set_attention_generic_loops(bool generic) { g_generic_loops.store(generic, std::memory_order_relaxed); }
 
 void decode_attention_head_cpu(const DecodeHeadArgs& a, const float* q, int64_t q_head_stride, const float* k,
                                const float* v, float* k_cache, float* v_cache, float* scratch, float* out,

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kernels/cpu/multiversion.h"
+#include "kernels/cpu/isa.h"
 
 namespace emu_fast::kernels {
 

@@ -6,13 +6,7 @@
 // (a few KB to tens of KB) stay in L1/L2 while every batch row passes over them, so the weights
 // come from memory once per call.
 #include "kernels/cpu/gemv.h"
-#include "kernels/cpu/x86_reduce.h"
-
-#include "kernels/cpu/multiversion.h"
-
-#ifdef EMU_X86
-#include <immintrin.h>
-#endif
+#include "kernels/cpu/isa.h"
 
 namespace emu_fast::kernels {
 namespace {
@@ -162,7 +156,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, f
 template <typename W>
 void dispatch(const W* w, const float* x, float* y, int64_t batch, int64_t k_dim, int64_t ldy,
               int64_t n_begin, int64_t n_end) {
-  switch (cpu_isa()) {
+  switch (active_isa()) {
     case Isa::kAvx512: return rows_avx512(w, x, y, batch, k_dim, ldy, n_begin, n_end);
     case Isa::kAvx2: return rows_avx2(w, x, y, batch, k_dim, ldy, n_begin, n_end);
     default: return rows_portable(w, x, y, batch, k_dim, ldy, n_begin, n_end);

@@ -7,7 +7,7 @@
 #include <cstdint>
 
 #include "kernels/cpu/fast_math.h"
-#include "kernels/cpu/multiversion.h"
+#include "kernels/cpu/isa.h"
 #include "kernels/cpu/scalar.h"
 
 namespace emu_fast::kernels {

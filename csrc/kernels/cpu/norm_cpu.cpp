@@ -1,5 +1,5 @@
 // The CPU instantiations of the norm and SiLU kernels, one per instruction set.
-#include "kernels/cpu/multiversion.h"
+#include "kernels/cpu/isa.h"
 #include "kernels/cpu/norm.h"
 
 namespace emu_fast::kernels {

@@ -1,7 +1,8 @@
 // Small-batch matrix-vector products with weight-only quantized weights, y = x W^T, W [N, K]
 // dequantized in registers (never written out), float32 accumulation (int16 inputs: exact
 // integer sums within a block, float32 across blocks; QuantizedInput below). The schemes are defined
-// in emu_fast/quant/schemes.py (the Python oracle); the layouts the kernels read:
+// in emu_fast/quant/schemes.py (the Python oracle); the kernels, one table per instruction-set
+// level, are organised in quantized_gemv_table.h. The layouts the kernels read:
 //
 // int8: q int8 [N, K] row-major, scales float32 [N]; W[n, k] = q[n, k] * scales[n].
 //   y[b, n] = scales[n] * sum_k q[n, k] * x[b, k].
@@ -19,8 +20,6 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
-
-#include "kernels/cpu/multiversion.h"
 
 namespace emu_fast::kernels {
 
@@ -87,12 +86,6 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
 void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const float* x, float* y,
                     int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end,
                     QuantizedInput input = QuantizedInput::kFloat32);
-
-// The instruction set the two functions above use: cpu_isa(), or a lower one set by
-// set_quantized_gemv_isa (a test hook, so every path runs on a processor that has a better
-// one). Returns false, changing nothing, for an instruction set this processor lacks.
-Isa quantized_gemv_isa();
-bool set_quantized_gemv_isa(Isa isa);
 
 // Every product takes `input` whatever its caller asked (emu_fast.set_quantized_activations; the
 // tests check the int16 path on float32 inputs against an exact oracle this way); std::nullopt

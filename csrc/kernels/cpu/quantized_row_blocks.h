@@ -1,12 +1,11 @@
 // Reading R quantized weight rows block by block, for the integer-input GEMVs
-// (quantized_gemv_int16_cpu.cpp, quantized_gemv_int8_input_cpu.cpp, quantized_gemv_avx512.inc).
+// (quantized_gemv_avx2.cpp, quantized_gemv_avx512.inc).
 // No intrinsics (gcc's __builtin_prefetch is prefetcht0 on x86), so the AVX-512 kernels' emulated
 // build (tests/avx512_emulation) reads their rows with it too.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
-#include "kernels/cpu/multiversion.h"
 
 namespace emu_fast::kernels {
 

@@ -1,0 +1,141 @@
+// The generic quantized GEMVs: every (weight, input) pair of the table in portable C++, the
+// fallback of every level and the loops of processors without one.
+#include <algorithm>
+
+#include "kernels/cpu/quantized_gemv_table.h"
+
+namespace emu_fast::kernels {
+namespace {
+
+inline int64_t int16_blocks(int64_t k) { return (k + kInt16Block - 1) / kInt16Block; }
+
+// ---------------------------------------------------------------- float32 inputs
+
+void int8_f32(const QuantizedWeights& w, const PreparedInputs& in, const OutputRows& o) {
+  const int8_t* q = w.int8();
+  const float *scales = w.scales, *x = in.x;
+  const int64_t k_dim = w.k_dim;
+  const auto [y, batch, ldy, n_begin, n_end] = o;
+  constexpr int kLanes = 16;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = q + n * k_dim;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * k_dim;
+      float acc[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= k_dim; k += kLanes)
+        for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<float>(row[k + j]) * xb[k + j];
+      float s = 0.f;
+      for (; k < k_dim; ++k) s += static_cast<float>(row[k]) * xb[k];
+      for (int j = 0; j < kLanes; ++j) s += acc[j];
+      y[b * ldy + n] = s * scales[n];
+    }
+  }
+}
+
+void int4_f32(const QuantizedWeights& w, const PreparedInputs& in, const OutputRows& o) {
+  const uint8_t* q = w.int4();
+  const float *scales = w.scales, *x = in.x;
+  const int64_t k_dim = w.k_dim, group = w.group;
+  const auto [y, batch, ldy, n_begin, n_end] = o;
+  const int64_t k_pad = int4_padded_k(k_dim), groups = int4_groups(k_dim, group), half = kInt4Block / 2;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = q + n * (k_pad / 2);
+    const float* srow = scales + n * groups;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * k_pad;
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t j0, j1;
+        int4_group_blocks(g, group, k_pad, &j0, &j1);
+        float acc[half] = {};
+        for (int64_t j = j0; j < j1; ++j) {
+          const uint8_t* bytes = row + j * half;
+          const float* xj = xb + j * kInt4Block;
+          for (int i = 0; i < half; ++i)
+            acc[i] += static_cast<float>((bytes[i] & 15) - 8) * xj[i] +
+                      static_cast<float>((bytes[i] >> 4) - 8) * xj[half + i];
+        }
+        float s = 0.f;
+        for (int i = 0; i < half; ++i) s += acc[i];
+        total += srow[g] * s;
+      }
+      y[b * ldy + n] = total;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- int16 inputs
+
+// The exact integer sum of a block, then times the block's step times the weight scale (that
+// product first: with huge activations, a block's sum times its step alone can pass float32's
+// range where the output does not).
+void int8_i16(const QuantizedWeights& w, const PreparedInputs& x, const OutputRows& o) {
+  const int8_t* q = w.int8();
+  const float* scales = w.scales;
+  const Int16Input& in = *x.i16;
+  const int64_t k_dim = w.k_dim;
+  const auto [y, batch, ldy, n_begin, n_end] = o;
+  const int64_t blocks = int16_blocks(k_dim);
+  for (int64_t n = n_begin; n < n_end; ++n)
+    for (int64_t b = 0; b < batch; ++b) {
+      float total = 0.f;
+      for (int64_t j = 0; j < blocks; ++j) {
+        const int16_t* xv = in.v.data() + (b * blocks + j) * kInt16Block;
+        int32_t s = 0;
+        for (int64_t k = j * kInt16Block; k < std::min(k_dim, (j + 1) * kInt16Block); ++k)
+          s += int32_t(q[n * k_dim + k]) * xv[k - j * kInt16Block];
+        total += static_cast<float>(s) * (in.step[b * blocks + j] * scales[n]);
+      }
+      y[b * ldy + n] = total;
+    }
+}
+
+void int4_i16(const QuantizedWeights& w, const PreparedInputs& x, const OutputRows& o) {
+  const uint8_t* q = w.int4();
+  const float* scales = w.scales;
+  const Int16Input& in = *x.i16;
+  const int64_t k_dim = w.k_dim, group = w.group;
+  const auto [y, batch, ldy, n_begin, n_end] = o;
+  const int64_t k_pad = int4_padded_k(k_dim), blocks = int16_blocks(k_pad), groups = int4_groups(k_dim, group);
+  const int64_t per_group = group / kInt16Block;
+  for (int64_t n = n_begin; n < n_end; ++n)
+    for (int64_t b = 0; b < batch; ++b) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t j = g * per_group; j < std::min(blocks, (g + 1) * per_group); ++j) {
+          const int16_t* xv = in.v.data() + (b * blocks + j) * kInt16Block;
+          int32_t s = 0;
+          for (int64_t k = j * kInt16Block; k < std::min(k_pad, (j + 1) * kInt16Block); ++k) {
+            const uint8_t byte = q[n * (k_pad / 2) + k / kInt4Block * 16 + k % 16];
+            const int u = (k % kInt4Block) < 16 ? (byte & 15) : (byte >> 4);
+            s += (u - 8) * xv[k - j * kInt16Block];
+          }
+          total += static_cast<float>(s) * (in.step[b * blocks + j] * scales[n * groups + g]);
+        }
+      }
+      y[b * ldy + n] = total;
+    }
+}
+
+QuantizedGemvTable make_table() {
+  using W = QuantizedWeight;
+  using X = QuantizedInput;
+  QuantizedGemvTable t;
+  t.at(W::kInt8, X::kFloat32) = {int8_f32, InputLayout::kFloat32};
+  t.at(W::kInt8, X::kInt16) = {int8_i16, InputLayout::kInt16};
+  t.at(W::kInt8, X::kInt8) = {int8_i16, InputLayout::kInt16};  // int8 x int8: the same exact sums in int16
+  t.at(W::kInt4, X::kFloat32) = {int4_f32, InputLayout::kFloat32};
+  t.at(W::kInt4, X::kInt16) = {int4_i16, InputLayout::kInt16};
+  t.at(W::kInt4, X::kInt8) = {int4_i16, InputLayout::kInt16};
+  return t;
+}
+
+}  // namespace
+
+const QuantizedGemvTable* quantized_gemv_table_generic() {
+  static const QuantizedGemvTable table = make_table();
+  return &table;
+}
+
+}  // namespace emu_fast::kernels
