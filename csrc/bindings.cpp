@@ -164,6 +164,11 @@ schemes of emu_fast.quant.schemes; group_size: int4's group): each layer's list 
       .def_property("fused_cpu_step", &EmuDecoder::fused_cpu_step, &EmuDecoder::set_fused_cpu_step,
                     "On the CPU, run each step in one parallel region (default True) or op by op "
                     "through the dispatcher, as on CUDA.")
+      .def("admit", &EmuDecoder::admit, py::arg("inputs_embeds"), py::arg("attention_mask"), py::arg("steps"),
+           py::call_guard<py::gil_scoped_release>(),
+           "New prompts into rows after the active ones (those untouched) -> their output 0 [A, out].")
+      .def("retire", &EmuDecoder::retire, py::arg("rows"), py::call_guard<py::gil_scoped_release>(),
+           "Remove these active rows; the rows after them move down in order.")
       .def("reset", &EmuDecoder::reset, "Forget the active batch; keeps the KV cache allocation.")
       .def("reserve", &EmuDecoder::reserve, py::arg("batch"), py::arg("seq_len"),
            py::call_guard<py::gil_scoped_release>(),

@@ -110,6 +110,16 @@ class EmuDecoder {
 
   void reset();  // (all public calls are serialized by a per-decoder mutex)
 
+  // Rows that come and go (in-flight batching, emu_fast.Engine; rows.cpp). admit() prefills the
+  // prompts (as prefill() takes them) into new rows after the active ones, leaving the rows in
+  // progress untouched, and returns their first outputs [A, Dout]; the cache is grown for their
+  // prompts plus `steps` decode steps. Every row then decodes at its own position, so a prompt
+  // admitted alone with no padding computes what generate() computes for it alone. retire()
+  // removes rows (indices into the active batch, any order, no repeats); the rows after them
+  // move down, keeping their order.
+  at::Tensor admit(const at::Tensor& inputs_embeds, const at::Tensor& attention_mask, int64_t steps);
+  void retire(const std::vector<int64_t>& rows);
+
   // Grows the KV cache to hold at least `batch` rows of `seq_len` positions (within the limits),
   // keeping the active batch; never shrinks it. prefill/generate/step/decode call it themselves.
   void reserve(int64_t batch, int64_t seq_len);
@@ -159,6 +169,9 @@ class EmuDecoder {
   at::Tensor rope_prefill(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
   PromptLayout parse(const char* who, const at::Tensor& embeds, const at::Tensor& attention_mask) const;
   at::Tensor prefill_locked(const at::Tensor& embeds, const PromptLayout& prompts);
+  // The prompts into rows [first, first + batch) (the cache already holds them), batch_ set to
+  // their end; the rows before `first` are untouched.
+  at::Tensor prefill_rows_locked(const at::Tensor& embeds, const PromptLayout& prompts, int64_t first);
   // Decode steps from prev into result [B, steps, Dout] (a view may do).
   void decode_into(const at::Tensor& prev, const at::Tensor& result);
   void check_step_input(const at::Tensor& prev, const char* who, int64_t steps) const;

@@ -24,10 +24,14 @@ PromptLayout EmuDecoder::parse(const char* who, const at::Tensor& embeds, const 
 }
 
 at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayout& prompts) {
+  reset_locked();
+  return prefill_rows_locked(embeds, prompts, 0);
+}
+
+at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const PromptLayout& prompts, int64_t first) {
   const int64_t B = prompts.batch, H = hidden_, D = head_dim_;
   const std::vector<int64_t>& starts = prompts.starts;
   const std::vector<int64_t>& lens = prompts.lens;
-  reset_locked();
   // Prefill is GEMM-bound; its glue (norms, SiLU, the head) runs on our kernels only when they
   // were asked for by name. In "auto" mode it is ATen's: it runs before any self-check, and a
   // wrong kernel here would poison the cache every later step reads.
@@ -69,8 +73,8 @@ at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayo
       const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
       const at::Tensor kk = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
       const at::Tensor v = qkv.narrow(2, Hq + Hkv, Hkv).transpose(1, 2);
-      k_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(kk);
-      v_cache_[l].narrow(0, 0, B).narrow(2, 0, L).copy_(v);
+      k_cache_[l].narrow(0, first, B).narrow(2, 0, L).copy_(kk);
+      v_cache_[l].narrow(0, first, B).narrow(2, 0, L).copy_(v);
       const at::Tensor kx = Hq == Hkv ? kk : kk.repeat_interleave(Hq / Hkv, 1);
       const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
       const at::Tensor o = unpadded ? at::scaled_dot_product_attention(q, kx, vx, {}, 0.0, true, scale)
@@ -79,18 +83,18 @@ at::Tensor EmuDecoder::prefill_locked(const at::Tensor& embeds, const PromptLayo
       const at::Tensor y = k.rms_norm(h, w.post_norm, eps_);
       h = h + prefill_linear(k.silu_mul(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
     }
-    seg.lengths_dev.narrow(0, 0, B).copy_(lens_host);
-    seg.starts_dev.narrow(0, 0, B).copy_(starts_host);
+    seg.lengths_dev.narrow(0, first, B).copy_(lens_host);
+    seg.starts_dev.narrow(0, first, B).copy_(starts_host);
   }
   const at::Device out_dev = output_device();
   const at::Tensor last = h.to(out_dev).view({B, L, H}).index(
       {at::arange(B, i64.device(out_dev)), (lens_host - 1).to(out_dev)});
   const at::Tensor out = std::get<0>(k.regression_head(last, final_norm_, eps_, head_, up_));
 
-  batch_ = B;
+  batch_ = first + B;
   for (int64_t b = 0; b < B; ++b) {
-    lengths_[b] = lens[b];
-    starts_[b] = starts[b];
+    lengths_[first + b] = lens[b];
+    starts_[first + b] = starts[b];
   }
   return out;
 }

@@ -142,22 +142,33 @@ def _method_for(family: EmuFamily):
 
 
 @torch.no_grad()
-def _generate_image(self, text, tokenizer, image: Optional[torch.Tensor], placeholder: str) -> torch.Tensor:
+def prompt_inputs(model, text, tokenizer, image: Optional[torch.Tensor], placeholder: str, max_batch: Optional[int]):
+    """An accelerated model's prompts as the decoder takes them: (inputs_embeds on the decoder's
+    input device, attention_mask), checked as generate_image checks them. Tokenized once: every
+    later step appends one slot whose input is the previous output, so the cache covers the rest
+    of upstream's loop."""
     text = check_request(text, placeholder)
     if image is not None and not isinstance(image, torch.Tensor):
         raise TypeError(f"emu_fast: prompt images must be a tensor [N, 3, H, W], got {type(image).__name__}")
-    decoder: EmuDecoder = self.emu_fast_decoder
-    family: EmuFamily = self._emu_fast_family
-    if _weight_addresses(self, family) != self._emu_fast_weights:
+    family: EmuFamily = model._emu_fast_family
+    if _weight_addresses(model, family) != model._emu_fast_weights:
         raise RuntimeError("emu_fast: the model's weights were replaced or moved after emu_fast.accelerate "
                            "(load_state_dict(assign=True), .to(), ...); call emu_fast.accelerate(model) again")
-    if decoder.max_batch is not None and len(text) > decoder.max_batch:
-        raise ValueError(f"emu_fast: {len(text)} prompts exceed the decoder's max_batch of {decoder.max_batch} "
+    if max_batch is not None and len(text) > max_batch:
+        raise ValueError(f"emu_fast: {len(text)} prompts exceed the decoder's max_batch of {max_batch} "
                          f"(pass a larger max_batch to emu_fast.accelerate)")
-    table = family.lm(self).model.embed_tokens.weight
-    vectors = None if image is None else family.prompt_image_embeds(self, image)
-    # Tokenized once: every later step appends one slot whose input is the previous output, so
-    # the cache covers the rest of upstream's loop.
-    embeds, mask = embed_prompts(tokenizer, table, text, self.image_placeholder, placeholder, vectors)
+    table = family.lm(model).model.embed_tokens.weight
+    vectors = None if image is None else family.prompt_image_embeds(model, image)
+    embeds, mask = embed_prompts(tokenizer, table, text, model.image_placeholder, placeholder, vectors)
     # A split model: prompts go in on the first layer's device, outputs come out on the head's.
-    return decoder.generate(embeds.to(decoder.input_device), mask, self._emu_fast_n)
+    return embeds.to(model.emu_fast_decoder.input_device), mask
+
+
+@torch.no_grad()
+def _generate_image(self, text, tokenizer, image: Optional[torch.Tensor], placeholder: str) -> torch.Tensor:
+    decoder: EmuDecoder = self.emu_fast_decoder
+    embeds, mask = prompt_inputs(self, text, tokenizer, image, placeholder, decoder.max_batch)
+    engine = getattr(self, "_emu_fast_engine", None)
+    if engine is not None:  # an open emu_fast.Engine owns the decoder: the call is one of its requests
+        return engine.submit_inputs(embeds, mask).result()
+    return decoder.generate(embeds, mask, self._emu_fast_n)
