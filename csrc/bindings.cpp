@@ -97,6 +97,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return k::kIsaNames[static_cast<int>(level)];
   }, py::arg("bits"), py::arg("input"), py::arg("group"));
 
+  // Test-only (tests/quant/test_quantized_prefill.py): rows [first, first + out.size(0)) of a
+  // quantized weight written into out, as prefill multiplies by them.
+  m.def("_dequantize_weight_rows", [](T q, T s, int64_t bits, int64_t group, int64_t first, T out) {
+    TORCH_CHECK_VALUE(bits == 8 || bits == 4, "emu_fast: bits must be 8 or 4, got ", bits);
+    TORCH_CHECK_VALUE(first >= 0 && first + out.size(0) <= q.size(0), "emu_fast: rows out of range");
+    emu_fast::dequantize_weight_rows(q, s, bits, group, first, out);
+  }, py::arg("qweight"), py::arg("scales"), py::arg("bits"), py::arg("group"), py::arg("first"), py::arg("out"));
+
+  // Test-only: the scratch a quantized prefill dequantizes each chunk of rows into (0: default).
+  m.def("_set_prefill_chunk_bytes", &emu_fast::set_prefill_chunk_bytes, py::arg("bytes"));
+
   // How every CPU quantized GEMV takes its inputs, process-wide (emu_fast.set_quantized_activations;
   // the tests force "int16" on float32 inputs): "float32", "int16", "int8"; "" = as each caller
   // asks (int16 for bfloat16 / float16 activations, float32 for float32 ones).

@@ -65,6 +65,10 @@ struct WeightQuant {
   int64_t group_size = 0;  // int4 only
 };
 
+// Test-only: the bytes of the scratch a quantized prefill dequantizes each chunk of a weight's
+// rows into (so small models take several chunks); 0 restores the default. Process-wide.
+void set_prefill_chunk_bytes(int64_t bytes);
+
 class EmuDecoder {
  public:
   // rope_fn(P) returns the model's (cos, sin) float32 [P, D/2] for positions 0..P-1; the decoder

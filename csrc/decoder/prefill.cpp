@@ -5,7 +5,11 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <atomic>
+
 #include "decoder/prompt_mask.h"
+#include "kernels/cpu/isa.h"
 #include "kernels/cpu/quantized_gemv.h"
 #include "ops/op_set.h"
 
@@ -99,9 +103,40 @@ at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const Promp
   return out;
 }
 
+namespace {
+std::atomic<int64_t> g_prefill_chunk_bytes{0};
+}  // namespace
+
+void set_prefill_chunk_bytes(int64_t bytes) { g_prefill_chunk_bytes.store(bytes, std::memory_order_relaxed); }
+
+// A projection the plain GEMM (at::linear) cannot take as it is goes a chunk of output rows at a
+// time through one reused scratch, multiplied while the chunk is fresh in cache: a quantized
+// weight, dequantized (bounded, so a prefill never holds a whole layer's weight in float: half a
+// gigabyte for Emu2's MLP), and, on a CPU without native bfloat16 products, a bfloat16 one
+// widened to float32 (exact), whose float32 GEMM is several times faster than ATen's bfloat16
+// one there (the same float32 sums; only the order in which they add may differ).
 at::Tensor EmuDecoder::prefill_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) const {
-  if (quant_.bits == 0) return at::linear(x, w);
-  return at::linear(x, dequantize_weight(w, scales, quant_.bits, quant_.group_size, x.size(-1), x.scalar_type()));
+  const bool widen = x.is_cpu() && x.scalar_type() == at::kBFloat16 && !kernels::cpu_has_bf16_dot();
+  if (quant_.bits == 0 && !widen) return at::linear(x, w);
+  const at::Tensor xc = widen ? x.to(at::kFloat) : x;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  // CPU: a chunk that stays in the last-level cache. CUDA: few chunks (each is a launch or two).
+  const int64_t forced = g_prefill_chunk_bytes.load(std::memory_order_relaxed);
+  const int64_t budget = forced > 0 ? forced : x.is_cpu() ? (int64_t{4} << 20) : (int64_t{256} << 20);
+  const int64_t rows = std::min(N, std::max<int64_t>(16, budget / std::max<int64_t>(1, K * xc.element_size()) / 16 * 16));
+  const at::Tensor out = at::empty({M, N}, xc.options());
+  const at::Tensor scratch = at::empty({rows, K}, xc.options());
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    const at::Tensor chunk = scratch.narrow(0, 0, n);
+    if (quant_.bits != 0)
+      dequantize_weight_rows(w, scales, quant_.bits, quant_.group_size, n0, chunk);
+    else
+      chunk.copy_(w.narrow(0, n0, n));
+    at::Tensor part = out.narrow(1, n0, n);
+    at::mm_out(part, xc, chunk.t());
+  }
+  return widen ? out.to(x.scalar_type()) : out;
 }
 
 }  // namespace emu_fast

@@ -56,6 +56,10 @@ const StepKernels& aten_kernels();
 // `dtype`): emu_fast.quant.schemes.dequantize_int8 / dequantize_int4 in ATen, on qweight's device.
 at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
                              int64_t in_features, at::ScalarType dtype);
+// Rows [first, first + out.size(0)) of the same into out [rows, in_features] (contiguous), bitwise
+// equal; on the CPU one pass (kernels/cpu/quantized_gemv.h), elsewhere the composition above.
+void dequantize_weight_rows(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
+                            int64_t first, const at::Tensor& out);
 
 // Whether our kernels run on `device` for `dtype` (with a head size and query group the CUDA
 // attention takes); if not, `why` says what is missing.

@@ -229,4 +229,26 @@ at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales
   return (int4_values(qweight, in_features) * per_input).to(dtype);
 }
 
+void dequantize_weight_rows(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
+                            int64_t first, const at::Tensor& out) {
+  const int64_t rows = out.size(0), K = out.size(1);
+  const at::ScalarType dtype = out.scalar_type();
+  if (out.is_cpu() && out.is_contiguous() && (dtype == at::kFloat || dtype == at::kBFloat16)) {
+    using namespace cpu_glue;
+    dispatch_float(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      at::parallel_for(first, first + rows, grain_rows(K), [&](int64_t n0, int64_t n1) {
+        T* o = ptr<T>(out) + (n0 - first) * K;
+        if (bits == 8)
+          kernels::dequantize_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), K, n0, n1, o);
+        else
+          kernels::dequantize_int4_rows(ptr<uint8_t>(qweight), ptr<float>(scales), group_size, K, n0, n1, o);
+      });
+    });
+    return;
+  }
+  out.copy_(dequantize_weight(qweight.narrow(0, first, rows), scales.narrow(0, first, rows), bits, group_size, K,
+                              dtype));
+}
+
 }  // namespace emu_fast

@@ -70,6 +70,20 @@ inline bool set_isa_limit(Isa isa) {
   return true;
 }
 
+// Whether this processor multiplies bfloat16 natively (AVX512-BF16 or AMX): where it does not,
+// ATen's bfloat16 GEMM is several times slower than its float32 one, and prefill widens.
+inline bool cpu_has_bf16_dot() {
+#ifdef EMU_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  }();
+  return has;
+#else
+  return true;
+#endif
+}
+
 // Runs `body` compiled for the active level. The body must be an EMU_LAMBDA_INLINE lambda calling
 // EMU_ALWAYS_INLINE kernels, so that all of it is compiled into each EMU_TARGET_* copy below.
 #ifdef EMU_X86

@@ -21,6 +21,8 @@
 #include <optional>
 #include <type_traits>
 
+#include "kernels/cpu/scalar.h"
+
 namespace emu_fast::kernels {
 
 constexpr int64_t kInt4Block = 32;
@@ -86,6 +88,17 @@ void gemv_int8_rows(const int8_t* q, const float* scales, const float* x, float*
 void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const float* x, float* y,
                     int64_t batch, int64_t k_dim, int64_t ldy, int64_t n_begin, int64_t n_end,
                     QuantizedInput input = QuantizedInput::kFloat32);
+
+// The weights written out as T (float32 or bf16), rows [n0, n1) of W into out (row n at
+// out + (n - n0) * k_dim): what prefill multiplies by, a chunk of rows at a time, so the rows
+// are fresh in cache when the GEMM reads them. Each value is float32(q) * scale (int4:
+// float32(nibble - 8) * its group's scale) rounded to T once: bitwise the ATen composition
+// (ops/quantized_gemv.cpp, dequantize_weight).
+template <typename T>
+void dequantize_int8_rows(const int8_t* q, const float* scales, int64_t k_dim, int64_t n0, int64_t n1, T* out);
+template <typename T>
+void dequantize_int4_rows(const uint8_t* q, const float* scales, int64_t group, int64_t k_dim, int64_t n0,
+                          int64_t n1, T* out);
 
 // Every product takes `input` whatever its caller asked (emu_fast.set_quantized_activations; the
 // tests check the int16 path on float32 inputs against an exact oracle this way); std::nullopt

@@ -138,4 +138,65 @@ const QuantizedGemvTable* quantized_gemv_table_generic() {
   return &table;
 }
 
+// ---------------------------------------------------------------- weights written out (prefill)
+// Plain loops the compiler vectorizes, compiled for the best level by run_best.
+
+namespace {
+
+template <typename T>
+EMU_ALWAYS_INLINE void int8_rows(const int8_t* q, const float* scales, int64_t K, int64_t n0, int64_t n1, T* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = q + n * K;
+    const float s = scales[n];
+    T* o = out + (n - n0) * K;
+    for (int64_t k = 0; k < K; ++k) o[k] = from_float<T>(static_cast<float>(row[k]) * s);
+  }
+}
+
+template <typename T>
+EMU_ALWAYS_INLINE void int4_rows(const uint8_t* q, const float* scales, int64_t group, int64_t K, int64_t n0,
+                                 int64_t n1, T* out) {
+  const int64_t row_bytes = int4_row_bytes(K), groups = int4_groups(K, group);
+  const int64_t span = std::min(group, K);  // one group a row when the group is the row or longer
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = q + n * row_bytes;
+    const float* s = scales + n * groups;
+    T* o = out + (n - n0) * K;
+    for (int64_t j = 0; j * kInt4Block < K; ++j) {
+      const uint8_t* b = row + j * (kInt4Block / 2);
+      const int64_t base = j * kInt4Block;
+      if (base + kInt4Block <= K && base / span == (base + kInt4Block - 1) / span) {
+        const float gs = s[base / span];  // the whole block in one group (groups are multiples of 32)
+        for (int64_t i = 0; i < kInt4Block / 2; ++i) {
+          o[base + i] = from_float<T>(static_cast<float>(static_cast<int>(b[i] & 15) - 8) * gs);
+          o[base + kInt4Block / 2 + i] = from_float<T>(static_cast<float>(static_cast<int>(b[i] >> 4) - 8) * gs);
+        }
+      } else {  // the row's last, partial block
+        for (int64_t i = 0; i < kInt4Block && base + i < K; ++i) {
+          const int nib = i < kInt4Block / 2 ? (b[i] & 15) : (b[i - kInt4Block / 2] >> 4);
+          o[base + i] = from_float<T>(static_cast<float>(nib - 8) * s[(base + i) / span]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void dequantize_int8_rows(const int8_t* q, const float* scales, int64_t K, int64_t n0, int64_t n1, T* out) {
+  run_best([&]() EMU_LAMBDA_INLINE { int8_rows(q, scales, K, n0, n1, out); });
+}
+
+template <typename T>
+void dequantize_int4_rows(const uint8_t* q, const float* scales, int64_t group, int64_t K, int64_t n0, int64_t n1,
+                          T* out) {
+  run_best([&]() EMU_LAMBDA_INLINE { int4_rows(q, scales, group, K, n0, n1, out); });
+}
+
+template void dequantize_int8_rows<float>(const int8_t*, const float*, int64_t, int64_t, int64_t, float*);
+template void dequantize_int8_rows<bf16>(const int8_t*, const float*, int64_t, int64_t, int64_t, bf16*);
+template void dequantize_int4_rows<float>(const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
+template void dequantize_int4_rows<bf16>(const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t, bf16*);
+
 }  // namespace emu_fast::kernels
