@@ -191,6 +191,29 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def headline(results: dict) -> dict:
+    """The engine at the most clients measured against the other two at the same load, and its
+    p50 against an unloaded request's (one client, one at a time): what the serving goal reads."""
+    closed = results["closed_loop"]
+    if ENGINE not in closed or not closed[ENGINE]:
+        return {}
+    top = closed[ENGINE][-1]
+    out = {"clients": top["clients"], "engine_images_per_s": top["images_per_s"], "engine_p50_s": top["p50_s"]}
+    words = [f"{top['clients']} clients: engine {top['images_per_s']:.2f} images/s"]
+    for method, key in ((ONE, "vs_one_at_a_time"), (STATIC, "vs_static_batching")):
+        same = [p for p in closed.get(method, []) if p["clients"] == top["clients"]]
+        if same:
+            out[key] = top["images_per_s"] / same[0]["images_per_s"]
+            words.append(f"{out[key]:.2f}x {method} ({same[0]['images_per_s']:.2f})")
+    unloaded = [p for p in closed.get(ONE, []) if p["clients"] == 1]
+    if unloaded:
+        out["p50_vs_unloaded"] = top["p50_s"] / unloaded[0]["p50_s"]
+        words.append(f"p50 {top['p50_s']:.3f} s = {out['p50_vs_unloaded']:.2f}x an unloaded request's "
+                     f"({unloaded[0]['p50_s']:.3f} s)")
+    out["text"] = "; ".join(words)
+    return out
+
+
 def parse_args(argv=None):
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,6 +280,9 @@ def main(argv=None) -> dict:
                 label = f"{p[key]} {'clients' if key == 'clients' else 'req/s'}"
                 print(f"{method:<18}{label:>12}{p['images_per_s']:>10.2f}{p['p50_s']:>9.3f}{p['p90_s']:>9.3f}"
                       f"{p['p99_s']:>9.3f}")
+    results["summary"] = headline(results)
+    if results["summary"]:
+        print(results["summary"]["text"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.plot:

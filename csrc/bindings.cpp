@@ -99,11 +99,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // Test-only (tests/quant/test_quantized_prefill.py): rows [first, first + out.size(0)) of a
   // quantized weight written into out, as prefill multiplies by them.
-  m.def("_dequantize_weight_rows", [](T q, T s, int64_t bits, int64_t group, int64_t first, T out) {
+  // bf16_values: rounded to bfloat16, stored in a float32 out.
+  m.def("_dequantize_weight_rows", [](T q, T s, int64_t bits, int64_t group, int64_t first, T out, bool bf16_values) {
     TORCH_CHECK_VALUE(bits == 8 || bits == 4, "emu_fast: bits must be 8 or 4, got ", bits);
     TORCH_CHECK_VALUE(first >= 0 && first + out.size(0) <= q.size(0), "emu_fast: rows out of range");
-    emu_fast::dequantize_weight_rows(q, s, bits, group, first, out);
-  }, py::arg("qweight"), py::arg("scales"), py::arg("bits"), py::arg("group"), py::arg("first"), py::arg("out"));
+    emu_fast::dequantize_weight_rows(q, s, bits, group, first, out,
+                                     bf16_values ? std::optional<at::ScalarType>(at::kBFloat16) : std::nullopt);
+  }, py::arg("qweight"), py::arg("scales"), py::arg("bits"), py::arg("group"), py::arg("first"), py::arg("out"),
+     py::arg("bf16_values") = false);
 
   // Test-only: the scratch a quantized prefill dequantizes each chunk of rows into (0: default).
   m.def("_set_prefill_chunk_bytes", &emu_fast::set_prefill_chunk_bytes, py::arg("bytes"));

@@ -39,6 +39,27 @@ def save_sharded(state, folder, shards, file_name="model.bf16-{:05d}-of-{:05d}.s
     (Path(folder) / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def hub_folder(tmp_path, model, *, pickles=False, fp32_on_disk=True):
+    """The Emu2-Gen pipeline's folder: multimodal_encoder/ (config.json, shards, index) and tokenizer/."""
+    enc = tmp_path / "Emu2-Gen" / "multimodal_encoder"
+    enc.mkdir(parents=True)
+    state = {k: v if fp32_on_disk else v.bfloat16() for k, v in model.state_dict().items()}
+    if pickles:  # BAAI/Emu2's fp32 pickle shards
+        save_sharded(state, enc, 3, "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json")
+    else:
+        save_sharded(state, enc, 2, index_name="model.safetensors.index.bf16.json")
+    (enc / "config.json").write_text(model.config.to_json_string())
+    from emu_fast.testing import emu_tokenizer
+
+    emu_tokenizer(padding_side="left").save_pretrained(str(tmp_path / "Emu2-Gen" / "tokenizer"))
+    return tmp_path / "Emu2-Gen"
+
+
+def hub_image_vectors(model, img):
+    """A hub model's prompt images as from_pretrained's generator takes them: slot vectors [images * n, hidden]."""
+    return model.project_up(model.model.encode_image(img)).reshape(-1, model.config.hidden_size)
+
+
 # ------------------------------------------------------------------ the emulators' libraries
 
 

@@ -132,3 +132,22 @@ def test_load_benchmark_runs(tmp_path):
     runs = result["results"]
     assert runs["from_pretrained"]["weight_bytes"] == runs["dispatch+accelerate"]["weight_bytes"] > 0
     assert all(r["seconds"] > 0 and r["rss_peak"] >= r["rss_before"] for r in runs.values())
+
+
+def test_serve_benchmark_runs(tmp_path):
+    """benchmarks/serve.py end to end on the tiny shape: every method, closed and open loop, its
+    JSON, summary and plot."""
+    import subprocess
+
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    done = subprocess.run([sys.executable, "benchmarks/serve.py", "--shape", "tiny", "--n", "4", "--clients", "1", "2",
+                           "--rates", "20", "--requests", "4", "--threads", "1", "--no-progress", "--json", str(out),
+                           "--plot", str(png)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for loop, points in (("closed_loop", 2), ("open_loop", 1)):
+        assert set(results[loop]) == {"one at a time", "static batching", "emu_fast.Engine"}
+        for rows in results[loop].values():
+            assert len(rows) == points and all(r["images_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for r in rows)
+    assert results["summary"]["clients"] == 2 and "vs_static_batching" in results["summary"]
+    assert png.stat().st_size > 0

@@ -114,7 +114,8 @@ void set_prefill_chunk_bytes(int64_t bytes) { g_prefill_chunk_bytes.store(bytes,
 // weight, dequantized (bounded, so a prefill never holds a whole layer's weight in float: half a
 // gigabyte for Emu2's MLP), and, on a CPU without native bfloat16 products, a bfloat16 one
 // widened to float32 (exact), whose float32 GEMM is several times faster than ATen's bfloat16
-// one there (the same float32 sums; only the order in which they add may differ).
+// one there (the same products of bfloat16 values summed in float32; only the order in which
+// they add may differ).
 at::Tensor EmuDecoder::prefill_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) const {
   const bool widen = x.is_cpu() && x.scalar_type() == at::kBFloat16 && !kernels::cpu_has_bf16_dot();
   if (quant_.bits == 0 && !widen) return at::linear(x, w);
@@ -129,8 +130,10 @@ at::Tensor EmuDecoder::prefill_linear(const at::Tensor& x, const at::Tensor& w, 
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
     const at::Tensor chunk = scratch.narrow(0, 0, n);
+    // Widened, a quantized weight keeps the values the scheme defines in the model's dtype
+    // (rounded to bfloat16, as the unwidened GEMM and the modules' own forward take them).
     if (quant_.bits != 0)
-      dequantize_weight_rows(w, scales, quant_.bits, quant_.group_size, n0, chunk);
+      dequantize_weight_rows(w, scales, quant_.bits, quant_.group_size, n0, chunk, x.scalar_type());
     else
       chunk.copy_(w.narrow(0, n0, n));
     at::Tensor part = out.narrow(1, n0, n);

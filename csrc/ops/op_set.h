@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -57,9 +58,11 @@ const StepKernels& aten_kernels();
 at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
                              int64_t in_features, at::ScalarType dtype);
 // Rows [first, first + out.size(0)) of the same into out [rows, in_features] (contiguous), bitwise
-// equal; on the CPU one pass (kernels/cpu/quantized_gemv.h), elsewhere the composition above.
+// equal, rounded to `values` (default: out's dtype; bfloat16 values in a float32 out is what a
+// bfloat16 model's prefill multiplies by in float32); on the CPU one pass
+// (kernels/cpu/quantized_gemv.h), elsewhere the composition above.
 void dequantize_weight_rows(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
-                            int64_t first, const at::Tensor& out);
+                            int64_t first, const at::Tensor& out, std::optional<at::ScalarType> values = std::nullopt);
 
 // Whether our kernels run on `device` for `dtype` (with a head size and query group the CUDA
 // attention takes); if not, `why` says what is missing.

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "kernels/cpu/quantized_gemv.h"
@@ -230,25 +231,28 @@ at::Tensor dequantize_weight(const at::Tensor& qweight, const at::Tensor& scales
 }
 
 void dequantize_weight_rows(const at::Tensor& qweight, const at::Tensor& scales, int64_t bits, int64_t group_size,
-                            int64_t first, const at::Tensor& out) {
+                            int64_t first, const at::Tensor& out, std::optional<at::ScalarType> values) {
   const int64_t rows = out.size(0), K = out.size(1);
-  const at::ScalarType dtype = out.scalar_type();
-  if (out.is_cpu() && out.is_contiguous() && (dtype == at::kFloat || dtype == at::kBFloat16)) {
+  const at::ScalarType dtype = out.scalar_type(), rounded = values.value_or(dtype);
+  const bool bf16_values = dtype == at::kFloat && rounded == at::kBFloat16;
+  if (out.is_cpu() && out.is_contiguous() && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+      (rounded == dtype || bf16_values)) {
     using namespace cpu_glue;
     dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
       at::parallel_for(first, first + rows, grain_rows(K), [&](int64_t n0, int64_t n1) {
         T* o = ptr<T>(out) + (n0 - first) * K;
         if (bits == 8)
-          kernels::dequantize_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), K, n0, n1, o);
+          kernels::dequantize_int8_rows(ptr<int8_t>(qweight), ptr<float>(scales), K, n0, n1, o, bf16_values);
         else
-          kernels::dequantize_int4_rows(ptr<uint8_t>(qweight), ptr<float>(scales), group_size, K, n0, n1, o);
+          kernels::dequantize_int4_rows(ptr<uint8_t>(qweight), ptr<float>(scales), group_size, K, n0, n1, o,
+                                        bf16_values);
       });
     });
     return;
   }
   out.copy_(dequantize_weight(qweight.narrow(0, first, rows), scales.narrow(0, first, rows), bits, group_size, K,
-                              dtype));
+                              rounded));
 }
 
 }  // namespace emu_fast

@@ -49,7 +49,17 @@ class EmuGenerator:
                        placeholder: str = DEFAULT_PLACEHOLDER) -> torch.Tensor:
         """[B, n, D] for the prompts. Prompt images come as their `<image>`-slot vectors
         [images * n, hidden] (the vision tower is not loaded: encode them with it, then
-        project_up for Emu2), filling the placeholders' slots in row-major order."""
+        project_up for Emu2), filling the placeholders' slots in row-major order. While an
+        emu_fast.Engine serves this generator, the call is one of its requests."""
+        embeds, mask = self.prompt_inputs(texts, prompt_image_embeds, placeholder)
+        engine = getattr(self, "_emu_fast_engine", None)
+        if engine is not None:
+            return engine.submit_inputs(embeds, mask).result()
+        return self.decoder.generate(embeds, mask, self.n)
+
+    def prompt_inputs(self, texts, prompt_image_embeds: Optional[torch.Tensor] = None,
+                      placeholder: str = DEFAULT_PLACEHOLDER):
+        """The prompts as the decoder takes them: (inputs_embeds on its input device, attention_mask)."""
         texts = check_request(texts, placeholder)
         if self.tokenizer is None:
             raise ValueError("emu_fast: this generator has no tokenizer (none beside the checkpoint); pass "
@@ -58,7 +68,7 @@ class EmuGenerator:
             raise TypeError("emu_fast: prompt_image_embeds must be a tensor [images * n, hidden]")
         embeds, mask = embed_prompts(self.tokenizer, self.embed_tokens, texts, image_placeholder(self.n), placeholder,
                                      prompt_image_embeds)
-        return self.decoder.generate(embeds.to(self.decoder.input_device), mask, self.n)
+        return embeds.to(self.decoder.input_device), mask
 
     def memory_summary(self) -> dict:
         """The decoder's memory_summary plus the embedding table's bytes."""

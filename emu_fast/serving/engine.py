@@ -57,13 +57,41 @@ class _Request:
         return self.embeds.shape[0]
 
 
-def _model_of(obj):
-    """The accelerated Emu model in `obj` (itself, or a pipeline's multimodal_encoder)."""
-    model = getattr(obj, "multimodal_encoder", None) if not hasattr(obj, "emu_fast_decoder") else obj
-    if model is None or not isinstance(getattr(model, "emu_fast_decoder", None), EmuDecoder):
-        raise TypeError(f"emu_fast.Engine: {type(obj).__name__} is not accelerated: call emu_fast.accelerate on it "
-                        "first (an Emu model or the Emu2-Gen pipeline)")
-    return model
+class _Source:
+    """What the engine serves: the object whose generate_image it takes over (`owner`), its
+    decoder and n, and how a request's prompts become the decoder's inputs."""
+
+    def __init__(self, obj):
+        from ..loading.generator import EmuGenerator
+
+        if isinstance(obj, EmuGenerator):
+            self.owner, self.decoder, self.n = obj, obj.decoder, obj.n
+            self._generator = obj
+            return
+        model = getattr(obj, "multimodal_encoder", None) if not hasattr(obj, "emu_fast_decoder") else obj
+        if model is None or not isinstance(getattr(model, "emu_fast_decoder", None), EmuDecoder):
+            raise TypeError(f"emu_fast.Engine: {type(obj).__name__} is not accelerated: call emu_fast.accelerate on "
+                            "it first (an Emu model or the Emu2-Gen pipeline), or load it with "
+                            "emu_fast.from_pretrained")
+        self.owner, self.decoder, self.n = model, model.emu_fast_decoder, model._emu_fast_n
+        self._generator = None
+
+    def inputs(self, text, image, tokenizer, placeholder):
+        """(inputs_embeds, attention_mask) for one request, checked as generate_image checks it."""
+        texts = [text] if isinstance(text, str) else text
+        if self._generator is not None:
+            if tokenizer is not None:
+                raise TypeError("emu_fast.Engine: a from_pretrained generator has its own tokenizer; "
+                                "tokenizer= is not taken")
+            return self._generator.prompt_inputs(texts, image, *(() if placeholder is None else (placeholder,)))
+        from ..dropin.accelerate import prompt_inputs
+
+        model = self.owner
+        family = model._emu_fast_family
+        if placeholder is None:
+            placeholder = family.signature().parameters["placeholder"].default
+        return prompt_inputs(model, texts, family.tokenizer(model, tokenizer), image, placeholder,
+                             self.decoder.max_batch)
 
 
 class Engine:
@@ -80,11 +108,12 @@ class Engine:
                 raise ValueError(f"emu_fast.Engine: {name} must be a positive int, got {value!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"emu_fast.Engine: timeout must be positive seconds or None, got {timeout!r}")
-        self._model = _model_of(model)
+        self._source = _Source(model)
+        self._model = self._source.owner
         if getattr(self._model, "_emu_fast_engine", None) is not None:
             raise RuntimeError("emu_fast.Engine: this model is served by another open Engine; close that one first")
-        self._decoder: EmuDecoder = self._model.emu_fast_decoder
-        self._n = self._model._emu_fast_n
+        self._decoder: EmuDecoder = self._source.decoder
+        self._n = self._source.n
         self._max_queue, self._max_admit, self._timeout = max_queue, max_admit, timeout
         self._max_rows = self._decoder.max_batch
         self._cv = threading.Condition()
@@ -109,13 +138,7 @@ class Engine:
         them. Returns a Future of [len(text), n, D]; a bad prompt fails only its future."""
         future: Future = Future()
         try:
-            from ..dropin.accelerate import prompt_inputs
-
-            family = self._model._emu_fast_family
-            texts = [text] if isinstance(text, str) else text
-            placeholder = family.signature().parameters["placeholder"].default if placeholder is None else placeholder
-            embeds, mask = prompt_inputs(self._model, texts, family.tokenizer(self._model, tokenizer), image,
-                                         placeholder, self._max_rows)
+            embeds, mask = self._source.inputs(text, image, tokenizer, placeholder)
             self._enqueue(future, embeds, mask, timeout)
         except (EngineFull, EngineClosed):
             raise

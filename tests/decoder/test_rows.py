@@ -48,11 +48,20 @@ def run_staggered(setup, decoder, arrivals, retire_early=()):
     return {i: torch.stack(o) for i, o in outputs.items()}
 
 
-@pytest.mark.parametrize("kernels", ["auto", "aten"])
+# the decoder variants rows must work on: kernel sets, a model cut into segments, quantized weights
+VARIANTS = {"auto": {}, "aten": {"kernels": "aten"}, "op_by_op": {"kernels": "custom", "fused": False},
+            "split": {"split_before": [1]}, "int4": {"weights": "int4", "group_size": 32},
+            "int8_split": {"weights": "int8", "split_before": [1]}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", ["emu1", "emu2"])
-def test_staggered_rows_equal_each_prompt_alone(emu_tokenizer, kind, kernels):
+def test_staggered_rows_equal_each_prompt_alone(emu_tokenizer, kind, variant):
     setup = Setup(kind, emu_tokenizer, kv_heads=2, n=6)
-    decoder = setup.decoder(kernels=kernels)
+    kw = dict(VARIANTS[variant])
+    fused = kw.pop("fused", True)
+    decoder = setup.decoder(**kw)
+    decoder.fused_cpu_step = fused
     alone = [solo(setup, decoder, t) for t in TEXTS]
     got = run_staggered(setup, decoder, arrivals=[0, 0, 2, 3], retire_early=(1,))
     for i, t in enumerate(TEXTS):

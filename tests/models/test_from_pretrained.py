@@ -23,31 +23,13 @@ from emu_fast.quant.apply import quantize_decoder_linears_
 from emu_fast.quant.io import save_quantized
 from emu_fast.testing import emu_tokenizer, rel_err, tiny_emu, tiny_emu2_hub
 
-from helpers import ROOT, save_sharded
+from helpers import ROOT, hub_folder, hub_image_vectors, save_sharded
 
 TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle, at dawn", "a [<IMG_PLH>]"]
 
 
 def image(count, seed=0):
     return torch.randn(count, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def hub_folder(tmp_path, model, *, pickles=False, fp32_on_disk=True):
-    """The Emu2-Gen pipeline's folder: multimodal_encoder/ (config.json, shards, index) and tokenizer/."""
-    enc = tmp_path / "Emu2-Gen" / "multimodal_encoder"
-    enc.mkdir(parents=True)
-    state = {k: v if fp32_on_disk else v.bfloat16() for k, v in model.state_dict().items()}
-    if pickles:  # BAAI/Emu2's fp32 pickle shards
-        save_sharded(state, enc, 3, "pytorch_model-{:05d}-of-{:05d}.bin", "pytorch_model.bin.index.json")
-    else:
-        save_sharded(state, enc, 2, index_name="model.safetensors.index.bf16.json")
-    (enc / "config.json").write_text(model.config.to_json_string())
-    emu_tokenizer(padding_side="left").save_pretrained(str(tmp_path / "Emu2-Gen" / "tokenizer"))
-    return tmp_path / "Emu2-Gen"
-
-
-def hub_image_vectors(model, img):
-    return model.project_up(model.model.encode_image(img)).reshape(-1, model.config.hidden_size)
 
 
 def native_emu2_state(model):

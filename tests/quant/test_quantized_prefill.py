@@ -20,21 +20,27 @@ from quant_samples import available_isas, weight, with_isa
 SHAPES = [(37, 96, 32), (40, 130, 64), (17, 80, 128), (9, 70, 4096), (64, 256, 256)]
 
 
+# (the dtype the rows are stored in, the dtype their values are rounded to)
+STORED = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+          "bf16_in_fp32": (torch.float32, torch.bfloat16)}
+
+
 @pytest.mark.parametrize("isa", available_isas())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("stored", STORED)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("N,K,group", SHAPES)
-def test_rows_written_out_equal_the_scheme_bitwise(isa, dtype, bits, N, K, group):
+def test_rows_written_out_equal_the_scheme_bitwise(isa, stored, bits, N, K, group):
+    dtype, values = STORED[stored]
     w = weight(N, K, seed=N + K, zero_rows=(1,))
     if bits == 8:
         q, s = quantize_int8(w)
-        expected = dequantize_int8(q, s, dtype)
+        expected = dequantize_int8(q, s, values).to(dtype)
     else:
         q, s = quantize_int4(w, group)
-        expected = dequantize_int4(q, s, K, group, dtype)
+        expected = dequantize_int4(q, s, K, group, values).to(dtype)
     for first, rows in ((0, N), (3, N - 5), (N - 1, 1)):
         out = torch.full((rows, K), float("nan"), dtype=dtype)
-        with_isa(isa, lambda: _C._dequantize_weight_rows(q, s, bits, group, first, out))
+        with_isa(isa, lambda: _C._dequantize_weight_rows(q, s, bits, group, first, out, values != dtype))
         assert torch.equal(out, expected[first:first + rows]), (first, rows)
 
 

@@ -93,12 +93,14 @@ void gemv_int4_rows(const uint8_t* q, const float* scales, int64_t group, const 
 // out + (n - n0) * k_dim): what prefill multiplies by, a chunk of rows at a time, so the rows
 // are fresh in cache when the GEMM reads them. Each value is float32(q) * scale (int4:
 // float32(nibble - 8) * its group's scale) rounded to T once: bitwise the ATen composition
-// (ops/quantized_gemv.cpp, dequantize_weight).
+// (ops/quantized_gemv.cpp, dequantize_weight). bf16_values (T = float): each value rounded to
+// bfloat16 and stored as float32 (a bfloat16 model's weight, for a float32 GEMM).
 template <typename T>
-void dequantize_int8_rows(const int8_t* q, const float* scales, int64_t k_dim, int64_t n0, int64_t n1, T* out);
+void dequantize_int8_rows(const int8_t* q, const float* scales, int64_t k_dim, int64_t n0, int64_t n1, T* out,
+                          bool bf16_values = false);
 template <typename T>
 void dequantize_int4_rows(const uint8_t* q, const float* scales, int64_t group, int64_t k_dim, int64_t n0,
-                          int64_t n1, T* out);
+                          int64_t n1, T* out, bool bf16_values = false);
 
 // Every product takes `input` whatever its caller asked (emu_fast.set_quantized_activations; the
 // tests check the int16 path on float32 inputs against an exact oracle this way); std::nullopt

@@ -1,6 +1,7 @@
 // The generic quantized GEMVs: every (weight, input) pair of the table in portable C++, the
 // fallback of every level and the loops of processors without one.
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels/cpu/quantized_gemv_table.h"
 
@@ -143,38 +144,48 @@ const QuantizedGemvTable* quantized_gemv_table_generic() {
 
 namespace {
 
-template <typename T>
-EMU_ALWAYS_INLINE void int8_rows(const int8_t* q, const float* scales, int64_t K, int64_t n0, int64_t n1, T* out) {
+// A value as stored: Out's own rounding, or (float32 out, R = bf16) rounded to bfloat16 and
+// kept in float32.
+template <typename Out, typename R>
+EMU_ALWAYS_INLINE Out store(float v) {
+  if constexpr (std::is_same_v<Out, float>)
+    return round_to<R>(v);
+  else
+    return from_float<Out>(v);
+}
+
+template <typename Out, typename R>
+EMU_ALWAYS_INLINE void int8_rows(const int8_t* q, const float* scales, int64_t K, int64_t n0, int64_t n1, Out* out) {
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = q + n * K;
     const float s = scales[n];
-    T* o = out + (n - n0) * K;
-    for (int64_t k = 0; k < K; ++k) o[k] = from_float<T>(static_cast<float>(row[k]) * s);
+    Out* o = out + (n - n0) * K;
+    for (int64_t k = 0; k < K; ++k) o[k] = store<Out, R>(static_cast<float>(row[k]) * s);
   }
 }
 
-template <typename T>
+template <typename Out, typename R>
 EMU_ALWAYS_INLINE void int4_rows(const uint8_t* q, const float* scales, int64_t group, int64_t K, int64_t n0,
-                                 int64_t n1, T* out) {
+                                 int64_t n1, Out* out) {
   const int64_t row_bytes = int4_row_bytes(K), groups = int4_groups(K, group);
   const int64_t span = std::min(group, K);  // one group a row when the group is the row or longer
+  constexpr int64_t half = kInt4Block / 2;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = q + n * row_bytes;
     const float* s = scales + n * groups;
-    T* o = out + (n - n0) * K;
-    for (int64_t j = 0; j * kInt4Block < K; ++j) {
-      const uint8_t* b = row + j * (kInt4Block / 2);
-      const int64_t base = j * kInt4Block;
+    Out* o = out + (n - n0) * K;
+    for (int64_t base = 0; base < K; base += kInt4Block) {
+      const uint8_t* b = row + base / 2;
       if (base + kInt4Block <= K && base / span == (base + kInt4Block - 1) / span) {
         const float gs = s[base / span];  // the whole block in one group (groups are multiples of 32)
-        for (int64_t i = 0; i < kInt4Block / 2; ++i) {
-          o[base + i] = from_float<T>(static_cast<float>(static_cast<int>(b[i] & 15) - 8) * gs);
-          o[base + kInt4Block / 2 + i] = from_float<T>(static_cast<float>(static_cast<int>(b[i] >> 4) - 8) * gs);
+        for (int64_t i = 0; i < half; ++i) {
+          o[base + i] = store<Out, R>(static_cast<float>(static_cast<int>(b[i] & 15) - 8) * gs);
+          o[base + half + i] = store<Out, R>(static_cast<float>(static_cast<int>(b[i] >> 4) - 8) * gs);
         }
       } else {  // the row's last, partial block
         for (int64_t i = 0; i < kInt4Block && base + i < K; ++i) {
-          const int nib = i < kInt4Block / 2 ? (b[i] & 15) : (b[i - kInt4Block / 2] >> 4);
-          o[base + i] = from_float<T>(static_cast<float>(nib - 8) * s[(base + i) / span]);
+          const int nib = i < half ? (b[i] & 15) : (b[i - half] >> 4);
+          o[base + i] = store<Out, R>(static_cast<float>(nib - 8) * s[(base + i) / span]);
         }
       }
     }
@@ -184,19 +195,28 @@ EMU_ALWAYS_INLINE void int4_rows(const uint8_t* q, const float* scales, int64_t 
 }  // namespace
 
 template <typename T>
-void dequantize_int8_rows(const int8_t* q, const float* scales, int64_t K, int64_t n0, int64_t n1, T* out) {
-  run_best([&]() EMU_LAMBDA_INLINE { int8_rows(q, scales, K, n0, n1, out); });
+void dequantize_int8_rows(const int8_t* q, const float* scales, int64_t k_dim, int64_t n0, int64_t n1, T* out,
+                          bool bf16_values) {
+  if (std::is_same_v<T, float> && bf16_values)
+    run_best([&]() EMU_LAMBDA_INLINE { int8_rows<T, bf16>(q, scales, k_dim, n0, n1, out); });
+  else
+    run_best([&]() EMU_LAMBDA_INLINE { int8_rows<T, T>(q, scales, k_dim, n0, n1, out); });
 }
 
 template <typename T>
-void dequantize_int4_rows(const uint8_t* q, const float* scales, int64_t group, int64_t K, int64_t n0, int64_t n1,
-                          T* out) {
-  run_best([&]() EMU_LAMBDA_INLINE { int4_rows(q, scales, group, K, n0, n1, out); });
+void dequantize_int4_rows(const uint8_t* q, const float* scales, int64_t group, int64_t k_dim, int64_t n0, int64_t n1,
+                          T* out, bool bf16_values) {
+  if (std::is_same_v<T, float> && bf16_values)
+    run_best([&]() EMU_LAMBDA_INLINE { int4_rows<T, bf16>(q, scales, group, k_dim, n0, n1, out); });
+  else
+    run_best([&]() EMU_LAMBDA_INLINE { int4_rows<T, T>(q, scales, group, k_dim, n0, n1, out); });
 }
 
-template void dequantize_int8_rows<float>(const int8_t*, const float*, int64_t, int64_t, int64_t, float*);
-template void dequantize_int8_rows<bf16>(const int8_t*, const float*, int64_t, int64_t, int64_t, bf16*);
-template void dequantize_int4_rows<float>(const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
-template void dequantize_int4_rows<bf16>(const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t, bf16*);
+template void dequantize_int8_rows<float>(const int8_t*, const float*, int64_t, int64_t, int64_t, float*, bool);
+template void dequantize_int8_rows<bf16>(const int8_t*, const float*, int64_t, int64_t, int64_t, bf16*, bool);
+template void dequantize_int4_rows<float>(const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t, float*,
+                                          bool);
+template void dequantize_int4_rows<bf16>(const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t, bf16*,
+                                         bool);
 
 }  // namespace emu_fast::kernels
