@@ -230,7 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=32, help="requests per point")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--window", type=float, default=0.05, help="static batching: seconds to collect a batch")
-    p.add_argument("--max-admit", type=int, default=4, help="the engine's prompts prefilled per iteration at most")
+    p.add_argument("--max-admit", type=int, default=8, help="the engine's prompts prefilled per iteration at most")
     p.add_argument("--headline-clients", type=int, default=8, help="the closed-loop point the summary line compares")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--threads", type=int, default=os.cpu_count())

@@ -102,7 +102,7 @@ class Engine:
     seconds a request may take from submission (None: no limit); a request past it fails with
     TimeoutError and frees its rows. The batch is bounded by the decoder's max_batch."""
 
-    def __init__(self, model, *, max_queue: int = 256, max_admit: int = 4, timeout: Optional[float] = None):
+    def __init__(self, model, *, max_queue: int = 256, max_admit: int = 8, timeout: Optional[float] = None):
         for name, value in (("max_queue", max_queue), ("max_admit", max_admit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"emu_fast.Engine: {name} must be a positive int, got {value!r}")
@@ -255,9 +255,13 @@ class Engine:
             if self._closing and not self._queue and not self._active:
                 return False
         self._drop_finished_elsewhere()
-        self._admit()
+        # Rows in progress step first, then the waiting requests are admitted: the clients of the
+        # requests that finished last iteration resubmit during this step, and are prefilled
+        # together (a prefill of several prompts costs far less per prompt than one each, and
+        # each prefill holds up every row in progress). An idle engine admits at once.
         if self._active:
             self._step()
+        self._admit()
         return True
 
     def _drop_finished_elsewhere(self) -> None:
