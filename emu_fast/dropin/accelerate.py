@@ -168,7 +168,7 @@ def prompt_inputs(model, text, tokenizer, image: Optional[torch.Tensor], placeho
 def _generate_image(self, text, tokenizer, image: Optional[torch.Tensor], placeholder: str) -> torch.Tensor:
     decoder: EmuDecoder = self.emu_fast_decoder
     embeds, mask = prompt_inputs(self, text, tokenizer, image, placeholder, decoder.max_batch)
-    engine = getattr(self, "_emu_fast_engine", None)
-    if engine is not None:  # an open emu_fast.Engine owns the decoder: the call is one of its requests
-        return engine.submit_inputs(embeds, mask).result()
-    return decoder.generate(embeds, mask, self._emu_fast_n)
+    from ..serving.engine import through_engine
+
+    served = through_engine(self, embeds, mask)
+    return served if served is not None else decoder.generate(embeds, mask, self._emu_fast_n)

@@ -52,10 +52,10 @@ class EmuGenerator:
         project_up for Emu2), filling the placeholders' slots in row-major order. While an
         emu_fast.Engine serves this generator, the call is one of its requests."""
         embeds, mask = self.prompt_inputs(texts, prompt_image_embeds, placeholder)
-        engine = getattr(self, "_emu_fast_engine", None)
-        if engine is not None:
-            return engine.submit_inputs(embeds, mask).result()
-        return self.decoder.generate(embeds, mask, self.n)
+        from ..serving.engine import through_engine
+
+        served = through_engine(self, embeds, mask)
+        return served if served is not None else self.decoder.generate(embeds, mask, self.n)
 
     def prompt_inputs(self, texts, prompt_image_embeds: Optional[torch.Tensor] = None,
                       placeholder: str = DEFAULT_PLACEHOLDER):

@@ -57,6 +57,20 @@ class _Request:
         return self.embeds.shape[0]
 
 
+def through_engine(owner, embeds: torch.Tensor, mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """A generate_image call on `owner` (an accelerated model or a from_pretrained generator):
+    its result through the engine serving `owner`, or None when none is (or the one that was has
+    closed meanwhile: waited for, so the decoder is free for the caller to run it)."""
+    engine = getattr(owner, "_emu_fast_engine", None)
+    if engine is None:
+        return None
+    try:
+        return engine.submit_inputs(embeds, mask).result()
+    except EngineClosed:
+        engine.close()
+        return None
+
+
 class _Source:
     """What the engine serves: the object whose generate_image it takes over (`owner`), its
     decoder and n, and how a request's prompts become the decoder's inputs."""

@@ -67,6 +67,26 @@ def test_generate_image_from_threads_goes_through_the_engine(emu_tokenizer):
     assert rel_err(m.generate_image([TEXTS[1], TEXTS[0]]), expected[TEXTS[1]]) < TOL
 
 
+def test_generate_image_while_the_engine_closes(emu_tokenizer):
+    """A generate_image call that meets an engine already closing waits for it to finish with the
+    decoder, then runs on it directly: the right result, not EngineClosed."""
+    m = model(emu_tokenizer, "emu1")
+    expected = alone(m, TEXTS[3])
+    engine = Engine(m)
+    slow_step = engine._decoder.step
+    engine._decoder.step = lambda prev: (time.sleep(0.01), slow_step(prev))[1]
+    busy = engine.submit(TEXTS[0])
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not engine.closed and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.closed and not busy.done()  # closing, still draining the busy request
+    assert rel_err(m.generate_image([TEXTS[3]]), expected) < TOL
+    closer.join(TIMEOUT)
+    assert rel_err(busy.result(TIMEOUT), alone(m, TEXTS[0])) < TOL
+
+
 def test_blocking_and_async_generate(emu_tokenizer):
     m = model(emu_tokenizer, "emu1")
     expected = torch.cat([alone(m, t) for t in TEXTS[:3]])
