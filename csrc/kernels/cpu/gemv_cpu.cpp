@@ -16,21 +16,8 @@ constexpr int kRows = 4;
 template <typename W>
 void rows_portable(const W* w, const float* x, float* y, int64_t batch, int64_t k_dim, int64_t ldy,
                    int64_t n_begin, int64_t n_end) {
-  constexpr int kLanes = 16;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const W* row = w + n * k_dim;
-    for (int64_t b = 0; b < batch; ++b) {
-      const float* xb = x + b * k_dim;
-      float acc[kLanes] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= k_dim; k += kLanes)
-        for (int j = 0; j < kLanes; ++j) acc[j] += to_float(row[k + j]) * xb[k + j];
-      float s = 0.f;
-      for (; k < k_dim; ++k) s += to_float(row[k]) * xb[k];
-      for (int j = 0; j < kLanes; ++j) s += acc[j];
-      y[b * ldy + n] = s;
-    }
-  }
+  for (int64_t n = n_begin; n < n_end; ++n)
+    for (int64_t b = 0; b < batch; ++b) y[b * ldy + n] = dot_portable(w + n * k_dim, x + b * k_dim, k_dim);
 }
 
 #ifdef EMU_X86

@@ -17,21 +17,8 @@ void int8_f32(const QuantizedWeights& w, const PreparedInputs& in, const OutputR
   const float *scales = w.scales, *x = in.x;
   const int64_t k_dim = w.k_dim;
   const auto [y, batch, ldy, n_begin, n_end] = o;
-  constexpr int kLanes = 16;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* row = q + n * k_dim;
-    for (int64_t b = 0; b < batch; ++b) {
-      const float* xb = x + b * k_dim;
-      float acc[kLanes] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= k_dim; k += kLanes)
-        for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<float>(row[k + j]) * xb[k + j];
-      float s = 0.f;
-      for (; k < k_dim; ++k) s += static_cast<float>(row[k]) * xb[k];
-      for (int j = 0; j < kLanes; ++j) s += acc[j];
-      y[b * ldy + n] = s * scales[n];
-    }
-  }
+  for (int64_t n = n_begin; n < n_end; ++n)
+    for (int64_t b = 0; b < batch; ++b) y[b * ldy + n] = dot_portable(q + n * k_dim, x + b * k_dim, k_dim) * scales[n];
 }
 
 void int4_f32(const QuantizedWeights& w, const PreparedInputs& in, const OutputRows& o) {

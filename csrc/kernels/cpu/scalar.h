@@ -11,6 +11,7 @@ struct bf16 {
 };
 
 inline float to_float(float x) { return x; }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
 inline float to_float(bf16 x) {
   uint32_t u = static_cast<uint32_t>(x.bits) << 16;
   float f;
@@ -32,5 +33,21 @@ template <> inline bf16 from_float<bf16>(float x) {
 
 // Round a float to T's precision and back: how torch's eager ops in T would store it.
 template <typename T> inline float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// A weight row (any type to_float widens) dotted with x in float32, as every portable loop sums
+// it: 16 running partial sums the compiler vectorizes, then the tail, then the partial sums in
+// order.
+template <typename W>
+inline float dot_portable(const W* row, const float* x, int64_t k_dim) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= k_dim; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += to_float(row[k + j]) * x[k + j];
+  float s = 0.f;
+  for (; k < k_dim; ++k) s += to_float(row[k]) * x[k];
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
 
 }  // namespace emu_fast::kernels
