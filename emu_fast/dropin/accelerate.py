@@ -142,7 +142,7 @@ def _method_for(family: EmuFamily):
 
 
 @torch.no_grad()
-def prompt_inputs(model, text, tokenizer, image: Optional[torch.Tensor], placeholder: str, max_batch: Optional[int]):
+def prompt_inputs(model, text, tokenizer, image: Optional[torch.Tensor], placeholder: str):
     """An accelerated model's prompts as the decoder takes them: (inputs_embeds on the decoder's
     input device, attention_mask), checked as generate_image checks them. Tokenized once: every
     later step appends one slot whose input is the previous output, so the cache covers the rest
@@ -151,6 +151,7 @@ def prompt_inputs(model, text, tokenizer, image: Optional[torch.Tensor], placeho
     if image is not None and not isinstance(image, torch.Tensor):
         raise TypeError(f"emu_fast: prompt images must be a tensor [N, 3, H, W], got {type(image).__name__}")
     family: EmuFamily = model._emu_fast_family
+    max_batch = model.emu_fast_decoder.max_batch
     if _weight_addresses(model, family) != model._emu_fast_weights:
         raise RuntimeError("emu_fast: the model's weights were replaced or moved after emu_fast.accelerate "
                            "(load_state_dict(assign=True), .to(), ...); call emu_fast.accelerate(model) again")
@@ -167,7 +168,7 @@ def prompt_inputs(model, text, tokenizer, image: Optional[torch.Tensor], placeho
 @torch.no_grad()
 def _generate_image(self, text, tokenizer, image: Optional[torch.Tensor], placeholder: str) -> torch.Tensor:
     decoder: EmuDecoder = self.emu_fast_decoder
-    embeds, mask = prompt_inputs(self, text, tokenizer, image, placeholder, decoder.max_batch)
+    embeds, mask = prompt_inputs(self, text, tokenizer, image, placeholder)
     from ..serving.engine import through_engine
 
     served = through_engine(self, embeds, mask)

@@ -30,6 +30,7 @@ from typing import Deque, List, Optional, Sequence
 import torch
 
 from ..decoder import EmuDecoder
+from ..dropin.families import DEFAULT_PLACEHOLDER
 
 
 class EngineFull(RuntimeError):
@@ -97,15 +98,14 @@ class _Source:
             if tokenizer is not None:
                 raise TypeError("emu_fast.Engine: a from_pretrained generator has its own tokenizer; "
                                 "tokenizer= is not taken")
-            return self._generator.prompt_inputs(texts, image, *(() if placeholder is None else (placeholder,)))
+            return self._generator.prompt_inputs(texts, image, DEFAULT_PLACEHOLDER if placeholder is None else placeholder)
         from ..dropin.accelerate import prompt_inputs
 
         model = self.owner
         family = model._emu_fast_family
         if placeholder is None:
             placeholder = family.signature().parameters["placeholder"].default
-        return prompt_inputs(model, texts, family.tokenizer(model, tokenizer), image, placeholder,
-                             self.decoder.max_batch)
+        return prompt_inputs(model, texts, family.tokenizer(model, tokenizer), image, placeholder)
 
 
 class Engine:
