@@ -10,7 +10,6 @@
 
 #include "decoder/prompt_mask.h"
 #include "kernels/cpu/isa.h"
-#include "kernels/cpu/quantized_gemv.h"
 #include "ops/op_set.h"
 
 namespace emu_fast {
