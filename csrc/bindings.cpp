@@ -150,17 +150,20 @@ run of layers on one device (a model split over devices); each segment keeps its
 weight_bits: 0 (the projections in the model's dtype), 8 or 4 (weight-only int8 / int4, the
 schemes of emu_fast.quant.schemes; group_size: int4's group): each layer's list is then followed by
 [qkv_scales, o_scales, gate_up_scales, down_scales] and qkv/o/gate_up/down are the qweights.
+tp_size / tp_group: one rank of a tensor-parallel torch.distributed group (its size and
+ProcessGroup.group_name): num_heads / num_kv_heads are the model's, the layers this rank's shards
+(emu_fast.parallel.shard_layer); o's and down's partial outputs are all-reduced over the group.
 )doc")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, at::Tensor, at::Tensor,
                     c10::optional<at::Tensor>, int64_t, int64_t, double, at::Tensor, at::Tensor,
                     c10::optional<int64_t>, c10::optional<int64_t>, EmuDecoder::RopeFn, const std::string&,
-                    std::vector<int64_t>, int64_t, int64_t>(),
+                    std::vector<int64_t>, int64_t, int64_t, int64_t, const std::string&>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("head_weight"), py::arg("up_weight") = py::none(),
            py::kw_only(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("rms_eps"),
            py::arg("rope_cos"), py::arg("rope_sin"), py::arg("max_batch") = py::none(),
            py::arg("max_seq_len") = py::none(), py::arg("rope_fn") = py::none(), py::arg("kernels") = "auto",
            py::arg("segment_starts") = std::vector<int64_t>{}, py::arg("weight_bits") = 0,
-           py::arg("group_size") = 0)
+           py::arg("group_size") = 0, py::arg("tp_size") = 1, py::arg("tp_group") = "")
       .def("prefill", &EmuDecoder::prefill, py::arg("inputs_embeds"), py::arg("attention_mask"),
            py::call_guard<py::gil_scoped_release>(),
            "Prompts [B,T,H] with a [B,T] 0/1 mask (left or right padding) -> output 0 [B, out].")
@@ -202,9 +205,11 @@ schemes of emu_fast.quant.schemes; group_size: int4's group): each layer's list 
       .def_property_readonly("group_size", &EmuDecoder::group_size, "int4's group size (0 otherwise).")
       .def_property_readonly("hidden_size", &EmuDecoder::hidden_size)
       .def_property_readonly("output_size", &EmuDecoder::output_size)
-      .def_property_readonly("num_heads", &EmuDecoder::num_heads)
+      .def_property_readonly("num_heads", &EmuDecoder::num_heads, "The heads this decoder holds (a rank's share).")
       .def_property_readonly("num_kv_heads", &EmuDecoder::num_kv_heads)
       .def_property_readonly("head_dim", &EmuDecoder::head_dim)
+      .def_property_readonly("tp_size", &EmuDecoder::tp_size, "Tensor-parallel ranks (1: none).")
+      .def_property_readonly("tp_group", &EmuDecoder::tp_group, "The tensor-parallel group's name ('' without one).")
       .def_property_readonly("kv_cache", &EmuDecoder::kv_cache,
                              "The KV cache [layers, 2, capacity batch, kv_heads, capacity seq_len, head_dim] "
                              "(one segment; see kv_caches).")

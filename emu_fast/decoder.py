@@ -12,6 +12,7 @@ from .config import LlamaShape, check_llama_config
 from .dropin.packing import pack_layers
 from .dropin.segments import layer_devices, plan_segments
 from .dropin.walk import llama_body_of
+from .parallel import check_same_inputs, resolve_group, shard_layers
 from .quant.apply import prepare_quantization
 from .quant.schemes import REGISTRY, scheme_of_bits
 from .rope import model_rope_fn, theta_rope_tables
@@ -55,8 +56,14 @@ class EmuDecoder(_C.EmuDecoder):
 
     def __init__(self, layers, final_norm, head_weight, up_weight=None, *, num_heads, num_kv_heads, rms_eps,
                  max_batch=DEFAULT_MAX_BATCH, max_seq_len=DEFAULT_MAX_SEQ_LEN, rope_cos=None, rope_sin=None,
-                 rope_theta=None, rope_fn=None, kernels="auto", segment_starts=None, weight_bits=0, group_size=0):
+                 rope_theta=None, rope_fn=None, kernels="auto", segment_starts=None, weight_bits=0, group_size=0,
+                 tensor_parallel=None):
         _check_kernels(kernels)
+        # One rank of a tensor-parallel group (emu_fast.parallel): the layers are this rank's
+        # shards (shard_layers), num_heads / num_kv_heads the whole model's.
+        self._tp = resolve_group(tensor_parallel, "EmuDecoder")
+        if self._tp is not None:
+            self._tp.check_device(final_norm.device, "EmuDecoder")
         _check_limit_fits("max_batch", max_batch)  # the rest is checked in C++
         _check_limit_fits("max_seq_len", max_seq_len)
         self._warned_fallback = False
@@ -79,14 +86,15 @@ class EmuDecoder(_C.EmuDecoder):
                          rms_eps=rms_eps, rope_cos=rope_cos, rope_sin=rope_sin, max_batch=max_batch,
                          max_seq_len=max_seq_len, rope_fn=rope_fn, kernels=kernels,
                          segment_starts=list(segment_starts or []), weight_bits=weight_bits,
-                         group_size=group_size or 0)
+                         group_size=group_size or 0, tp_size=1 if self._tp is None else self._tp.size,
+                         tp_group="" if self._tp is None else self._tp.name)
 
     @classmethod
     def from_llama(cls, lm, head_weight: torch.Tensor, up_weight: Optional[torch.Tensor] = None, *,
                    max_batch: Optional[int] = DEFAULT_MAX_BATCH,
                    max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto",
                    split_before: Iterable[int] = (), weights: Optional[str] = None,
-                   group_size: Optional[int] = None) -> "EmuDecoder":
+                   group_size: Optional[int] = None, tensor_parallel=None) -> "EmuDecoder":
         """A decoder over a Hugging Face LlamaForCausalLM's body, with the given regression head
         (and Emu2's project_up). Packs QKV and gate/up in place (the model keeps working); no
         layer weight is copied. The KV cache grows to the largest request; max_batch prompts of up
@@ -105,7 +113,13 @@ class EmuDecoder(_C.EmuDecoder):
         weights: None (the projections as the model holds them: float, or Int8Linear /
         Int4Linear from emu_fast.quant.modules), "int8" or "int4": weight-only quantization of
         the decoder body's projections, done in place on `lm` first (emu_fast.quant.schemes states the
-        schemes; group_size: int4's group, default 128) unless `lm` is quantized so already."""
+        schemes; group_size: int4's group, default 128) unless `lm` is quantized so already.
+
+        tensor_parallel: a torch.distributed ProcessGroup (gloo for a model on the CPU, NCCL on
+        CUDA): this process is one rank of it and the decoder holds this rank's share of every
+        layer (emu_fast.parallel: whole heads, a slice of the MLP; copied out of the packed
+        weights), summing the ranks' partial outputs with two all-reduces a layer. Every rank
+        makes the same calls with the same prompts (checked) and gets the same outputs."""
         check_llama_config(lm.config)
         shape = LlamaShape.from_hf(lm.config)
         _check_limit("max_batch", max_batch)
@@ -113,14 +127,24 @@ class EmuDecoder(_C.EmuDecoder):
         _check_kernels(kernels)
         prepare_quantization(lm, weights, group_size, "EmuDecoder.from_llama", apply=False)  # checks only
         body = llama_body_of(lm)
+        tp = resolve_group(tensor_parallel, "EmuDecoder.from_llama")
         plan = plan_segments(layer_devices(body.layers), split_before)
+        if tp is not None and len(plan) > 1:
+            raise ValueError("emu_fast.EmuDecoder.from_llama: a tensor-parallel rank runs every layer on one device; "
+                             "load each rank's model on its own device instead of splitting it with a device_map")
         head = head_weight.detach()
         final_norm = body.norm.weight.detach().to(head.device)
         up = None if up_weight is None else up_weight.detach().to(head.device)
         rope_fn = model_rope_fn(lm, shape.head_dim)
         quant = prepare_quantization(lm, weights, group_size, "EmuDecoder.from_llama")
+        layers = pack_layers(lm, quantized=quant is not None)
+        if tp is not None:
+            tp.check_device(head.device, "EmuDecoder.from_llama")
+            layers = shard_layers(layers, tp, shape.heads, shape.kv_heads, shape.head_dim,
+                                  None if quant is None else REGISTRY[quant[0]], None if quant is None else quant[1],
+                                  "EmuDecoder.from_llama")
         return cls(
-            pack_layers(lm, quantized=quant is not None),
+            layers,
             final_norm,
             head,
             up,
@@ -134,6 +158,7 @@ class EmuDecoder(_C.EmuDecoder):
             segment_starts=[seg.start for seg in plan],
             weight_bits=0 if quant is None else REGISTRY[quant[0]].bits,
             group_size=0 if quant is None or quant[1] is None else quant[1],
+            tensor_parallel=tensor_parallel,
         )
 
     @property
@@ -196,7 +221,28 @@ class EmuDecoder(_C.EmuDecoder):
             raise ValueError(f"emu_fast: n must be a positive int, got {n!r}")
         # The prompts, the mask and every prompt's room for n - 1 steps are checked in C++
         # (csrc/prompt_mask.cpp, EmuDecoder::generate) before anything runs.
+        self._check_same_inputs("generate", inputs_embeds, attention_mask, n)
         try:
             return super().generate(inputs_embeds, attention_mask, n)
         finally:
             self._warn_if_fell_back()
+
+    @property
+    def tensor_parallel(self):
+        """This rank's tensor-parallel group (emu_fast.parallel.TensorParallel), or None."""
+        return getattr(self, "_tp", None)
+
+    def _check_same_inputs(self, who, inputs_embeds, attention_mask, *extra):
+        """With tensor parallelism: every rank was called with these same inputs (else ValueError
+        on every rank, before any runs them)."""
+        tp = getattr(self, "_tp", None)
+        if tp is not None and isinstance(inputs_embeds, torch.Tensor) and isinstance(attention_mask, torch.Tensor):
+            check_same_inputs(tp, f"EmuDecoder.{who}", (inputs_embeds, attention_mask), extra)
+
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._check_same_inputs("prefill", inputs_embeds, attention_mask)
+        return super().prefill(inputs_embeds, attention_mask)
+
+    def admit(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
+        self._check_same_inputs("admit", inputs_embeds, attention_mask, steps)
+        return super().admit(inputs_embeds, attention_mask, steps)

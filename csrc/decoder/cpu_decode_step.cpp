@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <exception>
 
 #include "kernels/cpu/decode_attention.h"
 #include "kernels/cpu/gemv.h"
@@ -76,6 +77,7 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
   Scratch<T> s(a, B);
   std::copy(io.x, io.x + B * H, s.h.begin());
   std::vector<std::vector<float>> attn_scratch(io.threads);
+  std::exception_ptr reduce_error;  // a failed all-reduce: the threads leave the layers together
 
 #pragma omp parallel num_threads(io.threads)
   {
@@ -104,6 +106,22 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
     // The projections' inputs as they read them: int4 in rows padded to its blocks.
     auto padded = [&](int64_t K) { return a.bits == 4 ? kernels::int4_padded_k(K) : K; };
     auto widen_in = [&](const T* x, int64_t K) { widen_rows(x, B, K, padded(K), s.xf.data()); };
+    // After a barrier: the ranks' partial o / down outputs in s.branch summed (tensor
+    // parallelism), by the thread that entered the step while the others wait. False when it
+    // failed (the same answer on every thread, read after the barrier).
+    auto reduce_branch = [&]() {
+      if (!a.all_reduce) return true;
+#pragma omp master
+      {
+        try {
+          a.all_reduce(s.branch.data(), B * H);
+        } catch (...) {
+          reduce_error = std::current_exception();
+        }
+      }
+#pragma omp barrier
+      return reduce_error == nullptr;
+    };
     for (size_t l = 0; l < a.layers.size(); ++l) {
       const StepLayer<T>& w = a.layers[l];
 #pragma omp single
@@ -137,6 +155,7 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
 #pragma omp barrier
       proj(w.o, H, Hq * D, s.branch.data());
 #pragma omp barrier
+      if (!reduce_branch()) break;
 #pragma omp single
       {
         for (int64_t b = 0; b < B; ++b)
@@ -159,28 +178,32 @@ void decode_step(const StepModel<T>& a, const StepIO<T>& io) {
 #pragma omp barrier
       proj(w.down, H, I, s.branch.data());
 #pragma omp barrier
+      if (!reduce_branch()) break;
     }
-    // The residual stream's last add (rounded as add_rms_norm rounds it), then the head: RMSNorm,
-    // the head GEMV and Emu2's project_up; without a head (a segment of a split model), the
-    // residual stream itself is the output.
+    if (reduce_error == nullptr) {
+      // The residual stream's last add (rounded as add_rms_norm rounds it), then the head: RMSNorm,
+      // the head GEMV and Emu2's project_up; without a head (a segment of a split model), the
+      // residual stream itself is the output.
 #pragma omp single
-    {
-      T* h = a.head != nullptr ? s.h.data() : io.out;
-      for (int64_t i = 0; i < B * H; ++i)
-        h[i] = kernels::from_float<T>(kernels::to_float(s.h[i]) + kernels::to_float(s.branch[i]));
-      if (a.head != nullptr) {
-        for (int64_t b = 0; b < B; ++b) kernels::rms_norm_row_cpu(&s.h[b * H], a.final_norm, a.eps, H, &s.xn[b * H]);
-        widen(s.xn.data(), B * H, s.xf.data());
+      {
+        T* h = a.head != nullptr ? s.h.data() : io.out;
+        for (int64_t i = 0; i < B * H; ++i)
+          h[i] = kernels::from_float<T>(kernels::to_float(s.h[i]) + kernels::to_float(s.branch[i]));
+        if (a.head != nullptr) {
+          for (int64_t b = 0; b < B; ++b) kernels::rms_norm_row_cpu(&s.h[b * H], a.final_norm, a.eps, H, &s.xn[b * H]);
+          widen(s.xn.data(), B * H, s.xf.data());
+        }
       }
-    }
-    if (a.head != nullptr) gemv(a.head, nullptr, 0, a.out_dim, H, io.out);
-    if (a.head != nullptr && a.up != nullptr) {
+      if (a.head != nullptr) gemv(a.head, nullptr, 0, a.out_dim, H, io.out);
+      if (a.head != nullptr && a.up != nullptr) {
 #pragma omp barrier
 #pragma omp single
-      widen(io.out, B * a.out_dim, s.xf.data());
-      gemv(a.up, nullptr, 0, H, a.out_dim, io.next);
+        widen(io.out, B * a.out_dim, s.xf.data());
+        gemv(a.up, nullptr, 0, H, a.out_dim, io.next);
+      }
     }
   }
+  if (reduce_error) std::rethrow_exception(reduce_error);
 }
 
 template void decode_step<float>(const StepModel<float>&, const StepIO<float>&);

@@ -4,6 +4,7 @@
 // and one allocation per op. Same kernels and roundings as the emu_fast ops; torch-free.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace emu_fast::cpu {
@@ -34,6 +35,10 @@ struct StepModel {
   // the residual stream [batch, hidden]); up: nullptr when the output is the next input.
   const T *final_norm, *head, *up;
   const float *rope_cos, *rope_sin; // [P, D/2]
+  // Tensor parallelism: sums n values across the ranks in place (o's and down's partial outputs);
+  // empty without it. Called by the thread that entered the step, the others waiting; an error it
+  // throws ends the step and is rethrown by decode_step.
+  std::function<void(T*, int64_t)> all_reduce;
 };
 
 // What changes every step.

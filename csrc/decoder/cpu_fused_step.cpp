@@ -1,6 +1,7 @@
 #include "decoder/cpu_fused_step.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
 
 #include <cmath>
 
@@ -45,12 +46,13 @@ std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& la
                                       const at::Tensor& final_norm, const at::Tensor& head,
                                       const c10::optional<at::Tensor>& up, const at::Tensor& rope_cos,
                                       const at::Tensor& rope_sin, int64_t num_heads, int64_t num_kv_heads,
-                                      double eps, const WeightQuant& quant) {
+                                      int64_t head_dim, double eps, const WeightQuant& quant,
+                                      FusedStep::AllReduce all_reduce) {
   StepModel<T> m;
   m.hidden = final_norm.size(0);
   m.heads = num_heads;
   m.kv_heads = num_kv_heads;
-  m.head_dim = m.hidden / num_heads;
+  m.head_dim = head_dim;
   m.intermediate = layers[0].gate_up.size(0) / 2;  // (down's width is in bytes for int4)
   m.bits = quant.bits;
   m.group_size = quant.group_size;
@@ -72,6 +74,12 @@ std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& la
   m.up = head.defined() && up.has_value() ? ptr<T>(*up) : nullptr;
   m.rope_cos = rope_cos.data_ptr<float>();
   m.rope_sin = rope_sin.data_ptr<float>();
+  if (all_reduce) {
+    const at::TensorOptions options = final_norm.options();
+    m.all_reduce = [reduce = std::move(all_reduce), options](T* data, int64_t n) {
+      reduce(at::from_blob(data, {n}, options));
+    };
+  }
   return std::make_shared<FusedStepT<T>>(std::move(m));
 }
 
@@ -82,16 +90,17 @@ std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerW
                                                  const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,
                                                  const at::Tensor& head, const c10::optional<at::Tensor>& up,
                                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                                                 int64_t num_heads, int64_t num_kv_heads, double eps,
-                                                 const WeightQuant& quant) {
+                                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                                 double eps, const WeightQuant& quant,
+                                                 FusedStep::AllReduce all_reduce) {
   if (!final_norm.device().is_cpu()) return nullptr;
   switch (final_norm.scalar_type()) {
     case at::kFloat:
-      return make<float>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads, num_kv_heads, eps,
-                         quant);
+      return make<float>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads, num_kv_heads,
+                         head_dim, eps, quant, std::move(all_reduce));
     case at::kBFloat16:
       return make<kernels::bf16>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads,
-                                 num_kv_heads, eps, quant);
+                                 num_kv_heads, head_dim, eps, quant, std::move(all_reduce));
     default:
       return nullptr;
   }

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -15,6 +16,10 @@ namespace cpu {
 
 class FusedStep {
  public:
+  // Sums a tensor across the tensor-parallel ranks in place (EmuDecoder::all_reduce_); empty
+  // without tensor parallelism.
+  using AllReduce = std::function<void(const at::Tensor&)>;
+
   virtual ~FusedStep() = default;
   // One step for x [B, H] (B <= max_batch): lengths/positions are host arrays [B]; writes
   // out [B, Dout] and, with an up projection, next [B, H]. Appends to the KV cache. Without a
@@ -25,13 +30,15 @@ class FusedStep {
 
 // nullptr where there is no fused step (weights not on the CPU, or float16). layers and caches:
 // the ones this step runs (a segment's); head undefined: the step ends at the residual stream.
+// num_heads / num_kv_heads: the heads these layers hold (a tensor-parallel rank's share).
 std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerWeights>& layers,
                                                  const std::vector<at::Tensor>& k_cache,
                                                  const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,
                                                  const at::Tensor& head, const c10::optional<at::Tensor>& up,
                                                  const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                                                 int64_t num_heads, int64_t num_kv_heads, double eps,
-                                                 const WeightQuant& quant);
+                                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                                 double eps, const WeightQuant& quant,
+                                                 FusedStep::AllReduce all_reduce = {});
 
 }  // namespace cpu
 }  // namespace emu_fast

@@ -131,6 +131,9 @@ void order_after(c10::cuda::CUDAStream first, c10::cuda::CUDAStream waiter) {
 }  // namespace
 
 bool EmuDecoder::graphs_possible() const {
+  // A collective inside a graph needs a backend that can be captured (NCCL can); not yet verified
+  // on GPUs, so a tensor-parallel step runs op by op.
+  if (tp_size_ > 1) return false;
   for (const Part& p : parts_)
     if (!p.device.is_cuda()) return false;
   return true;

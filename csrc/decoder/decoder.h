@@ -16,6 +16,13 @@
 // device_map). Each run of consecutive layers on one device is a segment with its own KV cache,
 // lengths and RoPE tables on that device; the hidden state moves once per boundary. The
 // regression head (final norm, head, up) sits on one device, where outputs are returned.
+//
+// Tensor parallelism (tensor_parallel.cpp): with tp_size > 1 this decoder is one rank of a
+// torch.distributed group. It holds its share of every layer (q/k/v and gate/up rows of its heads
+// and its slice of the MLP, the matching input columns of o and down; emu_fast/parallel shards
+// them), its heads' KV cache, and the whole regression head; the partial outputs of o and down are
+// summed across the ranks by an all-reduce, two a layer, so every rank holds the whole residual
+// stream and returns the same outputs.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -89,9 +96,13 @@ class EmuDecoder {
              int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
              c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn = {},
              const std::string& kernels = "auto", std::vector<int64_t> segment_starts = {},
-             int64_t weight_bits = 0, int64_t group_size = 0);
+             int64_t weight_bits = 0, int64_t group_size = 0, int64_t tp_size = 1,
+             const std::string& tp_group = "");
   // kernels: "auto", "custom" or "aten" (above). segment_starts: the first layer of each segment
   // (empty: one segment, every layer on one device); each segment's weights share a device.
+  // tp_size / tp_group: the tensor-parallel group's size and its torch.distributed name
+  // (ProcessGroup.group_name); num_heads / num_kv_heads are then the whole model's, the layers
+  // this rank's shards (above). tp_size 1: no tensor parallelism.
 
   // Runs the prompts ([B,T,H] embeddings, [B,T] 0/1 attention mask: each row one run of
   // ones, left or right padded) through the decoder, fills the KV cache, and returns the
@@ -145,8 +156,10 @@ class EmuDecoder {
   int64_t group_size() const { return quant_.group_size; }   // int4's group; 0 otherwise
   int64_t hidden_size() const { return hidden_; }
   int64_t output_size() const { return head_.size(0); }
-  int64_t num_heads() const { return num_heads_; }
+  int64_t num_heads() const { return num_heads_; }        // this rank's (all of them without TP)
   int64_t num_kv_heads() const { return num_kv_heads_; }
+  int64_t tp_size() const { return tp_size_; }
+  const std::string& tp_group() const { return tp_group_; }
   int64_t head_dim() const { return head_dim_; }
   // The whole KV cache of a decoder with one segment: [L, 2, capacity_batch, Hkv, capacity_seq_len, D].
   at::Tensor kv_cache() const;
@@ -196,7 +209,11 @@ class EmuDecoder {
   void ensure_rope_locked(const char* who, int64_t positions);
   void rebuild_step_locked();
   void set_rope_locked(const at::Tensor& cos, const at::Tensor& sin);
-  bool graphs_possible() const;  // every part on CUDA (cuda_graphs.cpp)
+  bool graphs_possible() const;  // every part on CUDA, no tensor parallelism (cuda_graphs.cpp)
+  // Sums t across the tensor-parallel group in place (nothing without one); a failed or timed-out
+  // collective raises naming the group (tensor_parallel.cpp).
+  void all_reduce_(const at::Tensor& t) const;
+  void check_tensor_parallel(int64_t num_heads, int64_t num_kv_heads) const;
   // A run of consecutive layers on one device and what the step keeps there.
   struct Segment {
     int64_t begin, end;  // layers [begin, end)
@@ -257,7 +274,9 @@ class EmuDecoder {
   WeightQuant quant_;
   at::Tensor final_norm_, head_;
   c10::optional<at::Tensor> up_;
-  int64_t num_heads_, num_kv_heads_, head_dim_, hidden_;
+  int64_t num_heads_, num_kv_heads_, head_dim_, hidden_;  // heads: this rank's
+  int64_t tp_size_ = 1;
+  std::string tp_group_;
   double eps_;
   int64_t max_batch_, max_seq_len_;  // limits; kNoLimit when none
   int64_t cap_batch_ = 0, cap_seq_ = 0;  // the cache's capacity

@@ -82,9 +82,14 @@ at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const Promp
       const at::Tensor vx = Hq == Hkv ? v : v.repeat_interleave(Hq / Hkv, 1);
       const at::Tensor o = unpadded ? at::scaled_dot_product_attention(q, kx, vx, {}, 0.0, true, scale)
                                     : at::scaled_dot_product_attention(q, kx, vx, attn_mask, 0.0, false, scale);
-      h = h + prefill_linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o, w.o_scales);
+      // o and down: with tensor parallelism each rank's partial sum, summed across the ranks
+      at::Tensor attn_out = prefill_linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o, w.o_scales);
+      all_reduce_(attn_out);
+      h = h + attn_out;
       const at::Tensor y = k.rms_norm(h, w.post_norm, eps_);
-      h = h + prefill_linear(k.silu_mul(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+      at::Tensor mlp_out = prefill_linear(k.silu_mul(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+      all_reduce_(mlp_out);
+      h = h + mlp_out;
     }
     seg.lengths_dev.narrow(0, first, B).copy_(lens_host);
     seg.starts_dev.narrow(0, first, B).copy_(starts_host);

@@ -23,8 +23,11 @@ void EmuDecoder::rebuild_step_locked() {
     const std::vector<DecoderLayerWeights> layers(layers_.begin() + seg.begin, layers_.begin() + seg.end);
     const std::vector<at::Tensor> kc(k_cache_.begin() + seg.begin, k_cache_.begin() + seg.end);
     const std::vector<at::Tensor> vc(v_cache_.begin() + seg.begin, v_cache_.begin() + seg.end);
+    cpu::FusedStep::AllReduce reduce;
+    if (tp_size_ > 1) reduce = [this](const at::Tensor& t) { all_reduce_(t); };
     seg.fused = cpu::make_fused_step(layers, kc, vc, final_norm_, seg.fused_head ? head_ : at::Tensor(), up_,
-                                     seg.rope_cos, seg.rope_sin, num_heads_, num_kv_heads_, eps_, quant_);
+                                     seg.rope_cos, seg.rope_sin, num_heads_, num_kv_heads_, head_dim_, eps_, quant_,
+                                     std::move(reduce));
   }
 }
 
@@ -125,13 +128,20 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
   // Per layer: the norms in the QKV and gate/up projections' prologue, SiLU * mul in the gate/up
   // projection's epilogue, the residual adds in the o and down projections' epilogue (rounded as
   // the fused CPU step rounds them: the projection, then the sum), so h is the residual stream
-  // after every sub-layer.
+  // after every sub-layer. With tensor parallelism each rank's o and down give a partial sum: it is
+  // rounded, summed across the ranks, then added (the fused step's order).
+  auto add_projection = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual) {
+    if (tp_size_ == 1) return k.gemv_add(x, w, residual);
+    const at::Tensor partial = k.gemv(x, w);
+    all_reduce_(partial);
+    return at::add(residual, partial);
+  };
   for (int64_t l = seg.begin; l < seg.end; ++l) {
     const auto& w = layers_[l];
     const at::Tensor qkv = k.norm_gemv(h, w.input_norm, eps_, w.qkv);  // [B, (Hq + 2 Hkv) D]
     const at::Tensor attn = attend(seg, k, l, qkv, lens, positions);
-    h = k.gemv_add(attn.view({B, Hq * D}), w.o, h);
-    h = k.gemv_add(k.norm_gemv_silu(h, w.post_norm, eps_, w.gate_up), w.down, h);
+    h = add_projection(attn.view({B, Hq * D}), w.o, h);
+    h = add_projection(k.norm_gemv_silu(h, w.post_norm, eps_, w.gate_up), w.down, h);
   }
   seg.lengths_dev.narrow(0, 0, B).add_(1);
   return h;
@@ -160,8 +170,10 @@ at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const StepKernels& k, 
     const at::Tensor qkv = proj(xn, w.qkv, w.qkv_scales);  // [B, (Hq + 2 Hkv) D]
     const at::Tensor attn = attend(seg, k, l, qkv, lens, positions);
     branch = proj(attn.view({B, Hq * D}), w.o, w.o_scales);
+    all_reduce_(branch);  // the ranks' partial sums (tensor parallelism; nothing otherwise)
     std::tie(xn, h) = k.add_rms_norm(branch, h, w.post_norm, eps_);
     branch = proj(k.silu_mul(proj(xn, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+    all_reduce_(branch);
   }
   seg.lengths_dev.narrow(0, 0, B).add_(1);
   // The last add, rounded once as the fused step rounds it (float32 sum of the two, to the dtype).

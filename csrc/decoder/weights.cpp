@@ -81,12 +81,14 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
                        int64_t num_kv_heads, double rms_eps, at::Tensor rope_cos, at::Tensor rope_sin,
                        c10::optional<int64_t> max_batch, c10::optional<int64_t> max_seq_len, RopeFn rope_fn,
                        const std::string& kernels, std::vector<int64_t> segment_starts, int64_t weight_bits,
-                       int64_t group_size)
+                       int64_t group_size, int64_t tp_size, const std::string& tp_group)
     : final_norm_(std::move(final_norm)),
       head_(std::move(head_weight)),
       up_(std::move(up_weight)),
       num_heads_(num_heads),
       num_kv_heads_(num_kv_heads),
+      tp_size_(tp_size),
+      tp_group_(tp_group),
       eps_(rms_eps),
       max_batch_(max_batch.value_or(kNoLimit)),
       max_seq_len_(max_seq_len.value_or(kNoLimit)),
@@ -109,6 +111,12 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   TORCH_CHECK_VALUE(rms_eps > 0 && std::isfinite(rms_eps), kDecoderName, ": rms_eps must be positive and finite, got ",
                     rms_eps);
   head_dim_ = hidden_ / num_heads;
+  // From here on, heads are this rank's (all of them without tensor parallelism).
+  check_tensor_parallel(num_heads, num_kv_heads);
+  num_heads /= tp_size_;
+  num_kv_heads /= tp_size_;
+  num_heads_ = num_heads;
+  num_kv_heads_ = num_kv_heads;
   const auto st = final_norm_.scalar_type();
   const QuantScheme* scheme = quant_scheme(weight_bits);
   TORCH_CHECK_VALUE(weight_bits == 0 || scheme != nullptr, kDecoderName,
@@ -130,6 +138,9 @@ EmuDecoder::EmuDecoder(const std::vector<std::vector<at::Tensor>>& layers, at::T
   // Segments: runs of consecutive layers, each on one device.
   const int64_t L = static_cast<int64_t>(layers.size());
   if (segment_starts.empty()) segment_starts = {0};
+  TORCH_CHECK_VALUE(tp_size_ == 1 || segment_starts.size() == 1, kDecoderName,
+                    ": a tensor-parallel rank runs every layer on one device (got segment_starts ",
+                    c10::IntArrayRef(segment_starts), ")");
   TORCH_CHECK_VALUE(segment_starts.front() == 0, kDecoderName, ": segment_starts must begin with layer 0, got ",
                     segment_starts.front());
   for (size_t i = 1; i < segment_starts.size(); ++i)

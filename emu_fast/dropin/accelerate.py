@@ -22,6 +22,7 @@ from .prompts import check_request, embed_prompts
 from .model_checks import check_linear, check_weights_loaded
 from ..quant.apply import prepare_quantization, quantized_buffers, resolve_device
 from .walk import llama_body_of
+from ..parallel import check_model_shardable, resolve_group
 
 
 def _weight_addresses(model, family: EmuFamily):
@@ -36,7 +37,7 @@ def _weight_addresses(model, family: EmuFamily):
 
 def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
                max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN, kernels: str = "auto",
-               weights: Optional[str] = None, group_size: Optional[int] = None, device=None):
+               weights: Optional[str] = None, group_size: Optional[int] = None, device=None, tensor_parallel=None):
     """Replace `model.generate_image` (this instance only) with the emu_fast path and return the
     model. The KV cache grows to the largest request; `max_batch` prompts of up to `max_seq_len`
     tokens (prompt + n generated embeddings) are optional limits (None: no limit besides
@@ -72,19 +73,29 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     emu_fast.quant.apply.quantize_decoder_linears_), then the rest of the model follows: a
     model too large for the GPU in its float dtype ends up there quantized. The device then
     holds the quantized model and one chunk of float rows at most. Without weights the model is
-    moved as model.to(device) would."""
+    moved as model.to(device) would.
+
+    tensor_parallel: a torch.distributed ProcessGroup this process is a rank of (gloo for a model
+    on the CPU, NCCL for one on CUDA; e.g. torch.distributed.group.WORLD under torchrun). Every
+    rank loads the model and calls accelerate and generate_image alike; each rank's decoder holds
+    its share of every layer (whole heads, a slice of the MLP) and reads only that each step, two
+    all-reduces a layer summing the shares (emu_fast.parallel). Every rank gets the same images;
+    ranks called with different prompts raise ValueError, and a rank that dies or hangs makes
+    the others raise within the group's timeout."""
     pipeline = _pipeline_encoder(model)
     if pipeline is not None:  # the Emu2-Gen pipeline: its encoder is the model
         accelerate(pipeline, max_batch=max_batch, max_seq_len=max_seq_len, kernels=kernels, weights=weights,
-                   group_size=group_size, device=device)
+                   group_size=group_size, device=device, tensor_parallel=tensor_parallel)
         return model
     family = family_of(model)
     lm = family.lm(model)
-    target = resolve_device(device, "accelerate")                  # a bad device or scheme fails
-    prepare_quantization(model, weights, group_size, apply=False)  # before anything changes
+    target = resolve_device(device, "accelerate")                  # a bad device, group or scheme fails
+    tp = resolve_group(tensor_parallel, "accelerate")
+    quant = prepare_quantization(model, weights, group_size, apply=False)  # before anything changes
     head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)
     up = None if up_module is None else check_linear(up_module, family.up_name(model))
+    check_model_shardable(tp, lm.config, quant, "accelerate")
     body = llama_body_of(lm)
     check_weights_loaded([("model.layers", body.layers), ("model.norm", body.norm),
                           ("model.embed_tokens", body.embed_tokens), (family.head_name(model), family.head(model))]
@@ -96,7 +107,8 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
         model.to(target)
         head, up = family.head(model).weight, None if up_module is None else up_module.weight  # moved
     decoder = EmuDecoder.from_llama(lm, head, up, max_batch=max_batch, max_seq_len=max_seq_len,
-                                    kernels=kernels, weights=weights, group_size=group_size)
+                                    kernels=kernels, weights=weights, group_size=group_size,
+                                    tensor_parallel=tensor_parallel)
     if not hasattr(model, "_emu_fast_original_generate_image"):
         model._emu_fast_original_generate_image = model.generate_image
     model.emu_fast_decoder = decoder

@@ -267,6 +267,17 @@ class QuantScheme:
         op = getattr(torch.ops.emu_fast, self.op)
         return op(x, qweight, scales, group) if self.grouped else op(x, qweight, scales)
 
+    def shard_check(self, shard_inputs: int, group: Optional[int]) -> Optional[str]:
+        """Why a projection cannot be cut into column shards of `shard_inputs` inputs (tensor
+        parallelism), or None when it can."""
+        return None
+
+    def input_columns(self, qweight: torch.Tensor, scales: torch.Tensor, k0: int, k1: int,
+                      group: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The projection restricted to its inputs [k0, k1) (a tensor-parallel rank's share of o or
+        down): its qweight and scales, as a projection of k1 - k0 inputs stores them."""
+        raise NotImplementedError
+
     def stored_bytes(self, rows: int, in_features: int, group: Optional[int]) -> int:
         """Bytes of a [rows, in_features] projection stored in this scheme (qweight and scales)."""
         q = torch.empty(0, dtype=self.qweight_dtype).element_size()
@@ -302,6 +313,9 @@ class _Int8(QuantScheme):
     def dequantize(self, qweight, scales, in_features, group=None, dtype=torch.float32):
         return dequantize_int8(qweight, scales, dtype)
 
+    def input_columns(self, qweight, scales, k0, k1, group):
+        return qweight[:, k0:k1], scales  # one scale per row, shared by every column shard
+
 
 class _Int4(QuantScheme):
     name, bits, qweight_dtype, empty_code, op, grouped = "int4", 4, torch.uint8, 0x88, "gemv_int4", True
@@ -320,6 +334,17 @@ class _Int4(QuantScheme):
 
     def dequantize(self, qweight, scales, in_features, group=None, dtype=torch.float32):
         return dequantize_int4(qweight, scales, in_features, DEFAULT_GROUP_SIZE if group is None else group, dtype)
+
+    def shard_check(self, shard_inputs, group):
+        group = DEFAULT_GROUP_SIZE if group is None else group
+        if shard_inputs % group:
+            return f"int4's group_size {group} does not divide a shard's {shard_inputs} inputs (a group may not straddle two ranks)"
+        return None
+
+    def input_columns(self, qweight, scales, k0, k1, group):
+        group = DEFAULT_GROUP_SIZE if group is None else group
+        # whole groups, so whole packed blocks: block j is bytes 16 j .. 16 j + 15
+        return qweight[:, k0 // 2 : k1 // 2], scales[:, k0 // group : k1 // group]
 
 
 INT8, INT4 = _Int8(), _Int4()

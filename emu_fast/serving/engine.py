@@ -127,6 +127,11 @@ class Engine:
         if getattr(self._model, "_emu_fast_engine", None) is not None:
             raise RuntimeError("emu_fast.Engine: this model is served by another open Engine; close that one first")
         self._decoder: EmuDecoder = self._source.decoder
+        if self._decoder.tensor_parallel is not None:
+            # Each rank's scheduler would admit requests in its own order, so the ranks' steps
+            # would not match; serving a tensor-parallel model needs rank 0 to schedule for all.
+            raise NotImplementedError("emu_fast.Engine: a tensor-parallel model is not served by the engine yet; "
+                                      "call generate_image on every rank with the same prompts")
         self._n = self._source.n
         self._max_queue, self._max_admit, self._timeout = max_queue, max_admit, timeout
         self._max_rows = self._decoder.max_batch
