@@ -53,7 +53,8 @@ def _main(rank, world, store, scenario, out):
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-        result = SCENARIOS[scenario](rank, world, dist.group.WORLD)
+        run = SCENARIOS[scenario]
+        result = run(rank, world, dist.group.WORLD, out) if scenario == "loaded" else run(rank, world, dist.group.WORLD)
     except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
         result = {"error": traceback.format_exc()}
     if result.get("exit_now"):
@@ -211,4 +212,36 @@ def hung_rank(rank, world, group):
     return _mid_request(rank, group, lambda: time.sleep(GROUP_TIMEOUT_S * 4), "op_by_op")
 
 
-SCENARIOS = {"equal": equal, "refusals": refusals, "dead_rank": dead_rank, "hung_rank": hung_rank}
+def loaded(rank, world, group, out_dir):
+    """emu_fast.from_pretrained on the Emu2-Gen folder (and on a saved int4 file), in one process and
+    as a rank reading its share: float, int8 and int4 as loaded, int4 pre-quantized."""
+    import torch.distributed as dist
+
+    import emu_fast
+    from emu_fast.testing import tiny_emu2_hub
+    from helpers import hub_folder
+
+    root = Path(out_dir) / "checkpoint"
+    if rank == 0:
+        model = tiny_emu2_hub(n=16, intermediate=128)
+        hub_folder(root, model)
+    dist.barrier(group)
+    folder = root / "Emu2-Gen"
+    out = {}
+    for weights in (None, "int8", "int4", "int4-saved"):
+        kw = {} if weights is None else {"weights": weights[:4]} | ({"group_size": 32} if weights.startswith("int4") else {})
+        path = folder
+        if weights == "int4-saved":
+            saved = root / "int4.safetensors"
+            if rank == 0:
+                emu_fast.from_pretrained(folder, dtype=torch.float32, **kw).save_quantized(saved)
+            dist.barrier(group)
+            path, kw = saved, {"tokenizer": folder / "tokenizer"}
+        alone = emu_fast.from_pretrained(path, dtype=torch.float32, **kw)
+        split = emu_fast.from_pretrained(path, dtype=torch.float32, tensor_parallel=group, **kw)
+        out[weights or "float"] = {"alone": alone.generate_image(TEXTS[:2]), "split": split.generate_image(TEXTS[:2]),
+                                   "bytes": (split.decoder.weight_bytes, alone.decoder.weight_bytes)}
+    return out
+
+
+SCENARIOS = {"loaded": loaded, "equal": equal, "refusals": refusals, "dead_rank": dead_rank, "hung_rank": hung_rank}

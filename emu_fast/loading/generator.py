@@ -20,6 +20,7 @@ from ..quant.apply import resolve_device
 from ..quant.io import FORMAT as QUANTIZED_FORMAT
 from ..quant.io import VERSION as QUANTIZED_VERSION
 from ..quant.schemes import GROUPED, REGISTRY, check_group_size, scheme_named
+from ..parallel import check_shardable, resolve_group
 from ..rope import theta_rope_tables
 from .checkpoint import NORMS, PROJECTIONS, Checkpoint, PathLike, _canonical, _fail, _Reader, read_checkpoint
 from .slots import Slots, check_shape, nbytes, place, shape_of
@@ -83,6 +84,9 @@ class EmuGenerator:
 
         if self.weights is None:
             raise ValueError("emu_fast: this generator's weights are not quantized (from_pretrained(weights=...))")
+        if self.decoder.tensor_parallel is not None:
+            raise ValueError("emu_fast: a tensor-parallel generator holds one rank's share of the weights; save the "
+                             "quantized model from a generator loaded in one process")
         t = self._tensors
         out = {"model.embed_tokens.weight": t["embed"], "model.norm.weight": t["norm"],
                "project_down.weight": t["head"]}
@@ -136,14 +140,19 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
                     weights: Optional[str] = None, group_size: Optional[int] = None,
                     max_batch: Optional[int] = DEFAULT_MAX_BATCH, max_seq_len: Optional[int] = DEFAULT_MAX_SEQ_LEN,
                     kernels: str = "auto", tokenizer=None, config=None, n: Optional[int] = None,
-                    progress: Optional[bool] = None) -> EmuGenerator:
+                    progress: Optional[bool] = None, tensor_parallel=None) -> EmuGenerator:
     """A ready text-to-embeddings generator (EmuGenerator) from an Emu checkpoint (module
     docstring: the layouts), its language model read a tensor at a time onto `device` (default
     CPU) in `dtype`, quantized there with weights="int8" / "int4" (group_size: int4's group,
     default 128) as each projection arrives. A file written by emu_fast is loaded in its own
     scheme (weights must then be None or the same). tokenizer: a tokenizer or its folder (default:
     the pipeline's `tokenizer/` beside the checkpoint); config / n: for files that carry neither.
-    progress: a tqdm bar (default: on a terminal, for loads over 1 GB)."""
+    progress: a tqdm bar (default: on a terminal, for loads over 1 GB).
+
+    tensor_parallel: a torch.distributed ProcessGroup this process is a rank of (gloo for the CPU,
+    NCCL for CUDA): the rank reads only its share of each projection from the checkpoint (its
+    heads' and MLP slice's rows of q/k/v and gate/up, the matching input columns of o and down;
+    emu_fast.parallel) and holds only that; every rank calls generate_image alike."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"emu_fast.from_pretrained: dtype must be torch.float32, bfloat16 or float16, got {dtype!r}")
     _check_limit("max_batch", max_batch)
@@ -156,6 +165,9 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
                              f"{' / '.join(repr(name) for name in GROUPED)} only")
         check_group_size(group_size, "from_pretrained")
     target = resolve_device(device, "from_pretrained") or torch.device("cpu")
+    tp = resolve_group(tensor_parallel, "from_pretrained")
+    if tp is not None:
+        tp.check_device(target, "from_pretrained")
     ckpt = read_checkpoint(path, config, n)
     where = ckpt.files[0]
     shape = shape_of(ckpt.config, where)
@@ -169,6 +181,9 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
     else:
         scheme = weights
         group = None if asked is None else asked.group(group_size, "from_pretrained")
+    if tp is not None:
+        check_shardable(tp, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate,
+                        None if scheme is None else REGISTRY[scheme], group, "from_pretrained")
     family = family_named(ckpt.family)
     tok = _load_tokenizer(tokenizer, ckpt)
 
@@ -184,7 +199,7 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
                 other = next(k for k, v in roles.items() if v == role)
                 _fail(ckpt.weight_map[name], f"{name} and {other} are both the model's {role}")
             roles[name] = role
-    slots = Slots(shape, dtype, target, scheme, group)
+    slots = Slots(shape, dtype, target, scheme, group, tp)
     has_up = family.name != "emu1"  # Emu1 feeds its outputs back as they are
     expected = slots.expected(has_up)
     if pre is not None:  # qweight / scales instead of each projection's weight
@@ -242,8 +257,8 @@ def from_pretrained(path: PathLike, *, dtype: torch.dtype = torch.bfloat16, devi
     decoder = EmuDecoder(slots.decoder_layers(), other["norm"], other["head"], other.get("up"),
                          num_heads=shape.heads, num_kv_heads=shape.kv_heads, rms_eps=shape.eps,
                          max_batch=max_batch, max_seq_len=max_seq_len, rope_fn=_rope_fn(shape, dtype, target),
-                         kernels=kernels,
-                         weight_bits=0 if scheme is None else REGISTRY[scheme].bits, group_size=group or 0)
+                         kernels=kernels, weight_bits=0 if scheme is None else REGISTRY[scheme].bits,
+                         group_size=group or 0, tensor_parallel=tensor_parallel)
     if tok is not None:
         check_tokenizer(tok, other["embed"].shape[0])
     tensors = {"slots": slots, **other}

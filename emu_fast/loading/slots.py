@@ -38,13 +38,17 @@ class Slots:
     """The decoder's tensors, allocated on the device as their first part arrives, filled in
     place: per layer the two norms and four (stacked) projections, float or quantized."""
 
-    def __init__(self, shape: LlamaShape, dtype, device, scheme: Optional[str], group_size: Optional[int]):
+    def __init__(self, shape: LlamaShape, dtype, device, scheme: Optional[str], group_size: Optional[int],
+                 tp=None):
         self.shape, self.dtype, self.device, self.scheme, self.group = shape, dtype, device, scheme, group_size
         s = shape
         kv = s.kv_heads * s.head_dim
-        # rows of each part of each stacked projection, and its input size
+        # rows of each part of each stacked projection, and its input size (the checkpoint's)
         self.parts = {"qkv": ([s.hidden, kv, kv], s.hidden), "o": ([s.hidden], s.hidden),
                       "gate_up": ([s.intermediate, s.intermediate], s.hidden), "down": ([s.hidden], s.intermediate)}
+        # A tensor-parallel rank (emu_fast.parallel) keeps its share: its rows of each part of the
+        # stacks cut by rows, its inputs of those cut by columns.
+        self.rank, self.ranks = (0, 1) if tp is None else (tp.rank, tp.size)
         self.layers: List[Dict[str, torch.Tensor]] = [{} for _ in range(s.layers)]
 
     def expected(self, has_up: bool) -> set:
@@ -65,28 +69,52 @@ class Slots:
             layer[key] = make()
         return layer[key]
 
-    def put_projection(self, i: int, param: str, w: torch.Tensor) -> None:
-        """A float projection [rows, K] into its stacked slot, quantized on the way if asked."""
-        stack, part = PROJECTIONS[param]
+    def _share(self, stack: str, part: int):
+        """This rank's slot of a part: (rows of each part of the stack, input size, the part's
+        row range in the stack, its share of the checkpoint's rows or None, its input columns
+        [k0, k1) or None)."""
         rows, k = self.parts[stack]
+        n, r = self.ranks, self.rank
+        columns = stack in ("o", "down")  # cut by inputs; the other stacks by rows
+        if n > 1 and columns:
+            k0, k1 = r * k // n, (r + 1) * k // n
+            return rows, k1 - k0, (0, rows[0]), None, (k0, k1)
+        rows = [x // n for x in rows]
         r0, r1 = sum(rows[:part]), sum(rows[:part + 1])
+        mine = None if n == 1 else (r * rows[part], (r + 1) * rows[part])
+        return rows, k, (r0, r1), mine, None
+
+    def put_projection(self, i: int, param: str, w: torch.Tensor) -> None:
+        """A float projection [rows, K] into its stacked slot, quantized on the way if asked (the
+        whole projection, then this rank's share of it: what a one-process load would hold)."""
+        stack, part = PROJECTIONS[param]
+        rows, k, (r0, r1), mine, cols = self._share(stack, part)
         total = sum(rows)
+        if mine is not None:
+            w = w[mine[0]:mine[1]]  # only these rows are read (and quantized)
         if self.scheme is None:
             buf = self._buffer(i, stack, lambda: torch.empty(total, k, dtype=self.dtype, device=self.device))
-            buf[r0:r1].copy_(w)
+            buf[r0:r1].copy_(w if cols is None else w[:, cols[0]:cols[1]])
         else:
             scheme = REGISTRY[self.scheme]
             q, s = scheme.quantize(w, self.group, device=self.device)
+            if cols is not None:
+                q, s = scheme.input_columns(q, s, cols[0], cols[1], self.group)
             self._buffer(i, stack, lambda: torch.empty(scheme.qweight_shape(total, k), dtype=scheme.qweight_dtype,
                                                        device=self.device))[r0:r1] = q
             self._buffer(i, stack + ".scales", lambda: torch.empty(scheme.scales_shape(total, k, self.group),
                                                                    dtype=torch.float32, device=self.device))[r0:r1] = s
 
     def put_quantized(self, i: int, param: str, kind: str, t: torch.Tensor) -> None:
-        """A pre-quantized projection's qweight or scales into its stacked slot, as stored."""
+        """A pre-quantized projection's qweight or scales into its stacked slot, as stored (this
+        rank's share of it)."""
         stack, part = PROJECTIONS[param]
-        rows, _ = self.parts[stack]
-        r0, r1 = sum(rows[:part]), sum(rows[:part + 1])
+        rows, _, (r0, r1), mine, cols = self._share(stack, part)
+        if mine is not None:
+            t = t[mine[0]:mine[1]]
+        if cols is not None:
+            scheme = REGISTRY[self.scheme]
+            t = scheme.qweight_columns(t, *cols) if kind == "qweight" else scheme.scales_columns(t, *cols, self.group)
         key = stack if kind == "qweight" else stack + ".scales"
         self._buffer(i, key, lambda: torch.empty((sum(rows),) + tuple(t.shape[1:]), dtype=t.dtype,
                                                  device=self.device))[r0:r1] = t.to(self.device)

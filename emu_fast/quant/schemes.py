@@ -276,6 +276,12 @@ class QuantScheme:
                       group: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The projection restricted to its inputs [k0, k1) (a tensor-parallel rank's share of o or
         down): its qweight and scales, as a projection of k1 - k0 inputs stores them."""
+        return self.qweight_columns(qweight, k0, k1), self.scales_columns(scales, k0, k1, group)
+
+    def qweight_columns(self, qweight: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scales_columns(self, scales: torch.Tensor, k0: int, k1: int, group: Optional[int]) -> torch.Tensor:
         raise NotImplementedError
 
     def stored_bytes(self, rows: int, in_features: int, group: Optional[int]) -> int:
@@ -313,8 +319,11 @@ class _Int8(QuantScheme):
     def dequantize(self, qweight, scales, in_features, group=None, dtype=torch.float32):
         return dequantize_int8(qweight, scales, dtype)
 
-    def input_columns(self, qweight, scales, k0, k1, group):
-        return qweight[:, k0:k1], scales  # one scale per row, shared by every column shard
+    def qweight_columns(self, qweight, k0, k1):
+        return qweight[:, k0:k1]
+
+    def scales_columns(self, scales, k0, k1, group):
+        return scales  # one scale per row, shared by every column shard
 
 
 class _Int4(QuantScheme):
@@ -341,10 +350,12 @@ class _Int4(QuantScheme):
             return f"int4's group_size {group} does not divide a shard's {shard_inputs} inputs (a group may not straddle two ranks)"
         return None
 
-    def input_columns(self, qweight, scales, k0, k1, group):
+    def qweight_columns(self, qweight, k0, k1):
+        return qweight[:, k0 // 2 : k1 // 2]  # whole groups, so whole blocks: block j is bytes 16 j .. 16 j + 15
+
+    def scales_columns(self, scales, k0, k1, group):
         group = DEFAULT_GROUP_SIZE if group is None else group
-        # whole groups, so whole packed blocks: block j is bytes 16 j .. 16 j + 15
-        return qweight[:, k0 // 2 : k1 // 2], scales[:, k0 // group : k1 // group]
+        return scales[:, k0 // group : k1 // group]
 
 
 INT8, INT4 = _Int8(), _Int4()

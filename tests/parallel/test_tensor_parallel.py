@@ -129,3 +129,19 @@ def test_shards_sum_to_the_whole_layer(scheme):
         torch.testing.assert_close(got, deq["qkv"][start:start + size], rtol=0, atol=0)
     gate_up = torch.cat([whole(s, "gate_up", H)[:I // 2] for s in shards] + [whole(s, "gate_up", H)[I // 2:] for s in shards])
     torch.testing.assert_close(gate_up, deq["gate_up"], rtol=0, atol=0)
+
+
+def test_from_pretrained_reads_each_rank_its_share(tmp_path):
+    """from_pretrained(tensor_parallel=group) on the Emu2-Gen folder: float, int8 and int4 quantized
+    as loaded, and a saved int4 file cut as stored; each rank holds about half the weights and
+    returns the one-process generator's images."""
+    results = tp_worker.launch("loaded", tmp_path)
+    for rank, r in enumerate(results):
+        assert "error" not in r, f"rank {rank}: {r['error']}"
+        assert set(r) == {"float", "int8", "int4", "int4-saved"}
+        for weights, got in r.items():
+            assert rel_err(got["split"], got["alone"]) < TP_FP32_TOL, (rank, weights)
+            split_bytes, whole_bytes = got["bytes"]
+            assert split_bytes < 0.75 * whole_bytes, (rank, weights)
+    for weights in results[0]:
+        assert torch.equal(results[0][weights]["split"], results[1][weights]["split"])
