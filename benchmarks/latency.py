@@ -5,6 +5,7 @@ torch.compile) and emu_fast, side by side in one run, on one random-weight Emu-s
     python benchmarks/latency.py                 # CPU: hidden 512, 8 layers (GPU: Emu1-13B shape)
     python benchmarks/latency.py --dtype bfloat16 --batch 4 --json out.json
     python benchmarks/latency.py --sweep --skip-upstream --plot sweep.png
+    torchrun --nproc-per-node 2 benchmarks/latency.py --tp 2   # tensor parallelism (tensor_parallel.py)
 
 Reports time per image (median of --reps), per decode step and per prefill, speed-ups, each
 method's largest relative error against the model's own generate_image (or, with
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-prompt-lens", type=int_list, default=list(SWEEP_PROMPT_LENS), metavar="T,T,...")
     p.add_argument("--plot", metavar="PNG", help="with --sweep: draw time per decode step vs batch and prompt length")
     p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    p.add_argument("--tp", type=int, default=0, metavar="N",
+                   help="tensor parallelism over N processes, run under torchrun --nproc-per-node N: emu_fast "
+                        "with each rank holding 1/N of every layer, against one process (benchmarks/tensor_parallel.py)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile this many emu_fast decode steps and print the top kernels/ops")
     args = p.parse_args(argv)
@@ -179,6 +183,10 @@ def run_point(args, machine):
 @torch.no_grad()
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tp:
+        from benchmarks.tensor_parallel import run
+
+        return run(args)
     torch.set_num_threads(args.threads)
     machine = describe(args.device)
     print(f"emu_fast latency | {one_line(machine)}")

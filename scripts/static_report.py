@@ -123,10 +123,14 @@ def estimate(k, a, bytes_, blocks, warps_per_block, iters_per_warp, chain, gap_u
                 ns_per_iter_one_warp=cyc / g["clock"] * 1e9, bytes=bytes_, blocks=blocks, waves=waves, iters_per_warp=iters_per_warp)
 
 
-def step(kernels, a, model, batch, keys):
+def step(kernels, a, model, batch, keys, tp=1):
     """The kernels of one layer and of the head, as EmuDecoder::run_layers and the regression head
-    launch them, each estimated; returns per-kernel rows and the per-step totals."""
-    m, g, B, E = MODELS[model], a["gpu"], batch, 2  # bf16 bytes
+    launch them, each estimated; returns per-kernel rows and the per-step totals. tp > 1: one GPU of
+    a tensor-parallel group (emu_fast.parallel): its heads and MLP slice, o and down computed as
+    partial sums, each all-reduced (allreduce_us, an assumption) and then added (an ATen kernel)."""
+    m, g, B, E = dict(MODELS[model]), a["gpu"], batch, 2  # bf16 bytes
+    for key in ("heads", "kv_heads", "inter"):
+        m[key] //= tp
     # a kernel of ours after one of ours: PDL needs sm_90 code (griddepcontrol); sm_80's launches are plain
     ours_gap = a["pdl_gap_us"] if a["pdl"] and a["arch"].startswith("sm_9") else a["gap_us"]
     H, I, Hq, Hkv, D = m["hidden"], m["inter"], m["heads"], m["kv_heads"], m["head_dim"]
@@ -170,7 +174,16 @@ def step(kernels, a, model, batch, keys):
     if splits > 1 and not a["combine_folded"]:
         layer.append(simple("attention combine", "combine", B * Hq * splits * (D + 2) * 4 + B * Hq * D * E, B * Hq))
     silu = simple("silu_mul", "silu_mul", B * I * E * 3, min(math.ceil(B * I / 256), 4096))
-    if fused and a["silu_epilogue"]:
+    if tp > 1:  # each partial sum all-reduced, then added to the residual stream
+        def reduced(label):
+            return [dict(kernel=f"all-reduce after {label} (NCCL, assumed)", instance="-", weight_bytes=0,
+                         us=a["allreduce_us"], gap_us=0.0, bound="assumed"),
+                    simple(f"h + {label} (ATen)", "aten_small", B * H * E * 3, 1)]
+        layer += ([gemv("gemv o_proj (partial)", H, Hq * D)] + reduced("o_proj")
+                  + [gemv("norm_gemv_silu gate_up", 2 * I, H, norm=True, silu=a["silu_epilogue"])]
+                  + ([] if a["silu_epilogue"] else [silu])
+                  + [gemv("gemv down (partial)", H, I)] + reduced("down"))
+    elif fused and a["silu_epilogue"]:
         layer += [gemv("gemv_add o_proj", H, Hq * D), gemv("norm_gemv_silu gate_up", 2 * I, H, norm=True, silu=True),
                   gemv("gemv_add down", H, I)]
     elif fused:
@@ -194,7 +207,9 @@ def step(kernels, a, model, batch, keys):
     kernels_per_step = m["layers"] * len(layer) + len(head) - (ours_gap != a["gap_us"])
     total_no_pdl = total - gaps + kernels_per_step * a["gap_us"]
     floor = weights / g["bw"] * 1e6
-    return dict(model=model, batch=B, keys=keys, capacity=cap, splits=splits, layer=layer, head=head,
+    allreduce_ms = m["layers"] * sum(r["us"] for r in layer if r["bound"] == "assumed") / 1e3
+    return dict(model=model, batch=B, keys=keys, tp=tp, allreduce_ms=allreduce_ms, capacity=cap, splits=splits,
+                layer=layer, head=head,
                 kernels_per_step=kernels_per_step, kernels_per_layer=len(layer), step_ms=total / 1e3,
                 step_ms_every_gap_full=total_no_pdl / 1e3,
                 weight_bytes=weights, weight_floor_ms=floor / 1e3, fraction_of_floor=floor / total)
@@ -268,7 +283,7 @@ def markdown(reports, a):
     for arch, rep in reports.items():
         g = rep["gpu"]
         for model in MODELS:
-            steps = [x for x in rep["steps"] if x["model"] == model]
+            steps = [x for x in rep["steps"] if x["model"] == model and x["tp"] == 1]
             L += [f"## {model}, one layer and the head, per kernel, {arch} code on {g['name']}: us ({LABEL})\n",
                   "| kernel | " + " | ".join(f"batch {x['batch']}, {x['keys']} keys" for x in steps) + " |",
                   "|---" * (len(steps) + 1) + "|"]
@@ -293,11 +308,25 @@ def markdown(reports, a):
         L += [f"## Per step, {arch} code on {rep['gpu']['name']} ({LABEL})\n",
               "| model | batch | keys | splits | kernels/layer | kernels/step | weight floor ms | estimated step ms | fraction of floor | step ms at gap_us for every kernel |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-        for s in rep["steps"]:
+        for s in (s for s in rep["steps"] if s["tp"] == 1):
             L.append(f"| {s['model']} | {s['batch']} | {s['keys']} | {s['splits']} | {s['kernels_per_layer']} | "
                      f"{s['kernels_per_step']} | {s['weight_floor_ms']:.2f} | {s['step_ms']:.2f} | "
                      f"{s['fraction_of_floor']:.0%} | {s['step_ms_every_gap_full']:.2f} |")
         L.append("")
+        tp_steps = [s for s in rep["steps"] if s["tp"] > 1]
+        if tp_steps:
+            one = {(s["model"], s["batch"], s["keys"]): s for s in rep["steps"] if s["tp"] == 1}
+            L += [f"## Tensor parallelism, per step, {arch} code on {rep['gpu']['name']} ({LABEL})\n",
+                  f"Each GPU reads its share of the weights; two all-reduces a layer at {a['allreduce_us']} us each "
+                  "(an assumed NVLink latency for a [batch, hidden] bf16 all-reduce inside a CUDA graph; no GPU "
+                  "measured it, and emu_fast's tensor-parallel step is not yet captured in a graph).\n",
+                  "| model | batch | keys | GPUs | weights per GPU GB | estimated step ms | of which all-reduces ms | vs one GPU |",
+                  "|---|---|---|---|---|---|---|---|"]
+            for s in tp_steps:
+                base = one[(s["model"], s["batch"], s["keys"])]
+                L.append(f"| {s['model']} | {s['batch']} | {s['keys']} | {s['tp']} | {s['weight_bytes'] / 1e9:.1f} | "
+                         f"{s['step_ms']:.2f} | {s['allreduce_ms']:.2f} | {base['step_ms'] / s['step_ms']:.2f}x |")
+            L.append("")
     return "\n".join(L)
 
 
@@ -312,11 +341,13 @@ def main():
     ap.add_argument("--l2-ns", type=float, default=100.0, help="latency of a cached global load (x rows read by every warp: L1/L2 hits)")
     ap.add_argument("--dram-eff", type=float, default=0.92, help="fraction of peak a pure stream reaches")
     ap.add_argument("--gap-us", type=float, default=2.0, help="per-kernel launch gap + ramp inside a graph")
+    ap.add_argument("--allreduce-us", type=float, default=8.0,
+                    help="one small all-reduce over NVLink inside a graph, for the tensor-parallel rows (an assumption)")
     ap.add_argument("--pdl-gap-us", type=float, default=0.8,
                     help="the gap left between two of our kernels launched with PDL (an assumption)")
     args = ap.parse_args()
     a = dict(gpu=None, dram_ns=args.dram_ns, l2_ns=args.l2_ns, dram_eff=args.dram_eff, gap_us=args.gap_us,
-             pdl_gap_us=args.pdl_gap_us, pdl=pdl_launches(args.kernels_source),
+             pdl_gap_us=args.pdl_gap_us, allreduce_us=args.allreduce_us, pdl=pdl_launches(args.kernels_source),
              combine_folded=combine_folded(args.kernels_source),
              source=describe(args.kernels_source), split_blocks_per_sm=split_rule(args.kernels_source)[0], split_rows=split_rule(args.kernels_source)[1],
              fused_layer=fused_layer(args.kernels_source), silu_epilogue=silu_epilogue(args.kernels_source))
@@ -328,6 +359,7 @@ def main():
             a["gpu"] = GPUS[args.gpu or ("h100" if arch == "sm_90a" else "a100")]
             a["arch"] = arch
             steps = [step(kernels, a, m, b, keys) for m in MODELS for b in (1, 8) for keys in (160, 640)]
+            steps += [step(kernels, a, m, b, 160, tp) for m in MODELS for b in (1, 8) for tp in (2, 4)]
             reports[arch] = dict(label=LABEL, arch=arch, gpu=a["gpu"], params={k: v for k, v in a.items() if k not in ("gpu", "arch")},
                                  kernels={n: {k: v for k, v in d.items() if not k.startswith("_")} | (
                                      dict(loop={k: v for k, v in d["loop"].items() if not k.startswith("_")}) if d["loop"] else {})
@@ -346,7 +378,8 @@ def main():
             print(f"{arch} {q['model']:9s} {q['scheme']} GEMVs batch {q['batch']}: {q['gemv_ms']:.2f} ms "
                   f"(their floor {q['floor_ms']:.2f}, {q['fraction_of_floor']:.0%}) [{LABEL}]")
         for s in rep["steps"]:
-            print(f"{arch} {s['model']:9s} batch {s['batch']} keys {s['keys']}: {s['step_ms']:.2f} ms "
+            tp = f" TP {s['tp']}" if s["tp"] > 1 else ""
+            print(f"{arch} {s['model']:9s} batch {s['batch']} keys {s['keys']}{tp}: {s['step_ms']:.2f} ms "
                   f"(floor {s['weight_floor_ms']:.2f}, {s['fraction_of_floor']:.0%}; every gap full: "
                   f"{s['step_ms_every_gap_full']:.2f} ms; {s['kernels_per_layer']} kernels/layer) [{LABEL}]")
 

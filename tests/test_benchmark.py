@@ -151,3 +151,19 @@ def test_serve_benchmark_runs(tmp_path):
             assert len(rows) == points and all(r["images_per_s"] > 0 and r["p50_s"] <= r["p99_s"] for r in rows)
     assert results["summary"]["clients"] == 2 and "vs_static_batching" in results["summary"]
     assert png.stat().st_size > 0
+
+
+def test_tensor_parallel_benchmark_runs(tmp_path):
+    """torchrun --nproc-per-node 2 benchmarks/latency.py --tp 2 on the tiny shape: both ways
+    measured, the images compared, the JSON written."""
+    import subprocess
+
+    out = tmp_path / "tp.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "benchmarks/latency.py", "--tp", "2", "--shape", "tiny", "--reps", "1",
+                           "--threads", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["world"] == 2 and r["threads_per_rank"] == 1 and r["rel_err"] < 1e-5
+    assert r["rank_weight_bytes"] < 0.75 * r["step_weight_bytes"]
+    assert r["one_process"]["steps"] > 0 and r["tensor_parallel"]["steps"] > 0 and r["all_reduce_s"] > 0
