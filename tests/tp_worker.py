@@ -168,7 +168,6 @@ def refusals(rank, world, group):
     # ranks asked for different prompts: refused on every rank, and the group stays usable
     out["different_prompts"] = caught(lambda: model.generate_image([TEXTS[rank % 2]]))
     out["after"] = model.generate_image(TEXTS[:1])
-    out["engine"] = caught(lambda: emu_fast.Engine(model))
     return out
 
 
@@ -244,4 +243,65 @@ def loaded(rank, world, group, out_dir):
     return out
 
 
-SCENARIOS = {"loaded": loaded, "equal": equal, "refusals": refusals, "dead_rank": dead_rank, "hung_rank": hung_rank}
+ENGINE_TEXTS = ["a photo of a cat", "an oil painting of a dog riding a bicycle at dawn", "hi",
+                "a red fox in tall grass under the evening sky", "a lighthouse", "two cats"]
+
+
+def engine(rank, world, group):
+    """emu_fast.Engine on a tensor-parallel model: rank 0 serves requests from three threads at
+    staggered times (and one whose prompt is too long), idles past the group's timeout, then
+    serves generate_image; rank 1 follows. Each result against the prompt generated alone in
+    one process."""
+    import threading
+
+    import emu_fast
+
+    model = _model("emu2", torch.float32)
+    emu_fast.accelerate(model, max_seq_len=64)
+    alone = {t: model.generate_image([t]) for t in ENGINE_TEXTS}
+    emu_fast.accelerate(model, max_seq_len=64, tensor_parallel=group)
+    eng = emu_fast.Engine(model, heartbeat=0.5)
+    if rank != 0:
+        refused = _caught(lambda: model.generate_image([ENGINE_TEXTS[0]]))  # requests go to rank 0
+        eng.close()  # returns when rank 0's engine has closed
+        return {"refused": refused, "closed": eng.closed}
+    futures = {}
+
+    def client(texts, delay):
+        time.sleep(delay)
+        for t in texts:
+            futures[t] = eng.submit(t)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(ENGINE_TEXTS[i::3], 0.1 * i)) for i in range(3)]
+    for th in threads:
+        th.start()
+    too_long = eng.submit(" ".join(["word"] * 80))
+    for th in threads:
+        th.join()
+    results = {t: f.result(timeout=120) for t, f in futures.items()}
+    bad = _caught(lambda: too_long.result(timeout=120))
+    time.sleep(GROUP_TIMEOUT_S + 2)  # idle: the heartbeat keeps the follower within the timeout
+    again = model.generate_image([ENGINE_TEXTS[1]])  # generate_image goes through the engine
+    stats = eng.stats()
+    eng.close()
+    return {"results": results, "alone": alone, "bad": bad, "again": again, "stats": stats}
+
+
+def engine_dead_follower(rank, world, group):
+    """Rank 1's follower dies: rank 0's engine stops and fails its requests with the reason."""
+    import emu_fast
+
+    model = _model("emu1", torch.float32)
+    emu_fast.accelerate(model, tensor_parallel=group)
+    eng = emu_fast.Engine(model, heartbeat=0.5)
+    if rank == 1:
+        time.sleep(1.0)
+        return {"exit_now": True}
+    time.sleep(2.0)
+    t0 = time.monotonic()
+    got = _caught(lambda: eng.submit(ENGINE_TEXTS[0]).result(timeout=GROUP_TIMEOUT_S * 3))
+    return {"error_seen": got, "seconds": time.monotonic() - t0, "closed": eng.closed}
+
+
+SCENARIOS = {"engine": engine, "engine_dead_follower": engine_dead_follower, "loaded": loaded, "equal": equal, "refusals": refusals, "dead_rank": dead_rank, "hung_rank": hung_rank}

@@ -16,6 +16,10 @@ shares the batch and whenever it arrived.
 
 While the engine is open the model's generate_image goes through it (from any thread: a
 threaded service gains without code changes) and the decoder belongs to it.
+
+A tensor-parallel model (accelerate(model, tensor_parallel=group)): every rank opens an engine on
+its model; rank 0's takes the requests and schedules, the others follow it call for call
+(emu_fast.serving.tensor_parallel), and their close() returns when rank 0's engine has closed.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 
 from ..decoder import EmuDecoder
 from ..dropin.families import DEFAULT_PLACEHOLDER
+from .tensor_parallel import GroupLost, Leader, follow
 
 
 class EngineFull(RuntimeError):
@@ -116,7 +121,8 @@ class Engine:
     seconds a request may take from submission (None: no limit); a request past it fails with
     TimeoutError and frees its rows. The batch is bounded by the decoder's max_batch."""
 
-    def __init__(self, model, *, max_queue: int = 256, max_admit: int = 8, timeout: Optional[float] = None):
+    def __init__(self, model, *, max_queue: int = 256, max_admit: int = 8, timeout: Optional[float] = None,
+                 heartbeat: float = 1.0):
         for name, value in (("max_queue", max_queue), ("max_admit", max_admit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"emu_fast.Engine: {name} must be a positive int, got {value!r}")
@@ -127,11 +133,15 @@ class Engine:
         if getattr(self._model, "_emu_fast_engine", None) is not None:
             raise RuntimeError("emu_fast.Engine: this model is served by another open Engine; close that one first")
         self._decoder: EmuDecoder = self._source.decoder
-        if self._decoder.tensor_parallel is not None:
-            # Each rank's scheduler would admit requests in its own order, so the ranks' steps
-            # would not match; serving a tensor-parallel model needs rank 0 to schedule for all.
-            raise NotImplementedError("emu_fast.Engine: a tensor-parallel model is not served by the engine yet; "
-                                      "call generate_image on every rank with the same prompts")
+        # Tensor parallelism (heartbeat: seconds between rank 0's messages while it is idle, well
+        # within the group's timeout): rank 0 schedules, the others follow.
+        tp = self._decoder.tensor_parallel
+        self._heartbeat = None if tp is None else heartbeat
+        self._follower = tp is not None and tp.rank != 0
+        self._group_error: Optional[BaseException] = None
+        self._stopped = ""  # why the scheduler stopped, if it failed
+        if tp is not None and tp.rank == 0:
+            self._decoder = Leader(self._decoder, tp)
         self._n = self._source.n
         self._max_queue, self._max_admit, self._timeout = max_queue, max_admit, timeout
         self._max_rows = self._decoder.max_batch
@@ -143,8 +153,12 @@ class Engine:
         self._stats = collections.Counter()
         self._latencies: Deque[tuple] = collections.deque(maxlen=1024)  # (queue, prefill, decode) seconds
         self._started = time.monotonic()
-        self._decoder.reset()
-        self._thread = threading.Thread(target=self._run, name="emu_fast.Engine", daemon=True)
+        if self._follower:
+            self._decoder.reset()
+            self._thread = threading.Thread(target=self._follow, name="emu_fast.Engine follower", daemon=True)
+        else:
+            self._decoder.reset()
+            self._thread = threading.Thread(target=self._run, name="emu_fast.Engine", daemon=True)
         self._model._emu_fast_engine = self
         self._thread.start()
 
@@ -173,6 +187,15 @@ class Engine:
         self._enqueue(future, inputs_embeds, attention_mask, timeout)
         return future
 
+    def _follow(self) -> None:
+        try:
+            self._group_error = follow(self._decoder, self._decoder.tensor_parallel)
+        finally:
+            with self._cv:
+                self._closing = True
+            if getattr(self._model, "_emu_fast_engine", None) is self:
+                self._model._emu_fast_engine = None
+
     def generate(self, texts: Sequence[str], image: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Blocking: each prompt of `texts` as its own request (they share steps with each other and
         with everything else running); [len(texts), n, D]. Prompt images go with a single prompt."""
@@ -189,6 +212,9 @@ class Engine:
         return await asyncio.wrap_future(self.submit(text, image, **kwargs))
 
     def _enqueue(self, future: Future, embeds, mask, timeout):
+        if self._follower:
+            raise RuntimeError(f"emu_fast.Engine: rank {self._decoder.tensor_parallel.rank} follows rank 0's engine "
+                               "(tensor parallelism): submit requests on rank 0")
         if not isinstance(embeds, torch.Tensor) or not isinstance(mask, torch.Tensor):
             raise TypeError("emu_fast.Engine: inputs_embeds and attention_mask must be tensors")
         if embeds.dim() != 3 or mask.dim() != 2 or mask.shape != embeds.shape[:2]:
@@ -202,7 +228,7 @@ class Engine:
         request = _Request(future, embeds, mask, self._n, None if timeout is None else now + timeout, now)
         with self._cv:
             if self._closing:
-                raise EngineClosed("emu_fast.Engine is closed")
+                raise EngineClosed("emu_fast.Engine is closed" + (f" (it stopped: {self._stopped})" if self._stopped else ""))
             if len(self._queue) >= self._max_queue:
                 self._stats["refused"] += 1
                 raise EngineFull(f"emu_fast.Engine: {len(self._queue)} requests are waiting (max_queue); "
@@ -221,7 +247,10 @@ class Engine:
             self._cancel_on_close = self._cancel_on_close or cancel
             self._cv.notify()
         if threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join()  # a follower: until rank 0's engine closes
+        if self._follower and self._group_error is not None:
+            raise RuntimeError(f"emu_fast.Engine: the tensor-parallel group failed while following rank 0: "
+                               f"{self._group_error}") from self._group_error
 
     def __enter__(self) -> "Engine":
         return self
@@ -256,7 +285,14 @@ class Engine:
                 while self._iteration():
                     pass
         except BaseException as e:  # the engine cannot go on: fail everything, never hang
-            self._fail_all(RuntimeError(f"emu_fast.Engine stopped: {type(e).__name__}: {e}"))
+            self._stopped = f"{type(e).__name__}: {e}"
+            self._fail_all(RuntimeError(f"emu_fast.Engine stopped: {self._stopped}"))
+        else:
+            if isinstance(self._decoder, Leader):  # the followers' engines close with this one
+                try:
+                    self._decoder.close()
+                except GroupLost:
+                    pass
         finally:
             with self._cv:
                 self._closing = True
@@ -265,8 +301,13 @@ class Engine:
 
     def _iteration(self) -> bool:
         with self._cv:
-            while not self._queue and not self._active and not self._closing:
-                self._cv.wait()
+            idle = False
+            while not self._queue and not self._active and not self._closing and not idle:
+                idle = not self._cv.wait(self._heartbeat)  # None: no timeout (no followers to keep)
+        if idle:
+            self._decoder.heartbeat()
+            return True
+        with self._cv:
             if self._closing and self._cancel_on_close:
                 for r in list(self._queue) + self._active:
                     r.future.cancel()

@@ -3,8 +3,9 @@ processes on this CPU, started by the test with a deadline (tests/tp_worker.py),
 same model run in one process. Each rank holds half of every layer and both return the same
 images: float32 within 1e-5 of the single-process decoder (the ranks' partial sums add in
 another order, nothing else differs), bfloat16 and quantized weights within the loop's own
-tolerance against float32 on the same weights. Refusals, a rank that dies and a rank that hangs
-end with errors, never a hang. The sharding itself is checked in one process."""
+tolerance against float32 on the same weights. emu_fast.Engine serves it with rank 0 scheduling
+and the other ranks following. Refusals, a rank that dies and a rank that hangs end with errors,
+never a hang. The sharding itself is checked in one process."""
 import pytest
 import torch
 
@@ -60,7 +61,6 @@ def test_refusals_and_different_prompts(tmp_path):
         assert r["int4_left_unquantized"], "the refused model was quantized anyway"
         # different prompts on the ranks: refused on every rank, before anything ran ...
         assert r["different_prompts"][0] == "ValueError" and "different inputs" in r["different_prompts"][1]
-        assert r["engine"][0] == "NotImplementedError"
     # ... and the group still serves the next (same) request
     assert torch.equal(results[0]["after"], results[1]["after"])
     assert results[0]["after"].shape[1] == 16
@@ -75,6 +75,33 @@ def test_a_lost_rank_ends_the_other_with_an_error(tmp_path, scenario):
     assert seconds < tp_worker.GROUP_TIMEOUT_S + 10  # the group's timeout, not forever
     kind, message, seconds = r["image"]
     assert kind == "RuntimeError" and "could not compare their inputs" in message
+
+
+def test_engine_rank_0_schedules_the_others_follow(tmp_path):
+    """Requests from three threads at staggered times, one too long for max_seq_len (it alone
+    fails, on rank 0's future), an idle spell longer than the group's timeout (rank 0's
+    heartbeats keep the follower waiting), then generate_image through the engine: every result
+    equals its prompt generated alone in one process; the follower refuses requests and closes
+    with rank 0."""
+    leader, follower = tp_worker.launch("engine", tmp_path)
+    for rank, r in enumerate((leader, follower)):
+        assert "error" not in r, f"rank {rank}: {r['error']}"
+    assert set(leader["results"]) == set(tp_worker.ENGINE_TEXTS)
+    for text, got in leader["results"].items():
+        assert rel_err(got, leader["alone"][text]) < TP_FP32_TOL, text
+    assert rel_err(leader["again"], leader["alone"][tp_worker.ENGINE_TEXTS[1]]) < TP_FP32_TOL
+    assert leader["bad"][0] == "ValueError" and "max_seq_len" in leader["bad"][1]
+    assert leader["stats"]["completed"] == len(tp_worker.ENGINE_TEXTS) + 1 and leader["stats"]["failed"] == 1
+    assert follower["refused"][0] == "RuntimeError" and "submit requests on rank 0" in follower["refused"][1]
+    assert follower["closed"]
+
+
+def test_engine_stops_with_the_reason_when_a_follower_dies(tmp_path):
+    r = tp_worker.launch("engine_dead_follower", tmp_path, wait_for=(0,), deadline_s=120)[0]
+    assert "error" not in r, r["error"]
+    kind, message, _ = r["error_seen"]
+    assert kind == "EngineClosed" and "tensor-parallel group failed" in message
+    assert r["closed"]
 
 
 def test_not_a_group_is_refused():
