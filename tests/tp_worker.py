@@ -66,8 +66,8 @@ def _main(rank, world, store, scenario, out):
 # --- scenarios: each returns a dict of what the test asserts on -------------------------------
 
 TEXTS = ["a photo of a cat", "an oil painting [<IMG_PLH>] of a dog riding a bicycle, at dawn", "a [<IMG_PLH>]"]
-LONGER = ["a watercolour of a lighthouse on a cliff above a stormy sea at night, with gulls and rain, "
-          "seen from a boat far below"]
+LONGER = [" ".join(["a watercolour of a lighthouse on a cliff above a stormy sea at night, with gulls and rain, "
+                    "seen from a boat far below"] * 6)]  # past the cache's first 128 positions
 
 
 def _image(count, dtype=torch.float32, seed=0):
@@ -98,6 +98,7 @@ CASES = [
     ("emu2", torch.float32, None, None, "fused"),
     ("hub", torch.float32, None, None, "fused"),
     ("emu1", torch.float32, None, None, "op_by_op"),
+    ("emu2", torch.float32, "int8", None, "fused_2_threads"),
     ("emu2", torch.float32, None, None, "aten"),
     ("emu2", torch.float32, "int8", None, "fused"),
     ("emu1", torch.float32, "int4", 32, "fused"),
@@ -124,7 +125,7 @@ def equal(rank, world, group):
         model = _model(kind, dtype)
         kernels = "aten" if how == "aten" else "auto"
         emu_fast.accelerate(model, weights=weights, group_size=group_size, kernels=kernels)
-        requests = [(TEXTS, _image(2, dtype)), (LONGER, None)]
+        requests = [(TEXTS[:1], None), (LONGER, None), (TEXTS, _image(2, dtype))]  # the cache grows twice
         alone = [_generate(model, kind, t, i) for t, i in requests]
         whole_bytes = model.emu_fast_decoder.weight_bytes
         truth = None
@@ -136,8 +137,15 @@ def equal(rank, world, group):
         emu_fast.accelerate(model, tensor_parallel=group, kernels=kernels)
         decoder = model.emu_fast_decoder
         decoder.fused_cpu_step = how != "op_by_op"
-        split = [_generate(model, kind, t, i) for t, i in requests]
+        threads = 2 if how == "fused_2_threads" else 1  # the step's other threads wait out each all-reduce
+        torch.set_num_threads(threads)
+        split, capacities = [], []
+        for t, i in requests:
+            split.append(_generate(model, kind, t, i))
+            capacities.append(decoder.capacity)
+        torch.set_num_threads(1)
         out[case_name(case)] = {"alone": alone, "split": split, "truth": truth, "heads": decoder.num_heads,
+                                "capacities": capacities,
                                 "weight_bytes": decoder.weight_bytes, "whole_weight_bytes": whole_bytes,
                                 "kernels": decoder.kernels}
     return out
@@ -289,19 +297,24 @@ def engine(rank, world, group):
 
 
 def engine_dead_follower(rank, world, group):
-    """Rank 1's follower dies: rank 0's engine stops and fails its requests with the reason."""
+    """Rank 1's follower dies after following one request: rank 0's engine stops and refuses or
+    fails the next request with the reason."""
     import emu_fast
 
     model = _model("emu1", torch.float32)
     emu_fast.accelerate(model, tensor_parallel=group)
     eng = emu_fast.Engine(model, heartbeat=0.5)
     if rank == 1:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while model.emu_fast_decoder.batch_size == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the first request's rows are admitted here too
+        time.sleep(0.5)
         return {"exit_now": True}
-    time.sleep(2.0)
+    first = eng.submit(ENGINE_TEXTS[0]).result(timeout=GROUP_TIMEOUT_S * 3)
+    time.sleep(3.0)
     t0 = time.monotonic()
-    got = _caught(lambda: eng.submit(ENGINE_TEXTS[0]).result(timeout=GROUP_TIMEOUT_S * 3))
-    return {"error_seen": got, "seconds": time.monotonic() - t0, "closed": eng.closed}
+    got = _caught(lambda: eng.submit(ENGINE_TEXTS[1]).result(timeout=GROUP_TIMEOUT_S * 3))
+    return {"first": first, "error_seen": got, "seconds": time.monotonic() - t0, "closed": eng.closed}
 
 
 SCENARIOS = {"engine": engine, "engine_dead_follower": engine_dead_follower, "loaded": loaded, "equal": equal, "refusals": refusals, "dead_rank": dead_rank, "hung_rank": hung_rank}

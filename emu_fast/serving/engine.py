@@ -157,7 +157,10 @@ class Engine:
             self._decoder.reset()
             self._thread = threading.Thread(target=self._follow, name="emu_fast.Engine follower", daemon=True)
         else:
-            self._decoder.reset()
+            try:
+                self._decoder.reset()
+            except GroupLost as e:  # the followers are gone before the engine began
+                raise RuntimeError(f"emu_fast.Engine: {e}") from None
             self._thread = threading.Thread(target=self._run, name="emu_fast.Engine", daemon=True)
         self._model._emu_fast_engine = self
         self._thread.start()

@@ -40,6 +40,9 @@ def test_two_ranks_reproduce_one_process(equal_results, case):
         got = result[name]
         assert got["heads"] * 2 == 4  # each rank holds half the heads ...
         assert got["weight_bytes"] < 0.75 * got["whole_weight_bytes"]  # ... and about half the weights
+        # one prompt, then a longer one (more positions), then three (more rows): the cache grew
+        (b0, s0), (b1, s1), (b2, s2) = got["capacities"]
+        assert s1 > s0 and b2 > b1, got["capacities"]
         for i, (split, alone) in enumerate(zip(got["split"], got["alone"])):
             assert split.shape == alone.shape
             if dtype == torch.float32:
@@ -99,8 +102,10 @@ def test_engine_rank_0_schedules_the_others_follow(tmp_path):
 def test_engine_stops_with_the_reason_when_a_follower_dies(tmp_path):
     r = tp_worker.launch("engine_dead_follower", tmp_path, wait_for=(0,), deadline_s=120)[0]
     assert "error" not in r, r["error"]
+    assert r["first"].shape[1] == 8  # served while both ranks were there
     kind, message, _ = r["error_seen"]
-    assert kind == "EngineClosed" and "tensor-parallel group failed" in message
+    # refused (the engine had stopped on a heartbeat) or failed (it stopped under the request)
+    assert kind in ("EngineClosed", "RuntimeError") and "tensor-parallel group failed" in message, (kind, message)
     assert r["closed"]
 
 
@@ -172,3 +177,29 @@ def test_from_pretrained_reads_each_rank_its_share(tmp_path):
             assert split_bytes < 0.75 * whole_bytes, (rank, weights)
     for weights in results[0]:
         assert torch.equal(results[0][weights]["split"], results[1][weights]["split"])
+
+
+def test_decoder_refuses_a_tensor_parallel_setup_it_cannot_run():
+    """The C++ decoder's own checks (what a hand-built decoder meets): a size without a group name,
+    heads that do not split, a split model."""
+    from emu_fast import _C
+    from emu_fast.dropin.packing import pack_layers
+    from emu_fast.testing import tiny_llama
+
+    lm = tiny_llama(hidden=48, heads=3, kv_heads=3, seed=1)
+    layers = pack_layers(lm)
+    norm = lm.model.norm.weight.detach()
+    head = torch.randn(48, 48)
+    tables = torch.zeros(0, 8)
+
+    def make(**kw):
+        return _C.EmuDecoder(layers, norm, head, None, num_heads=3, num_kv_heads=3, rms_eps=1e-6, rope_cos=tables,
+                             rope_sin=tables, rope_fn=lambda p: (torch.zeros(p, 8), torch.zeros(p, 8)), **kw)
+
+    with pytest.raises(ValueError, match="needs tp_group"):
+        make(tp_size=2)
+    with pytest.raises(ValueError, match="do not split over 2"):
+        make(tp_size=2, tp_group="0")
+    with pytest.raises(ValueError, match="one device"):
+        make(tp_size=3, tp_group="0", segment_starts=[0, 1])
+    assert make().tp_size == 1 and make().tp_group == ""
