@@ -2,6 +2,7 @@
 LLaMA, and the thin causal loop that drives it."""
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Iterable, Optional
 
@@ -128,6 +129,8 @@ class EmuDecoder(_C.EmuDecoder):
         prepare_quantization(lm, weights, group_size, "EmuDecoder.from_llama", apply=False)  # checks only
         body = llama_body_of(lm)
         tp = resolve_group(tensor_parallel, "EmuDecoder.from_llama")
+        if tp is not None:
+            tp.check_device(head_weight.device, "EmuDecoder.from_llama")
         plan = plan_segments(layer_devices(body.layers), split_before)
         if tp is not None and len(plan) > 1:
             raise ValueError("emu_fast.EmuDecoder.from_llama: a tensor-parallel rank runs every layer on one device; "
@@ -139,7 +142,6 @@ class EmuDecoder(_C.EmuDecoder):
         quant = prepare_quantization(lm, weights, group_size, "EmuDecoder.from_llama")
         layers = pack_layers(lm, quantized=quant is not None)
         if tp is not None:
-            tp.check_device(head.device, "EmuDecoder.from_llama")
             layers = shard_layers(layers, tp, shape.heads, shape.kv_heads, shape.head_dim,
                                   None if quant is None else REGISTRY[quant[0]], None if quant is None else quant[1],
                                   "EmuDecoder.from_llama")
@@ -237,7 +239,11 @@ class EmuDecoder(_C.EmuDecoder):
         on every rank, before any runs them)."""
         tp = getattr(self, "_tp", None)
         if tp is not None and isinstance(inputs_embeds, torch.Tensor) and isinstance(attention_mask, torch.Tensor):
-            check_same_inputs(tp, f"EmuDecoder.{who}", (inputs_embeds, attention_mask), extra)
+            # the settings that decide which collectives a call makes go in with the inputs
+            settings = (self.max_batch, self.max_seq_len, self.kernel_mode, self.kernels, self.fused_cpu_step,
+                        self.weight_bits, self.group_size, os.environ.get("EMU_FAST_SELF_CHECK"))
+            check_same_inputs(tp, f"EmuDecoder.{who}", (inputs_embeds, attention_mask), extra + settings,
+                              device=self.input_device)
 
     def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._check_same_inputs("prefill", inputs_embeds, attention_mask)

@@ -159,7 +159,7 @@ def test_tensor_parallel_benchmark_runs(tmp_path):
     import subprocess
 
     out = tmp_path / "tp.json"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "benchmarks/latency.py", "--tp", "2", "--shape", "tiny", "--reps", "1",
                            "--threads", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -317,4 +317,25 @@ def engine_dead_follower(rank, world, group):
     return {"first": first, "error_seen": got, "seconds": time.monotonic() - t0, "closed": eng.closed}
 
 
-SCENARIOS = {"engine": engine, "engine_dead_follower": engine_dead_follower, "loaded": loaded, "equal": equal, "refusals": refusals, "dead_rank": dead_rank, "hung_rank": hung_rank}
+def self_check_one_rank(rank, world, group):
+    """A kernel wrong on rank 1 only (a test fault in its fused step): its first-step self-check
+    fails, rank 0's passes; both fall back to the ATen step together (the ranks keep running the
+    same collectives) and both images are right."""
+    import emu_fast
+    from emu_fast import _C
+
+    model = _model("emu2", torch.float32)
+    emu_fast.accelerate(model)
+    alone = model.generate_image(TEXTS[:2])
+    emu_fast.accelerate(model, tensor_parallel=group)
+    if rank == 1:
+        _C._set_test_fault("decode_step")
+    try:
+        got = model.generate_image(TEXTS[:2])
+    finally:
+        _C._set_test_fault("")
+    decoder = model.emu_fast_decoder
+    return {"alone": alone, "got": got, "kernels": decoder.kernels, "reason": decoder.fallback_reason}
+
+
+SCENARIOS = {"self_check_one_rank": self_check_one_rank, "engine": engine, "engine_dead_follower": engine_dead_follower, "loaded": loaded, "equal": equal, "refusals": refusals, "dead_rank": dead_rank, "hung_rank": hung_rank}

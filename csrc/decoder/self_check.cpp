@@ -68,15 +68,28 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   // The setting was set (from another thread) while the two steps ran, even if set back to what
   // it was: they may have taken different inputs, which says nothing about the kernels. Ours
   // stands, unchecked; the next step of this batch size checks again.
-  if (kernels::quantized_input_generation() != generation) return ours;
-  if (op.empty() && step_error <= step_bound) {
-    if (self_checked_.size() <= static_cast<size_t>(B)) self_checked_.resize(B + 1, 0);
-    self_checked_[B] |= setting;
+  const bool changed = kernels::quantized_input_generation() != generation;
+  const bool passed_here = changed || (op.empty() && step_error <= step_bound);
+  // Tensor parallelism: every rank checked its own shard; all fall back if any failed, so that
+  // the ranks go on running the same steps (the same collectives).
+  bool passed = passed_here;
+  if (tp_size_ > 1) {
+    const at::Tensor failures = at::full({1}, passed_here ? 0.f : 1.f, final_norm_.options().dtype(at::kFloat));
+    all_reduce_(failures);
+    passed = failures.item<float>() == 0.f;
+  }
+  if (passed) {
+    if (!changed) {
+      if (self_checked_.size() <= static_cast<size_t>(B)) self_checked_.resize(B + 1, 0);
+      self_checked_[B] |= setting;
+    }
     return ours;
   }
   std::ostringstream why;
   why << "emu_fast: self-check failed at batch size " << B << ": ";
-  if (!op.empty()) {
+  if (passed_here) {
+    why << "on another tensor-parallel rank (this rank's shard agreed with ATen";
+  } else if (!op.empty()) {
     why << "the custom " << op << " kernel disagrees with ATen (relative error " << op_error;
   } else {
     why << "the " << (fused ? "fused CPU decode step" : "decode step")

@@ -52,10 +52,12 @@ void EmuDecoder::all_reduce_(const at::Tensor& t) const {
     stack = {t};
     wait_op()->callBoxed(&stack);
   } catch (const std::exception& e) {
-    // A rank that died or hangs surfaces here (the backend's error, or its timeout).
+    // A rank that died or hangs surfaces here on gloo (its error, or its timeout). NCCL reports
+    // such faults through its own watchdog instead (see docs/gpu.md).
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
     TORCH_CHECK(false, kDecoderName, ": the tensor-parallel all-reduce over group '", tp_group_, "' (", tp_size_,
                 " ranks) failed; a rank may have died, hung past the group's timeout, or been called with other "
-                "inputs: ", e.what());
+                "inputs: ", c10_error != nullptr ? c10_error->what_without_backtrace() : e.what());
   }
 }
 

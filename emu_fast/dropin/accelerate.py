@@ -91,6 +91,8 @@ def accelerate(model, *, max_batch: Optional[int] = DEFAULT_MAX_BATCH,
     lm = family.lm(model)
     target = resolve_device(device, "accelerate")                  # a bad device, group or scheme fails
     tp = resolve_group(tensor_parallel, "accelerate")
+    if tp is not None:  # the group's backend must serve where the model will run
+        tp.check_device(target if target is not None else family.head(model).weight.device, "accelerate")
     quant = prepare_quantization(model, weights, group_size, apply=False)  # before anything changes
     head = check_linear(family.head(model), family.head_name(model))
     up_module = family.project_up(model)

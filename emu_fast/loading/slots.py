@@ -84,17 +84,27 @@ class Slots:
         mine = None if n == 1 else (r * rows[part], (r + 1) * rows[part])
         return rows, k, (r0, r1), mine, None
 
-    def put_projection(self, i: int, param: str, w: torch.Tensor) -> None:
-        """A float projection [rows, K] into its stacked slot, quantized on the way if asked (the
-        whole projection, then this rank's share of it: what a one-process load would hold)."""
+    def needed(self, param: str, t: torch.Tensor) -> torch.Tensor:
+        """Of a float projection as the checkpoint holds it, what this rank reads (a view, before
+        any conversion or copy): its rows, and for o / down its input columns, except where they
+        are quantized here (a row's int8 scale spans all its columns: quantized whole, then cut)."""
         stack, part = PROJECTIONS[param]
-        rows, k, (r0, r1), mine, cols = self._share(stack, part)
-        total = sum(rows)
+        _, _, _, mine, cols = self._share(stack, part)
         if mine is not None:
-            w = w[mine[0]:mine[1]]  # only these rows are read (and quantized)
+            t = t[mine[0]:mine[1]]
+        if cols is not None and self.scheme is None:
+            t = t[:, cols[0]:cols[1]]
+        return t
+
+    def put_projection(self, i: int, param: str, w: torch.Tensor) -> None:
+        """A float projection into its stacked slot, as `needed` cut it, quantized on the way if
+        asked (o / down whole, then this rank's columns: what a one-process load would hold)."""
+        stack, part = PROJECTIONS[param]
+        rows, k, (r0, r1), _, cols = self._share(stack, part)
+        total = sum(rows)
         if self.scheme is None:
             buf = self._buffer(i, stack, lambda: torch.empty(total, k, dtype=self.dtype, device=self.device))
-            buf[r0:r1].copy_(w if cols is None else w[:, cols[0]:cols[1]])
+            buf[r0:r1].copy_(w)
         else:
             scheme = REGISTRY[self.scheme]
             q, s = scheme.quantize(w, self.group, device=self.device)
@@ -206,7 +216,9 @@ def place(t: torch.Tensor, role: str, slots: Slots, other: Dict[str, torch.Tenso
     if base in NORMS:
         slots.layers[i][base] = t.to(device=target, dtype=dtype, copy=True)
     elif kind == "weight":
-        w = t.to(device=target, dtype=dtype)  # the model's dtype first: quantized as the loaded model would be
+        # this rank's share only (all of it without tensor parallelism), in the model's dtype first:
+        # quantized as the loaded model would be
+        w = slots.needed(base, t).to(device=target, dtype=dtype)
         try:
             slots.put_projection(i, base, w)  # the quantizer refuses non-finite weights
         except ValueError as e:

@@ -40,11 +40,12 @@ class TensorParallel:
             raise ValueError(f"emu_fast.{who}: the tensor-parallel group's backend serves {have}, but the model is on "
                              f"{kind}: use a gloo group for a model on the CPU, an NCCL group for one on CUDA")
 
-    def collective_device(self) -> torch.device:
-        """Where small tensors for this group's own collectives go (NCCL's: the current GPU)."""
+    def collective_device(self, device) -> torch.device:
+        """Where small tensors for this group's own collectives go: the CPU with gloo, else the
+        model's own GPU (`device`, the decoder's), whatever the calling thread's current one."""
         if "cpu" in self.backends:
             return torch.device("cpu")
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(device)
 
 
 # What each backend moves tensors of (a group made without naming a backend lists its own:
@@ -61,6 +62,9 @@ def resolve_group(group, who: str) -> Optional[TensorParallel]:
 
     if not dist.is_available():
         raise RuntimeError(f"emu_fast.{who}: tensor_parallel needs torch.distributed, which this PyTorch lacks")
+    if not isinstance(group, dist.ProcessGroup) and group == dist.GroupMember.NON_GROUP_MEMBER:  # new_group's
+        raise ValueError(f"emu_fast.{who}: this process (global rank {dist.get_rank()}) is not a member of the "
+                         f"tensor_parallel group")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"emu_fast.{who}: tensor_parallel must be a torch.distributed ProcessGroup (e.g. "
                         f"torch.distributed.group.WORLD after init_process_group), got {type(group).__name__}")
@@ -90,13 +94,17 @@ def check_shardable(tp: TensorParallel, heads: int, kv_heads: int, head_dim: int
     """Whole heads, whole KV heads and an even slice of the MLP per rank; for a quantized model,
     column shards the scheme can cut (int4: no group across two ranks)."""
     n = tp.size
-    if heads % n or kv_heads % n:
-        splits = [d for d in range(2, kv_heads + 1) if heads % d == 0 and kv_heads % d == 0]
-        raise ValueError(f"emu_fast.{who}: {heads} attention heads and {kv_heads} KV heads do not split over "
-                         f"{n} tensor-parallel ranks (each rank takes whole heads); this model splits over "
-                         f"{', '.join(map(str, splits)) or 'no group size'}")
-    if intermediate % n:
-        raise ValueError(f"emu_fast.{who}: the MLP's {intermediate} channels do not split over {n} ranks")
+
+    def fits(d):  # whole heads, whole KV heads, an even MLP slice and, quantized, whole groups
+        return (heads % d == 0 and kv_heads % d == 0 and intermediate % d == 0 and
+                (scheme is None or all(scheme.shard_check(k // d, group_size) is None
+                                       for k in (heads * head_dim, intermediate))))
+
+    if heads % n or kv_heads % n or intermediate % n:
+        splits = [d for d in range(2, kv_heads + 1) if fits(d)]
+        raise ValueError(f"emu_fast.{who}: {heads} attention heads, {kv_heads} KV heads and {intermediate} MLP "
+                         f"channels do not split over {n} tensor-parallel ranks (each rank takes whole heads); "
+                         f"this model splits over {', '.join(map(str, splits)) or 'no group size'}")
     if scheme is not None:
         for name, inputs in (("o_proj", heads * head_dim // n), ("down_proj", intermediate // n)):
             why = scheme.shard_check(inputs, group_size)
@@ -177,13 +185,14 @@ def _digest(tensors: Sequence[torch.Tensor], extra: Sequence) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def check_same_inputs(tp: TensorParallel, who: str, tensors: Sequence[torch.Tensor], extra: Sequence = ()) -> None:
+def check_same_inputs(tp: TensorParallel, who: str, tensors: Sequence[torch.Tensor], extra: Sequence = (),
+                      device=None) -> None:
     """Every rank must run the same request (its share of the same computation): a digest of the
     inputs gathered from every rank; ValueError on every rank when they differ, before any of them
     runs it (a rank that runs other prompts would get another rank's partial sums)."""
     import torch.distributed as dist
 
-    mine = torch.tensor([_digest(tensors, extra)], dtype=torch.int64, device=tp.collective_device())
+    mine = torch.tensor([_digest(tensors, extra)], dtype=torch.int64, device=tp.collective_device(device))
     gathered = [torch.empty_like(mine) for _ in range(tp.size)]
     try:
         dist.all_gather(gathered, mine, group=tp.group)
@@ -193,5 +202,6 @@ def check_same_inputs(tp: TensorParallel, who: str, tensors: Sequence[torch.Tens
     digests = [int(g.item()) for g in gathered]
     if len(set(digests)) > 1:
         differ = [i for i, d in enumerate(digests) if d != digests[0]]
-        raise ValueError(f"emu_fast.{who}: the tensor-parallel ranks were called with different inputs (ranks "
-                         f"{differ} differ from rank 0); every rank must make the same call with the same prompts")
+        raise ValueError(f"emu_fast.{who}: the tensor-parallel ranks were called with different inputs or run "
+                         f"differently set decoders (ranks {differ} differ from rank 0); every rank must make the "
+                         f"same call with the same prompts on a decoder made the same way")

@@ -63,6 +63,14 @@ class _Request:
         return self.embeds.shape[0]
 
 
+def _use_decoder_device(decoder) -> None:
+    """A new thread starts on GPU 0: the scheduler's and the follower's work (their collectives
+    included) goes to the decoder's own GPU."""
+    device = torch.device(decoder.input_device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def through_engine(owner, embeds: torch.Tensor, mask: torch.Tensor) -> Optional[torch.Tensor]:
     """A generate_image call on `owner` (an accelerated model or a from_pretrained generator):
     its result through the engine serving `owner`, or None when none is (or the one that was has
@@ -128,6 +136,8 @@ class Engine:
                 raise ValueError(f"emu_fast.Engine: {name} must be a positive int, got {value!r}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"emu_fast.Engine: timeout must be positive seconds or None, got {timeout!r}")
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or not heartbeat > 0:
+            raise ValueError(f"emu_fast.Engine: heartbeat must be positive seconds, got {heartbeat!r}")
         self._source = _Source(model)
         self._model = self._source.owner
         if getattr(self._model, "_emu_fast_engine", None) is not None:
@@ -191,6 +201,7 @@ class Engine:
         return future
 
     def _follow(self) -> None:
+        _use_decoder_device(self._decoder)
         try:
             self._group_error = follow(self._decoder, self._decoder.tensor_parallel)
         finally:
@@ -283,6 +294,7 @@ class Engine:
     # ------------------------------------------------------------------ the scheduler thread
 
     def _run(self) -> None:
+        _use_decoder_device(self._decoder)
         try:
             with torch.no_grad():
                 while self._iteration():
@@ -290,6 +302,11 @@ class Engine:
         except BaseException as e:  # the engine cannot go on: fail everything, never hang
             self._stopped = f"{type(e).__name__}: {e}"
             self._fail_all(RuntimeError(f"emu_fast.Engine stopped: {self._stopped}"))
+            if isinstance(self._decoder, Leader) and not isinstance(e, GroupLost):
+                try:  # the group still works: let the followers' engines close too
+                    self._decoder.close()
+                except GroupLost:
+                    pass
         else:
             if isinstance(self._decoder, Leader):  # the followers' engines close with this one
                 try:

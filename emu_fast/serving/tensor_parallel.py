@@ -40,18 +40,19 @@ class Leader:
         import torch.distributed as dist
 
         try:
-            dist.broadcast_object_list([call], src=_leader_rank(self._tp), group=self._tp.group)
+            dist.broadcast_object_list([call], src=_leader_rank(self._tp), group=self._tp.group,
+                                       device=self._tp.collective_device(self._decoder.input_device))
         except Exception as e:  # noqa: BLE001 - any failure of the group ends the engine
             raise GroupLost(f"the tensor-parallel group failed (a rank may have died or hung past the group's "
                             f"timeout): {type(e).__name__}: {e}") from e
 
     def admit(self, embeds, mask, steps):
         self._send("admit", embeds.cpu(), mask.cpu(), steps)
-        return self._decoder.admit(embeds, mask, steps)
+        return self._decoder.admit(embeds.to(self._decoder.input_device), mask, steps)  # as the followers do
 
     def step(self, prev):
         self._send("step", prev.cpu())
-        return self._decoder.step(prev)
+        return self._decoder.step(prev.to(self._decoder.output_device))
 
     def retire(self, rows):
         self._send("retire", list(rows))
@@ -79,7 +80,8 @@ def follow(decoder, tp) -> Optional[BaseException]:
         while True:
             box = [None]
             try:
-                dist.broadcast_object_list(box, src=src, group=tp.group)
+                dist.broadcast_object_list(box, src=src, group=tp.group,
+                                           device=tp.collective_device(decoder.input_device))
             except Exception as e:  # noqa: BLE001 - the group is gone: the follower ends with it
                 return e
             op, *args = box[0]

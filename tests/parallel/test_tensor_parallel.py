@@ -109,6 +109,16 @@ def test_engine_stops_with_the_reason_when_a_follower_dies(tmp_path):
     assert r["closed"]
 
 
+def test_a_self_check_failing_on_one_rank_moves_every_rank_to_aten(tmp_path):
+    results = tp_worker.launch("self_check_one_rank", tmp_path, deadline_s=120)
+    for rank, r in enumerate(results):
+        assert "error" not in r, f"rank {rank}: {r['error']}"
+        assert r["kernels"] == "aten", rank
+        assert rel_err(r["got"], r["alone"]) < TP_FP32_TOL, rank
+    assert "another tensor-parallel rank" in results[0]["reason"]
+    assert "disagrees with the ATen step" in results[1]["reason"]
+
+
 def test_not_a_group_is_refused():
     model = tiny_emu("emu1", n=4)
     with pytest.raises(TypeError, match="ProcessGroup"):
