@@ -30,6 +30,13 @@ class LayerWeights:
     def quantized(self) -> bool:
         return self.qkv_scales is not None
 
+    @classmethod
+    def from_list(cls, parts: List[torch.Tensor]) -> "LayerWeights":
+        """The inverse of as_list: 6 tensors, or 10 with the scales."""
+        if len(parts) not in (6, 10):
+            raise ValueError(f"emu_fast: a layer is 6 tensors, or 10 with the scales; got {len(parts)}")
+        return cls(*parts)
+
     def as_list(self) -> List[torch.Tensor]:
         """[input_norm, qkv, o, post_norm, gate_up, down] (+ [qkv, o, gate_up, down scales] when
         quantized): the EmuDecoder binding's order."""

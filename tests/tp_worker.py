@@ -152,29 +152,22 @@ def equal(rank, world, group):
 
 
 def refusals(rank, world, group):
-    """What each bad setup raises (type name and message), on every rank."""
+    """What each bad setup raises (type name, message, seconds), on every rank."""
     import emu_fast
 
-    def caught(fn):
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - the test checks the type and message
-            return (type(e).__name__, str(e))
-        return None
-
     out = {}
-    out["odd_heads"] = caught(lambda: emu_fast.accelerate(_model("emu1", torch.float32, hidden=48, heads=3,
-                                                                 kv_heads=3), tensor_parallel=group))
+    out["odd_heads"] = _caught(lambda: emu_fast.accelerate(_model("emu1", torch.float32, hidden=48, heads=3,
+                                                                  kv_heads=3), tensor_parallel=group))
     refused = _model("emu1", torch.float32, intermediate=96)
-    out["int4_group_straddles"] = caught(lambda: emu_fast.accelerate(refused, weights="int4", group_size=32,
-                                                                     tensor_parallel=group))
+    out["int4_group_straddles"] = _caught(lambda: emu_fast.accelerate(refused, weights="int4", group_size=32,
+                                                                      tensor_parallel=group))
     from emu_fast.quant.apply import quantization_of
 
     out["int4_left_unquantized"] = quantization_of(refused) is None and not hasattr(refused, "emu_fast_decoder")
     model = _model("emu2", torch.float32)
     emu_fast.accelerate(model, tensor_parallel=group)
     # ranks asked for different prompts: refused on every rank, and the group stays usable
-    out["different_prompts"] = caught(lambda: model.generate_image([TEXTS[rank % 2]]))
+    out["different_prompts"] = _caught(lambda: model.generate_image([TEXTS[rank % 2]]))
     out["after"] = model.generate_image(TEXTS[:1])
     return out
 

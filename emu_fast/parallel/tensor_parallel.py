@@ -71,10 +71,6 @@ def resolve_group(group, who: str) -> Optional[TensorParallel]:
     if not dist.is_initialized():
         raise RuntimeError(f"emu_fast.{who}: torch.distributed is not initialized; call "
                            f"torch.distributed.init_process_group first (torchrun sets up its environment)")
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError(f"emu_fast.{who}: this process (global rank {dist.get_rank()}) is not a member of the "
-                         f"tensor_parallel group")
     backend = str(dist.get_backend(group))
     backends = {}
     for part in backend.split(","):
@@ -86,7 +82,7 @@ def resolve_group(group, who: str) -> Optional[TensorParallel]:
     if not backends:
         raise ValueError(f"emu_fast.{who}: the tensor_parallel group's backend {backend!r} is not one emu_fast "
                          f"knows (gloo, nccl)")
-    return TensorParallel(group, rank, dist.get_world_size(group), backends, group.group_name)
+    return TensorParallel(group, dist.get_rank(group), dist.get_world_size(group), backends, group.group_name)
 
 
 def check_shardable(tp: TensorParallel, heads: int, kv_heads: int, head_dim: int, intermediate: int,
@@ -170,8 +166,8 @@ def shard_layers(layers: List[List[torch.Tensor]], tp: TensorParallel, heads: in
     check_shardable(tp, heads, kv_heads, head_dim, intermediate, scheme, group_size, who)
     out = []
     for parts in layers:
-        w = LayerWeights(*parts[:6], *(parts[6:] if len(parts) == 10 else ()))
-        out.append(shard_layer(w, tp, heads, kv_heads, head_dim, intermediate, scheme, group_size).as_list())
+        out.append(shard_layer(LayerWeights.from_list(parts), tp, heads, kv_heads, head_dim, intermediate, scheme,
+                               group_size).as_list())
     return out
 
 

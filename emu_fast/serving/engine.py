@@ -163,15 +163,12 @@ class Engine:
         self._stats = collections.Counter()
         self._latencies: Deque[tuple] = collections.deque(maxlen=1024)  # (queue, prefill, decode) seconds
         self._started = time.monotonic()
-        if self._follower:
+        try:
             self._decoder.reset()
-            self._thread = threading.Thread(target=self._follow, name="emu_fast.Engine follower", daemon=True)
-        else:
-            try:
-                self._decoder.reset()
-            except GroupLost as e:  # the followers are gone before the engine began
-                raise RuntimeError(f"emu_fast.Engine: {e}") from None
-            self._thread = threading.Thread(target=self._run, name="emu_fast.Engine", daemon=True)
+        except GroupLost as e:  # rank 0: the followers are gone before the engine began
+            raise RuntimeError(f"emu_fast.Engine: {e}") from None
+        target, name = (self._follow, "emu_fast.Engine follower") if self._follower else (self._run, "emu_fast.Engine")
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
         self._model._emu_fast_engine = self
         self._thread.start()
 
@@ -205,10 +202,14 @@ class Engine:
         try:
             self._group_error = follow(self._decoder, self._decoder.tensor_parallel)
         finally:
-            with self._cv:
-                self._closing = True
-            if getattr(self._model, "_emu_fast_engine", None) is self:
-                self._model._emu_fast_engine = None
+            self._detach()
+
+    def _detach(self) -> None:
+        """The thread's end: closed for good, and the model's generate_image its own again."""
+        with self._cv:
+            self._closing = True
+        if getattr(self._model, "_emu_fast_engine", None) is self:
+            self._model._emu_fast_engine = None
 
     def generate(self, texts: Sequence[str], image: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Blocking: each prompt of `texts` as its own request (they share steps with each other and
@@ -295,29 +296,19 @@ class Engine:
 
     def _run(self) -> None:
         _use_decoder_device(self._decoder)
+        group_lost = False
         try:
             with torch.no_grad():
                 while self._iteration():
                     pass
         except BaseException as e:  # the engine cannot go on: fail everything, never hang
+            group_lost = isinstance(e, GroupLost)
             self._stopped = f"{type(e).__name__}: {e}"
             self._fail_all(RuntimeError(f"emu_fast.Engine stopped: {self._stopped}"))
-            if isinstance(self._decoder, Leader) and not isinstance(e, GroupLost):
-                try:  # the group still works: let the followers' engines close too
-                    self._decoder.close()
-                except GroupLost:
-                    pass
-        else:
-            if isinstance(self._decoder, Leader):  # the followers' engines close with this one
-                try:
-                    self._decoder.close()
-                except GroupLost:
-                    pass
         finally:
-            with self._cv:
-                self._closing = True
-            if getattr(self._model, "_emu_fast_engine", None) is self:
-                self._model._emu_fast_engine = None
+            if isinstance(self._decoder, Leader) and not group_lost:
+                self._decoder.close()  # the followers' engines close with this one
+            self._detach()
 
     def _iteration(self) -> bool:
         with self._cv:

@@ -66,7 +66,11 @@ class Leader:
         self._send("noop")
 
     def close(self) -> None:
-        self._send("close")
+        """Best effort: a group that broke meanwhile has no followers left to tell."""
+        try:
+            self._send("close")
+        except GroupLost:
+            pass
 
 
 def follow(decoder, tp) -> Optional[BaseException]:
