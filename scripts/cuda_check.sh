@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every CUDA source with this machine's nvcc for sm_80 and sm_90a, without a GPU and
-# without torch's CUDA libraries: the torch-free kernels (all types and head sizes), the torch
+# without torch's CUDA libraries: the torch-free kernels (every kernels/cuda/*.cuh with its
+# launchers instantiated for all types and head sizes), the torch
 # glue against torch's headers (compile only, no link), and the host code of the CUDA graph
 # path. A CPU build of torch lacks one generated CUDA config header; a stand-in is written to
 # build/cuda-check/include for this check only. SKIP_KERNELS=1 / SKIP_GLUE=1 skip the two nvcc
@@ -21,7 +22,9 @@ fi
 INC=(-Icsrc -I"$OUT/include" -I"$TORCH_DIR/include" -I"$TORCH_DIR/include/torch/csrc/api/include")
 ARCH=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a)
 set -x
-[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -Icsrc -c csrc/kernels/cuda/kernels_check.cu -o "$OUT/kernels_check.o"
+# Every kernel header compiled with its own launchers instantiated for each type.
+{ echo '#define EMU_FAST_INSTANTIATE_KERNELS'; for f in csrc/kernels/cuda/*.cuh; do echo "#include \"${f#csrc/}\""; done; } >"$OUT/kernels_all.cu"
+[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -Icsrc -c "$OUT/kernels_all.cu" -o "$OUT/kernels_all.o"
 if [ "${SKIP_GLUE:-0}" != 1 ]; then
   for f in csrc/ops/*.cu; do
     "$NVCC" -std=c++20 -O3 "${ARCH[@]}" --expt-relaxed-constexpr "${INC[@]}" -DEMU_FAST_WITH_CUDA=1 \

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Static performance report of the CUDA decode step: ESTIMATES FROM COMPILED CODE (no GPU ran this).
 
-One command: `python scripts/static_report.py` compiles csrc/kernels/cuda/kernels_check.cu (every
-kernel instantiation) for sm_90a and sm_80, reads ptxas -v (registers, spills, shared memory) and
+One command: `python scripts/static_report.py` compiles every csrc/kernels/cuda/*.cuh with its
+launchers instantiated for sm_90a and sm_80, reads ptxas -v (registers, spills, shared memory) and
 the SASS (nvdisasm on the cubin), and feeds a latency/issue model that estimates the time of every
 kernel the step launches and of the whole step, for Emu1-13B and Emu2 in bf16, batch 1 and 8, 160
 and 640 keys. Writes <out>-<arch>.json per arch and <out>.md (default out:

@@ -4,7 +4,7 @@ the SASS, whose main loop per kernel is found and run as one warp through a regi
 (iteration_cycles). kernel_table puts it together per bf16 kernel."""
 import math, os, re, shutil, subprocess, sys
 
-from static_report_source import cuda_kernels_dir
+from static_report_source import all_kernels_source
 
 # Per-SM limits (CUDA occupancy calculator / programming guide tables for cc 9.0 and 8.0).
 SM_LIMITS = {
@@ -42,7 +42,7 @@ def compile_cubin(src, arch, workdir):
     flags) into one cubin; returns (cubin path, ptxas -v text)."""
     cubin = os.path.join(workdir, f"kernels-{arch}.cubin")
     cmd = [os.environ.get("NVCC", "nvcc"), "-std=c++20", "-O3", f"-I{src}/csrc", "-cubin", f"-arch={arch}",
-           "-Xptxas", "-v", os.path.join(cuda_kernels_dir(src), "kernels_check.cu"), "-o", cubin]
+           "-Xptxas", "-v", all_kernels_source(src, workdir), "-o", cubin]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"static_report: nvcc failed:\n{r.stderr}")

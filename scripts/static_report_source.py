@@ -10,6 +10,20 @@ def cuda_kernels_dir(source_dir):
     return new if os.path.isdir(new) else os.path.join(source_dir, "csrc/cuda/kernels")
 
 
+def all_kernels_source(source_dir, workdir):
+    """A .cu that compiles every kernel instantiation of a tree: each kernel header's own
+    instantiation block (EMU_FAST_INSTANTIATE_KERNELS), or kernels_check.cu in older trees."""
+    kdir = cuda_kernels_dir(source_dir)
+    old = os.path.join(kdir, "kernels_check.cu")
+    if os.path.exists(old):
+        return old
+    path = os.path.join(workdir, "kernels_all.cu")
+    with open(path, "w") as f:
+        f.write("#define EMU_FAST_INSTANTIATE_KERNELS\n")
+        f.writelines(f'#include "{os.path.join(kdir, h)}"\n' for h in sorted(os.listdir(kdir)) if h.endswith(".cuh"))
+    return path
+
+
 def decoder_source(source_dir):
     """The decoder's C++ source of a tree as one text (csrc/decoder/*.cpp; csrc/decoder.cpp in older trees)."""
     d = os.path.join(source_dir, "csrc/decoder")
@@ -21,12 +35,14 @@ def decoder_source(source_dir):
 def fused_layer(source_dir):
     """Whether the decoder in the source compiled folds the norms and residual adds into its
     GEMVs (norm_gemv / gemv_add), as EmuDecoder::run_layers does since fb65004."""
-    return "gemv_add(" in decoder_source(source_dir)
+    src = decoder_source(source_dir)
+    return "gemv_add(" in src or "ops::gemv_add>" in src
 
 
 def silu_epilogue(source_dir):
     """Whether the gate/up GEMV writes silu(gate) * up itself (norm_gemv_silu, since 8d435e2)."""
-    return "norm_gemv_silu(" in decoder_source(source_dir)
+    src = decoder_source(source_dir)
+    return "norm_gemv_silu(" in src or "ops::norm_gemv_silu>" in src
 
 
 def pdl_launches(source_dir):

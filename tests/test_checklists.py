@@ -57,6 +57,14 @@ def test_op_checklist_counts_what_it_lists():
     assert f"`docs/adding-an-op.md` ({n_files} files; {n_files + n_step} for an op the decode step uses)" in contributing
 
 
+@pytest.mark.parametrize("name", ["adding-a-scheme.md", "adding-an-isa.md"])
+def test_scheme_and_isa_checklists_count_what_they_list(name):
+    text = (ROOT / "docs" / name).read_text()
+    files = re.search(r"^## The files \((\d+)\)\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert files, f"{name} has no '## The files (N)' section"
+    assert _numbered(files.group(2)) == list(range(1, int(files.group(1)) + 1))
+
+
 def test_every_op_stem_has_its_file_in_each_layer():
     assert {"decode_attention", "gemv", "norm", "quantized_gemv", "splice_embeddings"} <= set(STEMS)
     for stem in STEMS:

@@ -41,42 +41,36 @@ class FusedStepT final : public FusedStep {
 };
 
 template <typename T>
-std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& layers,
-                                      const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache,
-                                      const at::Tensor& final_norm, const at::Tensor& head,
-                                      const c10::optional<at::Tensor>& up, const at::Tensor& rope_cos,
-                                      const at::Tensor& rope_sin, int64_t num_heads, int64_t num_kv_heads,
-                                      int64_t head_dim, double eps, const WeightQuant& quant,
-                                      FusedStep::AllReduce all_reduce) {
+std::shared_ptr<const FusedStep> make(const FusedStepSpec& s) {
   StepModel<T> m;
-  m.hidden = final_norm.size(0);
-  m.heads = num_heads;
-  m.kv_heads = num_kv_heads;
-  m.head_dim = head_dim;
-  m.intermediate = layers[0].gate_up.size(0) / 2;  // (down's width is in bytes for int4)
-  m.bits = quant.bits;
-  m.group_size = quant.group_size;
-  m.capacity = k_cache[0].size(2);
-  m.out_dim = head.defined() ? head.size(0) : m.hidden;
-  m.eps = static_cast<float>(eps);
+  m.hidden = s.final_norm.size(0);
+  m.heads = s.num_heads;
+  m.kv_heads = s.num_kv_heads;
+  m.head_dim = s.head_dim;
+  m.intermediate = s.layers[0].gate_up.size(0) / 2;  // (down's width is in bytes for int4)
+  m.bits = s.bits;
+  m.group_size = s.group_size;
+  m.capacity = s.k_cache[0].size(2);
+  m.out_dim = s.head.defined() ? s.head.size(0) : m.hidden;
+  m.eps = static_cast<float>(s.eps);
   m.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.head_dim)));
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const auto& w = layers[l];
+  for (size_t l = 0; l < s.layers.size(); ++l) {
+    const auto& w = s.layers[l];
     auto p = [](const at::Tensor& weight, const at::Tensor& scales) {
       return StepProj{weight.data_ptr(), scales.defined() ? scales.data_ptr<float>() : nullptr};
     };
     m.layers.push_back({ptr<T>(w.input_norm), ptr<T>(w.post_norm), p(w.qkv, w.qkv_scales), p(w.o, w.o_scales),
-                        p(w.gate_up, w.gate_up_scales), p(w.down, w.down_scales), ptr<T>(k_cache[l]),
-                        ptr<T>(v_cache[l])});
+                        p(w.gate_up, w.gate_up_scales), p(w.down, w.down_scales), ptr<T>(s.k_cache[l]),
+                        ptr<T>(s.v_cache[l])});
   }
-  m.final_norm = ptr<T>(final_norm);
-  m.head = head.defined() ? ptr<T>(head) : nullptr;
-  m.up = head.defined() && up.has_value() ? ptr<T>(*up) : nullptr;
-  m.rope_cos = rope_cos.data_ptr<float>();
-  m.rope_sin = rope_sin.data_ptr<float>();
-  if (all_reduce) {
-    const at::TensorOptions options = final_norm.options();
-    m.all_reduce = [reduce = std::move(all_reduce), options](T* data, int64_t n) {
+  m.final_norm = ptr<T>(s.final_norm);
+  m.head = s.head.defined() ? ptr<T>(s.head) : nullptr;
+  m.up = s.head.defined() && s.up.has_value() ? ptr<T>(*s.up) : nullptr;
+  m.rope_cos = s.rope_cos.data_ptr<float>();
+  m.rope_sin = s.rope_sin.data_ptr<float>();
+  if (s.all_reduce) {
+    const at::TensorOptions options = s.final_norm.options();
+    m.all_reduce = [reduce = s.all_reduce, options](T* data, int64_t n) {
       reduce(at::from_blob(data, {n}, options));
     };
   }
@@ -85,22 +79,13 @@ std::shared_ptr<const FusedStep> make(const std::vector<DecoderLayerWeights>& la
 
 }  // namespace
 
-std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerWeights>& layers,
-                                                 const std::vector<at::Tensor>& k_cache,
-                                                 const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,
-                                                 const at::Tensor& head, const c10::optional<at::Tensor>& up,
-                                                 const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                                 double eps, const WeightQuant& quant,
-                                                 FusedStep::AllReduce all_reduce) {
-  if (!final_norm.device().is_cpu()) return nullptr;
-  switch (final_norm.scalar_type()) {
+std::shared_ptr<const FusedStep> make_fused_step(const FusedStepSpec& spec) {
+  if (!spec.final_norm.device().is_cpu()) return nullptr;
+  switch (spec.final_norm.scalar_type()) {
     case at::kFloat:
-      return make<float>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads, num_kv_heads,
-                         head_dim, eps, quant, std::move(all_reduce));
+      return make<float>(spec);
     case at::kBFloat16:
-      return make<kernels::bf16>(layers, k_cache, v_cache, final_norm, head, up, rope_cos, rope_sin, num_heads,
-                                 num_kv_heads, head_dim, eps, quant, std::move(all_reduce));
+      return make<kernels::bf16>(spec);
     default:
       return nullptr;
   }

@@ -10,7 +10,6 @@
 
 namespace emu_fast {
 struct DecoderLayerWeights;  // decoder.h
-struct WeightQuant;          // decoder.h
 
 namespace cpu {
 
@@ -28,17 +27,23 @@ class FusedStep {
                    const at::Tensor& next) const = 0;
 };
 
-// nullptr where there is no fused step (weights not on the CPU, or float16). layers and caches:
-// the ones this step runs (a segment's); head undefined: the step ends at the residual stream.
-// num_heads / num_kv_heads: the heads these layers hold (a tensor-parallel rank's share).
-std::shared_ptr<const FusedStep> make_fused_step(const std::vector<DecoderLayerWeights>& layers,
-                                                 const std::vector<at::Tensor>& k_cache,
-                                                 const std::vector<at::Tensor>& v_cache, const at::Tensor& final_norm,
-                                                 const at::Tensor& head, const c10::optional<at::Tensor>& up,
-                                                 const at::Tensor& rope_cos, const at::Tensor& rope_sin,
-                                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                                 double eps, const WeightQuant& quant,
-                                                 FusedStep::AllReduce all_reduce = {});
+// What a fused step runs: a segment's layers and KV caches, and the model's facts.
+struct FusedStepSpec {
+  std::vector<DecoderLayerWeights> layers;
+  std::vector<at::Tensor> k_cache, v_cache;
+  at::Tensor final_norm;
+  at::Tensor head;  // undefined: the step ends at the residual stream
+  c10::optional<at::Tensor> up;
+  at::Tensor rope_cos, rope_sin;
+  int64_t num_heads = 0, num_kv_heads = 0;  // the heads these layers hold (a tensor-parallel rank's share)
+  int64_t head_dim = 0;
+  double eps = 0.0;
+  int64_t bits = 0, group_size = 0;  // the decoder's WeightQuant
+  FusedStep::AllReduce all_reduce;   // empty without tensor parallelism
+};
+
+// nullptr where there is no fused step (weights not on the CPU, or float16).
+std::shared_ptr<const FusedStep> make_fused_step(const FusedStepSpec& spec);
 
 }  // namespace cpu
 }  // namespace emu_fast

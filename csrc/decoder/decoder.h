@@ -41,7 +41,7 @@ namespace cpu {
 class FusedStep;  // decoder/cpu_fused_step.h
 }
 struct PromptLayout;  // decoder/prompt_mask.h
-class StepKernels;    // ops/op_set.h
+class OpSet;    // ops/op_set.h
 
 // What the decoder's errors call it (it is emu_fast.EmuDecoder in Python).
 inline constexpr const char* kDecoderName = "emu_fast.EmuDecoder";
@@ -196,7 +196,7 @@ class EmuDecoder {
   // The body of a step from its input x [B, H]: every layer, the head; advances the device-side
   // lengths. Only device work (capturable); returns (output, next input or [B,0]).
   std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& x);
-  std::tuple<at::Tensor, at::Tensor> run_step_with(const at::Tensor& x, const StepKernels& kernels, bool fused);
+  std::tuple<at::Tensor, at::Tensor> run_step_with(const at::Tensor& x, const OpSet& kernels, bool fused);
   void reset_locked();
   static constexpr int64_t kNoLimit = INT64_MAX;
   static c10::optional<int64_t> limited(int64_t v) {
@@ -236,18 +236,18 @@ class EmuDecoder {
   };
   // Runs a part from the residual stream h [B, H] on its device: (the residual stream after its
   // layers, undefined) or, with the head, (output, next input or [B, 0]).
-  std::tuple<at::Tensor, at::Tensor> run_part(const Part& part, const StepKernels& kernels, at::Tensor h);
+  std::tuple<at::Tensor, at::Tensor> run_part(const Part& part, const OpSet& kernels, at::Tensor h);
   // A segment's layers op by op from the residual stream; returns the residual stream after
   // them (each projection added to it as it is computed, rounded as the fused CPU step rounds
   // it, so cutting a model into segments changes no bit).
-  at::Tensor run_layers(Segment& seg, const StepKernels& kernels, at::Tensor h);
+  at::Tensor run_layers(Segment& seg, const OpSet& kernels, at::Tensor h);
   // Layer l's attention from its fused QKV projection [B, (Hq + 2 Hkv) D]: appends to the cache,
   // returns [B, Hq, D] (both step compositions, plain and quantized).
-  at::Tensor attend(Segment& seg, const StepKernels& kernels, int64_t l, const at::Tensor& qkv,
+  at::Tensor attend(Segment& seg, const OpSet& kernels, int64_t l, const at::Tensor& qkv,
                     const at::Tensor& lens, const at::Tensor& positions);
   // The same over quantized projections: rms_norm / add_rms_norm, then the quantized GEMV op,
   // with the fused CPU step's roundings (each projection rounded, then added).
-  at::Tensor run_layers_quantized(Segment& seg, const StepKernels& kernels, at::Tensor h);
+  at::Tensor run_layers_quantized(Segment& seg, const OpSet& kernels, at::Tensor h);
   // x @ W^T of one projection for prefill (GEMM-bound): the weight itself, or its dequantized
   // copy in x's dtype (one projection's worth, freed on return).
   at::Tensor prefill_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) const;
@@ -286,7 +286,7 @@ class EmuDecoder {
   at::Tensor rope_cos_, rope_sin_;  // float32 [P, D/2] as rope_fn gave them (each segment has its copy)
   RopeFn rope_fn_;
   std::string mode_;                    // "auto", "custom", "aten"
-  const StepKernels* kernels_;          // in use now
+  const OpSet* kernels_;          // in use now
   // per batch size, one bit per quantized-input setting (input_setting_bit): our step matched ATen's
   std::vector<uint8_t> self_checked_;
   std::string fallback_reason_;

@@ -38,7 +38,7 @@ at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const Promp
   // Prefill is GEMM-bound; its glue (norms, SiLU, the head) runs on our kernels only when they
   // were asked for by name. In "auto" mode it is ATen's: it runs before any self-check, and a
   // wrong kernel here would poison the cache every later step reads.
-  const StepKernels& k = mode_ == "custom" ? custom_kernels() : aten_kernels();
+  const OpSet& k = mode_ == "custom" ? custom_kernels() : aten_kernels();
 
   // --- Lay each prompt's valid tokens out from index 0 (the cache's layout), RoPE positions
   // starting at its left padding so the arithmetic is upstream's.
@@ -71,7 +71,7 @@ at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const Promp
     const at::Tensor attn_mask = unpadded ? at::Tensor() : attn_mask_host.to(dev);
     for (int64_t l = seg.begin; l < seg.end; ++l) {
       const auto& w = layers_[l];
-      const at::Tensor x = k.rms_norm(h, w.input_norm, eps_);
+      const at::Tensor x = k.call<ops::rms_norm>(h, w.input_norm, eps_);
       const at::Tensor qkv = prefill_linear(x, w.qkv, w.qkv_scales).view({B, L, Hq + 2 * Hkv, D});
       const at::Tensor q = rope_prefill(qkv.narrow(2, 0, Hq), cos, sin).transpose(1, 2);
       const at::Tensor kk = rope_prefill(qkv.narrow(2, Hq, Hkv), cos, sin).transpose(1, 2);
@@ -86,8 +86,8 @@ at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const Promp
       at::Tensor attn_out = prefill_linear(o.transpose(1, 2).reshape({B * L, Hq * D}), w.o, w.o_scales);
       all_reduce_(attn_out);
       h = h + attn_out;
-      const at::Tensor y = k.rms_norm(h, w.post_norm, eps_);
-      at::Tensor mlp_out = prefill_linear(k.silu_mul(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+      const at::Tensor y = k.call<ops::rms_norm>(h, w.post_norm, eps_);
+      at::Tensor mlp_out = prefill_linear(k.call<ops::silu_mul>(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
       all_reduce_(mlp_out);
       h = h + mlp_out;
     }
@@ -97,7 +97,7 @@ at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const Promp
   const at::Device out_dev = output_device();
   const at::Tensor last = h.to(out_dev).view({B, L, H}).index(
       {at::arange(B, i64.device(out_dev)), (lens_host - 1).to(out_dev)});
-  const at::Tensor out = std::get<0>(k.regression_head(last, final_norm_, eps_, head_, up_));
+  const at::Tensor out = std::get<0>(k.call<ops::regression_head>(last, final_norm_, eps_, head_, up_));
 
   batch_ = first + B;
   for (int64_t b = 0; b < B; ++b) {

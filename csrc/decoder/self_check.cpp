@@ -37,7 +37,7 @@ void EmuDecoder::fall_back_locked(const std::string& reason) {
 std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& prev) {
   const int64_t B = prev.size(0);
   const bool fused = fused_cpu_step_ && segs_.front().fused != nullptr;
-  // The step through CheckedKernels first: every op ours and ATen's on the same inputs, ATen's
+  // The step through a checked op set first: every op ours and ATen's on the same inputs, ATen's
   // result carried on, so what comes out is the ATen step's. Then, from the same cache, our step
   // as it runs for real (the fused CPU step, or op by op): it writes its cache entries last, so
   // a passing check leaves the decoder exactly as an unchecked step would.
@@ -45,8 +45,8 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::checked_step(const at::Tensor& pr
   const uint64_t generation = kernels::quantized_input_generation();  // before the setting is read
   const auto forced = kernels::quantized_input_override();
   const uint8_t setting = setting_bit(forced);
-  const CheckedKernels checked(bound);
-  const at::Tensor x_ref = up_.has_value() ? checked.gemv(prev.contiguous(), *up_) : prev.contiguous();
+  const OpSet checked(OpSet::Kind::kChecked, bound);
+  const at::Tensor x_ref = up_.has_value() ? checked.call<ops::gemv>(prev.contiguous(), *up_) : prev.contiguous();
   const auto ref = run_step_with(x_ref, checked, /*fused=*/false);
   rewind_lengths_locked(B);
   const bool flip = test_fault("flip_quantized_input");  // what another thread may do meanwhile

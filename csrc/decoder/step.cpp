@@ -8,6 +8,7 @@
 #include "decoder/cpu_fused_step.h"
 #include "ops/checks.h"
 #include "ops/op_set.h"
+#include "ops/schemes.h"
 
 namespace emu_fast {
 
@@ -20,14 +21,23 @@ void EmuDecoder::rebuild_step_locked() {
     seg.fused_head = i + 1 == segs_.size() && seg.device == output_device();
     seg.fused = nullptr;
     if (!ours || cap_batch_ == 0 || cap_seq_ == 0) continue;
-    const std::vector<DecoderLayerWeights> layers(layers_.begin() + seg.begin, layers_.begin() + seg.end);
-    const std::vector<at::Tensor> kc(k_cache_.begin() + seg.begin, k_cache_.begin() + seg.end);
-    const std::vector<at::Tensor> vc(v_cache_.begin() + seg.begin, v_cache_.begin() + seg.end);
-    cpu::FusedStep::AllReduce reduce;
-    if (tp_size_ > 1) reduce = [this](const at::Tensor& t) { all_reduce_(t); };
-    seg.fused = cpu::make_fused_step(layers, kc, vc, final_norm_, seg.fused_head ? head_ : at::Tensor(), up_,
-                                     seg.rope_cos, seg.rope_sin, num_heads_, num_kv_heads_, head_dim_, eps_, quant_,
-                                     std::move(reduce));
+    cpu::FusedStepSpec spec;
+    spec.layers.assign(layers_.begin() + seg.begin, layers_.begin() + seg.end);
+    spec.k_cache.assign(k_cache_.begin() + seg.begin, k_cache_.begin() + seg.end);
+    spec.v_cache.assign(v_cache_.begin() + seg.begin, v_cache_.begin() + seg.end);
+    spec.final_norm = final_norm_;
+    if (seg.fused_head) spec.head = head_;
+    spec.up = up_;
+    spec.rope_cos = seg.rope_cos;
+    spec.rope_sin = seg.rope_sin;
+    spec.num_heads = num_heads_;
+    spec.num_kv_heads = num_kv_heads_;
+    spec.head_dim = head_dim_;
+    spec.eps = eps_;
+    spec.bits = quant_.bits;
+    spec.group_size = quant_.group_size;
+    if (tp_size_ > 1) spec.all_reduce = [this](const at::Tensor& t) { all_reduce_(t); };
+    seg.fused = cpu::make_fused_step(spec);
   }
 }
 
@@ -57,14 +67,14 @@ void EmuDecoder::check_step_input(const at::Tensor& prev, const char* who, int64
 // caller's tensor may have been written in ways no version counter sees (.numpy(), .data).
 at::Tensor EmuDecoder::next_input(const at::Tensor& prev) {
   if (!up_.has_value()) return prev.contiguous();
-  return kernels_->gemv(prev.contiguous(), *up_);
+  return kernels_->call<ops::gemv>(prev.contiguous(), *up_);
 }
 
 std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step(const at::Tensor& x) {
   return run_step_with(x, *kernels_, fused_cpu_step_);
 }
 
-std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_with(const at::Tensor& x, const StepKernels& k, bool fused) {
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_with(const at::Tensor& x, const OpSet& k, bool fused) {
   // On the CPU each segment runs in one parallel region (cpu_decode_step.cpp); elsewhere op by
   // op, part by part (what a CUDA graph captures). The residual stream moves between devices
   // once per boundary.
@@ -93,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_with(const at::Tensor& x
       }
       h = hidden;
     }
-    return k.regression_head(h.to(output_device()), final_norm_, eps_, head_, up_);
+    return k.call<ops::regression_head>(h.to(output_device()), final_norm_, eps_, head_, up_);
   }
   at::Tensor h = x;
   std::tuple<at::Tensor, at::Tensor> result;
@@ -104,23 +114,23 @@ std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_step_with(const at::Tensor& x
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_part(const Part& part, const StepKernels& k, at::Tensor h) {
+std::tuple<at::Tensor, at::Tensor> EmuDecoder::run_part(const Part& part, const OpSet& k, at::Tensor h) {
   for (size_t i = part.first_seg; i < part.end_seg; ++i) h = run_layers(segs_[i], k, h);
   if (!part.head) return {h, at::Tensor()};
-  return k.regression_head(h, final_norm_, eps_, head_, up_);
+  return k.call<ops::regression_head>(h, final_norm_, eps_, head_, up_);
 }
 
-at::Tensor EmuDecoder::attend(Segment& seg, const StepKernels& k, int64_t l, const at::Tensor& qkv,
+at::Tensor EmuDecoder::attend(Segment& seg, const OpSet& k, int64_t l, const at::Tensor& qkv,
                               const at::Tensor& lens, const at::Tensor& positions) {
   const int64_t B = qkv.size(0), Hq = num_heads_, Hkv = num_kv_heads_, D = head_dim_;
   const at::Tensor q = qkv.narrow(1, 0, Hq * D).view({B, Hq, D});
   const at::Tensor kk = qkv.narrow(1, Hq * D, Hkv * D).view({B, Hkv, D});
   const at::Tensor v = qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({B, Hkv, D});
-  return k.decode_attention(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin,
+  return k.call<ops::decode_attention>(q, kk, v, k_cache_[l], v_cache_[l], lens, positions, seg.rope_cos, seg.rope_sin,
                             1.0 / std::sqrt(static_cast<double>(D)), seg.split_counters);
 }
 
-at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor h) {
+at::Tensor EmuDecoder::run_layers(Segment& seg, const OpSet& k, at::Tensor h) {
   if (quant_.bits != 0) return run_layers_quantized(seg, k, h);
   const int64_t B = h.size(0), Hq = num_heads_, D = head_dim_;
   const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
@@ -131,28 +141,29 @@ at::Tensor EmuDecoder::run_layers(Segment& seg, const StepKernels& k, at::Tensor
   // after every sub-layer. With tensor parallelism each rank's o and down give a partial sum: it is
   // rounded, summed across the ranks, then added (the fused step's order).
   auto add_projection = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual) {
-    if (tp_size_ == 1) return k.gemv_add(x, w, residual);
-    const at::Tensor partial = k.gemv(x, w);
+    if (tp_size_ == 1) return k.call<ops::gemv_add>(x, w, residual);
+    const at::Tensor partial = k.call<ops::gemv>(x, w);
     all_reduce_(partial);
     return at::add(residual, partial);
   };
   for (int64_t l = seg.begin; l < seg.end; ++l) {
     const auto& w = layers_[l];
-    const at::Tensor qkv = k.norm_gemv(h, w.input_norm, eps_, w.qkv);  // [B, (Hq + 2 Hkv) D]
+    const at::Tensor qkv = k.call<ops::norm_gemv>(h, w.input_norm, eps_, w.qkv);  // [B, (Hq + 2 Hkv) D]
     const at::Tensor attn = attend(seg, k, l, qkv, lens, positions);
     h = add_projection(attn.view({B, Hq * D}), w.o, h);
-    h = add_projection(k.norm_gemv_silu(h, w.post_norm, eps_, w.gate_up), w.down, h);
+    h = add_projection(k.call<ops::norm_gemv_silu>(h, w.post_norm, eps_, w.gate_up), w.down, h);
   }
   seg.lengths_dev.narrow(0, 0, B).add_(1);
   return h;
 }
 
-at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const StepKernels& k, at::Tensor h) {
+at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const OpSet& k, at::Tensor h) {
   const int64_t B = h.size(0), Hq = num_heads_, D = head_dim_;
   const at::Tensor lens = seg.lengths_dev.narrow(0, 0, B);
   const at::Tensor positions = seg.starts_dev.narrow(0, 0, B) + lens;
+  const QuantScheme& scheme = *quant_scheme(quant_.bits);
   auto proj = [&](const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
-    return k.gemv_quantized(x, q, s, quant_.bits, quant_.group_size);
+    return scheme.gemv(k, x, q, s, quant_.group_size);
   };
   // Composed from our ops as the fused CPU step runs (cpu_decode_step.cpp), rounding for
   // rounding: each projection's output is rounded to the dtype (the GEMV op's result) and joins
@@ -163,16 +174,16 @@ at::Tensor EmuDecoder::run_layers_quantized(Segment& seg, const StepKernels& k, 
     const auto& w = layers_[l];
     at::Tensor xn;
     if (branch.defined()) {
-      std::tie(xn, h) = k.add_rms_norm(branch, h, w.input_norm, eps_);
+      std::tie(xn, h) = k.call<ops::add_rms_norm>(branch, h, w.input_norm, eps_);
     } else {
-      xn = k.rms_norm(h, w.input_norm, eps_);
+      xn = k.call<ops::rms_norm>(h, w.input_norm, eps_);
     }
     const at::Tensor qkv = proj(xn, w.qkv, w.qkv_scales);  // [B, (Hq + 2 Hkv) D]
     const at::Tensor attn = attend(seg, k, l, qkv, lens, positions);
     branch = proj(attn.view({B, Hq * D}), w.o, w.o_scales);
     all_reduce_(branch);  // the ranks' partial sums (tensor parallelism; nothing otherwise)
-    std::tie(xn, h) = k.add_rms_norm(branch, h, w.post_norm, eps_);
-    branch = proj(k.silu_mul(proj(xn, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+    std::tie(xn, h) = k.call<ops::add_rms_norm>(branch, h, w.post_norm, eps_);
+    branch = proj(k.call<ops::silu_mul>(proj(xn, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
     all_reduce_(branch);
   }
   seg.lengths_dev.narrow(0, 0, B).add_(1);
@@ -201,7 +212,7 @@ void EmuDecoder::decode_into(const at::Tensor& prev, const at::Tensor& result) {
     if (ran == steps - i) return;
     // The graph's own check failed after `ran` steps: finish on the ATen step from there.
     const at::Tensor last = rest.select(1, ran - 1);
-    x = up_.has_value() ? kernels_->gemv(last, *up_) : last;
+    x = up_.has_value() ? kernels_->call<ops::gemv>(last, *up_) : last;
     i += ran;
   }
 #endif

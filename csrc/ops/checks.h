@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <tuple>
 
 namespace emu_fast {
 
@@ -56,5 +57,57 @@ void check_silu_mul(const at::Tensor& gate_up, bool allow_half);
 void check_gemv_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, bool allow_half);
 void check_gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
                      bool allow_half);
+
+// Each op the decoder calls, as a handle: its name (emu_fast::<name>, and its ATen twin
+// emu_fast_aten::<name>) and the C++ signature of its schema (ops/<op>.cpp). The decoder calls an
+// op through an op set (ops/op_set.h): `kernels.call<ops::gemv>(x, weight)`. `residual`: the
+// argument the self-check leaves out of its comparison (-1: none).
+template <typename R, typename... Args>
+struct OpHandle {
+  using Result = R;
+  using Sig = R(Args...);
+  static constexpr int residual = -1;
+};
+
+namespace ops {
+using T = const at::Tensor&;
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+using OptT = const c10::optional<at::Tensor>&;
+struct gemv : OpHandle<at::Tensor, T, T> {
+  static constexpr const char* name = "gemv";
+};
+struct norm_gemv : OpHandle<at::Tensor, T, T, double, T> {
+  static constexpr const char* name = "norm_gemv";
+};
+struct gemv_add : OpHandle<at::Tensor, T, T, T> {
+  static constexpr const char* name = "gemv_add";
+  static constexpr int residual = 2;
+};
+struct norm_gemv_silu : OpHandle<at::Tensor, T, T, double, T> {
+  static constexpr const char* name = "norm_gemv_silu";
+};
+struct gemv_int8 : OpHandle<at::Tensor, T, T, T> {
+  static constexpr const char* name = "gemv_int8";
+};
+struct gemv_int4 : OpHandle<at::Tensor, T, T, T, int64_t> {
+  static constexpr const char* name = "gemv_int4";
+};
+struct rms_norm : OpHandle<at::Tensor, T, T, double> {
+  static constexpr const char* name = "rms_norm";
+};
+struct add_rms_norm : OpHandle<Pair, T, T, T, double> {
+  static constexpr const char* name = "add_rms_norm";
+};
+struct silu_mul : OpHandle<at::Tensor, T> {
+  static constexpr const char* name = "silu_mul";
+};
+// q, k, v, k_cache, v_cache (written), cache_lens, positions, rope_cos, rope_sin, scale, split_counters.
+struct decode_attention : OpHandle<at::Tensor, T, T, T, at::Tensor&, at::Tensor&, T, T, T, T, double, OptT> {
+  static constexpr const char* name = "decode_attention";
+};
+struct regression_head : OpHandle<Pair, T, T, double, T, OptT> {
+  static constexpr const char* name = "regression_head";
+};
+}  // namespace ops
 
 }  // namespace emu_fast

@@ -1,5 +1,5 @@
 // Ops composed of other ops, stated once for every backend. Torch-free: each backend (the CPU
-// glue in cpu/ops_cpu.cpp, the CUDA glue in cuda/ops_cuda.cu through cuda::GemvBackend, and the
+// glue in ops/gemv.cpp, the CUDA glue in ops/gemv.cu through cuda::GemvBackend, and the
 // CUDA emulator in tests/cuda_emulation/kernels.cpp, which runs the CUDA backend) supplies,
 // over raw pointers of its storage type T (x rows of unit column stride, row stride ldx; y dense):
 //   Status gemv(const T* w, const T* x, int64_t ldx, T* y, int64_t batch, int64_t k, int64_t n);

@@ -1,5 +1,5 @@
-// The op sets: one class calling an op namespace through the dispatcher (emu_fast:: for ours,
-// emu_fast_aten:: for the ATen twins), and what the decoder asks before choosing ours.
+// The op sets (ours and the ATen twins'), how they find an op, and what the decoder asks before
+// choosing ours.
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #ifdef EMU_FAST_WITH_CUDA
@@ -13,104 +13,18 @@
 #include "ops/schemes.h"
 
 namespace emu_fast {
-namespace {
 
-using Tensor = at::Tensor;
-using Pair = std::tuple<at::Tensor, at::Tensor>;
-using OptTensor = c10::optional<at::Tensor>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const std::string& ns, const char* op) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow((ns + "::" + op).c_str(), "").typed<Sig>();
+c10::OperatorHandle find_op(const char* ns, const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow((std::string(ns) + "::" + name).c_str(), "");
 }
 
-class DispatchedOps final : public StepKernels {
- public:
-  DispatchedOps(std::string ns, const char* name, bool faults)
-      : name_(name),
-        faults_(faults),
-        gemv_(handle<Tensor(const Tensor&, const Tensor&)>(ns, "gemv")),
-        norm_gemv_(handle<Tensor(const Tensor&, const Tensor&, double, const Tensor&)>(ns, "norm_gemv")),
-        gemv_add_(handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(ns, "gemv_add")),
-        norm_gemv_silu_(handle<Tensor(const Tensor&, const Tensor&, double, const Tensor&)>(ns, "norm_gemv_silu")),
-        gemv_int8_(handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>(ns, "gemv_int8")),
-        gemv_int4_(handle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)>(ns, "gemv_int4")),
-        rms_norm_(handle<Tensor(const Tensor&, const Tensor&, double)>(ns, "rms_norm")),
-        add_rms_norm_(handle<Pair(const Tensor&, const Tensor&, const Tensor&, double)>(ns, "add_rms_norm")),
-        silu_mul_(handle<Tensor(const Tensor&)>(ns, "silu_mul")),
-        decode_attention_(handle<Tensor(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, const Tensor&,
-                                        const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&)>(
-            ns, "decode_attention")),
-        regression_head_(
-            handle<Pair(const Tensor&, const Tensor&, double, const Tensor&, const OptTensor&)>(ns, "regression_head")) {}
-
-  const char* name() const override { return name_; }
-  Tensor gemv(const Tensor& x, const Tensor& w) const override { return out("gemv", gemv_.call(x, w)); }
-  Tensor norm_gemv(const Tensor& x, const Tensor& nw, double eps, const Tensor& w) const override {
-    return out("norm_gemv", norm_gemv_.call(x, nw, eps, w));
-  }
-  Tensor gemv_add(const Tensor& x, const Tensor& w, const Tensor& residual) const override {
-    return out("gemv_add", gemv_add_.call(x, w, residual));
-  }
-  Tensor norm_gemv_silu(const Tensor& x, const Tensor& nw, double eps, const Tensor& w) const override {
-    return out("norm_gemv_silu", norm_gemv_silu_.call(x, nw, eps, w));
-  }
-  Tensor gemv_quantized(const Tensor& x, const Tensor& qweight, const Tensor& scales, int64_t bits,
-                        int64_t group_size) const override {
-    if (bits == 8) return out("gemv_int8", gemv_int8_.call(x, qweight, scales));
-    return out("gemv_int4", gemv_int4_.call(x, qweight, scales, group_size));
-  }
-  Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) const override {
-    return out("rms_norm", rms_norm_.call(x, w, eps));
-  }
-  Pair add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& w, double eps) const override {
-    auto [y, sum] = add_rms_norm_.call(x, residual, w, eps);
-    return {out("add_rms_norm", y), sum};
-  }
-  Tensor silu_mul(const Tensor& gate_up) const override { return out("silu_mul", silu_mul_.call(gate_up)); }
-  Tensor decode_attention(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache,
-                          const Tensor& cache_lens, const Tensor& positions, const Tensor& rope_cos,
-                          const Tensor& rope_sin, double scale, const OptTensor& split_counters) const override {
-    return out("decode_attention", decode_attention_.call(q, k, v, k_cache, v_cache, cache_lens, positions, rope_cos,
-                                                          rope_sin, scale, split_counters));
-  }
-  Pair regression_head(const Tensor& hidden, const Tensor& nw, double eps, const Tensor& head,
-                       const OptTensor& up) const override {
-    auto [o, next] = regression_head_.call(hidden, nw, eps, head, up);
-    return {out("regression_head", o), next};
-  }
-
- private:
-  // Our set's outputs pass through the test-only faults (ops/test_faults.cpp; nothing while none is set).
-  Tensor out(const char* op, Tensor t) const { return faults_ ? apply_test_fault(op, std::move(t)) : t; }
-
-  const char* name_;
-  bool faults_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&)> gemv_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, double, const Tensor&)> norm_gemv_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&)> gemv_add_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, double, const Tensor&)> norm_gemv_silu_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&)> gemv_int8_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)> gemv_int4_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, double)> rms_norm_;
-  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, const Tensor&, double)> add_rms_norm_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&)> silu_mul_;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, Tensor&, Tensor&, const Tensor&,
-                                  const Tensor&, const Tensor&, const Tensor&, double, const OptTensor&)>
-      decode_attention_;
-  c10::TypedOperatorHandle<Pair(const Tensor&, const Tensor&, double, const Tensor&, const OptTensor&)>
-      regression_head_;
-};
-
-}  // namespace
-
-const StepKernels& custom_kernels() {
-  static const DispatchedOps ops("emu_fast", "custom", /*faults=*/true);
+const OpSet& custom_kernels() {
+  static const OpSet ops(OpSet::Kind::kOurs);
   return ops;
 }
 
-const StepKernels& aten_kernels() {
-  static const DispatchedOps ops("emu_fast_aten", "aten", /*faults=*/false);
+const OpSet& aten_kernels() {
+  static const OpSet ops(OpSet::Kind::kAten);
   return ops;
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/cpu/quantized_gemv.h"
+#include "ops/op_set.h"
 
 namespace emu_fast {
 
@@ -21,14 +22,23 @@ struct QuantScheme {
   // Columns of qweight for K inputs, and of scales (0: 1-D scales) for a group size.
   int64_t (*qweight_cols)(int64_t k);
   int64_t (*scale_cols)(int64_t k, int64_t group);
+  // x [B, K] @ W^T through an op set (ops/op_set.h): the scheme's op with its arguments.
+  at::Tensor (*gemv)(const OpSet& kernels, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     int64_t group);
 };
 
 inline constexpr QuantScheme kQuantSchemes[] = {
     {"int8", 8, "gemv_int8", at::kChar, false, "one int8 a value", [](int64_t k) { return k; },
-     [](int64_t, int64_t) -> int64_t { return 0; }},
+     [](int64_t, int64_t) -> int64_t { return 0; },
+     [](const OpSet& k, const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t) {
+       return k.call<ops::gemv_int8>(x, q, s);
+     }},
     {"int4", 4, "gemv_int4", at::kByte, true, "two values a byte, rows padded to a multiple of 32 values",
      [](int64_t k) { return kernels::int4_row_bytes(k); },
-     [](int64_t k, int64_t group) { return kernels::int4_groups(k, group); }},
+     [](int64_t k, int64_t group) { return kernels::int4_groups(k, group); },
+     [](const OpSet& k, const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group) {
+       return k.call<ops::gemv_int4>(x, q, s, group);
+     }},
 };
 
 // The scheme of `bits` (8 or 4); nullptr for anything else (0: unquantized).

@@ -35,6 +35,25 @@
 // N - 2 has finished and its writes are visible. tests/cuda_emulation checks the second rule and
 // that every thread waits. Without sm_90 code (or with EMU_FAST_PDL=0) the launch is ordinary
 // and the two calls compile to nothing.
+// Each kernel file ends with EMU_FAST_INSTANTIATE_LAUNCHERS(file, calls...): its launchers
+// instantiated for every storage type T, compiled only where EMU_FAST_INSTANTIATE_KERNELS is
+// defined (`make cuda-check` and the static report compile every csrc/kernels/cuda/*.cuh so,
+// without a GPU and without torch).
+#ifdef EMU_FAST_INSTANTIATE_KERNELS
+#define EMU_FAST_INSTANTIATE_LAUNCHERS(file, ...)  \
+  namespace emu_fast::cuda {                       \
+  template <typename T>                            \
+  void instantiate_##file() {                      \
+    __VA_ARGS__                                    \
+  }                                                \
+  template void instantiate_##file<float>();       \
+  template void instantiate_##file<__nv_bfloat16>(); \
+  template void instantiate_##file<__half>();      \
+  }
+#else
+#define EMU_FAST_INSTANTIATE_LAUNCHERS(file, ...)
+#endif
+
 #ifndef EMU_FAST_LAUNCH_PDL
 #define EMU_FAST_LAUNCH_PDL(grid, block, stream, ...) \
   ::emu_fast::cuda::PdlLaunch((grid), (block), (stream), __VA_ARGS__)

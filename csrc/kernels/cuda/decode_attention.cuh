@@ -430,3 +430,7 @@ static_assert(limits::cuda_head_dim_supported(64) && limits::cuda_head_dim_suppo
               "launch_decode_attention dispatches exactly limits::kCudaHeadDims");
 
 }  // namespace emu_fast::cuda
+
+EMU_FAST_INSTANTIATE_LAUNCHERS(decode_attention,
+  DecodeAttentionParams p{};
+  launch_decode_attention<T>(plan_decode_attention(1, 1, 1, 8, 64, 1), p, 1, 64, nullptr, nullptr);)

@@ -443,3 +443,12 @@ inline int64_t regression_head_workspace_elems(int64_t batch, int64_t hidden, in
 }
 
 }  // namespace emu_fast::cuda
+
+#include "ops/compose.h"  // regression_head, composed of this file's launchers
+EMU_FAST_INSTANTIATE_LAUNCHERS(gemv,
+  const Gemm gemm{nullptr, nullptr};
+  launch_gemv<T, false>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr, 0, nullptr, gemm, nullptr);
+  launch_gemv<T, true>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 8, 8, 8, 8, nullptr, 0, nullptr, gemm, nullptr);
+  launch_norm_gemv_silu<T>(nullptr, nullptr, nullptr, nullptr, 0.f, 1, 32, 8, 32, nullptr, gemm, nullptr);
+  GemvBackend<T> backend{nullptr, gemm, nullptr};
+  compose::regression_head<T>(backend, nullptr, 8, nullptr, 0.f, nullptr, nullptr, nullptr, nullptr, 1, 8, 8);)

@@ -183,3 +183,7 @@ cudaError_t launch_quantized_gemv(const uint8_t* q, const float* scales, int64_t
 }
 
 }  // namespace emu_fast::cuda
+
+EMU_FAST_INSTANTIATE_LAUNCHERS(quantized_gemv,
+  launch_quantized_gemv<T, false>(nullptr, nullptr, 1, 0, nullptr, 16, nullptr, 8, 1, 16, 8, nullptr);
+  launch_quantized_gemv<T, true>(nullptr, nullptr, 1, 32, nullptr, 32, nullptr, 8, 1, 32, 8, nullptr);)
