@@ -265,7 +265,8 @@ def engine(rank, world, group):
     if rank != 0:
         refused = _caught(lambda: model.generate_image([ENGINE_TEXTS[0]]))  # requests go to rank 0
         eng.close()  # returns when rank 0's engine has closed
-        return {"refused": refused, "closed": eng.closed}
+        error = eng._group_error  # None: rank 0 closed it (no broken group, no rows unlike rank 0's)
+        return {"refused": refused, "closed": eng.closed, "group_error": None if error is None else repr(error)}
     futures = {}
 
     def client(texts, delay):

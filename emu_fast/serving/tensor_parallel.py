@@ -4,8 +4,11 @@ Every rank holds a share of every layer, so every rank must make the same decode
 same order (each call's all-reduces pair up across the ranks). Rank 0's engine takes the requests
 and decides each iteration; before it makes a decoder call (admit, step, retire, reset) it
 broadcasts the call with its inputs over the group, and each other rank's engine, a follower,
-makes the same call on its own decoder. A call that fails on rank 0 fails the same way on the
-followers (the same inputs, the same checks), which ignore it: rank 0 acts on it. While idle,
+makes the same call on its own decoder. A step's input is each row's last output, which every
+rank computed itself (the ranks' outputs are equal: the same all-reduced sums through the same
+replicated head), so a step is broadcast as its shape alone and each follower feeds its own
+outputs back. A call that fails on rank 0 fails the same way on the followers (the same inputs,
+the same checks), which ignore it: rank 0 acts on it. While idle,
 rank 0 sends a heartbeat so that the followers' wait for the next call stays within the group's
 timeout. If the group breaks (a rank died or hung past the timeout), rank 0's engine stops and
 fails every request with the reason; a follower's engine ends with it.
@@ -51,7 +54,7 @@ class Leader:
         return self._decoder.admit(embeds.to(self._decoder.input_device), mask, steps)  # as the followers do
 
     def step(self, prev):
-        self._send("step", prev.cpu())
+        self._send("step", tuple(prev.shape))  # the followers step from their own outputs
         return self._decoder.step(prev.to(self._decoder.output_device))
 
     def retire(self, rows):
@@ -75,11 +78,13 @@ class Leader:
 
 def follow(decoder, tp) -> Optional[BaseException]:
     """A follower's loop: make every call rank 0's engine broadcasts, until it closes. Returns
-    None when rank 0 closed its engine, or the error that broke the group."""
+    None when rank 0 closed its engine, or the error that broke the group (or that found this
+    rank's rows no longer rank 0's)."""
     import torch
     import torch.distributed as dist
 
     src = _leader_rank(tp)
+    last = None  # each active row's last output, in row order: the next step's input
     with torch.no_grad():
         while True:
             box = [None]
@@ -91,15 +96,24 @@ def follow(decoder, tp) -> Optional[BaseException]:
             op, *args = box[0]
             if op == "close":
                 return None
+            if op == "step" and (last is None or tuple(last.shape) != tuple(args[0])):
+                # Rank 0 steps rows this rank does not hold as it does: nothing can pair up now.
+                return RuntimeError(f"emu_fast.Engine follower: rank 0 steps rows of shape {tuple(args[0])} but "
+                                    f"this rank holds {None if last is None else tuple(last.shape)}")
             try:
                 if op == "admit":
                     embeds, mask, steps = args
-                    decoder.admit(embeds.to(decoder.input_device), mask, steps)
+                    first = decoder.admit(embeds.to(decoder.input_device), mask, steps)
+                    last = first if last is None else torch.cat([last, first])
                 elif op == "step":
-                    decoder.step(args[0].to(decoder.output_device))
+                    last = decoder.step(last)
                 elif op == "retire":
                     decoder.retire(args[0])
+                    gone = set(args[0])
+                    if last is not None:
+                        last = last[[i for i in range(last.shape[0]) if i not in gone]]
                 elif op == "reset":
                     decoder.reset()
+                    last = None
             except Exception:  # noqa: BLE001 - rank 0 meets the same error and acts on it
                 pass

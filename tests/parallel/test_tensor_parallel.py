@@ -84,8 +84,8 @@ def test_engine_rank_0_schedules_the_others_follow(tmp_path):
     """Requests from three threads at staggered times, one too long for max_seq_len (it alone
     fails, on rank 0's future), an idle spell longer than the group's timeout (rank 0's
     heartbeats keep the follower waiting), then generate_image through the engine: every result
-    equals its prompt generated alone in one process; the follower refuses requests and closes
-    with rank 0."""
+    equals its prompt generated alone in one process (the follower steps from its own outputs);
+    the follower refuses requests and closes with rank 0, its rows rank 0's throughout."""
     leader, follower = tp_worker.launch("engine", tmp_path)
     for rank, r in enumerate((leader, follower)):
         assert "error" not in r, f"rank {rank}: {r['error']}"
@@ -96,7 +96,7 @@ def test_engine_rank_0_schedules_the_others_follow(tmp_path):
     assert leader["bad"][0] == "ValueError" and "max_seq_len" in leader["bad"][1]
     assert leader["stats"]["completed"] == len(tp_worker.ENGINE_TEXTS) + 1 and leader["stats"]["failed"] == 1
     assert follower["refused"][0] == "RuntimeError" and "submit requests on rank 0" in follower["refused"][1]
-    assert follower["closed"]
+    assert follower["closed"] and follower["group_error"] is None
 
 
 def test_engine_stops_with_the_reason_when_a_follower_dies(tmp_path):
