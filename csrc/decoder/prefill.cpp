@@ -87,7 +87,8 @@ at::Tensor EmuDecoder::prefill_rows_locked(const at::Tensor& embeds, const Promp
       all_reduce_(attn_out);
       h = h + attn_out;
       const at::Tensor y = k.call<ops::rms_norm>(h, w.post_norm, eps_);
-      at::Tensor mlp_out = prefill_linear(k.call<ops::silu_mul>(prefill_linear(y, w.gate_up, w.gate_up_scales)), w.down, w.down_scales);
+      const at::Tensor gated = k.call<ops::silu_mul>(prefill_linear(y, w.gate_up, w.gate_up_scales));
+      at::Tensor mlp_out = prefill_linear(gated, w.down, w.down_scales);
       all_reduce_(mlp_out);
       h = h + mlp_out;
     }
