@@ -23,8 +23,9 @@ INC=(-Icsrc -I"$OUT/include" -I"$TORCH_DIR/include" -I"$TORCH_DIR/include/torch/
 ARCH=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a)
 set -x
 # Every kernel header compiled with its own launchers instantiated for each type.
-{ echo '#define EMU_FAST_INSTANTIATE_KERNELS'; for f in csrc/kernels/cuda/*.cuh; do echo "#include \"${f#csrc/}\""; done; } >"$OUT/kernels_all.cu"
-[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -Icsrc -c "$OUT/kernels_all.cu" -o "$OUT/kernels_all.o"
+# (the same .cu the static report compiles: scripts/static_report_source.py all_kernels_source)
+ALL_KERNELS=$("$PYTHON" -c "import sys; sys.path.insert(0, 'scripts'); import static_report_source as s; print(s.all_kernels_source('.', '$OUT'))")
+[ "${SKIP_KERNELS:-0}" = 1 ] || "$NVCC" -std=c++20 -O3 "${ARCH[@]}" -Werror all-warnings -Icsrc -c "$ALL_KERNELS" -o "$OUT/kernels_all.o"
 if [ "${SKIP_GLUE:-0}" != 1 ]; then
   for f in csrc/ops/*.cu; do
     "$NVCC" -std=c++20 -O3 "${ARCH[@]}" --expt-relaxed-constexpr "${INC[@]}" -DEMU_FAST_WITH_CUDA=1 \

@@ -13,7 +13,7 @@ def cuda_kernels_dir(source_dir):
 def all_kernels_source(source_dir, workdir):
     """A .cu that compiles every kernel instantiation of a tree: each kernel header's own
     instantiation block (EMU_FAST_INSTANTIATE_KERNELS), or kernels_check.cu in older trees."""
-    kdir = cuda_kernels_dir(source_dir)
+    kdir = os.path.abspath(cuda_kernels_dir(source_dir))  # the .cu is written elsewhere
     old = os.path.join(kdir, "kernels_check.cu")
     if os.path.exists(old):
         return old

@@ -8,9 +8,8 @@ makes the same call on its own decoder. A step's input is each row's last output
 rank computed itself (the ranks' outputs are equal: the same all-reduced sums through the same
 replicated head), so a step is broadcast as its shape alone and each follower feeds its own
 outputs back. A call that fails on rank 0 fails the same way on the followers (the same inputs,
-the same checks), which ignore it: rank 0 acts on it. While idle,
-rank 0 sends a heartbeat so that the followers' wait for the next call stays within the group's
-timeout. If the group breaks (a rank died or hung past the timeout), rank 0's engine stops and
+the same checks), which ignore it: rank 0 acts on it. While idle, rank 0 sends a heartbeat so
+that the followers' wait for the next call stays within the group's timeout. If the group breaks (a rank died or hung past the timeout), rank 0's engine stops and
 fails every request with the reason; a follower's engine ends with it.
 """
 from __future__ import annotations
